@@ -1,0 +1,144 @@
+"""Building and parsing BOSH ``<body/>`` wrappers (XEP-0124 / XEP-0206).
+
+Requests are built from string templates: they are tiny, their shape is fixed, and a template is
+an order of magnitude cheaper than building a tree. Responses come from an untrusted server, so
+they are parsed by lxml with entity resolution, DTD loading and network access all off, under a
+size cap, and any DTD at all is refused (RFC 6120 forbids them in XMPP).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from .errors import ProtocolError, ResponseTooLarge
+
+__all__ = [
+    "NS_BIND",
+    "NS_CLIENT",
+    "NS_HTTPBIND",
+    "NS_SASL",
+    "NS_SESSION",
+    "NS_STREAMS",
+    "NS_XBOSH",
+    "ParsedBody",
+    "create_body",
+    "escape",
+    "parse_body",
+    "request_body",
+    "restart_body",
+    "terminate_body",
+]
+
+NS_HTTPBIND = "http://jabber.org/protocol/httpbind"
+NS_XBOSH = "urn:xmpp:xbosh"
+NS_CLIENT = "jabber:client"
+NS_STREAMS = "http://etherx.jabber.org/streams"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
+
+_BODY_TAG = f"{{{NS_HTTPBIND}}}body"
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"})
+
+
+def escape(value: str) -> str:
+    """Escape text for use in XML character data or a quoted attribute."""
+    return value.translate(_ESCAPES)
+
+
+def create_body(
+    *, rid: int, to: str, wait: int, hold: int, lang: str, route: str | None = None
+) -> bytes:
+    route_attr = f" route='{escape(route)}'" if route else ""
+    return (
+        f"<body content='text/xml; charset=utf-8' hold='{hold}' rid='{rid}'{route_attr}"
+        f" to='{escape(to)}' ver='1.6' wait='{wait}' xml:lang='{escape(lang)}'"
+        f" xmpp:version='1.0' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'/>"
+    ).encode()
+
+
+def request_body(*, rid: int, sid: str, payload: str = "") -> bytes:
+    if not payload:
+        return f"<body rid='{rid}' sid='{escape(sid)}' xmlns='{NS_HTTPBIND}'/>".encode()
+    return (f"<body rid='{rid}' sid='{escape(sid)}' xmlns='{NS_HTTPBIND}'>{payload}</body>").encode()
+
+
+def restart_body(*, rid: int, sid: str, to: str, lang: str) -> bytes:
+    return (
+        f"<body rid='{rid}' sid='{escape(sid)}' to='{escape(to)}' xml:lang='{escape(lang)}'"
+        f" xmpp:restart='true' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'/>"
+    ).encode()
+
+
+def terminate_body(*, rid: int, sid: str) -> bytes:
+    return (
+        f"<body rid='{rid}' sid='{escape(sid)}' type='terminate' xmlns='{NS_HTTPBIND}'>"
+        f"<presence type='unavailable' xmlns='{NS_CLIENT}'/></body>"
+    ).encode()
+
+
+@dataclass
+class ParsedBody:
+    attrs: dict[str, str]
+    children: list[etree._Element] = field(default_factory=list)
+
+    @property
+    def type(self) -> str | None:
+        return self.attrs.get("type")
+
+    @property
+    def condition(self) -> str | None:
+        return self.attrs.get("condition")
+
+    def int_attr(self, name: str) -> int | None:
+        value = self.attrs.get(name)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ProtocolError(f"BOSH attribute {name}={value!r} is not an integer") from None
+
+
+_local = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    # lxml parser objects must not be shared between threads.
+    parser: etree.XMLParser | None = getattr(_local, "parser", None)
+    if parser is None:
+        parser = etree.XMLParser(
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+            dtd_validation=False,
+            huge_tree=False,
+            remove_comments=True,
+            remove_pis=True,
+            collect_ids=False,
+        )
+        _local.parser = parser
+    return parser
+
+
+def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
+    """Parse a BOSH response; every way it can be wrong becomes a ``ProtocolError``."""
+    if len(data) > max_size:
+        raise ResponseTooLarge(f"BOSH response of {len(data)} bytes exceeds {max_size}")
+    if not data.strip():
+        raise ProtocolError("empty BOSH response")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise ProtocolError("BOSH response contains a DTD, which XMPP forbids")
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as exc:
+        raise ProtocolError(f"BOSH response is not well-formed XML: {exc}") from None
+    except ValueError as exc:  # e.g. unicode string with an encoding declaration
+        raise ProtocolError(f"BOSH response could not be parsed: {exc}") from None
+    if root.tag != _BODY_TAG:
+        raise ProtocolError(f"BOSH response root is {str(root.tag)[:80]!r}, not <body/>")
+    attrs = {str(k): str(v) for k, v in root.attrib.items()}
+    return ParsedBody(attrs=attrs, children=[c for c in root if isinstance(c.tag, str)])

@@ -1,0 +1,376 @@
+"""The two small I/O drivers of the sans-I/O flows: ``Prebinder`` (httpx.Client, for WSGI and
+scripts) and ``AsyncPrebinder`` (httpx.AsyncClient, for ASGI).
+
+Both keep one pooled keep-alive client (per process, and for the async one per event loop:
+an AsyncClient must not be shared across loops), send each batch of a flow concurrently, read
+every response under a size cap, and turn transport failures into ``ServiceUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+
+from .credentials import Credentials
+from .errors import BOSHError, ResponseTooLarge, ServiceUnavailable
+from .protocol import (
+    BOSHRequest,
+    BOSHResponse,
+    Flow,
+    PrebindProtocol,
+    ServerInfo,
+    probe_flow,
+    terminate_flow,
+)
+from .session import PrebindOptions, PrebindSession
+
+__all__ = ["AsyncPrebinder", "Prebinder", "aprebind", "prebind"]
+
+log = logging.getLogger("bosh_middleware")
+T = TypeVar("T")
+
+_HEADERS = {"Content-Type": "text/xml; charset=utf-8", "Accept": "text/xml, */*;q=0.1"}
+_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
+_CLEANUP_TIMEOUT = 2.0
+
+
+def _options(options: PrebindOptions | None, overrides: dict[str, Any]) -> PrebindOptions:
+    if options is None:
+        return PrebindOptions(**overrides)
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+@contextmanager
+def _transport_errors(url: str) -> Iterator[None]:
+    """httpx exceptions -> ServiceUnavailable with a condition a caller can branch on."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ServiceUnavailable(f"BOSH request to {url} timed out ({type(exc).__name__})",
+                                 condition="timeout") from None
+    except httpx.ConnectError as exc:
+        raise ServiceUnavailable(f"cannot connect to {url}: {exc}", condition="connection-failed") from None
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(f"BOSH request to {url} failed: {type(exc).__name__}: {exc}",
+                                 condition="http-error") from None
+
+
+def _check_length(response: httpx.Response, limit: int) -> None:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLarge(f"BOSH response declares {declared} bytes, limit is {limit}")
+
+
+def _log_batch(batch: list[BOSHRequest]) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
+
+
+class _Base:
+    def __init__(self, service_url: str, options: PrebindOptions) -> None:
+        self.service_url = service_url
+        self.options = options
+        self._headers = {**_HEADERS, **options.headers}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.service_url}>"
+
+    def _timeout(self, req: BOSHRequest) -> float:
+        return min(_CLEANUP_TIMEOUT, self.options.timeout) if req.best_effort else self.options.timeout
+
+    def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
+        return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
+
+
+class Prebinder(_Base):
+    """Synchronous prebinder; thread-safe; make one per process and reuse it.
+
+    >>> with Prebinder("https://xmpp.example.org/http-bind") as p:
+    ...     session = p.prebind(Credentials("alice@example.org", "secret"))
+    ...     session.as_dict()   # {"jid": ..., "sid": ..., "rid": <the RID the browser sends next>}
+    """
+
+    def __init__(
+        self,
+        service_url: str,
+        *,
+        options: PrebindOptions | None = None,
+        client: httpx.Client | None = None,
+        verify: Any = True,
+        **overrides: Any,
+    ) -> None:
+        super().__init__(service_url, _options(options, overrides))
+        self._given_client = client
+        self._verify = verify
+        self._client: httpx.Client | None = client
+        self._pid = os.getpid()
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _http(self) -> httpx.Client:
+        # A client inherited through fork() shares sockets with the parent: make a new one.
+        if self._client is None or (self._given_client is None and self._pid != os.getpid()):
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    self._client = httpx.Client(limits=_LIMITS, verify=self._verify)
+                    self._executor = None
+                    self._pid = os.getpid()
+        return self._client
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(16, thread_name_prefix="bosh-pipeline")
+        return self._executor
+
+    def _send(self, req: BOSHRequest, sent: threading.Event | None = None) -> BOSHResponse:
+        limit = self.options.max_response_size
+        extensions: dict[str, Any] = {}
+        if sent is not None:
+
+            def trace(event: str, info: Any) -> None:
+                if event.endswith("send_request_body.complete"):
+                    sent.set()
+
+            extensions["trace"] = trace
+        with _transport_errors(self.service_url), self._http().stream(
+            "POST", self.service_url, content=req.body, headers=self._headers,
+            timeout=self._timeout(req), extensions=extensions,
+        ) as response:
+            _check_length(response, limit)
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
+            return BOSHResponse(response.status_code, bytes(data))
+
+    def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        _log_batch(batch)
+        if len(batch) == 1:
+            return [self._send(batch[0])]
+        # Requests must reach the server in RID order (Prosody defers an early one but then
+        # loses its xmpp:restart), so each starts once the previous one is on the wire; none
+        # waits for an answer.
+        futures = []
+        for req in batch:
+            sent = threading.Event()
+            fut = self._pool().submit(self._send, req, sent)
+            futures.append(fut)
+            while not sent.wait(0.005) and not fut.done():
+                pass
+        results: list[BOSHResponse | None] = []
+        for req, fut in zip(batch, futures, strict=True):
+            response = fut.result()  # raises the BOSHError of a failed request
+            results.append(response)
+            if req.settles is not None and req.settles(response):
+                # The rest will not be answered; the flow's terminate releases them.
+                results.extend([None] * (len(batch) - len(results)))
+                break
+        return results
+
+    def run(self, flow: Flow[T]) -> T:
+        """Drive any flow of ``protocol.py`` to its result."""
+        try:
+            batch = next(flow)
+            while True:
+                try:
+                    responses = self._send_batch(batch)
+                except BOSHError as exc:
+                    batch = flow.throw(exc)
+                    continue
+                batch = flow.send(responses)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def prebind(self, credentials: Credentials, *, rid: int | None = None) -> PrebindSession:
+        proto = self._protocol(credentials, rid)
+        session = self.run(proto.flow())
+        log.debug("prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips)
+        return session
+
+    def terminate(self, session: PrebindSession) -> bool:
+        """End a session no browser will attach to. Best effort: returns whether it worked."""
+        try:
+            self.run(terminate_flow(session))
+        except BOSHError as exc:
+            log.info("could not terminate BOSH session %s: %s", session.sid, exc)
+            return False
+        return True
+
+    def probe(self, domain: str) -> ServerInfo:
+        return self.run(probe_flow(domain, self.options))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self._client is not None and self._given_client is None:
+            self._client.close()
+        self._client = None
+
+    def __enter__(self) -> Prebinder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPrebinder(_Base):
+    """Asynchronous prebinder: one pooled ``httpx.AsyncClient`` per event loop."""
+
+    def __init__(
+        self,
+        service_url: str,
+        *,
+        options: PrebindOptions | None = None,
+        client: httpx.AsyncClient | None = None,
+        verify: Any = True,
+        **overrides: Any,
+    ) -> None:
+        super().__init__(service_url, _options(options, overrides))
+        self._given_client = client
+        self._verify = verify
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._cleanup: set[asyncio.Task[Any]] = set()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._given_client is not None:
+            return self._given_client
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = httpx.AsyncClient(limits=_LIMITS, verify=self._verify)
+            self._clients[loop] = client
+        return client
+
+    async def _send(self, req: BOSHRequest, sent: asyncio.Event | None = None) -> BOSHResponse:
+        limit = self.options.max_response_size
+        extensions: dict[str, Any] = {}
+        if sent is not None:
+
+            async def trace(event: str, info: Any) -> None:
+                if event.endswith("send_request_body.complete"):
+                    sent.set()
+
+            extensions["trace"] = trace
+        with _transport_errors(self.service_url):
+            async with self._http().stream(
+                "POST", self.service_url, content=req.body, headers=self._headers,
+                timeout=self._timeout(req), extensions=extensions,
+            ) as response:
+                _check_length(response, limit)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > limit:
+                        raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
+                return BOSHResponse(response.status_code, bytes(data))
+
+    async def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        _log_batch(batch)
+        if len(batch) == 1:
+            return [await self._send(batch[0])]
+        # In RID order on the wire, as in Prebinder._send_batch.
+        tasks = []
+        for req in batch:
+            sent = asyncio.Event()
+            task = asyncio.ensure_future(self._send(req, sent))
+            tasks.append(task)
+            waiter = asyncio.ensure_future(sent.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        results: list[BOSHResponse | None] = []
+        try:
+            for req, task in zip(batch, tasks, strict=True):
+                response = await task
+                results.append(response)
+                if req.settles is not None and req.settles(response):
+                    results.extend([None] * (len(batch) - len(results)))
+                    break
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+        return results
+
+    async def run(self, flow: Flow[T]) -> T:
+        try:
+            batch = next(flow)
+            while True:
+                try:
+                    responses = await self._send_batch(batch)
+                except BOSHError as exc:
+                    batch = flow.throw(exc)
+                    continue
+                batch = flow.send(responses)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def prebind(self, credentials: Credentials, *, rid: int | None = None) -> PrebindSession:
+        proto = self._protocol(credentials, rid)
+        try:
+            session = await self.run(proto.flow())
+        except asyncio.CancelledError:
+            # Cancelled from outside mid-flow (a deadline): do not orphan a half-made session.
+            cleanup = proto.abort_request()
+            if cleanup is not None:
+                task = asyncio.ensure_future(self._send(cleanup))
+                self._cleanup.add(task)
+                task.add_done_callback(self._cleanup_done)
+            raise
+        log.debug("prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips)
+        return session
+
+    def _cleanup_done(self, task: asyncio.Task[Any]) -> None:
+        self._cleanup.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("could not terminate an interrupted BOSH session: %s", task.exception())
+
+    async def terminate(self, session: PrebindSession) -> bool:
+        try:
+            await self.run(terminate_flow(session))
+        except BOSHError as exc:
+            log.info("could not terminate BOSH session %s: %s", session.sid, exc)
+            return False
+        return True
+
+    async def probe(self, domain: str) -> ServerInfo:
+        return await self.run(probe_flow(domain, self.options))
+
+    async def aclose(self) -> None:
+        """Close the client of the running loop (call at shutdown, e.g. ASGI lifespan)."""
+        if self._given_client is not None:
+            return
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> AsyncPrebinder:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def prebind(service_url: str, credentials: Credentials, **options: Any) -> PrebindSession:
+    """One-shot prebind with a throw-away client (use a ``Prebinder`` to pool connections)."""
+    with Prebinder(service_url, **options) as prebinder:
+        return prebinder.prebind(credentials)
+
+
+async def aprebind(service_url: str, credentials: Credentials, **options: Any) -> PrebindSession:
+    async with AsyncPrebinder(service_url, **options) as prebinder:
+        return await prebinder.prebind(credentials)

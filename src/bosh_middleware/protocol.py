@@ -1,0 +1,519 @@
+"""The prebind exchange as plain code over request/response values (sans-I/O).
+
+A *flow* is a generator. It yields a batch of ``BOSHRequest`` s that the driver sends
+concurrently and answers with the list of ``BOSHResponse`` s in the same order; the flow's return
+value is the result. Drivers (``client.py``) own sockets, pools and timeouts; everything about
+XEP-0124/0206, SASL and resource binding lives here, once, for sync and async code alike, and
+tests can drive it with canned responses.
+
+Round trips. The classic prebind is strictly sequential: create, auth, (SCRAM response), restart,
+bind = 4 HTTP round trips with PLAIN, 5 with SCRAM. A BOSH server must process requests in RID
+order and accepts ``requests`` (hold + 1 = 2 for Prosody and ejabberd) at once, so a request that
+does not need the previous answer can travel with it. Only the SID (from the creation response)
+and the SCRAM server-first message are real dependencies, which leaves:
+
+* PLAIN / ANONYMOUS: create | auth + restart | bind                      -> 3 round trips
+* SCRAM:             create | client-first | client-final + restart | bind -> 4 round trips
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import ipaddress
+import secrets
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from lxml import etree
+
+from . import body as b
+from .credentials import Credentials
+from .errors import (
+    AuthenticationFailed,
+    BOSHError,
+    ConfigurationError,
+    MechanismUnavailable,
+    ProtocolError,
+    ServiceUnavailable,
+)
+from .scram import SCRAM_HASHES, ScramClient
+from .session import PrebindOptions, PrebindSession
+
+__all__ = [
+    "MECHANISM_PREFERENCE",
+    "BOSHRequest",
+    "BOSHResponse",
+    "Flow",
+    "PrebindProtocol",
+    "ServerInfo",
+    "choose_mechanism",
+    "initial_rid",
+    "is_secure_transport",
+    "probe_flow",
+    "terminate_flow",
+]
+
+T = TypeVar("T")
+
+#: Strongest first. ANONYMOUS is used only for anonymous credentials.
+MECHANISM_PREFERENCE = ("SCRAM-SHA-512", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
+
+_FEATURES = f"{{{b.NS_STREAMS}}}features"
+_STREAM_ERROR = f"{{{b.NS_STREAMS}}}error"
+_SUCCESS = f"{{{b.NS_SASL}}}success"
+_FAILURE = f"{{{b.NS_SASL}}}failure"
+_CHALLENGE = f"{{{b.NS_SASL}}}challenge"
+_MECHANISMS = f"{{{b.NS_SASL}}}mechanisms"
+_BIND = f"{{{b.NS_BIND}}}bind"
+_SESSION = f"{{{b.NS_SESSION}}}session"
+_RESTART = "\x00restart"  # marker in a step list: "a stream restart request goes here"
+
+
+@dataclass(frozen=True)
+class BOSHRequest:
+    rid: int
+    body: bytes
+    #: What the request does (``create``, ``auth``, ``bind`` ...): for logs; bodies are never
+    #: logged because an auth body carries the password.
+    label: str
+    #: Cleanup (terminate): send with a short timeout and ignore the outcome.
+    best_effort: bool = False
+    #: If this returns True for this request's response, the driver stops waiting for the rest
+    #: of the batch (answering ``None`` for them): after a pipelined SASL <failure/>, the
+    #: restart that travelled with it is never answered.
+    settles: Callable[[BOSHResponse], bool] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BOSHResponse:
+    status_code: int
+    body: bytes
+
+
+Flow = Generator[list[BOSHRequest], list["BOSHResponse | None"], T]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``bosh-middleware check`` reports about an endpoint."""
+
+    attrs: dict[str, str]
+    mechanisms: list[str]
+    features: list[str]
+
+
+def initial_rid() -> int:
+    """A CSPRNG RID in [2**32, 2**32 + 2**44).
+
+    Large, so it cannot be guessed, and more than 2**52 below JavaScript's 2**53 - 1, so no
+    session can ever count past the largest integer a browser client represents exactly.
+    """
+    return 2**32 + secrets.randbelow(2**44)
+
+
+def is_secure_transport(url: str) -> bool:
+    """HTTPS, or plain HTTP that never leaves the machine."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def choose_mechanism(
+    offered: Sequence[str], credentials: Credentials, options: PrebindOptions, *, secure: bool
+) -> str:
+    offered_set = {m.upper() for m in offered}
+    if credentials.is_anonymous:
+        if "ANONYMOUS" in offered_set:
+            return "ANONYMOUS"
+        raise MechanismUnavailable(
+            f"server does not offer ANONYMOUS on {credentials.domain} (offers {sorted(offered_set)})",
+            condition="invalid-mechanism",
+        )
+    refused_plain = False
+    for mech in options.mechanisms or MECHANISM_PREFERENCE:
+        mech = mech.upper()
+        if mech not in offered_set or mech not in MECHANISM_PREFERENCE:
+            continue
+        if mech == "PLAIN" and not (secure or options.allow_insecure_plain):
+            refused_plain = True
+            continue
+        return mech
+    hint = (
+        "; PLAIN is offered but refused over plain HTTP to a non-loopback host"
+        " (use https or allow_insecure_plain=True)"
+        if refused_plain
+        else ""
+    )
+    raise MechanismUnavailable(
+        f"no usable SASL mechanism: server offers {sorted(offered_set)}{hint}",
+        condition="invalid-mechanism",
+    )
+
+
+def _local(el: etree._Element) -> str:
+    return etree.QName(el).localname
+
+
+def _condition(el: etree._Element) -> str | None:
+    for child in el:
+        if isinstance(child.tag, str) and _local(child) != "text":
+            return _local(child)
+    return None
+
+
+def _b64decode(text: str | None) -> bytes:
+    text = (text or "").strip()
+    if text in ("", "="):
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolError("SASL payload is not valid base64") from None
+
+
+class _Conversation:
+    """RID counter, SID and the stanzas received so far: what all flows share."""
+
+    def __init__(self, to: str, options: PrebindOptions, rid: int | None) -> None:
+        self.to = to
+        self.options = options
+        self.rid = initial_rid() if rid is None else rid
+        self.sid: str | None = None
+        self.attrs: dict[str, str] = {}
+        self.inbox: list[etree._Element] = []
+        self.window = 1
+        self.round_trips = 0
+        self.request_count = 0
+        self.polls = 0
+
+    def _request(self, label: str, body: bytes, *, best_effort: bool = False) -> BOSHRequest:
+        req = BOSHRequest(rid=self.rid, body=body, label=label, best_effort=best_effort)
+        self.rid += 1
+        return req
+
+    def _build(self, label: str, payload: str) -> BOSHRequest:
+        assert self.sid is not None
+        if payload == _RESTART:
+            body = b.restart_body(rid=self.rid, sid=self.sid, to=self.to, lang=self.options.lang)
+            return self._request("restart", body)
+        return self._request(label, b.request_body(rid=self.rid, sid=self.sid, payload=payload))
+
+    def terminate_request(self) -> BOSHRequest:
+        assert self.sid is not None
+        return self._request("terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True)
+
+    def _absorb(self, response: BOSHResponse) -> b.ParsedBody:
+        if response.status_code != 200:
+            raise ServiceUnavailable(
+                f"BOSH endpoint answered HTTP {response.status_code}",
+                condition=f"http-{response.status_code}",
+            )
+        parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+        self.inbox.extend(parsed.children)
+        for child in parsed.children:
+            if child.tag == _STREAM_ERROR:
+                cond = _condition(child) or "undefined-condition"
+                raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+        if parsed.type == "terminate":
+            for child in parsed.children:
+                if child.tag == _FAILURE:
+                    cond = _condition(child) or "not-authorized"
+                    raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
+            cond = parsed.condition or "terminate"
+            self.sid = None  # nothing left to clean up
+            raise ServiceUnavailable(f"BOSH session terminated by server: {cond}", condition=cond)
+        return parsed
+
+    def create(self) -> Flow[None]:
+        o = self.options
+        req = self._request(
+            "create",
+            b.create_body(rid=self.rid, to=self.to, wait=o.wait, hold=o.hold, lang=o.lang, route=o.route),
+        )
+        (response,) = yield [req]
+        self.round_trips += 1
+        self.request_count += 1
+        if response.status_code != 200:
+            raise ServiceUnavailable(
+                f"BOSH endpoint answered HTTP {response.status_code}",
+                condition=f"http-{response.status_code}",
+            )
+        parsed = b.parse_body(response.body, max_size=o.max_response_size)
+        if parsed.type == "terminate":
+            cond = parsed.condition or "terminate"
+            raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
+        sid = parsed.attrs.get("sid")
+        if not sid:
+            raise ProtocolError("BOSH session creation response has no sid")
+        self.sid = sid
+        self.attrs = parsed.attrs
+        requests = parsed.int_attr("requests") or 1
+        self.window = max(1, min(requests, o.max_in_flight)) if o.pipeline else 1
+        self.inbox.extend(parsed.children)
+        for child in parsed.children:
+            if child.tag == _STREAM_ERROR:
+                cond = _condition(child) or "undefined-condition"
+                raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+
+    def exchange(self, steps: Sequence[tuple[str, str]]) -> Flow[None]:
+        """Send the steps in RID order, ``window`` at a time, and absorb every answer."""
+        pending = list(steps)
+        while pending:
+            batch_steps, pending = pending[: self.window], pending[self.window :]
+            batch = [self._build(label, payload) for label, payload in batch_steps]
+            if len(batch) > 1:
+                batch[0] = dataclasses.replace(batch[0], settles=self._settles)
+            responses = yield batch
+            if len(responses) != len(batch):
+                raise ProtocolError("driver returned the wrong number of responses")
+            self.round_trips += 1
+            self.request_count += len(batch)
+            for response in responses:
+                if response is not None:
+                    self._absorb(response)
+
+    def _settles(self, response: BOSHResponse) -> bool:
+        """Does this answer end the exchange (SASL failure, error, terminate)?"""
+        if response.status_code != 200:
+            return True
+        try:
+            parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+        except BOSHError:
+            return True
+        return parsed.type == "terminate" or any(
+            c.tag in (_FAILURE, _STREAM_ERROR) for c in parsed.children
+        )
+
+    def wait_for(self, match: Callable[[etree._Element], bool], what: str) -> Flow[etree._Element]:
+        """The first received element that matches, polling (bounded) until it comes."""
+        while True:
+            for i, el in enumerate(self.inbox):
+                if match(el):
+                    del self.inbox[i]
+                    return el
+            if self.polls >= self.options.max_polls:
+                raise ProtocolError(f"server never sent {what}")
+            self.polls += 1
+            yield from self.exchange([("poll", "")])
+
+
+def _tag_in(*tags: str) -> Callable[[etree._Element], bool]:
+    wanted = set(tags)
+    return lambda el: el.tag in wanted
+
+
+def _iq_result(iq_id: str) -> Callable[[etree._Element], bool]:
+    return lambda el: _local(el) == "iq" and el.get("id") == iq_id
+
+
+def _mechanisms(features: etree._Element) -> list[str]:
+    mechs = features.find(_MECHANISMS)
+    if mechs is None:
+        return []
+    return [(m.text or "").strip() for m in mechs if isinstance(m.tag, str) and m.text]
+
+
+class PrebindProtocol:
+    """One prebind: ``flow()`` is the generator a driver runs.
+
+    ``sid``/``rid`` stay readable so that a driver interrupted from outside (a cancelled task, a
+    deadline) can still terminate the half-made session instead of orphaning it.
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        options: PrebindOptions,
+        *,
+        service_url: str,
+        rid: int | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.options = options
+        self.service_url = service_url
+        self.secure = is_secure_transport(service_url)
+        self._conv = _Conversation(credentials.domain, options, rid)
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return f"<PrebindProtocol {self.credentials.user_key} sid={self._conv.sid!r}>"
+
+    @property
+    def sid(self) -> str | None:
+        return self._conv.sid
+
+    def abort_request(self) -> BOSHRequest | None:
+        """A terminate request for a session left half-made, or ``None`` if there is none."""
+        if self._conv.sid is None or self.finished:
+            return None
+        self.finished = True
+        return self._conv.terminate_request()
+
+    def flow(self) -> Flow[PrebindSession]:
+        try:
+            session = yield from self._run()
+        except Exception:
+            cleanup = self.abort_request()
+            if cleanup is not None:
+                try:
+                    yield [cleanup]
+                except BOSHError:
+                    pass
+            raise
+        self.finished = True
+        return session
+
+    def _run(self) -> Flow[PrebindSession]:
+        conv, creds, opts = self._conv, self.credentials, self.options
+        yield from conv.create()
+        features = yield from conv.wait_for(_tag_in(_FEATURES), "stream features")
+        mech = choose_mechanism(_mechanisms(features), creds, opts, secure=self.secure)
+
+        resource = creds.resource or f"{opts.resource_prefix}-{secrets.token_hex(6)}"
+        bind_id = f"bind_{secrets.token_hex(4)}"
+        bind_iq = (
+            f"<iq id='{bind_id}' type='set' xmlns='{b.NS_CLIENT}'><bind xmlns='{b.NS_BIND}'>"
+            f"<resource>{b.escape(resource)}</resource></bind></iq>"
+        )
+        # What may travel with the last SASL request: the restart, then the bind, as the window allows.
+        followers = [("restart", _RESTART), ("bind", bind_iq)][: conv.window - 1]
+
+        scram: ScramClient | None = None
+        if mech in SCRAM_HASHES:
+            try:
+                scram = ScramClient(mech, creds.localpart, creds.password or "")
+            except ValueError as exc:
+                raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
+            first = base64.b64encode(scram.client_first()).decode()
+            yield from conv.exchange([("auth", self._auth(mech, first))])
+            answer = yield from conv.wait_for(_tag_in(_CHALLENGE, _SUCCESS, _FAILURE), "a SASL answer")
+            self._raise_if_failure(answer)
+            if answer.tag != _CHALLENGE:
+                raise ProtocolError("server skipped the SCRAM challenge")
+            final = scram.client_final(_b64decode(answer.text))
+            last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{base64.b64encode(final).decode()}</response>")
+        elif mech == "PLAIN":
+            token = f"\0{creds.localpart}\0{creds.password}".encode()
+            last = ("auth", self._auth(mech, base64.b64encode(token).decode()))
+        else:  # ANONYMOUS
+            last = ("auth", self._auth(mech, ""))
+
+        yield from conv.exchange([last, *followers])
+        answer = yield from conv.wait_for(_tag_in(_SUCCESS, _FAILURE, _CHALLENGE), "SASL success")
+        self._raise_if_failure(answer)
+        if answer.tag == _CHALLENGE:
+            raise ProtocolError("unexpected SASL challenge (server-final must come with <success/>)")
+        if scram is not None:
+            scram.verify_server_final(_b64decode(answer.text))
+
+        sent = len(followers)
+        if sent == 0:  # no pipelining: restart (and bind, if the window allows) now
+            followers = [("restart", _RESTART), ("bind", bind_iq)][: conv.window]
+            yield from conv.exchange(followers)
+            sent = len(followers)
+        bound_features = yield from conv.wait_for(
+            _tag_in(_FEATURES), "stream features after restart"
+        )
+        if sent < 2:
+            yield from conv.exchange([("bind", bind_iq)])
+        result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
+        jid = self._bound_jid(result)
+
+        # The legacy RFC 3921 session costs a round trip: only when offered and not <optional/>.
+        legacy = bound_features.find(_SESSION)
+        if legacy is not None and legacy.find(f"{{{b.NS_SESSION}}}optional") is None:
+            session_id = f"sess_{secrets.token_hex(4)}"
+            session_iq = (
+                f"<iq id='{session_id}' type='set' xmlns='{b.NS_CLIENT}'>"
+                f"<session xmlns='{b.NS_SESSION}'/></iq>"
+            )
+            yield from conv.exchange([("session", session_iq)])
+            reply = yield from conv.wait_for(_iq_result(session_id), "the session result")
+            if reply.get("type") != "result":
+                raise ProtocolError("session establishment failed", condition="session-failed")
+
+        attrs = conv.attrs
+
+        def num(name: str) -> int | None:
+            try:
+                return int(attrs[name])
+            except (KeyError, ValueError):
+                return None
+
+        return PrebindSession(
+            jid=jid,
+            sid=conv.sid or "",
+            rid=conv.rid,
+            service_url=self.service_url,
+            wait=num("wait"),
+            inactivity=num("inactivity"),
+            requests=num("requests"),
+            mechanism=mech,
+            round_trips=conv.round_trips,
+            request_count=conv.request_count,
+        )
+
+    @staticmethod
+    def _auth(mech: str, payload: str) -> str:
+        if not payload:
+            return f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'/>"
+        return f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'>{payload}</auth>"
+
+    @staticmethod
+    def _raise_if_failure(answer: etree._Element) -> None:
+        if answer.tag == _FAILURE:
+            cond = _condition(answer) or "not-authorized"
+            raise AuthenticationFailed(f"SASL authentication failed: {cond}", condition=cond)
+
+    @staticmethod
+    def _bound_jid(result: etree._Element) -> str:
+        if result.get("type") != "result":
+            err = result.find(f"{{{b.NS_CLIENT}}}error")
+            cond = _condition(err) if err is not None else None
+            raise ProtocolError(f"resource binding failed: {cond or 'error'}", condition=cond)
+        jid_el = result.find(f"{_BIND}/{{{b.NS_BIND}}}jid")
+        if jid_el is None or not (jid_el.text or "").strip():
+            raise ProtocolError("bind result carries no JID")
+        return (jid_el.text or "").strip()
+
+
+def probe_flow(domain: str, options: PrebindOptions, *, rid: int | None = None) -> Flow[ServerInfo]:
+    """Open a session, read what the server offers, and end it: for ``bosh-middleware check``."""
+    conv = _Conversation(domain, options, rid)
+    yield from conv.create()
+    error: BOSHError | None = None
+    info: ServerInfo | None = None
+    try:
+        features = yield from conv.wait_for(_tag_in(_FEATURES), "stream features")
+        info = ServerInfo(
+            attrs=dict(conv.attrs),
+            mechanisms=_mechanisms(features),
+            features=[etree.QName(f).localname for f in features if isinstance(f.tag, str)],
+        )
+    except BOSHError as exc:
+        error = exc
+    if conv.sid is not None:
+        try:
+            yield [conv.terminate_request()]
+        except BOSHError:
+            pass
+    if error is not None:
+        raise error
+    assert info is not None
+    return info
+
+
+def terminate_flow(session: PrebindSession) -> Flow[None]:
+    """End a prebound session that no browser will attach to (frees the server's resources)."""
+    body = b.terminate_body(rid=session.rid, sid=session.sid)
+    yield [BOSHRequest(rid=session.rid, body=body, label="terminate", best_effort=True)]

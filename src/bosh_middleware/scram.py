@@ -1,0 +1,201 @@
+"""SCRAM client (RFC 5802, RFC 7677) and the salted-password cache.
+
+PBKDF2 is by far the most expensive thing a prebind does on the web server (10,000 iterations of
+HMAC per login with Prosody's defaults), and it is a pure function of (password, salt, iteration
+count). Servers keep the salt and count stable per account, so caching the derived keys turns a
+repeat login into a handful of HMACs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import stringprep
+import threading
+import unicodedata
+from collections import OrderedDict
+
+from .errors import AuthenticationFailed, ProtocolError
+
+__all__ = ["MAX_ITERATIONS", "SCRAM_HASHES", "ScramClient", "clear_cache", "saslprep"]
+
+#: SASL mechanism name -> hashlib name. Order is not preference; see ``sasl.py``.
+SCRAM_HASHES = {
+    "SCRAM-SHA-512": "sha512",
+    "SCRAM-SHA-256": "sha256",
+    "SCRAM-SHA-1": "sha1",
+}
+
+#: A hostile server could ask for 10**9 iterations and pin a web worker's CPU; refuse instead.
+MAX_ITERATIONS = 200_000
+_CACHE_SIZE = 4096
+
+_cache: OrderedDict[tuple[str, str, bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _keys(hash_name: str, username: str, password: str, salt: bytes, iterations: int) -> tuple[
+    bytes, bytes
+]:
+    """(ClientKey, ServerKey), from the cache when possible."""
+    pw = password.encode()
+    # The key holds a digest of the password, not the password: a changed password must miss.
+    key = (hash_name, username, hashlib.sha256(pw).digest(), salt, iterations)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    salted = hashlib.pbkdf2_hmac(hash_name, pw, salt, iterations)
+    keys = (
+        hmac.digest(salted, b"Client Key", hash_name),
+        hmac.digest(salted, b"Server Key", hash_name),
+    )
+    with _cache_lock:
+        _cache[key] = keys
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return keys
+
+
+def saslprep(value: str) -> str:
+    """RFC 4013 SASLprep (as a "query": unassigned code points are allowed)."""
+    if value.isascii() and value.isprintable():
+        return value
+    mapped = []
+    for ch in value:
+        if stringprep.in_table_c12(ch):
+            mapped.append(" ")
+        elif not stringprep.in_table_b1(ch):
+            mapped.append(ch)
+    out = unicodedata.normalize("NFKC", "".join(mapped))
+    prohibited = (
+        stringprep.in_table_c12,
+        stringprep.in_table_c21,
+        stringprep.in_table_c22,
+        stringprep.in_table_c3,
+        stringprep.in_table_c4,
+        stringprep.in_table_c5,
+        stringprep.in_table_c6,
+        stringprep.in_table_c7,
+        stringprep.in_table_c8,
+        stringprep.in_table_c9,
+    )
+    for ch in out:
+        if any(table(ch) for table in prohibited):
+            raise ValueError("string contains a character SASLprep prohibits")
+    if any(stringprep.in_table_d1(ch) for ch in out):
+        if any(stringprep.in_table_d2(ch) for ch in out):
+            raise ValueError("string mixes right-to-left and left-to-right characters")
+        if not (stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
+            raise ValueError("right-to-left string must start and end with an RTL character")
+    return out
+
+
+def _escape_username(name: str) -> str:
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+def _parse_attributes(message: bytes) -> dict[str, str]:
+    try:
+        text = message.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("SCRAM message is not UTF-8") from None
+    attrs: dict[str, str] = {}
+    for part in text.split(","):
+        if len(part) < 2 or part[1] != "=":
+            raise ProtocolError("malformed SCRAM message")
+        attrs.setdefault(part[0], part[2:])
+    return attrs
+
+
+class ScramClient:
+    """One SCRAM exchange. Feed it the server's messages; it never does I/O."""
+
+    __slots__ = (
+        "_auth_message",
+        "_client_first_bare",
+        "_hash",
+        "_nonce",
+        "_password",
+        "_server_signature",
+        "_username",
+        "mechanism",
+    )
+
+    def __init__(
+        self, mechanism: str, username: str, password: str, *, nonce: str | None = None
+    ) -> None:
+        if mechanism not in SCRAM_HASHES:
+            raise ValueError(f"not a SCRAM mechanism: {mechanism}")
+        self.mechanism = mechanism
+        self._hash = SCRAM_HASHES[mechanism]
+        self._username = saslprep(username)
+        self._password = saslprep(password)
+        self._nonce = nonce or secrets.token_urlsafe(18)
+        self._client_first_bare = f"n={_escape_username(self._username)},r={self._nonce}"
+        self._auth_message = b""
+        self._server_signature = b""
+
+    def __repr__(self) -> str:
+        return f"<ScramClient {self.mechanism} user={self._username!r}>"
+
+    def client_first(self) -> bytes:
+        # "n,," : no channel binding, no authzid.
+        return f"n,,{self._client_first_bare}".encode()
+
+    def client_final(self, server_first: bytes) -> bytes:
+        attrs = _parse_attributes(server_first)
+        if "m" in attrs:
+            raise ProtocolError("SCRAM server requires an unsupported extension")
+        try:
+            nonce, salt_b64, iterations_s = attrs["r"], attrs["s"], attrs["i"]
+        except KeyError as exc:
+            raise ProtocolError(f"SCRAM server-first message lacks {exc.args[0]!r}") from None
+        if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
+            raise ProtocolError("SCRAM server nonce does not extend the client nonce")
+        try:
+            salt = base64.b64decode(salt_b64, validate=True)
+            iterations = int(iterations_s)
+        except (ValueError, TypeError):
+            raise ProtocolError("SCRAM salt or iteration count is malformed") from None
+        if not 1 <= iterations <= MAX_ITERATIONS:
+            raise ProtocolError(f"SCRAM iteration count {iterations} is out of range")
+        client_key, server_key = _keys(
+            self._hash, self._username, self._password, salt, iterations
+        )
+        stored_key = hashlib.new(self._hash, client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        self._auth_message = (
+            self._client_first_bare.encode() + b"," + server_first + b"," + without_proof.encode()
+        )
+        signature = hmac.digest(stored_key, self._auth_message, self._hash)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self._server_signature = hmac.digest(server_key, self._auth_message, self._hash)
+        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def verify_server_final(self, server_final: bytes) -> None:
+        """Raise unless the server proved it knows the password too."""
+        if not self._server_signature:
+            raise ProtocolError("SCRAM server-final before client-final")
+        attrs = _parse_attributes(server_final)
+        if "e" in attrs:
+            raise AuthenticationFailed(
+                f"SCRAM server error: {attrs['e']}", condition=attrs["e"] or "not-authorized"
+            )
+        try:
+            verifier = base64.b64decode(attrs.get("v", ""), validate=True)
+        except ValueError:
+            verifier = b""
+        if not verifier or not hmac.compare_digest(verifier, self._server_signature):
+            raise ProtocolError(
+                "SCRAM server signature is wrong: the server is not who it claims",
+                condition="server-signature-mismatch",
+            )
