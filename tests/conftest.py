@@ -1,0 +1,87 @@
+"""Shared pytest fixtures. Add new fixtures in their own clearly marked section."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from support.xmpp_servers import XMPPServer, start_ejabberd, start_prosody
+
+# ===========================================================================
+# Real XMPP servers (tests/support/xmpp_servers.py)
+#   prosody          session: Prosody 0.12, consider_bosh_secure=false, SCRAM only
+#   prosody_secure   session: Prosody 0.12, consider_bosh_secure=true, PLAIN + SCRAM
+#   ejabberd         session: ejabberd 23.01, PLAIN + SCRAM, CORS headers
+#   prosody_factory  function: () -> fresh private Prosody, stopped at test end
+# All listen on 127.0.0.1 only; config/data/logs under tmp_path_factory.
+# ===========================================================================
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+        # A missing server is a broken set-up, not a reason to skip: fail loudly.
+        pytest.fail(f"{binary} is not installed (run: bash tests/support/install-servers.sh)")
+
+
+@pytest.fixture(scope="session")
+def prosody(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XMPPServer]:
+    _need("prosody")
+    srv = start_prosody(tmp_path_factory.mktemp("prosody"), secure=False)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def prosody_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XMPPServer]:
+    _need("prosody")
+    srv = start_prosody(tmp_path_factory.mktemp("prosody-secure"), secure=True)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XMPPServer]:
+    _need("ejabberdctl")
+    srv = start_ejabberd(tmp_path_factory.mktemp("ejabberd"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def prosody_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., XMPPServer]]:
+    """``factory(secure=False) -> XMPPServer``: a fresh private Prosody per call."""
+    _need("prosody")
+    started: list[XMPPServer] = []
+
+    def factory(*, secure: bool = False) -> XMPPServer:
+        srv = start_prosody(tmp_path_factory.mktemp("prosody-private"), secure=secure)
+        started.append(srv)
+        return srv
+
+    try:
+        yield factory
+    finally:
+        for srv in started:
+            srv.stop()
+
+
+# ===========================================================================
+# (end of XMPP server fixtures)
+# ===========================================================================
+
+
+# ===========================================================================
+# Headless Chromium + Strophe.js harness (tests/support/browser.py)
+#   static_server, playwright_sync, browser, harness_page
+# ===========================================================================
+from support.browser_fixtures import *  # noqa: E402,F403
