@@ -15,7 +15,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -131,7 +131,7 @@ class Prebinder(_Base):
         if self._executor is None:
             with self._lock:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(16, thread_name_prefix="bosh-pipeline")
+                    self._executor = ThreadPoolExecutor(64, thread_name_prefix="bosh-pipeline")
         return self._executor
 
     def _send(self, req: BOSHRequest, sent: threading.Event | None = None) -> BOSHResponse:
@@ -170,13 +170,16 @@ class Prebinder(_Base):
             futures.append(fut)
             while not sent.wait(0.005) and not fut.done():
                 pass
-        results: list[BOSHResponse | None] = []
-        for req, fut in zip(batch, futures, strict=True):
-            response = fut.result()  # raises the BOSHError of a failed request
-            results.append(response)
-            if req.settles is not None and req.settles(response):
-                # The rest will not be answered; the flow's terminate releases them.
-                results.extend([None] * (len(batch) - len(results)))
+        results: list[BOSHResponse | None] = [None] * len(batch)
+        settles = batch[0].settles
+        waiting = dict(zip(futures, range(len(batch)), strict=True))
+        while waiting:
+            done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[waiting.pop(fut)] = fut.result()  # raises a failed request's BOSHError
+            if settles is not None and settles([r for r in results if r is not None]):
+                # The rest stays held by the server until the browser's first request releases
+                # it (or it times out); its thread is not waited for.
                 break
         return results
 
@@ -292,18 +295,20 @@ class AsyncPrebinder(_Base):
             waiter = asyncio.ensure_future(sent.wait())
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-        results: list[BOSHResponse | None] = []
+        results: list[BOSHResponse | None] = [None] * len(batch)
+        settles = batch[0].settles
+        waiting = {task: i for i, task in enumerate(tasks)}
         try:
-            for req, task in zip(batch, tasks, strict=True):
-                response = await task
-                results.append(response)
-                if req.settles is not None and req.settles(response):
-                    results.extend([None] * (len(batch) - len(results)))
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    results[waiting.pop(task)] = task.result()
+                if settles is not None and settles([r for r in results if r is not None]):
                     break
         finally:
             for task in tasks:
                 if not task.done():
-                    task.cancel()
+                    task.cancel()  # closes its connection: the server drops the held request
         return results
 
     async def run(self, flow: Flow[T]) -> T:

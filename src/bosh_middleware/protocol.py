@@ -9,11 +9,15 @@ tests can drive it with canned responses.
 Round trips. The classic prebind is strictly sequential: create, auth, (SCRAM response), restart,
 bind = 4 HTTP round trips with PLAIN, 5 with SCRAM. A BOSH server must process requests in RID
 order and accepts ``requests`` (hold + 1 = 2 for Prosody and ejabberd) at once, so a request that
-does not need the previous answer can travel with it. Only the SID (from the creation response)
-and the SCRAM server-first message are real dependencies, which leaves:
+does not need the previous answer can travel with it:
 
-* PLAIN / ANONYMOUS: create | auth + restart | bind                      -> 3 round trips
-* SCRAM:             create | client-first | client-final + restart | bind -> 4 round trips
+* PLAIN / ANONYMOUS: create | auth | restart + bind                       -> 3 round trips
+* SCRAM:             create | client-first | client-final | restart + bind -> 4 round trips
+
+Only restart + bind are pipelined. Two requests in flight use two TCP connections, and nothing
+makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
+and handles its *stanzas* afterwards, which is right for the bind, but it loses the
+``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
 """
 
 from __future__ import annotations
@@ -81,10 +85,12 @@ class BOSHRequest:
     label: str
     #: Cleanup (terminate): send with a short timeout and ignore the outcome.
     best_effort: bool = False
-    #: If this returns True for this request's response, the driver stops waiting for the rest
-    #: of the batch (answering ``None`` for them): after a pipelined SASL <failure/>, the
-    #: restart that travelled with it is never answered.
-    settles: Callable[[BOSHResponse], bool] | None = field(default=None, compare=False)
+    #: Set on every request of a pipelined batch. Called with the responses received so far (in
+    #: any order); True means the batch has what the flow needs, and the driver stops waiting for
+    #: the rest (answering ``None`` for them). With hold=1 a server may put every answer into one
+    #: response and keep the other request open with nothing to say (Prosody does when the
+    #: second request overtakes the first); that request is not waited for.
+    settles: Callable[[list[BOSHResponse]], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -265,14 +271,23 @@ class _Conversation:
                 cond = _condition(child) or "undefined-condition"
                 raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
 
-    def exchange(self, steps: Sequence[tuple[str, str]]) -> Flow[None]:
-        """Send the steps in RID order, ``window`` at a time, and absorb every answer."""
+    def exchange(
+        self,
+        steps: Sequence[tuple[str, str]],
+        needs: Sequence[Callable[[etree._Element], bool]] = (),
+    ) -> Flow[None]:
+        """Send the steps in RID order, ``window`` at a time, and absorb the answers.
+
+        ``needs``: what a pipelined batch must bring back; once every one has arrived (or an
+        error), requests still unanswered are not waited for.
+        """
         pending = list(steps)
         while pending:
             batch_steps, pending = pending[: self.window], pending[self.window :]
             batch = [self._build(label, payload) for label, payload in batch_steps]
             if len(batch) > 1:
-                batch[0] = dataclasses.replace(batch[0], settles=self._settles)
+                settles = self._settles(needs)
+                batch = [dataclasses.replace(r, settles=settles) for r in batch]
             responses = yield batch
             if len(responses) != len(batch):
                 raise ProtocolError("driver returned the wrong number of responses")
@@ -282,17 +297,26 @@ class _Conversation:
                 if response is not None:
                     self._absorb(response)
 
-    def _settles(self, response: BOSHResponse) -> bool:
-        """Does this answer end the exchange (SASL failure, error, terminate)?"""
-        if response.status_code != 200:
-            return True
-        try:
-            parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
-        except BOSHError:
-            return True
-        return parsed.type == "terminate" or any(
-            c.tag in (_FAILURE, _STREAM_ERROR) for c in parsed.children
-        )
+    def _settles(
+        self, needs: Sequence[Callable[[etree._Element], bool]]
+    ) -> Callable[[list[BOSHResponse]], bool]:
+        def settles(responses: list[BOSHResponse]) -> bool:
+            children: list[etree._Element] = []
+            for response in responses:
+                if response.status_code != 200:
+                    return True
+                try:
+                    parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+                except BOSHError:
+                    return True
+                if parsed.type == "terminate":
+                    return True
+                children += parsed.children
+            if any(c.tag in (_FAILURE, _STREAM_ERROR) for c in children):
+                return True
+            return bool(needs) and all(any(need(c) for c in children) for need in needs)
+
+        return settles
 
     def wait_for(self, match: Callable[[etree._Element], bool], what: str) -> Flow[etree._Element]:
         """The first received element that matches, polling (bounded) until it comes."""
@@ -385,9 +409,6 @@ class PrebindProtocol:
             f"<iq id='{bind_id}' type='set' xmlns='{b.NS_CLIENT}'><bind xmlns='{b.NS_BIND}'>"
             f"<resource>{b.escape(resource)}</resource></bind></iq>"
         )
-        # What may travel with the last SASL request: the restart, then the bind, as the window allows.
-        followers = [("restart", _RESTART), ("bind", bind_iq)][: conv.window - 1]
-
         scram: ScramClient | None = None
         if mech in SCRAM_HASHES:
             try:
@@ -400,15 +421,18 @@ class PrebindProtocol:
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
-            final = scram.client_final(_b64decode(answer.text))
-            last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{base64.b64encode(final).decode()}</response>")
+            final = base64.b64encode(scram.client_final(_b64decode(answer.text))).decode()
+            last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{final}</response>")
         elif mech == "PLAIN":
             token = f"\0{creds.localpart}\0{creds.password}".encode()
             last = ("auth", self._auth(mech, base64.b64encode(token).decode()))
         else:  # ANONYMOUS
             last = ("auth", self._auth(mech, ""))
 
-        yield from conv.exchange([last, *followers])
+        # The last SASL step travels alone: a restart must not be pipelined with it, because
+        # Prosody, when the restart overtakes it on another connection (and nothing orders two
+        # TCP connections), defers the restart and then drops its xmpp:restart.
+        yield from conv.exchange([last])
         answer = yield from conv.wait_for(_tag_in(_SUCCESS, _FAILURE, _CHALLENGE), "SASL success")
         self._raise_if_failure(answer)
         if answer.tag == _CHALLENGE:
@@ -416,16 +440,15 @@ class PrebindProtocol:
         if scram is not None:
             scram.verify_server_final(_b64decode(answer.text))
 
-        sent = len(followers)
-        if sent == 0:  # no pipelining: restart (and bind, if the window allows) now
-            followers = [("restart", _RESTART), ("bind", bind_iq)][: conv.window]
-            yield from conv.exchange(followers)
-            sent = len(followers)
+        # Restart and bind together: a bind that overtakes the restart is deferred by the server
+        # and its stanza processed right after the restart, which is what RID order promises.
+        yield from conv.exchange(
+            [("restart", _RESTART), ("bind", bind_iq)],
+            needs=[_tag_in(_FEATURES), _iq_result(bind_id)],
+        )
         bound_features = yield from conv.wait_for(
             _tag_in(_FEATURES), "stream features after restart"
         )
-        if sent < 2:
-            yield from conv.exchange([("bind", bind_iq)])
         result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
         jid = self._bound_jid(result)
 

@@ -1,0 +1,238 @@
+"""Pure ASGI middleware: ``app = BOSHPrebindMiddleware(app, service_url=..., credentials=...)``.
+
+Per-request state lives in a ``_Responder``; ``http.response.start`` is held back only for a
+response that will be rewritten (an HTML page for a user with credentials), everything else is
+passed through as it comes, unbuffered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from asgiref.compatibility import guarantee_single_callable
+
+from .config import MiddlewareConfig
+from .core import AsyncPending, PrebindCore, charset_of, is_injectable
+from .credentials import Credentials
+from .inject import Injector
+from .session import PrebindSession
+
+__all__ = ["BOSHPrebindMiddleware", "scope_nonce", "scope_user"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Where the app can leave a CSP nonce for the injected ``<script>``.
+NONCE_SCOPE_KEY = "csp_nonce"
+
+
+def scope_user(scope: Scope) -> Any:
+    """Starlette's ``AuthenticationMiddleware`` puts the user here (read it without asserting)."""
+    return scope.get("user")
+
+
+def scope_nonce(scope: Scope) -> str | None:
+    nonce = scope.get(NONCE_SCOPE_KEY)
+    if nonce is None:
+        state = scope.get("state")
+        if isinstance(state, MutableMapping):
+            nonce = state.get(NONCE_SCOPE_KEY)
+    return str(nonce) if nonce else None
+
+
+class _Headers:
+    """Case-insensitive read access to raw ASGI headers (some apps send b"Content-Type")."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw or ()
+
+    def get(self, name: str) -> str | None:
+        key = name.encode("latin-1")
+        for k, v in self._raw:
+            if k.lower() == key:
+                return bytes(v).decode("latin-1")
+        return None
+
+
+def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
+    drop = {n.lower().encode("latin-1") for n, _ in sets} | {n.lower().encode("latin-1") for n in removes}
+    out = [(bytes(k), bytes(v)) for k, v in raw or () if bytes(k).lower() not in drop]
+    out += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in sets]
+    return out
+
+
+class _Responder:
+    def __init__(
+        self,
+        middleware: BOSHPrebindMiddleware,
+        scope: Scope,
+        send: Send,
+        credentials: Credentials,
+        pending: AsyncPending | None,
+    ) -> None:
+        self.mw = middleware
+        self.core = middleware.core
+        self.scope = scope
+        self._send = send
+        self.credentials = credentials
+        self.pending = pending
+        self.passthrough = False
+        self.start: Message | None = None
+        self.session: PrebindSession | None = None
+        self.injector: Injector | None = None
+
+    async def _session(self) -> PrebindSession | None:
+        if self.pending is None:  # not a navigation after all, but an HTML page: prebind now
+            self.pending = self.core.start_async(self.credentials)
+        return await self.pending.session() if self.pending is not None else None
+
+    def cleanup(self) -> None:
+        if self.pending is not None:
+            self.pending.discard()
+
+    async def send(self, message: Message) -> None:
+        if self.passthrough:
+            await self._send(message)
+            return
+        kind = message["type"]
+        if kind == "http.response.start" and self.start is None and self.injector is None:
+            headers = _Headers(message.get("headers"))
+            if not is_injectable(self.scope["method"], message["status"], headers.get):
+                self.passthrough = True
+                self.cleanup()
+                await self._send(message)
+                return
+            self.session = await self._session()
+            if self.session is None:  # fail open
+                self.passthrough = True
+                await self._send(message)
+                return
+            if not self.core.rewrites_body:
+                sets, removes = self.core.header_edits(headers.get, self.session, body_length=None,
+                                                       streaming=False)
+                message["headers"] = _edited(message.get("headers"), sets, removes)
+                self.passthrough = True
+                await self._send(message)
+                return
+            self.start = message  # held until the first body message says whole or streamed
+            return
+        if kind == "http.response.body" and self.start is not None:
+            start, self.start = self.start, None
+            assert self.session is not None
+            headers = _Headers(start.get("headers"))
+            body = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            self.injector = Injector(
+                self.core.snippet(self.session, self.mw.get_nonce(self.scope)),
+                charset=charset_of(headers.get("content-type")),
+            )
+            out = self.injector.feed(body)
+            if not more:
+                out += self.injector.finish()
+            sets, removes = self.core.header_edits(headers.get, self.session, body_length=len(out),
+                                                   streaming=more)
+            start["headers"] = _edited(start.get("headers"), sets, removes)
+            await self._send(start)
+            await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            if not more:
+                self.passthrough = True
+            return
+        if kind == "http.response.body" and self.injector is not None:
+            out = self.injector.feed(bytes(message.get("body", b"")))
+            more = bool(message.get("more_body", False))
+            if not more:
+                out += self.injector.finish()
+                self.passthrough = True
+            await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        # Anything else (http.response.pathsend, trailers ...) while holding: give up on the
+        # rewrite, send what was held unchanged, and end the unused session.
+        if self.start is not None:
+            start, self.start = self.start, None
+            self.session = None
+            await self._send(start)
+        self.passthrough = True
+        await self._send(message)
+
+
+class BOSHPrebindMiddleware:
+    """Prebind an XMPP session for authenticated users' HTML pages.
+
+    ``credentials(user)`` maps the user (``get_user(scope)``, by default ``scope["user"]``) to
+    ``Credentials`` or ``None``; remaining keyword arguments are ``MiddlewareConfig`` fields.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        service_url: str | None = None,
+        credentials: Callable[[Any], Any] | None = None,
+        *,
+        get_user: Callable[[Scope], Any] = scope_user,
+        get_nonce: Callable[[Scope], str | None] = scope_nonce,
+        config: MiddlewareConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        self.app: ASGIApp = guarantee_single_callable(app)
+        if config is None:
+            config = MiddlewareConfig(service_url=service_url or "", credentials=credentials,  # type: ignore[arg-type]
+                                      **settings)
+        self.config = config
+        self.core = PrebindCore(config)
+        self.get_user = get_user
+        self.get_nonce = get_nonce
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        core = self.core
+        headers = _Headers(scope.get("headers"))
+        path = scope.get("path", "")
+        if core.is_endpoint(path):
+            await self._endpoint(scope, send)
+            return
+        if not core.wants(scope["method"], path, headers.get):
+            await self.app(scope, receive, send)
+            return
+        credentials = await core.credentials_async(self.get_user(scope))
+        if credentials is None:
+            await self.app(scope, receive, send)
+            return
+        # Start now, next to the view, when this is a browser navigation.
+        pending = core.start_async(credentials) if core.looks_like_page(headers.get) else None
+        responder = _Responder(self, scope, send, credentials, pending)
+        try:
+            await self.app(scope, receive, responder.send)
+        finally:
+            responder.cleanup()
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                await self.core.aclose()
+            return message
+
+        return wrapped
+
+    async def _endpoint(self, scope: Scope, send: Send) -> None:
+        if scope["method"] != "GET":
+            status, headers, body = 405, [("Allow", "GET"), ("Content-Length", "0")], b""
+        else:
+            status, headers, body = await self.core.endpoint_async(self.get_user(scope))
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        })
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,71 @@
+"""A circuit breaker, so that a dead XMPP server costs one timeout, not one per page view."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["CircuitBreaker"]
+
+
+class CircuitBreaker:
+    """Closed -> (``threshold`` consecutive failures) -> open for ``reset_after`` seconds ->
+    half-open: one trial request; its success closes the breaker, its failure reopens it."""
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        reset_after: float = 30.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.reset_after = reset_after
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial_running = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            if self._clock() - self._opened_at < self.reset_after:
+                return "open"
+            return "half-open"
+
+    def retry_after(self) -> float:
+        """Seconds until a trial is allowed (0 when closed or half-open)."""
+        with self._lock:
+            if self._opened_at is None:
+                return 0.0
+            return max(0.0, self.reset_after - (self._clock() - self._opened_at))
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None or self.threshold <= 0:
+                return True
+            if self._clock() - self._opened_at < self.reset_after or self._trial_running:
+                return False
+            self._trial_running = True
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+            self._trial_running = False
+
+    def record_failure(self) -> bool:
+        """Count a failure; returns True if this one opened the breaker."""
+        with self._lock:
+            self._failures += 1
+            was_open = self._opened_at is not None
+            if self._trial_running or (self.threshold > 0 and self._failures >= self.threshold):
+                self._opened_at = self._clock()
+                self._trial_running = False
+                return not was_open
+            return False

@@ -1,0 +1,183 @@
+"""``bosh-middleware``: prebind from a shell, and diagnose a BOSH endpoint.
+
+Most prebind trouble in the wild is server configuration (PLAIN hidden over http, a wait above
+what browsers tolerate, missing CORS headers), so ``check`` says what the endpoint offers and
+what of it will bite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from .client import Prebinder
+from .credentials import Credentials, derive_password
+from .errors import AuthenticationFailed, BOSHError
+from .protocol import is_secure_transport
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"timeout": args.timeout}
+    if getattr(args, "mechanism", None):
+        opts["mechanisms"] = tuple(args.mechanism)
+    if getattr(args, "allow_insecure_plain", False):
+        opts["allow_insecure_plain"] = True
+    return opts
+
+
+def _cmd_prebind(args: argparse.Namespace) -> int:
+    if args.anonymous:
+        if not args.domain:
+            print("error: --anonymous needs --domain", file=sys.stderr)
+            return EXIT_USAGE
+        creds = Credentials.anonymous(args.domain)
+    else:
+        if not args.jid:
+            print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
+            return EXIT_USAGE
+        password = os.environ.get("BOSH_PASSWORD")
+        if not password:
+            print("error: set the password in the BOSH_PASSWORD environment variable", file=sys.stderr)
+            return EXIT_USAGE
+        creds = Credentials(args.jid, password, resource=args.resource)
+    try:
+        with Prebinder(args.service_url, **_options(args)) as prebinder:
+            session = prebinder.prebind(creds)
+    except AuthenticationFailed as exc:
+        print(f"error: authentication failed ({exc.condition}): {exc}", file=sys.stderr)
+        return EXIT_AUTH
+    except BOSHError as exc:
+        print(f"error: {type(exc).__name__} ({exc.condition}): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(session.as_dict()))
+    return 0
+
+
+def _cors(url: str, timeout: float) -> dict[str, str | None]:
+    headers = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    try:
+        r = httpx.options(url, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    names = ("access-control-allow-origin", "access-control-allow-methods",
+             "access-control-allow-headers")
+    return {"status": str(r.status_code), **{n: r.headers.get(n) for n in names}}
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    domain = args.domain or urlsplit(args.service_url).hostname or ""
+    report: dict[str, Any] = {"service_url": args.service_url, "domain": domain}
+    warnings: list[str] = []
+    started = time.perf_counter()
+    try:
+        with Prebinder(args.service_url, timeout=args.timeout) as prebinder:
+            info = prebinder.probe(domain)
+    except BOSHError as exc:
+        report.update(reachable=False, error=f"{type(exc).__name__} ({exc.condition}): {exc}")
+        info = None
+    report["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    if info is not None:
+        a = info.attrs
+        report.update(
+            reachable=True,
+            mechanisms=info.mechanisms,
+            features=info.features,
+            **{k: a.get(k) for k in ("ver", "wait", "inactivity", "requests", "hold", "polling",
+                                     "maxpause", "secure")},
+        )
+        if not info.mechanisms:
+            warnings.append("no SASL mechanisms offered (wrong domain for this server?)")
+        if "PLAIN" not in info.mechanisms and not any(m.startswith("SCRAM-") for m in info.mechanisms):
+            if "ANONYMOUS" not in info.mechanisms:
+                warnings.append("neither PLAIN nor SCRAM offered: password logins cannot work")
+        if "PLAIN" in info.mechanisms and not is_secure_transport(args.service_url):
+            warnings.append("PLAIN offered over plain http to a non-loopback host: use https")
+        wait = a.get("wait")
+        if wait and wait.isdigit() and int(wait) > 60:
+            warnings.append(f"wait={wait} s: browser clients abort long polls after ~66 s")
+        requests = a.get("requests")
+        if requests and requests.isdigit() and int(requests) < 2:
+            warnings.append("requests < 2: no pipelining, prebinds take more round trips")
+        inactivity = a.get("inactivity")
+        if inactivity and inactivity.isdigit() and int(inactivity) < 20:
+            warnings.append(f"inactivity={inactivity} s: pages must attach very quickly")
+    report["cors"] = cors = _cors(args.service_url, args.timeout)
+    if not cors.get("access-control-allow-origin"):
+        warnings.append("no CORS headers: browsers can only use this endpoint from the same origin")
+    report["warnings"] = warnings
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            if key == "warnings":
+                continue
+            print(f"{key:>12}: {value}")
+        for w in warnings:
+            print(f"     warning: {w}")
+    return 0 if report.get("reachable") else EXIT_FAILED
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    secret = os.environ.get("BOSH_SHARED_SECRET")
+    if not secret:
+        print("error: set the shared secret in BOSH_SHARED_SECRET", file=sys.stderr)
+        return EXIT_USAGE
+    print(derive_password(secret, args.jid))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bosh-middleware", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prebind", help="prebind a session and print {jid, sid, rid} as JSON")
+    p.add_argument("service_url")
+    p.add_argument("--jid", help="the account; the password is read from $BOSH_PASSWORD")
+    p.add_argument("--anonymous", action="store_true", help="SASL ANONYMOUS (needs --domain)")
+    p.add_argument("--domain", help="the anonymous host")
+    p.add_argument("--resource", help="bind this resource instead of a random one")
+    p.add_argument("--mechanism", action="append", help="allowed SASL mechanism (repeatable)")
+    p.add_argument("--allow-insecure-plain", action="store_true",
+                   help="allow PLAIN over http:// to a non-loopback host")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
+    p.set_defaults(func=_cmd_prebind)
+
+    c = sub.add_parser("check", help="report what a BOSH endpoint offers")
+    c.add_argument("service_url")
+    c.add_argument("--domain", help="XMPP domain (default: the URL's host)")
+    c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=_cmd_check)
+
+    d = sub.add_parser("derive-password",
+                       help="the password SharedSecretCredentials uses ($BOSH_SHARED_SECRET)")
+    d.add_argument("--jid", required=True)
+    d.set_defaults(func=_cmd_derive)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""What every adapter shares: which requests and responses to touch, starting a prebind next to
+the view, waiting for it with a deadline, failing open, the circuit breaker, header edits and the
+JSON endpoint. Adapters translate their framework's request/response into these calls and no
+more; no web framework is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from asgiref.sync import async_to_sync
+
+from .breaker import CircuitBreaker
+from .client import AsyncPrebinder, Prebinder
+from .config import MiddlewareConfig
+from .credentials import Credentials
+from .errors import AuthenticationFailed, BOSHError, ConfigurationError, ServiceUnavailable
+from .inject import script_snippet
+from .session import PrebindSession
+
+__all__ = [
+    "AsyncPending",
+    "HeaderGetter",
+    "PrebindCore",
+    "SyncPending",
+    "charset_of",
+    "is_authenticated",
+    "is_injectable",
+    "media_type",
+]
+
+log = logging.getLogger("bosh_middleware")
+
+HeaderGetter = Callable[[str], "str | None"]
+_PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def charset_of(content_type: str | None) -> str | None:
+    for param in (content_type or "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').strip("'") or None
+    return None
+
+
+def is_authenticated(user: Any) -> bool:
+    if user is None:
+        return False
+    flag = getattr(user, "is_authenticated", None)
+    if flag is None:
+        return bool(user)
+    return bool(flag() if callable(flag) else flag)
+
+
+def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
+    """Only a whole, uncompressed HTML page answering a GET can carry the variables."""
+    return (
+        method == "GET"
+        and status == 200
+        and media_type(get("content-type")) in _PAGE_TYPES
+        and not get("content-encoding")
+        and not get("content-range")
+    )
+
+
+class _Pending:
+    """A prebind running next to the view. Exactly one of: used (``session()`` returned it) or
+    discarded (terminated as soon as it exists) — so no session is ever left orphaned."""
+
+    def __init__(self, core: PrebindCore, credentials: Credentials) -> None:
+        self.core = core
+        self.credentials = credentials
+        self.deadline = time.monotonic() + core.config.timeout
+        self.started = time.monotonic()
+        self.error: BaseException | None = None
+        self._claimed = False
+        self._settled = False
+        self._lock = threading.Lock()
+
+    def _claim(self) -> bool:
+        """First of session()/discard() wins."""
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def _settle(self, error: BaseException | None) -> None:
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = True
+        self.core._record(self.credentials, error, time.monotonic() - self.started)
+
+
+class SyncPending(_Pending):
+    def __init__(self, core: PrebindCore, credentials: Credentials, future: Future[PrebindSession]) -> None:
+        super().__init__(core, credentials)
+        self._future = future
+        future.add_done_callback(self._done)
+
+    def _done(self, fut: Future[PrebindSession]) -> None:
+        self._settle(fut.exception())
+
+    def session(self) -> PrebindSession | None:
+        """Wait (until the deadline) for the session; ``None`` means serve the page without."""
+        if not self._claim():
+            return None
+        try:
+            return self._future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except FutureTimeout:
+            self.error = ServiceUnavailable("prebind exceeded the page timeout", condition="timeout")
+            self._settle(self.error)
+            self._future.add_done_callback(self.core._terminate_later_sync)
+        except Exception as exc:  # already logged by _record
+            self.error = exc
+        return None
+
+    def discard(self) -> None:
+        """The response will not carry the session: end it as soon as it exists."""
+        if self._claim():
+            self._future.add_done_callback(self.core._terminate_later_sync)
+
+
+class AsyncPending(_Pending):
+    def __init__(self, core: PrebindCore, credentials: Credentials, task: asyncio.Task[PrebindSession]) -> None:
+        super().__init__(core, credentials)
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[PrebindSession]) -> None:
+        self._settle(task.exception() if not task.cancelled() else asyncio.CancelledError())
+
+    async def session(self) -> PrebindSession | None:
+        if not self._claim():
+            return None
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(self._task), max(0.0, self.deadline - time.monotonic())
+            )
+        except asyncio.TimeoutError:
+            self.error = ServiceUnavailable("prebind exceeded the page timeout", condition="timeout")
+            self._settle(self.error)
+            self._task.add_done_callback(self.core._terminate_later_async)
+        except asyncio.CancelledError:
+            self._task.add_done_callback(self.core._terminate_later_async)
+            raise
+        except Exception as exc:
+            self.error = exc
+        return None
+
+    def discard(self) -> None:
+        if self._claim():
+            self._task.add_done_callback(self.core._terminate_later_async)
+
+
+class PrebindCore:
+    """One per middleware instance; thread-safe; holds the pooled engine clients."""
+
+    def __init__(self, config: MiddlewareConfig) -> None:
+        self.config = config
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
+        self._lock = threading.Lock()
+        self._sync: Prebinder | None = None
+        self._async: AsyncPrebinder | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- engines --------------------------------------------------------------------------
+    @property
+    def prebinder(self) -> Prebinder:
+        if self._sync is None:
+            with self._lock:
+                if self._sync is None:
+                    self._sync = Prebinder(
+                        self.config.service_url, options=self.config.options, verify=self.config.verify
+                    )
+        return self._sync
+
+    @property
+    def async_prebinder(self) -> AsyncPrebinder:
+        if self._async is None:
+            with self._lock:
+                if self._async is None:
+                    self._async = AsyncPrebinder(
+                        self.config.service_url, options=self.config.options, verify=self.config.verify
+                    )
+        return self._async
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(64, thread_name_prefix="bosh-prebind")
+        return self._executor
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+
+    # --- request side ----------------------------------------------------------------------
+    def wants(self, method: str, path: str, get: HeaderGetter) -> bool:
+        """Could this request's response carry a session? (Cheap; no user lookup.)"""
+        if method != "GET" or get("hx-request"):
+            return False
+        return not any(path.startswith(prefix) for prefix in self.config.exclude_paths)
+
+    @staticmethod
+    def looks_like_page(get: HeaderGetter) -> bool:
+        """A browser navigation: worth starting the prebind before the view has answered."""
+        if (get("sec-fetch-dest") or "").lower() == "document":
+            return True
+        accept = (get("accept") or "").lower()
+        return "text/html" in accept or "application/xhtml+xml" in accept
+
+    def is_endpoint(self, path: str) -> bool:
+        return self.config.endpoint_path is not None and path == self.config.endpoint_path
+
+    def credentials_sync(self, user: Any) -> Credentials | None:
+        if not is_authenticated(user):
+            return None
+        try:
+            result = self.config.credentials(user)
+            if inspect.isawaitable(result):
+                result = async_to_sync(_awaited)(result)
+        except Exception:
+            log.exception("BOSH credentials callable failed; serving without a session")
+            return None
+        return _checked(result)
+
+    async def credentials_async(self, user: Any) -> Credentials | None:
+        if not is_authenticated(user):
+            return None
+        try:
+            result = self.config.credentials(user)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            log.exception("BOSH credentials callable failed; serving without a session")
+            return None
+        return _checked(result)
+
+    def start_sync(self, credentials: Credentials) -> SyncPending | None:
+        if not self.breaker.allow():
+            log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
+            return None
+        return SyncPending(self, credentials, self._pool().submit(self.prebinder.prebind, credentials))
+
+    def start_async(self, credentials: Credentials) -> AsyncPending | None:
+        if not self.breaker.allow():
+            log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
+            return None
+        task = asyncio.ensure_future(self.async_prebinder.prebind(credentials))
+        return AsyncPending(self, credentials, task)
+
+    def _record(self, credentials: Credentials, error: BaseException | None, elapsed: float) -> None:
+        user, ms = credentials.user_key, round(elapsed * 1000, 1)
+        if error is None:
+            self.breaker.record_success()
+            log.debug("BOSH prebind for %s took %.1f ms", user, ms)
+            return
+        condition = getattr(error, "condition", None) or type(error).__name__
+        extra = {"bosh_user": user, "bosh_condition": condition, "bosh_elapsed_ms": ms}
+        if isinstance(error, AuthenticationFailed):
+            # The server works; this account does not. Not the breaker's business.
+            log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
+        elif isinstance(error, ConfigurationError):
+            log.error("BOSH prebind misconfigured for %s: %s", user, error, extra=extra)
+        else:
+            opened = self.breaker.record_failure()
+            log.warning("BOSH prebind failed for %s after %.1f ms: %s (%s)", user, ms, error,
+                        condition, extra=extra)
+            if opened:
+                log.error("BOSH circuit breaker opened: no prebinds for %.0f s", self.breaker.reset_after,
+                          extra=extra)
+
+    def _terminate_later_sync(self, fut: Future[PrebindSession]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._pool().submit(self.prebinder.terminate, fut.result())
+
+    def _terminate_later_async(self, task: asyncio.Task[PrebindSession]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            t = asyncio.ensure_future(self.async_prebinder.terminate(task.result()))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    # --- response side ---------------------------------------------------------------------
+    def snippet(self, session: PrebindSession, nonce: str | None = None) -> str:
+        names = self.config.variables
+        values: list[tuple[str, object]] = [(names[0], session.jid), (names[1], session.sid),
+                                            (names[2], session.rid)]
+        if self.config.public_service_url:
+            values.append((self.config.service_variable, self.config.public_service_url))
+        return script_snippet(values, nonce=nonce)
+
+    @property
+    def rewrites_body(self) -> bool:
+        return self.config.mode in ("script", "both")
+
+    def header_edits(
+        self, get: HeaderGetter, session: PrebindSession, *, body_length: int | None, streaming: bool
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """(headers to set, replacing any of the same name; headers to delete)."""
+        sets: list[tuple[str, str]] = [("Cache-Control", "private, no-store")]
+        removes: list[str] = ["Expires"]
+        vary = get("vary")
+        tokens = {t.strip().lower() for t in (vary or "").split(",")}
+        if "*" not in tokens and "cookie" not in tokens:
+            sets.append(("Vary", f"{vary}, Cookie" if vary else "Cookie"))
+        if self.config.mode in ("headers", "both"):
+            names = self.config.header_names
+            sets += [(names[0], _header_value(session.jid)), (names[1], _header_value(session.sid)),
+                     (names[2], str(session.rid))]
+        if self.rewrites_body:
+            etag = get("etag")
+            if etag and not etag.startswith("W/"):
+                sets.append(("ETag", f"W/{etag}"))
+            if streaming:
+                removes.append("Content-Length")
+            elif body_length is not None and get("content-length") is not None:
+                sets.append(("Content-Length", str(body_length)))
+        return sets, removes
+
+    # --- JSON endpoint (converse.js prebind_url) -------------------------------------------
+    def endpoint_status(self, credentials: Credentials | None, user: Any) -> tuple[int, dict[str, Any]] | None:
+        """The answer when no prebind is attempted, else ``None``."""
+        if credentials is None:
+            if not is_authenticated(user):
+                return 401, {"error": "not authenticated"}
+            return 403, {"error": "no XMPP account for this user"}
+        if self.breaker.state == "open":
+            return 503, {"error": "XMPP server unavailable"}
+        return None
+
+    def endpoint_result(self, session: PrebindSession | None, error: BaseException | None) -> tuple[int, dict[str, Any]]:
+        if session is not None:
+            return 200, session.as_dict()
+        if isinstance(error, AuthenticationFailed):
+            return 403, {"error": "XMPP login refused", "condition": error.condition}
+        return 503, {"error": "XMPP server unavailable"}
+
+    def endpoint_response(self, status: int, payload: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+        body = json.dumps(payload).encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "private, no-store"),
+            ("Vary", "Cookie"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        if status == 503:
+            headers.append(("Retry-After", str(max(1, round(self.breaker.retry_after())))))
+        return status, headers, body
+
+    def endpoint_sync(self, user: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+        credentials = self.credentials_sync(user)
+        early = self.endpoint_status(credentials, user)
+        if early is not None or credentials is None:
+            return self.endpoint_response(*(early or (401, {})))
+        pending = self.start_sync(credentials)
+        session = pending.session() if pending else None
+        return self.endpoint_response(*self.endpoint_result(session, pending.error if pending else None))
+
+    async def endpoint_async(self, user: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+        credentials = await self.credentials_async(user)
+        early = self.endpoint_status(credentials, user)
+        if early is not None or credentials is None:
+            return self.endpoint_response(*(early or (401, {})))
+        pending = self.start_async(credentials)
+        session = await pending.session() if pending else None
+        return self.endpoint_response(*self.endpoint_result(session, pending.error if pending else None))
+
+
+async def _awaited(value: Awaitable[Any]) -> Any:
+    return await value
+
+
+def _checked(result: object) -> Credentials | None:
+    if result is None or isinstance(result, Credentials):
+        return result
+    log.error("BOSH credentials callable returned %s, not Credentials or None", type(result).__name__)
+    return None
+
+
+def _header_value(value: str) -> str:
+    """Header values are Latin-1 on the wire: percent-encode anything outside printable ASCII."""
+    if value.isascii() and value.isprintable():
+        return value
+    from urllib.parse import quote
+
+    return quote(value, safe="@/:!$&'()*+,;=-._~")

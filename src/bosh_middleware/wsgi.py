@@ -1,0 +1,259 @@
+"""WSGI middleware: ``app = BOSHPrebindMiddleware(app, service_url=..., credentials=...)``.
+
+The prebind runs in a worker thread next to the view (WSGI has no event loop to overlap on).
+Responses that will not carry a session go straight through: same ``start_response`` call, same
+iterable, no buffering. Framework adapters whose user is only known inside the app (Flask) can
+leave the credentials or a started prebind in the environ instead of passing ``get_user``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from .config import MiddlewareConfig
+from .core import PrebindCore, SyncPending, charset_of, is_injectable
+from .credentials import Credentials
+from .inject import Injector
+from .session import PrebindSession
+
+__all__ = [
+    "ENVIRON_CREDENTIALS",
+    "ENVIRON_NONCE",
+    "ENVIRON_PENDING",
+    "BOSHPrebindMiddleware",
+    "environ_nonce",
+    "environ_user",
+]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+ENVIRON_CREDENTIALS = "bosh_middleware.credentials"
+ENVIRON_PENDING = "bosh_middleware.pending"
+#: Where the app can leave a CSP nonce for the injected ``<script>``.
+ENVIRON_NONCE = "csp_nonce"
+
+
+def environ_user(environ: dict[str, Any]) -> Any:
+    """``REMOTE_USER``, as set by the server or an auth middleware."""
+    return environ.get("REMOTE_USER") or None
+
+
+def environ_nonce(environ: dict[str, Any]) -> str | None:
+    nonce = environ.get(ENVIRON_NONCE)
+    return str(nonce) if nonce else None
+
+
+def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
+    def get(name: str) -> str | None:
+        name = name.lower()
+        for k, v in headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    return get
+
+
+def _edited(headers: list[tuple[str, str]], sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[str, str]]:
+    drop = {n.lower() for n, _ in sets} | {n.lower() for n in removes}
+    return [(k, v) for k, v in headers if k.lower() not in drop] + sets
+
+
+class _ClosingIterator:
+    """Yields from ``iterator`` and forwards ``close()`` to the app's iterable (PEP 3333)."""
+
+    def __init__(self, iterator: Iterator[bytes], original: Iterable[bytes]) -> None:
+        self._it = iterator
+        self._original = original
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._it
+
+    def close(self) -> None:
+        close = getattr(self._original, "close", None)
+        if close is not None:
+            close()
+
+
+class _Exchange:
+    """One request's state."""
+
+    def __init__(
+        self,
+        mw: BOSHPrebindMiddleware,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        credentials: Credentials | None,
+        pending: SyncPending | None,
+    ) -> None:
+        self.mw = mw
+        self.core = mw.core
+        self.environ = environ
+        self._start_response = start_response
+        self.credentials = credentials
+        self.pending = pending
+        self.mode = "undecided"  # -> "pass" | "held"
+        self.held: tuple[str, list[tuple[str, str]], Any] | None = None
+        self.written: list[bytes] = []
+
+    def discard(self) -> None:
+        pending = self.pending or self.environ.get(ENVIRON_PENDING)
+        if pending is not None:
+            pending.discard()
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+        if self.credentials is None:  # adapter mode: the app may have found the user
+            self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
+            self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
+        code = int(status.split(None, 1)[0])
+        if exc_info is not None or self.credentials is None or not is_injectable(
+            self.environ.get("REQUEST_METHOD", ""), code, _getter(headers)
+        ):
+            if self.mode == "held":  # error after a held start: forget the rewrite
+                self.held = None
+            self.mode = "pass"
+            self.discard()
+            return self._start_response(status, headers, exc_info)
+        self.mode = "held"
+        self.held = (status, headers, exc_info)
+        return self.written.append
+
+    def _session(self) -> PrebindSession | None:
+        if self.pending is None and self.credentials is not None:
+            self.pending = self.core.start_sync(self.credentials)
+        return self.pending.session() if self.pending is not None else None
+
+    def rewrite(self, result: Iterable[bytes]) -> Iterable[bytes]:
+        assert self.held is not None
+        status, headers, exc_info = self.held
+        session = self._session()
+        if session is None:  # fail open: the page as it was
+            self.mode = "pass"
+            self._start_response(status, headers, exc_info)
+            return _ClosingIterator(itertools.chain(self.written, result), result) if self.written else result
+        get = _getter(headers)
+        if not self.core.rewrites_body:
+            sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
+            self._start_response(status, _edited(headers, sets, removes), exc_info)
+            return _ClosingIterator(itertools.chain(self.written, result), result) if self.written else result
+        injector = Injector(
+            self.core.snippet(session, self.mw.get_nonce(self.environ)),
+            charset=charset_of(get("content-type")),
+        )
+        if isinstance(result, (list, tuple)):  # a whole body: inject and set Content-Length
+            try:
+                body = injector.feed(b"".join([*self.written, *result])) + injector.finish()
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+            sets, removes = self.core.header_edits(get, session, body_length=len(body), streaming=False)
+            self._start_response(status, _edited(headers, sets, removes), exc_info)
+            return [body]
+        sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
+        self._start_response(status, _edited(headers, sets, removes), exc_info)
+
+        def stream() -> Iterator[bytes]:
+            for chunk in itertools.chain(self.written, result):
+                out = injector.feed(chunk)
+                if out:
+                    yield out
+            yield injector.finish()
+
+        return _ClosingIterator(stream(), result)
+
+    def lazy(self, result: Iterable[bytes]) -> Iterator[bytes]:
+        """For apps that call start_response only when iterated (PEP 3333 allows it)."""
+        it = iter(result)
+        for chunk in it:
+            if self.mode == "held":
+                yield from self.rewrite(itertools.chain([chunk], it))
+                return
+            yield chunk
+        if self.mode == "held":  # empty body
+            yield from self.rewrite([])
+
+
+class BOSHPrebindMiddleware:
+    """Prebind an XMPP session for authenticated users' HTML pages (WSGI).
+
+    ``get_user(environ)`` finds the user (default: ``REMOTE_USER``); pass ``get_user=None`` when
+    an inner framework adapter leaves ``bosh_middleware.credentials`` / ``.pending`` in the
+    environ instead.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        service_url: str | None = None,
+        credentials: Callable[[Any], Any] | None = None,
+        *,
+        get_user: Callable[[dict[str, Any]], Any] | None = environ_user,
+        get_nonce: Callable[[dict[str, Any]], str | None] = environ_nonce,
+        config: MiddlewareConfig | None = None,
+        core: PrebindCore | None = None,
+        serve_endpoint: bool = True,
+        **settings: Any,
+    ) -> None:
+        self.app = app
+        if core is None:
+            if config is None:
+                config = MiddlewareConfig(service_url=service_url or "", credentials=credentials,  # type: ignore[arg-type]
+                                          **settings)
+            core = PrebindCore(config)
+        self.core = core
+        self.config = core.config
+        self.get_user = get_user
+        self.get_nonce = get_nonce
+        self.serve_endpoint = serve_endpoint
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        core = self.core
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+
+        def get(name: str) -> str | None:
+            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+            return value if isinstance(value, str) else None
+
+        if self.serve_endpoint and self.get_user is not None and core.is_endpoint(path):
+            return self._endpoint(environ, start_response)
+        if not core.wants(method, path, get):
+            return self.app(environ, start_response)
+        credentials = pending = None
+        if self.get_user is not None:
+            credentials = core.credentials_sync(self.get_user(environ))
+            if credentials is None:
+                return self.app(environ, start_response)
+            if core.looks_like_page(get):  # start next to the view
+                pending = core.start_sync(credentials)
+        exchange = _Exchange(self, environ, start_response, credentials, pending)
+        try:
+            result = self.app(environ, exchange.start_response)
+        except BaseException:
+            exchange.discard()
+            raise
+        if exchange.mode == "pass":
+            return result
+        if exchange.mode == "undecided":
+            return _ClosingIterator(exchange.lazy(result), result)
+        try:
+            return exchange.rewrite(result)
+        except BaseException:
+            exchange.discard()
+            raise
+
+    def _endpoint(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        assert self.get_user is not None
+        if environ.get("REQUEST_METHOD") != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "GET"), ("Content-Length", "0")])
+            return [b""]
+        status, headers, body = self.core.endpoint_sync(self.get_user(environ))
+        reason = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+        start_response(f"{status} {reason.get(status, '')}".strip(), headers)
+        return [body]
