@@ -18,6 +18,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(prosody ejabberd util-linux iproute2 procps)
+if [ "${1:-}" = "--prosody-only" ]; then
+    PACKAGES=(prosody util-linux iproute2 procps)
+fi
 POLICY=/usr/sbin/policy-rc.d
 CREATED_POLICY=0
 
