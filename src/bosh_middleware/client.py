@@ -13,9 +13,9 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -55,6 +55,9 @@ def _transport_errors(url: str) -> Iterator[None]:
     """httpx exceptions -> ServiceUnavailable with a condition a caller can branch on."""
     try:
         yield
+    except TimeoutError:
+        raise ServiceUnavailable(f"BOSH request to {url} exceeded its deadline",
+                                 condition="timeout") from None
     except httpx.TimeoutException as exc:
         raise ServiceUnavailable(f"BOSH request to {url} timed out ({type(exc).__name__})",
                                  condition="timeout") from None
@@ -74,6 +77,24 @@ def _check_length(response: httpx.Response, limit: int) -> None:
 def _log_batch(batch: list[BOSHRequest]) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread (the sync driver's pipelined batches)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bosh-pipeline", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class _Base:
@@ -114,7 +135,9 @@ class Prebinder(_Base):
         self._verify = verify
         self._client: httpx.Client | None = client
         self._pid = os.getpid()
-        self._executor: ThreadPoolExecutor | None = None
+        self._loop_thread: _LoopThread | None = None
+        self._loop_pid = os.getpid()
+        self._async: AsyncPrebinder | None = None
         self._lock = threading.Lock()
 
     def _http(self) -> httpx.Client:
@@ -123,30 +146,16 @@ class Prebinder(_Base):
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
                     self._client = httpx.Client(limits=_LIMITS, verify=self._verify)
-                    self._executor = None
                     self._pid = os.getpid()
         return self._client
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(64, thread_name_prefix="bosh-pipeline")
-        return self._executor
-
-    def _send(self, req: BOSHRequest, sent: threading.Event | None = None) -> BOSHResponse:
+    def _send(self, req: BOSHRequest) -> BOSHResponse:
         limit = self.options.max_response_size
-        extensions: dict[str, Any] = {}
-        if sent is not None:
-
-            def trace(event: str, info: Any) -> None:
-                if event.endswith("send_request_body.complete"):
-                    sent.set()
-
-            extensions["trace"] = trace
+        timeout = self._timeout(req)
+        deadline = time.monotonic() + timeout
         with _transport_errors(self.service_url), self._http().stream(
             "POST", self.service_url, content=req.body, headers=self._headers,
-            timeout=self._timeout(req), extensions=extensions,
+            timeout=timeout,
         ) as response:
             _check_length(response, limit)
             data = bytearray()
@@ -154,34 +163,35 @@ class Prebinder(_Base):
                 data += chunk
                 if len(data) > limit:
                     raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
+                if time.monotonic() > deadline:  # a server trickling bytes defeats read timeouts
+                    raise ServiceUnavailable(f"BOSH response from {self.service_url} took over "
+                                             f"{timeout} s", condition="timeout")
             return BOSHResponse(response.status_code, bytes(data))
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
-        _log_batch(batch)
         if len(batch) == 1:
+            _log_batch(batch)
             return [self._send(batch[0])]
-        # Requests must reach the server in RID order (Prosody defers an early one but then
-        # loses its xmpp:restart), so each starts once the previous one is on the wire; none
-        # waits for an answer.
-        futures = []
-        for req in batch:
-            sent = threading.Event()
-            fut = self._pool().submit(self._send, req, sent)
-            futures.append(fut)
-            while not sent.wait(0.005) and not fut.done():
-                pass
-        results: list[BOSHResponse | None] = [None] * len(batch)
-        settles = batch[0].settles
-        waiting = dict(zip(futures, range(len(batch)), strict=True))
-        while waiting:
-            done, _ = wait(waiting, return_when=FIRST_COMPLETED)
-            for fut in done:
-                results[waiting.pop(fut)] = fut.result()  # raises a failed request's BOSHError
-            if settles is not None and settles([r for r in results if r is not None]):
-                # The rest stays held by the server until the browser's first request releases
-                # it (or it times out); its thread is not waited for.
-                break
-        return results
+        # A pipelined batch may end with a request the server holds open; it must be closed,
+        # not abandoned (the server would put the browser's first answers on it), and a
+        # blocking httpx.Client read cannot be interrupted from another thread. So pipelined
+        # batches go through the async sender on a private event loop, where cancelling a
+        # request closes its connection.
+        return self._loop().run(self._batcher()._send_batch(batch))
+
+    def _loop(self) -> _LoopThread:
+        if self._loop_thread is None or self._loop_pid != os.getpid():
+            with self._lock:
+                if self._loop_thread is None or self._loop_pid != os.getpid():
+                    self._loop_thread = _LoopThread()
+                    self._async = None
+                    self._loop_pid = os.getpid()
+        return self._loop_thread
+
+    def _batcher(self) -> AsyncPrebinder:
+        if self._async is None:
+            self._async = AsyncPrebinder(self.service_url, options=self.options, verify=self._verify)
+        return self._async
 
     def run(self, flow: Flow[T]) -> T:
         """Drive any flow of ``protocol.py`` to its result."""
@@ -216,8 +226,11 @@ class Prebinder(_Base):
         return self.run(probe_flow(domain, self.options))
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        if self._loop_thread is not None and self._loop_pid == os.getpid():
+            if self._async is not None:
+                self._loop_thread.run(self._async.aclose())
+            self._loop_thread.close()
+        self._loop_thread = self._async = None
         if self._client is not None and self._given_client is None:
             self._client.close()
         self._client = None
@@ -269,10 +282,12 @@ class AsyncPrebinder(_Base):
                     sent.set()
 
             extensions["trace"] = trace
+        timeout = self._timeout(req)
         with _transport_errors(self.service_url):
-            async with self._http().stream(
+            # asyncio.timeout makes the per-request timeout a deadline (httpx's is per read).
+            async with asyncio.timeout(timeout), self._http().stream(
                 "POST", self.service_url, content=req.body, headers=self._headers,
-                timeout=self._timeout(req), extensions=extensions,
+                timeout=timeout, extensions=extensions,
             ) as response:
                 _check_length(response, limit)
                 data = bytearray()
@@ -306,9 +321,11 @@ class AsyncPrebinder(_Base):
                 if settles is not None and settles([r for r in results if r is not None]):
                     break
         finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()  # closes its connection: the server drops the held request
+            held = [task for task in tasks if not task.done()]
+            for task in held:
+                task.cancel()  # closes its connection, so the server drops the held request
+            if held:  # ... and make sure it is closed before the session is handed out
+                await asyncio.wait(held)
         return results
 
     async def run(self, flow: Flow[T]) -> T:

@@ -18,6 +18,10 @@ Only restart + bind are pipelined. Two requests in flight use two TCP connection
 makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
 and handles its *stanzas* afterwards, which is right for the bind, but it loses the
 ``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
+When the bind does overtake the restart, Prosody puts features and bind result on one request
+and, as hold=1 allows, keeps the other open with nothing to say. The drivers then close that
+request's connection before handing the session out: left open, it would be the "oldest
+request" that the browser's first answers are written to.
 """
 
 from __future__ import annotations
@@ -247,6 +251,8 @@ class _Conversation:
             b.create_body(rid=self.rid, to=self.to, wait=o.wait, hold=o.hold, lang=o.lang, route=o.route),
         )
         (response,) = yield [req]
+        if response is None:
+            raise ProtocolError("driver returned no response to the session creation request")
         self.round_trips += 1
         self.request_count += 1
         if response.status_code != 200:

@@ -50,7 +50,11 @@ def static_server() -> Iterator[StaticServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while the sync Playwright API is started it leaves an event loop
+# running on the main thread, which breaks asyncio.run() and pytest-asyncio tests that come later.
+# Stopped at the end of each module, it only affects async tests in a module that also drives
+# the browser (put those before the browser tests or run them on a worker thread).
+@pytest.fixture(scope="module")
 def playwright_sync() -> Iterator[Any]:
     _require(need_assets=False)
     from playwright.sync_api import sync_playwright
@@ -59,7 +63,7 @@ def playwright_sync() -> Iterator[Any]:
         yield pw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright_sync: Any) -> Iterator[Any]:
     b = launch_browser(playwright_sync)
     try:

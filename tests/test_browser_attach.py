@@ -1,0 +1,127 @@
+"""The end-to-end proof: a session prebound by bosh-middleware is taken over by Strophe.js
+``connection.attach()`` in headless Chromium, and it works: ATTACHED, a roster result for the
+stanza sent in the very first request (the RID is right), a message delivered to an
+independently logged-in peer, and the peer's reply received.
+
+Plain ``def`` tests: the sync Playwright fixtures cannot run inside an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+
+import pytest
+
+from bosh_middleware import AsyncPrebinder, Credentials, Prebinder, PrebindSession
+from support.browser import AttachResult, StaticServer, attach_and_chat
+from support.xmpp_servers import XMPPServer
+
+pytestmark = pytest.mark.browser
+
+
+def _prebind(server: XMPPServer, **options) -> tuple[PrebindSession, str]:  # type: ignore[no-untyped-def]
+    jid, password = server.new_user("att")
+    with Prebinder(server.service_url, **options) as p:
+        session = p.prebind(Credentials(jid, password))
+    return session, jid
+
+
+def _attach(
+    browser, static: StaticServer, server: XMPPServer, session: PrebindSession, message: str
+) -> AttachResult:  # type: ignore[no-untyped-def]
+    peer, peer_password = server.new_user("peer")
+    result = attach_and_chat(
+        browser,
+        static,
+        service_url=server.service_url,
+        jid=session.jid,
+        sid=session.sid,
+        rid=session.rid,
+        peer_jid=peer,
+        peer_password=peer_password,
+        message=message,
+        timeout_s=25,
+    )
+    # attach_and_chat raises on any failure; check what it proved anyway
+    assert result.statuses[0] == "ATTACHED", result.statuses
+    assert result.iq_result == "result"
+    assert result.jid == session.jid
+    first = result.first_request or ""
+    # the page's first request carried exactly the RID we handed out, and the roster get
+    assert re.search(rf"rid=[\"']{session.rid}[\"']", first), first
+    assert f'sid="{session.sid}"' in first or f"sid='{session.sid}'" in first, first
+    assert "jabber:iq:roster" in first
+    assert [m["body"] for m in result.peer_received] == [message]
+    assert result.peer_received[0]["from"].split("/")[0] == session.jid.split("/")[0]
+    assert [m["body"] for m in result.attach_received] == [f"re: {message}"]
+    return result
+
+
+def test_prosody_scram_session_attaches(browser, static_server, prosody) -> None:
+    session, jid = _prebind(prosody)
+    assert session.mechanism and session.mechanism.startswith("SCRAM-")
+    assert session.round_trips == 4
+    _attach(browser, static_server, prosody, session, "hello from a SCRAM prebind")
+
+
+def test_prosody_plain_session_attaches(browser, static_server, prosody_secure) -> None:
+    session, _ = _prebind(prosody_secure, mechanisms=["PLAIN"])
+    assert session.mechanism == "PLAIN" and session.round_trips == 3
+    _attach(browser, static_server, prosody_secure, session, "hello from a PLAIN prebind <&>")
+
+
+@pytest.mark.ejabberd
+def test_ejabberd_session_attaches(browser, static_server, ejabberd) -> None:
+    session, _ = _prebind(ejabberd)
+    assert session.mechanism and session.mechanism.startswith("SCRAM-")
+    _attach(browser, static_server, ejabberd, session, "hello ejabberd")
+
+
+@pytest.mark.ejabberd
+def test_ejabberd_plain_session_attaches(browser, static_server, ejabberd) -> None:
+    session, _ = _prebind(ejabberd, mechanisms=["PLAIN"])
+    assert session.mechanism == "PLAIN"
+    _attach(browser, static_server, ejabberd, session, "hello ejabberd, PLAIN")
+
+
+def test_async_prebind_attaches(browser, static_server, prosody) -> None:
+    jid, password = prosody.new_user("async")
+
+    async def go() -> PrebindSession:
+        async with AsyncPrebinder(prosody.service_url) as p:
+            return await p.prebind(Credentials(jid, password))
+
+    # the sync Playwright API keeps an event loop on this thread: run the async engine on another
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        session = pool.submit(lambda: asyncio.run(go())).result(timeout=30)
+    assert session.jid.startswith(jid + "/")
+    _attach(browser, static_server, prosody, session, "hello from the async engine")
+
+
+def test_anonymous_session_attaches(browser, static_server, prosody) -> None:
+    assert prosody.anon_domain
+    with Prebinder(prosody.service_url) as p:
+        session = p.prebind(Credentials.anonymous(prosody.anon_domain))
+    assert session.jid.split("/")[0].endswith("@" + prosody.anon_domain)
+    _attach(browser, static_server, prosody, session, "hello from an anonymous prebind")
+
+
+def test_off_by_one_rid_is_caught(browser, static_server, prosody) -> None:
+    """The check has teeth: handing out the last RID (not last + 1) must fail the attach check."""
+    session, _ = _prebind(prosody)
+    peer, peer_password = prosody.new_user("peer")
+    with pytest.raises(AssertionError, match="roster get sent in the first request"):
+        attach_and_chat(
+            browser,
+            static_server,
+            service_url=prosody.service_url,
+            jid=session.jid,
+            sid=session.sid,
+            rid=session.rid - 1,
+            peer_jid=peer,
+            peer_password=peer_password,
+            message="never",
+            timeout_s=7,
+        )

@@ -1,0 +1,162 @@
+"""``python -m bosh_middleware`` run as a real subprocess against a real Prosody."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bosh_middleware import PrebindSession
+from test_prebind_servers import assert_attachable
+
+CLI_TIMEOUT = 30
+
+
+def cli(*args: str, password: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BOSH_")}
+    if password is not None:
+        environ["BOSH_PASSWORD"] = password
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "bosh_middleware", *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=environ,
+    )
+
+
+def _session(out: str, service_url: str) -> PrebindSession:
+    data = json.loads(out)
+    assert set(data) == {"jid", "sid", "rid"}, data
+    assert isinstance(data["rid"], int) and isinstance(data["sid"], str)
+    return PrebindSession(
+        jid=data["jid"], sid=data["sid"], rid=data["rid"], service_url=service_url
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_prebind_prints_an_attachable_session(prosody) -> None:
+    jid, password = prosody.new_user()
+    t0 = time.monotonic()
+    res = cli("prebind", prosody.service_url, "--jid", jid, password=password)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    # the process ends right after printing (a request left open would keep it alive until
+    # its read timeout: see test_bind_overtaking_the_restart_leaves_the_session_attachable)
+    assert elapsed < 5, f"bosh-middleware prebind took {elapsed:.1f}s"
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1, res.stdout  # one JSON object, nothing else
+    session = _session(lines[0], prosody.service_url)
+    assert session.jid.startswith(jid + "/web-")
+    assert password not in res.stdout
+    assert_attachable(session)
+
+
+def test_prebind_with_resource_and_mechanism(prosody_secure) -> None:
+    jid, password = prosody_secure.new_user()
+    res = cli(
+        "prebind",
+        prosody_secure.service_url,
+        "--jid",
+        jid,
+        "--resource",
+        "cli-tab",
+        "--mechanism",
+        "PLAIN",
+        password=password,
+    )
+    assert res.returncode == 0, res.stderr
+    session = _session(res.stdout, prosody_secure.service_url)
+    assert session.jid == f"{jid}/cli-tab"
+    assert_attachable(session)
+
+
+def test_wrong_password(prosody) -> None:
+    jid, _ = prosody.new_user()
+    wrong = "Wrong-Pa55word-xyz"
+    res = cli("prebind", prosody.service_url, "--jid", jid, password=wrong)
+    assert res.returncode == 3  # EXIT_AUTH
+    assert res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "not-authorized" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert wrong not in res.stdout + res.stderr
+
+
+def test_password_only_from_the_environment(prosody) -> None:
+    jid, password = prosody.new_user()
+    res = cli("prebind", prosody.service_url, "--jid", jid)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "BOSH_PASSWORD" in res.stderr
+    # and it is not an option that would end up in `ps` output
+    res = cli("prebind", prosody.service_url, "--jid", jid, "--password", password)
+    assert res.returncode == 2 and res.stdout == ""
+
+
+def test_anonymous(prosody) -> None:
+    res = cli("prebind", prosody.service_url, "--anonymous", "--domain", prosody.anon_domain)
+    assert res.returncode == 0, res.stderr
+    session = _session(res.stdout, prosody.service_url)
+    assert session.jid.split("/")[0].endswith("@" + prosody.anon_domain)
+    assert_attachable(session)
+    res = cli("prebind", prosody.service_url, "--anonymous")
+    assert res.returncode == 2 and res.stdout == "" and "--domain" in res.stderr
+
+
+def test_check_json(prosody) -> None:
+    res = cli("check", prosody.service_url, "--domain", prosody.domain, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["reachable"] is True
+    assert report["domain"] == prosody.domain
+    assert "SCRAM-SHA-1" in report["mechanisms"] and "PLAIN" not in report["mechanisms"]
+    assert (report["wait"], report["requests"], report["inactivity"]) == ("59", "2", "60")
+    cors = report["cors"]
+    # check sends Origin: https://app.example; Prosody echoes it
+    assert cors["access-control-allow-origin"] in ("*", "https://app.example")
+    assert "POST" in (cors["access-control-allow-methods"] or "")
+    assert "content-type" in (cors["access-control-allow-headers"] or "").lower()
+    assert not any("CORS" in w for w in report["warnings"])
+
+
+def test_check_human_output_and_anonymous_host(prosody) -> None:
+    res = cli("check", prosody.service_url, "--domain", prosody.anon_domain)
+    assert res.returncode == 0, res.stderr
+    assert "ANONYMOUS" in res.stdout and "reachable: True" in res.stdout
+
+
+def test_check_closed_port(prosody) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/http-bind"
+    t0 = time.monotonic()
+    res = cli("check", url, "--json", "--timeout", "2")
+    assert time.monotonic() - t0 < 10
+    assert res.returncode != 0
+    report = json.loads(res.stdout)
+    assert report["reachable"] is False
+    assert "connection-failed" in report["error"]
+
+
+def test_prebind_closed_port() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/http-bind"
+    res = cli("prebind", url, "--jid", "a@localhost", "--timeout", "2", password="pw-12345")
+    assert res.returncode == 1
+    assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
+    assert "ServiceUnavailable" in res.stderr and "pw-12345" not in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["prebind"], ["nonsense"], []])
+def test_usage_errors(argv: list[str]) -> None:
+    res = cli(*argv)
+    assert res.returncode == 2 and res.stdout == ""

@@ -1,0 +1,878 @@
+"""The sans-I/O prebind flow (bosh_middleware.protocol), driven with scripted responses.
+
+``ScriptedServer`` plays a small XEP-0124/0206 server inside the test: it reads every request
+the flow yields (it parses the real bytes), checks its RID and SID, and answers like Prosody
+would (including an independent server-side SCRAM that verifies the client proof). Knobs change
+what it offers and when, so the flow's batching, polling and error handling can be checked
+exactly, without any I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from lxml import etree
+
+from bosh_middleware import (
+    AuthenticationFailed,
+    Credentials,
+    MechanismUnavailable,
+    PrebindOptions,
+    PrebindSession,
+    ProtocolError,
+    ServiceUnavailable,
+)
+from bosh_middleware.protocol import (
+    BOSHRequest,
+    BOSHResponse,
+    PrebindProtocol,
+    choose_mechanism,
+    initial_rid,
+    is_secure_transport,
+    probe_flow,
+    terminate_flow,
+)
+
+HB = "http://jabber.org/protocol/httpbind"
+XBOSH = "urn:xmpp:xbosh"
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION = "urn:ietf:params:xml:ns:xmpp-session"
+STREAMS = "http://etherx.jabber.org/streams"
+LOCAL_URL = "http://127.0.0.1:5280/http-bind"
+REMOTE_HTTP = "http://xmpp.example.org/http-bind"
+REMOTE_HTTPS = "https://xmpp.example.org/http-bind"
+
+JID = "alice@example.org"
+PASSWORD = "s3cret-pencil"
+SALT = b"0123456789abcdef"
+ITERATIONS = 4096
+
+
+def _body(children: str = "", **attrs: str) -> bytes:
+    a = "".join(f" {k.replace('__', ':')}='{v}'" for k, v in attrs.items())
+    return (
+        f"<body xmlns='{HB}' xmlns:stream='{STREAMS}' xmlns:xmpp='{XBOSH}'{a}>{children}</body>"
+    ).encode()
+
+
+def _features(mechs: list[str]) -> str:
+    inner = "".join(f"<mechanism>{m}</mechanism>" for m in mechs)
+    return f"<stream:features><mechanisms xmlns='{SASL}'>{inner}</mechanisms></stream:features>"
+
+
+class _ScramServer:
+    """Server side of SCRAM (RFC 5802), written independently of bosh_middleware.scram."""
+
+    def __init__(self, hash_name: str, password: str) -> None:
+        self.h = hash_name
+        salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), SALT, ITERATIONS)
+        self.client_key = hmac.digest(salted, b"Client Key", hash_name)
+        self.stored_key = hashlib.new(hash_name, self.client_key).digest()
+        self.server_key = hmac.digest(salted, b"Server Key", hash_name)
+
+    def first(self, client_first: bytes) -> bytes:
+        gs2, _, bare = client_first.decode().partition(",,")
+        assert gs2 == "n", client_first
+        self.client_first_bare = bare
+        cnonce = dict(p.split("=", 1) for p in bare.split(","))["r"]
+        self.nonce = cnonce + secrets.token_hex(8)
+        self.server_first = f"r={self.nonce},s={base64.b64encode(SALT).decode()},i={ITERATIONS}"
+        return self.server_first.encode()
+
+    def final(self, client_final: bytes, *, forge: bool = False) -> bytes | None:
+        text = client_final.decode()
+        without_proof, _, proof_b64 = text.rpartition(",p=")
+        assert without_proof == f"c=biws,r={self.nonce}"
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.digest(self.stored_key, auth_message, self.h)
+        proof = base64.b64decode(proof_b64)
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if hashlib.new(self.h, client_key).digest() != self.stored_key:
+            return None
+        server_sig = hmac.digest(self.server_key, auth_message, self.h)
+        if forge:
+            server_sig = bytes(32)[: len(server_sig)]
+        return b"v=" + base64.b64encode(server_sig)
+
+
+@dataclass
+class ScriptedServer:
+    """A BOSH + XMPP server in miniature, answering the requests a flow yields."""
+
+    mechanisms: list[str] = field(default_factory=lambda: ["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256"])
+    password: str = PASSWORD
+    sid: str = "sid-1234"
+    requests_attr: int = 2
+    features_in_create: bool = True  # else: the first poll brings them
+    features_after_restart_in_restart: bool = True
+    session_feature: str | None = "optional"  # None | "optional" | "required"
+    bound_jid: Callable[[str], str] | None = None  # requested full JID -> bound one
+    forge_server_signature: bool = False
+    anonymous_jid: str = "abc123@anon.example.org"
+    # hooks: label -> BOSHResponse to send instead of the normal answer
+    override: dict[str, BOSHResponse] = field(default_factory=dict)
+
+    batches: list[list[BOSHRequest]] = field(default_factory=list)
+    parsed: list[etree._Element] = field(default_factory=list)
+    stage: str = "new"
+    next_rid: int | None = None
+    pending_features: bool = False
+    user: str | None = None
+    scram: _ScramServer | None = None
+
+    # -- driver ----------------------------------------------------------------------------
+    def run(self, flow, *, settle: bool = True):  # type: ignore[no-untyped-def]
+        """Drive ``flow`` like client.py does (settles included); return its result."""
+        try:
+            batch = next(flow)
+            while True:
+                assert len(self.batches) < 50, "flow does not end"
+                batch = flow.send(self.respond(batch, settle=settle))
+        except StopIteration as stop:
+            return stop.value
+
+    def respond(
+        self, batch: list[BOSHRequest], *, settle: bool = True
+    ) -> list[BOSHResponse | None]:
+        """Answer one batch; after an answer that settles it, the rest get ``None`` (they
+        reached the server but are never answered, as with a real one)."""
+        self.batches.append(batch)
+        responses: list[BOSHResponse | None] = []
+        settles = batch[0].settles
+        for i, req in enumerate(batch):
+            responses.append(self.answer(req))
+            if settle and settles is not None and settles([r for r in responses if r is not None]):
+                for skipped in batch[i + 1 :]:
+                    assert skipped.rid == self.next_rid
+                    self.next_rid = skipped.rid + 1
+                    responses.append(None)
+                break
+        return responses
+
+    @property
+    def requests(self) -> list[BOSHRequest]:
+        return [r for b in self.batches for r in b]
+
+    def labels(self) -> list[list[str]]:
+        return [[r.label for r in b] for b in self.batches]
+
+    # -- server ----------------------------------------------------------------------------
+    def answer(self, req: BOSHRequest) -> BOSHResponse:
+        root = etree.fromstring(req.body)
+        self.parsed.append(root)
+        assert root.tag == f"{{{HB}}}body", req.body
+        assert int(root.get("rid")) == req.rid
+        if self.next_rid is not None:
+            assert req.rid == self.next_rid, f"RID {req.rid} out of order"
+        self.next_rid = req.rid + 1
+        if req.label in self.override:
+            resp = self.override[req.label]
+            if req.label == "create":  # the session the flow will talk to
+                self.stage = "sasl"
+                try:
+                    self.sid = etree.fromstring(resp.body).get("sid") or self.sid
+                except etree.XMLSyntaxError:
+                    pass
+            return resp
+        if self.stage == "new":
+            assert root.get("sid") is None
+            self.stage = "sasl"
+            children = _features(self.mechanisms) if self.features_in_create else ""
+            self.pending_features = not self.features_in_create
+            return BOSHResponse(
+                200,
+                _body(
+                    children,
+                    sid=self.sid,
+                    wait="59",
+                    requests=str(self.requests_attr),
+                    inactivity="60",
+                    hold="1",
+                    ver="1.6",
+                ),
+            )
+        assert root.get("sid") == self.sid, req.body
+        if root.get("type") == "terminate":
+            self.stage = "terminated"
+            return BOSHResponse(200, _body(type="terminate"))
+        if root.get(f"{{{XBOSH}}}restart") == "true":
+            assert self.stage == "authenticated", "restart before SASL success"
+            self.stage = "bind"
+            feats = f"<bind xmlns='{BIND}'/>"
+            if self.session_feature == "optional":
+                feats += f"<session xmlns='{SESSION}'><optional/></session>"
+            elif self.session_feature == "required":
+                feats += f"<session xmlns='{SESSION}'/>"
+            return BOSHResponse(200, _body(f"<stream:features>{feats}</stream:features>"))
+        children = list(root)
+        if not children:  # empty poll
+            if self.pending_features:
+                self.pending_features = False
+                return BOSHResponse(200, _body(_features(self.mechanisms)))
+            return BOSHResponse(200, _body())
+        (child,) = children
+        if child.tag == f"{{{SASL}}}auth":
+            return self._auth(child)
+        if child.tag == f"{{{SASL}}}response":
+            assert self.scram is not None
+            final = self.scram.final(
+                base64.b64decode(child.text or ""), forge=self.forge_server_signature
+            )
+            if final is None:
+                return self._failure()
+            self.stage = "authenticated"
+            return BOSHResponse(
+                200, _body(f"<success xmlns='{SASL}'>{base64.b64encode(final).decode()}</success>")
+            )
+        if child.tag == "{jabber:client}iq":
+            return self._iq(child)
+        raise AssertionError(f"unexpected request {req.body!r}")
+
+    def _failure(self, cond: str = "not-authorized") -> BOSHResponse:
+        self.stage = "failed"
+        return BOSHResponse(200, _body(f"<failure xmlns='{SASL}'><{cond}/></failure>"))
+
+    def _auth(self, auth: etree._Element) -> BOSHResponse:
+        mech = auth.get("mechanism")
+        assert mech in self.mechanisms, mech
+        payload = base64.b64decode(auth.text or "")
+        if mech == "PLAIN":
+            _, user, pw = payload.split(b"\0")
+            self.user = user.decode()
+            if pw.decode() != self.password:
+                return self._failure()
+            self.stage = "authenticated"
+            return BOSHResponse(200, _body(f"<success xmlns='{SASL}'/>"))
+        if mech == "ANONYMOUS":
+            self.user = self.anonymous_jid.split("@")[0]
+            self.stage = "authenticated"
+            return BOSHResponse(200, _body(f"<success xmlns='{SASL}'/>"))
+        self.scram = _ScramServer(
+            {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}[mech],
+            self.password,
+        )
+        first = self.scram.first(payload)
+        self.user = re.search(r"n=([^,]*)", payload.decode()).group(1)  # type: ignore[union-attr]
+        return BOSHResponse(
+            200, _body(f"<challenge xmlns='{SASL}'>{base64.b64encode(first).decode()}</challenge>")
+        )
+
+    def _iq(self, iq: etree._Element) -> BOSHResponse:
+        iq_id = iq.get("id")
+        bind = iq.find(f"{{{BIND}}}bind")
+        if bind is not None:
+            assert self.stage == "bind"
+            resource = bind.findtext(f"{{{BIND}}}resource")
+            requested = f"{self.user}@example.org/{resource}"
+            jid = self.bound_jid(requested) if self.bound_jid else requested
+            jid = jid.replace("&", "&amp;").replace("<", "&lt;")
+            self.stage = "bound"
+            return BOSHResponse(
+                200,
+                _body(
+                    f"<iq type='result' id='{iq_id}' xmlns='jabber:client'><bind xmlns='{BIND}'><jid>{jid}</jid></bind></iq>"
+                ),
+            )
+        if iq.find(f"{{{SESSION}}}session") is not None:
+            assert self.stage == "bound"
+            return BOSHResponse(
+                200, _body(f"<iq type='result' id='{iq_id}' xmlns='jabber:client'/>")
+            )
+        raise AssertionError("unexpected iq")
+
+
+def _proto(creds: Credentials | None = None, url: str = LOCAL_URL, **opts) -> PrebindProtocol:  # type: ignore[no-untyped-def]
+    return PrebindProtocol(
+        creds or Credentials(JID, PASSWORD), PrebindOptions(**opts), service_url=url
+    )
+
+
+def _prebind(
+    server: ScriptedServer, creds: Credentials | None = None, url: str = LOCAL_URL, **opts
+) -> PrebindSession:  # type: ignore[no-untyped-def]
+    return server.run(_proto(creds, url, **opts).flow())
+
+
+# ------------------------------------------------------------------------------------------
+# The session creation request
+# ------------------------------------------------------------------------------------------
+
+
+def test_create_body_attributes() -> None:
+    proto = _proto()
+    batch = next(proto.flow())
+    assert [r.label for r in batch] == ["create"]
+    (req,) = batch
+    root = etree.fromstring(req.body)
+    assert root.tag == f"{{{HB}}}body"
+    assert root.get("to") == "example.org"
+    assert root.get("{http://www.w3.org/XML/1998/namespace}lang") == "en"
+    assert root.get("ver") == "1.6"
+    assert root.get("wait") == "59"
+    assert root.get("hold") == "1"
+    assert root.get(f"{{{XBOSH}}}version") == "1.0"
+    assert root.get("sid") is None and root.get("route") is None
+    assert int(root.get("rid")) == req.rid
+    assert 2**32 <= req.rid < 2**32 + 2**44
+    assert len(root) == 0
+
+
+def test_create_options_are_used() -> None:
+    proto = PrebindProtocol(
+        Credentials(JID, PASSWORD),
+        PrebindOptions(wait=30, hold=2, lang="de", route="xmpp:example.org:5222"),
+        service_url=LOCAL_URL,
+        rid=1000,
+    )
+    (req,) = next(proto.flow())
+    root = etree.fromstring(req.body)
+    assert (req.rid, root.get("wait"), root.get("hold"), root.get("route")) == (
+        1000,
+        "30",
+        "2",
+        "xmpp:example.org:5222",
+    )
+    assert root.get("{http://www.w3.org/XML/1998/namespace}lang") == "de"
+
+
+def test_initial_rids_are_random_and_in_range() -> None:
+    rids = {initial_rid() for _ in range(2000)}
+    assert len(rids) == 2000
+    assert all(2**32 <= r < 2**32 + 2**44 for r in rids)
+    # spread over the range, not clustered at the bottom
+    assert max(rids) - min(rids) > 2**43
+    # a JS client can count far beyond them exactly
+    assert max(rids) + 10**12 < 2**53
+
+
+# ------------------------------------------------------------------------------------------
+# Batching and round trips
+# ------------------------------------------------------------------------------------------
+
+
+def _check_rids(server: ScriptedServer, session: PrebindSession) -> None:
+    rids = [r.rid for r in server.requests]
+    assert rids == list(range(rids[0], rids[0] + len(rids))), "RIDs must be consecutive"
+    assert session.rid == rids[-1] + 1
+    assert session.request_count == len(rids)
+    assert session.round_trips == len(server.batches)
+
+
+def test_plain_three_round_trips() -> None:
+    server = ScriptedServer()
+    session = _prebind(server, mechanisms=["PLAIN"])
+    assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+    assert session.round_trips == 3 and session.mechanism == "PLAIN"
+    assert (
+        session.jid.startswith(JID + "/web-") and len(session.jid) == len(JID) + len("/web-") + 12
+    )
+    assert session.sid == server.sid
+    assert (session.wait, session.inactivity, session.requests) == (59, 60, 2)
+    _check_rids(server, session)
+    # PLAIN carries authzid-less "\0user\0password"
+    auth = server.parsed[1][0]
+    assert base64.b64decode(auth.text) == b"\0alice\0" + PASSWORD.encode()
+    # the restart request is a proper XEP-0206 restart
+    restart = server.parsed[2]
+    assert restart.get(f"{{{XBOSH}}}restart") == "true"
+    assert restart.get("to") == "example.org"
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_scram_four_round_trips(mech: str) -> None:
+    server = ScriptedServer(mechanisms=["PLAIN", mech])
+    session = _prebind(server)
+    assert session.mechanism == mech
+    assert server.labels() == [["create"], ["auth"], ["auth-response"], ["restart", "bind"]]
+    assert session.round_trips == 4
+    _check_rids(server, session)
+
+
+def test_anonymous_three_round_trips() -> None:
+    server = ScriptedServer(mechanisms=["ANONYMOUS"])
+    session = _prebind(server, Credentials.anonymous("anon.example.org"))
+    assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+    assert session.mechanism == "ANONYMOUS"
+    assert session.jid.startswith("abc123@example.org/web-")
+    assert etree.fromstring(server.requests[0].body).get("to") == "anon.example.org"
+    _check_rids(server, session)
+
+
+@pytest.mark.parametrize(
+    ("mech", "labels"),
+    [
+        ("PLAIN", [["create"], ["auth"], ["restart"], ["bind"]]),
+        ("SCRAM-SHA-1", [["create"], ["auth"], ["auth-response"], ["restart"], ["bind"]]),
+    ],
+)
+def test_pipeline_off_is_sequential(mech: str, labels: list[list[str]]) -> None:
+    server = ScriptedServer()
+    session = _prebind(server, mechanisms=[mech], pipeline=False)
+    assert server.labels() == labels
+    assert session.round_trips == len(labels)
+    _check_rids(server, session)
+
+
+def test_server_window_of_one_is_respected() -> None:
+    server = ScriptedServer(requests_attr=1)
+    session = _prebind(server, mechanisms=["PLAIN"])
+    assert all(len(b) == 1 for b in server.batches)
+    assert session.round_trips == 4
+    _check_rids(server, session)
+
+
+def test_features_arriving_later_are_polled_for() -> None:
+    server = ScriptedServer(features_in_create=False)
+    session = _prebind(server, mechanisms=["PLAIN"])
+    assert server.labels() == [["create"], ["poll"], ["auth"], ["restart", "bind"]]
+    poll = server.parsed[1]
+    assert len(poll) == 0 and poll.get("sid") == server.sid  # an empty request
+    assert session.round_trips == 4
+    _check_rids(server, session)
+
+
+def test_features_that_never_come_end_in_protocol_error_and_terminate() -> None:
+    server = ScriptedServer(features_in_create=False)
+    server.override["poll"] = BOSHResponse(200, _body())  # empty, forever
+    with pytest.raises(ProtocolError, match="stream features"):
+        _prebind(server, max_polls=3)
+    assert server.labels() == [["create"], ["poll"], ["poll"], ["poll"], ["terminate"]]
+
+
+def test_legacy_session_sent_only_when_required() -> None:
+    optional = ScriptedServer(session_feature="optional")
+    _prebind(optional, mechanisms=["PLAIN"])
+    absent = ScriptedServer(session_feature=None)
+    _prebind(absent, mechanisms=["PLAIN"])
+    for server in (optional, absent):
+        assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+
+    required = ScriptedServer(session_feature="required")
+    session = _prebind(required, mechanisms=["PLAIN"])
+    assert required.labels() == [["create"], ["auth"], ["restart", "bind"], ["session"]]
+    assert required.parsed[-1][0].find(f"{{{SESSION}}}session") is not None
+    assert session.round_trips == 4
+    _check_rids(required, session)
+
+
+def test_bound_jid_comes_from_the_server() -> None:
+    server = ScriptedServer(bound_jid=lambda requested: "Alice@Example.ORG/server-chose-this")
+    session = _prebind(server, Credentials(JID, PASSWORD, resource="mine"))
+    requested = server.parsed[-1].find(f".//{{{BIND}}}resource").text
+    assert requested == "mine"
+    assert session.jid == "Alice@Example.ORG/server-chose-this"
+
+
+def test_every_prebind_gets_a_fresh_resource() -> None:
+    jids = {_prebind(ScriptedServer()).jid for _ in range(5)}
+    assert len(jids) == 5
+    assert all(re.fullmatch(r"alice@example\.org/web-[0-9a-f]{12}", j) for j in jids)
+    pfx = _prebind(ScriptedServer(), resource_prefix="tab").jid
+    assert re.fullmatch(r"alice@example\.org/tab-[0-9a-f]{12}", pfx)
+
+
+def test_resource_is_escaped_in_bind() -> None:
+    server = ScriptedServer()
+    session = _prebind(server, Credentials(JID, PASSWORD, resource="a<b>&'c"))
+    assert session.jid == "alice@example.org/a<b>&'c"
+
+
+# ------------------------------------------------------------------------------------------
+# Mechanism choice
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        (["PLAIN", "SCRAM-SHA-1"], "SCRAM-SHA-1"),
+        (["SCRAM-SHA-1", "SCRAM-SHA-256", "PLAIN"], "SCRAM-SHA-256"),
+        (["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512"], "SCRAM-SHA-512"),
+        (["PLAIN"], "PLAIN"),
+        (["plain", "scram-sha-1"], "SCRAM-SHA-1"),
+        (["DIGEST-MD5", "PLAIN", "X-OAUTH2"], "PLAIN"),
+    ],
+)
+def test_strongest_offered_mechanism_is_chosen(offered: list[str], expected: str) -> None:
+    creds = Credentials(JID, PASSWORD)
+    assert choose_mechanism(offered, creds, PrebindOptions(), secure=True) == expected
+    server = ScriptedServer(mechanisms=[m.upper() for m in offered])
+    assert _prebind(server).mechanism == expected
+
+
+def test_mechanism_preference_option() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256"])
+    session = _prebind(server, mechanisms=["SCRAM-SHA-1", "SCRAM-SHA-256"])
+    assert session.mechanism == "SCRAM-SHA-1"
+    assert server.parsed[1][0].get("mechanism") == "SCRAM-SHA-1"
+    server = ScriptedServer(mechanisms=["PLAIN", "SCRAM-SHA-1"])
+    assert _prebind(server, mechanisms=["SCRAM-SHA-512", "PLAIN"]).mechanism == "PLAIN"
+
+    # nothing allowed is offered: MechanismUnavailable, and the session is terminated
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    with pytest.raises(MechanismUnavailable) as info:
+        _prebind(server, mechanisms=["SCRAM-SHA-256"])
+    assert info.value.condition == "invalid-mechanism"
+    assert server.labels() == [["create"], ["terminate"]]
+
+
+def test_anonymous_needs_anonymous_offered() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN", "SCRAM-SHA-1"])
+    with pytest.raises(MechanismUnavailable):
+        _prebind(server, Credentials.anonymous("example.org"))
+    # and a password login never picks ANONYMOUS
+    with pytest.raises(MechanismUnavailable):
+        _prebind(ScriptedServer(mechanisms=["ANONYMOUS"]))
+
+
+@pytest.mark.parametrize(
+    ("url", "secure"),
+    [
+        ("http://127.0.0.1:5280/http-bind", True),
+        ("http://127.9.9.9/http-bind", True),
+        ("http://[::1]:5280/http-bind", True),
+        ("http://localhost/http-bind", True),
+        ("http://xmpp.localhost/http-bind", True),
+        ("https://xmpp.example.org/http-bind", True),
+        ("http://xmpp.example.org/http-bind", False),
+        ("http://10.0.0.1/http-bind", False),
+        ("http://localhost.example.org/http-bind", False),
+    ],
+)
+def test_secure_transport(url: str, secure: bool) -> None:
+    assert is_secure_transport(url) is secure
+
+
+def test_plain_refused_over_remote_http() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    with pytest.raises(MechanismUnavailable, match="allow_insecure_plain") as info:
+        _prebind(server, url=REMOTE_HTTP)
+    assert info.value.condition == "invalid-mechanism"
+    assert isinstance(info.value, AuthenticationFailed)
+    # the password was never sent
+    assert all(PASSWORD.encode() not in r.body and b"auth" not in r.body for r in server.requests)
+    assert server.labels() == [["create"], ["terminate"]]
+
+    # with SCRAM offered too, it simply uses SCRAM
+    assert (
+        _prebind(ScriptedServer(mechanisms=["PLAIN", "SCRAM-SHA-1"]), url=REMOTE_HTTP).mechanism
+        == "SCRAM-SHA-1"
+    )
+    # allowed explicitly, over https, and to loopback
+    assert (
+        _prebind(
+            ScriptedServer(mechanisms=["PLAIN"]), url=REMOTE_HTTP, allow_insecure_plain=True
+        ).mechanism
+        == "PLAIN"
+    )
+    assert _prebind(ScriptedServer(mechanisms=["PLAIN"]), url=REMOTE_HTTPS).mechanism == "PLAIN"
+    assert _prebind(ScriptedServer(mechanisms=["PLAIN"]), url=LOCAL_URL).mechanism == "PLAIN"
+
+
+# ------------------------------------------------------------------------------------------
+# Failures
+# ------------------------------------------------------------------------------------------
+
+
+def _assert_terminated_last(server: ScriptedServer) -> None:
+    last = server.batches[-1]
+    assert [r.label for r in last] == ["terminate"]
+    (req,) = last
+    root = etree.fromstring(req.body)
+    assert root.get("type") == "terminate" and root.get("sid") == server.sid
+    assert req.best_effort
+    rids = [r.rid for r in server.requests]
+    assert rids == list(range(rids[0], rids[0] + len(rids)))
+
+
+def test_wrong_password_plain() -> None:
+    server = ScriptedServer(password="other")
+    with pytest.raises(AuthenticationFailed) as info:
+        _prebind(server, mechanisms=["PLAIN"])
+    assert info.value.condition == "not-authorized"
+    assert type(info.value) is AuthenticationFailed
+    # the last SASL step travels alone: nothing was sent after the failure but the terminate
+    assert server.labels() == [["create"], ["auth"], ["terminate"]]
+    _assert_terminated_last(server)
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_wrong_password_scram(mech: str) -> None:
+    server = ScriptedServer(password="other", mechanisms=[mech])
+    with pytest.raises(AuthenticationFailed) as info:
+        _prebind(server)
+    assert info.value.condition == "not-authorized"
+    assert server.labels() == [["create"], ["auth"], ["auth-response"], ["terminate"]]
+    _assert_terminated_last(server)
+
+
+def test_failure_condition_is_reported() -> None:
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    server.override["auth"] = BOSHResponse(
+        200, _body(f"<failure xmlns='{SASL}'><account-disabled/><text>banned</text></failure>")
+    )
+    with pytest.raises(AuthenticationFailed) as info:
+        _prebind(server)
+    assert info.value.condition == "account-disabled"
+    _assert_terminated_last(server)
+
+
+def test_forged_server_signature_fails_and_terminates() -> None:
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-256"], forge_server_signature=True)
+    with pytest.raises(ProtocolError) as info:
+        _prebind(server)
+    assert info.value.condition == "server-signature-mismatch"
+    _assert_terminated_last(server)
+
+
+def test_scram_without_challenge_is_a_protocol_error() -> None:
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    server.override["auth"] = BOSHResponse(200, _body(f"<success xmlns='{SASL}'/>"))
+    with pytest.raises(ProtocolError, match="challenge"):
+        _prebind(server)
+    _assert_terminated_last(server)
+
+
+def test_bind_error() -> None:
+    server = ScriptedServer()
+    server.override["bind"] = BOSHResponse(
+        200, _body("<iq type='error' id='x' xmlns='jabber:client'/>")
+    )
+    # an error with another id is not the bind result: the flow keeps polling, then gives up
+    server.override["poll"] = BOSHResponse(200, _body())
+    with pytest.raises(ProtocolError, match="bind result"):
+        _prebind(server, max_polls=2)
+    _assert_terminated_last(server)
+
+
+def test_bind_error_with_matching_id() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    orig = server._iq
+
+    def failing_bind(iq: etree._Element) -> BOSHResponse:
+        if iq.find(f"{{{BIND}}}bind") is not None:
+            return BOSHResponse(
+                200,
+                _body(
+                    f"<iq type='error' id='{iq.get('id')}' xmlns='jabber:client'><error type='cancel'>"
+                    "<not-allowed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+                ),
+            )
+        return orig(iq)
+
+    server._iq = failing_bind  # type: ignore[method-assign]
+    with pytest.raises(ProtocolError) as info:
+        _prebind(server)
+    assert info.value.condition == "not-allowed"
+    _assert_terminated_last(server)
+
+
+@pytest.mark.parametrize("status", [404, 500, 502, 503])
+def test_http_status_on_create(status: int) -> None:
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(status, b"<html>nope</html>")
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == f"http-{status}"
+    assert server.labels() == [["create"]]  # no session, nothing to terminate
+
+
+def test_http_status_mid_flow_terminates() -> None:
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    server.override["auth"] = BOSHResponse(503, b"")
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "http-503"
+    _assert_terminated_last(server)
+
+
+@pytest.mark.parametrize("cond", ["host-unknown", "remote-connection-failed", "system-shutdown"])
+def test_terminate_on_create(cond: str) -> None:
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, _body(type="terminate", condition=cond))
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == cond
+    assert server.labels() == [["create"]]
+
+
+def test_terminate_mid_flow_is_not_terminated_again() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    server.override["bind"] = BOSHResponse(200, _body(type="terminate", condition="item-not-found"))
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "item-not-found"
+    # the server ended the session itself: no terminate request follows
+    assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+
+
+def test_terminate_carrying_sasl_failure_is_an_auth_failure() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    server.override["auth"] = BOSHResponse(
+        200, _body(f"<failure xmlns='{SASL}'><not-authorized/></failure>", type="terminate")
+    )
+    with pytest.raises(AuthenticationFailed) as info:
+        _prebind(server)
+    assert info.value.condition == "not-authorized"
+
+
+def test_stream_error() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    server.override["bind"] = BOSHResponse(
+        200,
+        _body(
+            "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>replaced</text></stream:error>"
+        ),
+    )
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "conflict"
+    _assert_terminated_last(server)
+
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(
+        200,
+        _body(
+            "<stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+            sid="s1",
+        ),
+    )
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "host-unknown"
+
+
+def test_create_without_sid() -> None:
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, _body(_features(["PLAIN"]), wait="59"))
+    with pytest.raises(ProtocolError, match="sid"):
+        _prebind(server)
+    assert server.labels() == [["create"]]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"   ",
+        b"not xml",
+        b"<html><body>502</body></html>",
+        b"<body xmlns='other'/>",
+        b"<?xml version='1.0'?><!DOCTYPE body [<!ENTITY x 'y'>]><body xmlns='"
+        + HB.encode()
+        + b"'>&x;</body>",
+    ],
+)
+def test_bad_create_payloads(payload: bytes) -> None:
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, payload)
+    with pytest.raises(ProtocolError):
+        _prebind(server)
+
+
+def test_non_integer_requests_attribute() -> None:
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(
+        200, _body(_features(["PLAIN"]), sid="s", requests="two")
+    )
+    with pytest.raises(ProtocolError, match="requests"):
+        _prebind(server)
+
+
+def test_cleanup_errors_do_not_hide_the_cause() -> None:
+    """A terminate that fails itself (thrown into the flow) must not replace the real error."""
+    server = ScriptedServer(password="other", mechanisms=["PLAIN"])
+    flow = _proto().flow()
+    batch = next(flow)
+    while batch[0].label != "terminate":
+        batch = flow.send(server.respond(batch))
+    with pytest.raises(AuthenticationFailed):
+        flow.throw(ServiceUnavailable("down", condition="timeout"))
+
+
+def test_abort_request_for_an_interrupted_flow() -> None:
+    proto = _proto()
+    assert proto.abort_request() is None  # no session yet
+    server = ScriptedServer()
+    flow = proto.flow()
+    batch = next(flow)
+    batch = flow.send(server.respond(batch))  # session created, auth pending
+    req = proto.abort_request()
+    assert req is not None and req.label == "terminate" and req.best_effort
+    root = etree.fromstring(req.body)
+    assert root.get("type") == "terminate" and root.get("sid") == server.sid
+    assert req.rid == batch[-1].rid + 1
+    assert proto.abort_request() is None  # only once
+    flow.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Other flows, credentials
+# ------------------------------------------------------------------------------------------
+
+
+def test_probe_flow_reports_and_terminates() -> None:
+    server = ScriptedServer(mechanisms=["PLAIN", "SCRAM-SHA-1"])
+    info = server.run(probe_flow("example.org", PrebindOptions()))
+    assert info.mechanisms == ["PLAIN", "SCRAM-SHA-1"]
+    assert info.features == ["mechanisms"]
+    assert info.attrs["wait"] == "59" and info.attrs["requests"] == "2"
+    assert server.labels() == [["create"], ["terminate"]]
+
+
+def test_terminate_flow_uses_the_session_rid() -> None:
+    session = PrebindSession(jid=JID + "/r", sid="abc", rid=123456, service_url=LOCAL_URL)
+    flow = terminate_flow(session)
+    (req,) = next(flow)
+    root = etree.fromstring(req.body)
+    assert (req.rid, root.get("rid"), root.get("sid"), root.get("type")) == (
+        123456,
+        "123456",
+        "abc",
+        "terminate",
+    )
+    assert req.best_effort
+    with pytest.raises(StopIteration):
+        flow.send([BOSHResponse(200, _body(type="terminate"))])
+
+
+def test_session_as_dict_is_what_converse_expects() -> None:
+    session = _prebind(ScriptedServer())
+    assert session.as_dict() == {"jid": session.jid, "sid": session.sid, "rid": session.rid}
+
+
+def test_credentials_never_show_the_password() -> None:
+    creds = Credentials(JID, PASSWORD)
+    assert PASSWORD not in repr(creds) and PASSWORD not in str(creds)
+    proto = _proto(creds)
+    assert PASSWORD not in repr(proto)
+    assert creds.user_key == JID and creds.localpart == "alice" and creds.domain == "example.org"
+    anon = Credentials.anonymous("anon.example.org")
+    assert anon.is_anonymous and anon.user_key == "anonymous@anon.example.org"
+    for bad in (
+        lambda: Credentials("alice@example.org", ""),
+        lambda: Credentials("example.org", "pw"),
+        lambda: Credentials.anonymous("a@b"),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_bad_credentials_for_scram_are_a_configuration_error() -> None:
+    from bosh_middleware import ConfigurationError
+
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    with pytest.raises(ConfigurationError):
+        _prebind(server, Credentials(JID, "bad\u0007password"))
+    _assert_terminated_last(server)
+
+
