@@ -1,0 +1,172 @@
+"""Flask: ``BOSHPrebind(app)`` (or ``ext = BOSHPrebind(); ext.init_app(app)``).
+
+Settings are ``app.config["BOSH_<FIELD>"]`` for every ``MiddlewareConfig`` field and engine
+option (``BOSH_SERVICE_URL``, ``BOSH_CREDENTIALS`` as a callable or a dotted path, ``BOSH_MODE``,
+``BOSH_TIMEOUT``, ``BOSH_WAIT`` ...), read once by ``init_app``: set them before. The user is
+Flask-Login's ``current_user`` when the app has a login manager, unless ``get_user=`` says
+otherwise. A CSP nonce is read from ``g.csp_nonce`` or ``request.csp_nonce`` (flask-talisman);
+``BOSH_NONCE_ATTRIBUTE`` renames it.
+
+The generic WSGI middleware wraps ``app.wsgi_app`` and does the response rewrite; Flask's hooks
+only tell it who the user is: ``before_request`` starts the prebind next to the view for a
+browser navigation, ``after_request`` settles the credentials (the view may have logged the
+user in or out) and passes the nonce on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+try:
+    from flask import Flask, Response, current_app, g, request
+    from werkzeug.utils import import_string
+except ImportError as exc:  # pragma: no cover - exercised in the no-framework env
+    raise ImportError(
+        "bosh_middleware.flask needs Flask: pip install 'bosh-middleware[flask]'"
+    ) from exc
+
+from .config import MiddlewareConfig
+from .core import PrebindCore, is_injectable
+from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
+
+__all__ = ["BOSHPrebind", "flask_login_user"]
+
+EXTENSION_KEY = "bosh_prebind"
+_WHOLE = "bosh_middleware.flask.whole_body"
+_UNSET = object()
+
+
+def flask_login_user() -> Any:
+    """Flask-Login's ``current_user`` if the app has a login manager, else ``None``."""
+    if getattr(current_app, "login_manager", None) is None:
+        return None
+    from flask_login import current_user  # type: ignore[import-untyped, unused-ignore]
+
+    return current_user._get_current_object()
+
+
+@dataclasses.dataclass
+class _State:
+    core: PrebindCore
+    get_user: Callable[[], Any]
+    nonce_attribute: str
+
+
+def _config(app: Flask) -> MiddlewareConfig:
+    for f in dataclasses.fields(MiddlewareConfig):
+        if f.default is not dataclasses.MISSING:
+            app.config.setdefault(f"BOSH_{f.name.upper()}", f.default)
+    app.config.setdefault("BOSH_NONCE_ATTRIBUTE", "csp_nonce")
+    values = {
+        key[5:]: value
+        for key, value in app.config.items()
+        if key.startswith("BOSH_") and key != "BOSH_NONCE_ATTRIBUTE"
+    }
+    for required in ("SERVICE_URL", "CREDENTIALS"):
+        if not values.get(required):
+            raise RuntimeError(f"BOSHPrebind needs app.config['BOSH_{required}']")
+    if isinstance(values["CREDENTIALS"], str):
+        values["CREDENTIALS"] = import_string(values["CREDENTIALS"])
+    return MiddlewareConfig.from_mapping(values)
+
+
+def _whole_bodies(wsgi_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """Werkzeug hands even an in-memory body over as a ``ClosingIterator``; as a list, the WSGI
+    middleware rewrites it whole and keeps an exact Content-Length instead of streaming it."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        result = wsgi_app(environ, start_response)
+        if not environ.pop(_WHOLE, False):
+            return result
+        try:
+            return [b"".join(result)]
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    return app
+
+
+class BOSHPrebind:
+    """Prebind an XMPP BOSH session for authenticated users' HTML pages."""
+
+    def __init__(
+        self, app: Flask | None = None, *, get_user: Callable[[], Any] | None = None
+    ) -> None:
+        self.get_user = get_user
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError("BOSHPrebind is already initialised on this app")
+        core = PrebindCore(_config(app))
+        app.extensions[EXTENSION_KEY] = _State(
+            core, self.get_user or flask_login_user, app.config["BOSH_NONCE_ATTRIBUTE"]
+        )
+        app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
+            _whole_bodies(app.wsgi_app), core=core, get_user=None, serve_endpoint=False
+        )
+        app.before_request(_before_request)
+        app.after_request(_after_request)
+        if core.config.endpoint_path is not None:
+            app.add_url_rule(core.config.endpoint_path, EXTENSION_KEY, _endpoint, methods=["GET"])
+
+
+def _state() -> _State:
+    state: _State = current_app.extensions[EXTENSION_KEY]
+    return state
+
+
+def _wanted(core: PrebindCore) -> bool:
+    path = request.path
+    return not core.is_endpoint(path) and core.wants(request.method, path, request.headers.get)
+
+
+def _before_request() -> None:
+    state = _state()
+    if not _wanted(state.core) or not state.core.looks_like_page(request.headers.get):
+        return
+    user = g._bosh_user = state.get_user()
+    credentials = state.core.credentials_sync(user)
+    if credentials is not None:
+        request.environ[ENVIRON_CREDENTIALS] = credentials
+        pending = state.core.start_sync(credentials)
+        if pending is not None:
+            request.environ[ENVIRON_PENDING] = pending
+
+
+def _after_request(response: Response) -> Response:
+    state = _state()
+    if not (
+        is_injectable(request.method, response.status_code, response.headers.get)
+        and _wanted(state.core)
+    ):
+        return response  # the WSGI middleware discards a started prebind
+    environ = request.environ
+    user = state.get_user()
+    if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
+        pending = environ.pop(ENVIRON_PENDING, None)
+        if pending is not None:
+            pending.discard()
+        environ.pop(ENVIRON_CREDENTIALS, None)
+        credentials = state.core.credentials_sync(user)
+        if credentials is not None:
+            environ[ENVIRON_CREDENTIALS] = credentials
+    if ENVIRON_CREDENTIALS in environ:
+        environ[_WHOLE] = response.is_sequence and state.core.rewrites_body
+        nonce = g.get(state.nonce_attribute) or getattr(request, state.nonce_attribute, None)
+        if nonce:
+            environ[ENVIRON_NONCE] = str(nonce)
+    return response
+
+
+def _endpoint() -> Response:
+    if request.method != "GET":  # HEAD: Flask routes it here, but it must not cost a session
+        return Response(status=405, headers={"Allow": "GET"})
+    state = _state()
+    status, headers, body = state.core.endpoint_sync(state.get_user())
+    return Response(body, status=status, headers=headers)

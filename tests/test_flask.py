@@ -1,0 +1,257 @@
+"""The Flask extension (bosh_middleware.flask) with Flask-Login, against a real Prosody.
+
+Every injected session is proven live with one BOSH request sent by hand (roster get with
+``rid=BOSH_RID``; see flask_app.checks); the browser test attaches with Strophe in Chromium.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.serving import make_server
+
+from bosh_middleware.flask import BOSHPrebind
+from flask_app.app import WEB_PASSWORD, create_app
+from flask_app.checks import (
+    assert_live,
+    browser_login_attach_and_chat,
+    close_core,
+    in_own_thread,
+    page_session,
+)
+from support.xmpp_servers import XMPPServer
+
+NAVIGATION = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Dest": "document"}
+
+
+@pytest.fixture
+def account(prosody: XMPPServer) -> tuple[str, str]:
+    return prosody.new_user()
+
+
+@pytest.fixture
+def make_app(prosody: XMPPServer, account: tuple[str, str]) -> Iterator[Any]:
+    apps: list[Flask] = []
+
+    def make(**kwargs: Any) -> Flask:
+        kwargs.setdefault("service_url", prosody.service_url)
+        app = create_app({"alice": account}, **kwargs)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        close_core(app.extensions["bosh_prebind"].core)
+
+
+@pytest.fixture
+def app(make_app: Any) -> Flask:
+    return make_app()
+
+
+def logged_in(app: Flask, user: str = "alice") -> FlaskClient:
+    client = app.test_client()
+    r = client.post("/login", data={"username": user, "password": WEB_PASSWORD})
+    assert r.status_code == 302, r.data
+    return client
+
+
+def assert_prebound(r: Any, service_url: str) -> dict[str, Any]:
+    assert r.status_code == 200
+    session = page_session(r.get_data(as_text=True))
+    assert_live(service_url, session)
+    assert r.headers["Cache-Control"] == "private, no-store"
+    assert "cookie" in r.headers["Vary"].lower()
+    return session
+
+
+# ------------------------------------------------------------------------------------------
+# pages
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [NAVIGATION, {}], ids=["navigation", "no-accept"])
+def test_logged_in_page_gets_a_live_session(app, prosody, account, headers) -> None:
+    """A navigation starts the prebind in before_request; without Accept it starts once the
+    response is known to be HTML. Either way: one script, exact Content-Length."""
+    r = logged_in(app).get("/", headers=headers)
+    session = assert_prebound(r, prosody.service_url)
+    assert session["BOSH_JID"].startswith(account[0] + "/")
+    assert session["nonce"] is None
+    assert int(r.headers["Content-Length"]) == len(r.data)
+    assert "İstanbul" in r.get_data(as_text=True)
+
+
+def test_anonymous_page_is_untouched(app) -> None:
+    client = app.test_client()
+    r = client.get("/", headers=NAVIGATION)
+    assert r.status_code == 200 and b"BOSH_" not in r.data
+    assert "Cache-Control" not in r.headers
+    assert int(r.headers["Content-Length"]) == len(r.data)
+
+
+def test_logged_out_by_the_view_gets_no_session(app) -> None:
+    """before_request started a prebind for alice; the view logged her out: no session."""
+    client = logged_in(app)
+    r = client.get("/logout", headers=NAVIGATION)
+    assert r.status_code == 200 and b"BOSH_" not in r.data and b"bye" in r.data
+    assert client.get("/", headers=NAVIGATION).data.count(b"BOSH_SID") == 0
+
+
+def test_streamed_page_is_injected_without_content_length(app, prosody) -> None:
+    r = logged_in(app).get("/stream", headers=NAVIGATION)
+    assert "Content-Length" not in r.headers
+    assert_prebound(r, prosody.service_url)
+    assert r.get_data(as_text=True).endswith("<body>streamed</body></html>")
+    assert "<title>streamed /stream</title>" in r.get_data(as_text=True)
+
+
+def test_async_view(app, prosody) -> None:
+    """Flask runs it with asgiref's async_to_sync: in a thread of its own, as a browser test may
+    have left Playwright's loop running in this one (see flask_app.checks.in_own_thread)."""
+    r = in_own_thread(logged_in(app).get, "/async", headers=NAVIGATION)
+    assert_prebound(r, prosody.service_url)
+    assert int(r.headers["Content-Length"]) == len(r.data)
+
+
+@pytest.mark.parametrize("where,nonce", [("g", "g-nonce"), ("request", "talisman-nonce")])
+def test_csp_nonce_from_g_or_request(app, prosody, where, nonce) -> None:
+    r = logged_in(app).get(f"/nonce?where={where}", headers=NAVIGATION)
+    assert assert_prebound(r, prosody.service_url)["nonce"] == nonce
+
+
+def test_json_and_head_pass_through(app) -> None:
+    client = logged_in(app)
+    r = client.get("/api/data", headers=NAVIGATION)
+    assert r.is_json and r.json["html"] == "<head></head>"
+    assert "Cache-Control" not in r.headers
+    head = client.head("/", headers=NAVIGATION)
+    assert head.status_code == 200 and head.data == b"" and "Cache-Control" not in head.headers
+
+
+# ------------------------------------------------------------------------------------------
+# JSON endpoint (converse.js prebind_url)
+# ------------------------------------------------------------------------------------------
+
+
+def test_endpoint(app, prosody, account) -> None:
+    r = logged_in(app).get("/bosh/prebind")
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    assert r.headers["Cache-Control"] == "private, no-store"
+    assert set(r.json) == {"jid", "sid", "rid"} and r.json["jid"].startswith(account[0] + "/")
+    assert_live(prosody.service_url, r.json)
+
+    anonymous = app.test_client().get("/bosh/prebind")
+    assert anonymous.status_code == 401 and anonymous.json == {"error": "not authenticated"}
+    assert logged_in(app).head("/bosh/prebind").status_code == 405
+
+
+def test_endpoint_path_is_configurable_or_off(make_app) -> None:
+    moved = make_app(endpoint_path="/xmpp/session")
+    assert moved.test_client().get("/xmpp/session").status_code == 401
+    assert moved.test_client().get("/bosh/prebind").status_code == 404
+    off = make_app(endpoint_path=None)
+    assert off.test_client().get("/bosh/prebind").status_code == 404
+
+
+def test_pipelined_prebinds_are_all_live(make_app, prosody) -> None:
+    """Pipelined restart + bind sometimes reach Prosody out of order (a few in a hundred); the
+    engine must close the request Prosody then holds, or the browser's first answer is lost."""
+    client = logged_in(make_app())
+    for _ in range(50):
+        r = client.get("/bosh/prebind")
+        assert r.status_code == 200
+        assert_live(prosody.service_url, r.json, timeout=2)
+
+
+# ------------------------------------------------------------------------------------------
+# set-up
+# ------------------------------------------------------------------------------------------
+
+
+def test_init_app_pattern_and_dotted_credentials(make_app, prosody) -> None:
+    app = make_app(factory=True, credentials="flask_app.app:credentials", mode="both")
+    state = app.extensions["bosh_prebind"]
+    assert state.core.config.mode == "both"
+    assert app.config["BOSH_TIMEOUT"] == 3.0 and app.config["BOSH_ENDPOINT_PATH"] == "/bosh/prebind"
+    r = logged_in(app).get("/", headers=NAVIGATION)
+    session = assert_prebound(r, prosody.service_url)
+    assert r.headers["X-BOSH-SID"] == session["BOSH_SID"]
+
+
+def test_custom_get_user() -> None:
+    seen: list[Any] = []
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
+                      BOSH_CREDENTIALS=lambda user: seen.append(user))
+    BOSHPrebind(app, get_user=lambda: "bob")
+    app.add_url_rule("/", "index", lambda: "<html><head></head></html>")
+    r = app.test_client().get("/", headers=NAVIGATION)
+    assert r.data == b"<html><head></head></html>" and seen == ["bob"]
+    close_core(app.extensions["bosh_prebind"].core)
+
+
+def test_no_login_manager_means_no_user() -> None:
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
+                      BOSH_CREDENTIALS=lambda user: pytest.fail("no user, no credentials"))
+    BOSHPrebind(app)
+    app.add_url_rule("/", "index", lambda: "<html><head></head></html>")
+    assert app.test_client().get("/", headers=NAVIGATION).data == b"<html><head></head></html>"
+    assert app.test_client().get("/bosh/prebind").status_code == 401
+    close_core(app.extensions["bosh_prebind"].core)
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(RuntimeError, match="BOSH_SERVICE_URL"):
+        BOSHPrebind(Flask(__name__))
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print, BOSH_TIMOUT=1)
+    with pytest.raises(ValueError, match="TIMOUT"):
+        BOSHPrebind(app)
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print)
+    BOSHPrebind(app)
+    with pytest.raises(RuntimeError, match="already"):
+        BOSHPrebind(app)
+    close_core(app.extensions["bosh_prebind"].core)
+
+
+def test_fails_open_when_the_server_is_down(make_app) -> None:
+    app = make_app(service_url="http://127.0.0.1:9/http-bind", timeout=2)
+    r = logged_in(app).get("/", headers=NAVIGATION)
+    assert r.status_code == 200 and b"BOSH_" not in r.data and b"home" in r.data
+    assert int(r.headers["Content-Length"]) == len(r.data)
+
+
+# ------------------------------------------------------------------------------------------
+# real browser, real threaded WSGI server
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+def test_browser_login_attach_and_chat(browser, static_server, prosody, account) -> None:
+    peer_jid, peer_pw = prosody.new_user()
+    app = create_app({"alice": account}, prosody.service_url, script_base=static_server.base_url,
+                     public_service_url=prosody.service_url)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        state = browser_login_attach_and_chat(
+            browser, static_server, login_url=base + "/login", page_url=base + "/",
+            username="alice", password=WEB_PASSWORD, service_url=prosody.service_url,
+            peer_jid=peer_jid, peer_password=peer_pw,
+        )
+        assert state["jid"].startswith(account[0] + "/")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        close_core(app.extensions["bosh_prebind"].core)
