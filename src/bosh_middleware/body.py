@@ -63,7 +63,9 @@ def create_body(
 def request_body(*, rid: int, sid: str, payload: str = "") -> bytes:
     if not payload:
         return f"<body rid='{rid}' sid='{escape(sid)}' xmlns='{NS_HTTPBIND}'/>".encode()
-    return (f"<body rid='{rid}' sid='{escape(sid)}' xmlns='{NS_HTTPBIND}'>{payload}</body>").encode()
+    return (
+        f"<body rid='{rid}' sid='{escape(sid)}' xmlns='{NS_HTTPBIND}'>{payload}</body>"
+    ).encode()
 
 
 def restart_body(*, rid: int, sid: str, to: str, lang: str) -> bytes:

@@ -51,7 +51,9 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         password = os.environ.get("BOSH_PASSWORD")
         if not password:
-            print("error: set the password in the BOSH_PASSWORD environment variable", file=sys.stderr)
+            print(
+                "error: set the password in the BOSH_PASSWORD environment variable", file=sys.stderr
+            )
             return EXIT_USAGE
         creds = Credentials(args.jid, password, resource=args.resource)
     try:
@@ -77,8 +79,11 @@ def _cors(url: str, timeout: float) -> dict[str, str | None]:
         r = httpx.options(url, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    names = ("access-control-allow-origin", "access-control-allow-methods",
-             "access-control-allow-headers")
+    names = (
+        "access-control-allow-origin",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+    )
     return {"status": str(r.status_code), **{n: r.headers.get(n) for n in names}}
 
 
@@ -100,14 +105,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
             reachable=True,
             mechanisms=info.mechanisms,
             features=info.features,
-            **{k: a.get(k) for k in ("ver", "wait", "inactivity", "requests", "hold", "polling",
-                                     "maxpause", "secure")},
+            **{
+                k: a.get(k)
+                for k in (
+                    "ver",
+                    "wait",
+                    "inactivity",
+                    "requests",
+                    "hold",
+                    "polling",
+                    "maxpause",
+                    "secure",
+                )
+            },
         )
         if not info.mechanisms:
             warnings.append("no SASL mechanisms offered (wrong domain for this server?)")
-        if "PLAIN" not in info.mechanisms and not any(m.startswith("SCRAM-") for m in info.mechanisms):
-            if "ANONYMOUS" not in info.mechanisms:
-                warnings.append("neither PLAIN nor SCRAM offered: password logins cannot work")
+        if "PLAIN" not in info.mechanisms and not any(
+            m.startswith("SCRAM-") for m in info.mechanisms
+        ) and "ANONYMOUS" not in info.mechanisms:
+            warnings.append("neither PLAIN nor SCRAM offered: password logins cannot work")
         if "PLAIN" in info.mechanisms and not is_secure_transport(args.service_url):
             warnings.append("PLAIN offered over plain http to a non-loopback host: use https")
         wait = a.get("wait")
@@ -155,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", help="the anonymous host")
     p.add_argument("--resource", help="bind this resource instead of a random one")
     p.add_argument("--mechanism", action="append", help="allowed SASL mechanism (repeatable)")
-    p.add_argument("--allow-insecure-plain", action="store_true",
-                   help="allow PLAIN over http:// to a non-loopback host")
+    p.add_argument(
+        "--allow-insecure-plain",
+        action="store_true",
+        help="allow PLAIN over http:// to a non-loopback host",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
     p.set_defaults(func=_cmd_prebind)
 
@@ -167,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=_cmd_check)
 
-    d = sub.add_parser("derive-password",
-                       help="the password SharedSecretCredentials uses ($BOSH_SHARED_SECRET)")
+    d = sub.add_parser(
+        "derive-password", help="the password SharedSecretCredentials uses ($BOSH_SHARED_SECRET)"
+    )
     d.add_argument("--jid", required=True)
     d.set_defaults(func=_cmd_derive)
     return parser

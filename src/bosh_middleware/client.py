@@ -56,16 +56,21 @@ def _transport_errors(url: str) -> Iterator[None]:
     try:
         yield
     except TimeoutError:
-        raise ServiceUnavailable(f"BOSH request to {url} exceeded its deadline",
-                                 condition="timeout") from None
+        raise ServiceUnavailable(
+            f"BOSH request to {url} exceeded its deadline", condition="timeout"
+        ) from None
     except httpx.TimeoutException as exc:
-        raise ServiceUnavailable(f"BOSH request to {url} timed out ({type(exc).__name__})",
-                                 condition="timeout") from None
+        raise ServiceUnavailable(
+            f"BOSH request to {url} timed out ({type(exc).__name__})", condition="timeout"
+        ) from None
     except httpx.ConnectError as exc:
-        raise ServiceUnavailable(f"cannot connect to {url}: {exc}", condition="connection-failed") from None
+        raise ServiceUnavailable(
+            f"cannot connect to {url}: {exc}", condition="connection-failed"
+        ) from None
     except httpx.HTTPError as exc:
-        raise ServiceUnavailable(f"BOSH request to {url} failed: {type(exc).__name__}: {exc}",
-                                 condition="http-error") from None
+        raise ServiceUnavailable(
+            f"BOSH request to {url} failed: {type(exc).__name__}: {exc}", condition="http-error"
+        ) from None
 
 
 def _check_length(response: httpx.Response, limit: int) -> None:
@@ -84,7 +89,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="bosh-pipeline", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="bosh-pipeline", daemon=True
+        )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -107,7 +114,9 @@ class _Base:
         return f"<{type(self).__name__} {self.service_url}>"
 
     def _timeout(self, req: BOSHRequest) -> float:
-        return min(_CLEANUP_TIMEOUT, self.options.timeout) if req.best_effort else self.options.timeout
+        return (
+            min(_CLEANUP_TIMEOUT, self.options.timeout) if req.best_effort else self.options.timeout
+        )
 
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
         return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
@@ -153,10 +162,16 @@ class Prebinder(_Base):
         limit = self.options.max_response_size
         timeout = self._timeout(req)
         deadline = time.monotonic() + timeout
-        with _transport_errors(self.service_url), self._http().stream(
-            "POST", self.service_url, content=req.body, headers=self._headers,
-            timeout=timeout,
-        ) as response:
+        with (
+            _transport_errors(self.service_url),
+            self._http().stream(
+                "POST",
+                self.service_url,
+                content=req.body,
+                headers=self._headers,
+                timeout=timeout,
+            ) as response,
+        ):
             _check_length(response, limit)
             data = bytearray()
             for chunk in response.iter_bytes():
@@ -164,8 +179,10 @@ class Prebinder(_Base):
                 if len(data) > limit:
                     raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
                 if time.monotonic() > deadline:  # a server trickling bytes defeats read timeouts
-                    raise ServiceUnavailable(f"BOSH response from {self.service_url} took over "
-                                             f"{timeout} s", condition="timeout")
+                    raise ServiceUnavailable(
+                        f"BOSH response from {self.service_url} took over {timeout} s",
+                        condition="timeout",
+                    )
             return BOSHResponse(response.status_code, bytes(data))
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
@@ -190,7 +207,9 @@ class Prebinder(_Base):
 
     def _batcher(self) -> AsyncPrebinder:
         if self._async is None:
-            self._async = AsyncPrebinder(self.service_url, options=self.options, verify=self._verify)
+            self._async = AsyncPrebinder(
+                self.service_url, options=self.options, verify=self._verify
+            )
         return self._async
 
     def run(self, flow: Flow[T]) -> T:
@@ -210,7 +229,9 @@ class Prebinder(_Base):
     def prebind(self, credentials: Credentials, *, rid: int | None = None) -> PrebindSession:
         proto = self._protocol(credentials, rid)
         session = self.run(proto.flow())
-        log.debug("prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips)
+        log.debug(
+            "prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips
+        )
         return session
 
     def terminate(self, session: PrebindSession) -> bool:
@@ -285,10 +306,17 @@ class AsyncPrebinder(_Base):
         timeout = self._timeout(req)
         with _transport_errors(self.service_url):
             # asyncio.timeout makes the per-request timeout a deadline (httpx's is per read).
-            async with asyncio.timeout(timeout), self._http().stream(
-                "POST", self.service_url, content=req.body, headers=self._headers,
-                timeout=timeout, extensions=extensions,
-            ) as response:
+            async with (
+                asyncio.timeout(timeout),
+                self._http().stream(
+                    "POST",
+                    self.service_url,
+                    content=req.body,
+                    headers=self._headers,
+                    timeout=timeout,
+                    extensions=extensions,
+                ) as response,
+            ):
                 _check_length(response, limit)
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -353,7 +381,9 @@ class AsyncPrebinder(_Base):
                 self._cleanup.add(task)
                 task.add_done_callback(self._cleanup_done)
             raise
-        log.debug("prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips)
+        log.debug(
+            "prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips
+        )
         return session
 
     def _cleanup_done(self, task: asyncio.Task[Any]) -> None:

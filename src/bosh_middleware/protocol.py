@@ -27,6 +27,7 @@ request" that the browser's first answers are written to.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import ipaddress
 import secrets
@@ -146,7 +147,8 @@ def choose_mechanism(
         if "ANONYMOUS" in offered_set:
             return "ANONYMOUS"
         raise MechanismUnavailable(
-            f"server does not offer ANONYMOUS on {credentials.domain} (offers {sorted(offered_set)})",
+            f"server does not offer ANONYMOUS on {credentials.domain}"
+            f" (offers {sorted(offered_set)})",
             condition="invalid-mechanism",
         )
     refused_plain = False
@@ -220,7 +222,9 @@ class _Conversation:
 
     def terminate_request(self) -> BOSHRequest:
         assert self.sid is not None
-        return self._request("terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True)
+        return self._request(
+            "terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True
+        )
 
     def _absorb(self, response: BOSHResponse) -> b.ParsedBody:
         if response.status_code != 200:
@@ -248,7 +252,9 @@ class _Conversation:
         o = self.options
         req = self._request(
             "create",
-            b.create_body(rid=self.rid, to=self.to, wait=o.wait, hold=o.hold, lang=o.lang, route=o.route),
+            b.create_body(
+                rid=self.rid, to=self.to, wait=o.wait, hold=o.hold, lang=o.lang, route=o.route
+            ),
         )
         (response,) = yield [req]
         if response is None:
@@ -395,10 +401,8 @@ class PrebindProtocol:
         except Exception:
             cleanup = self.abort_request()
             if cleanup is not None:
-                try:
+                with contextlib.suppress(BOSHError):
                     yield [cleanup]
-                except BOSHError:
-                    pass
             raise
         self.finished = True
         return session
@@ -423,7 +427,9 @@ class PrebindProtocol:
                 raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
             first = base64.b64encode(scram.client_first()).decode()
             yield from conv.exchange([("auth", self._auth(mech, first))])
-            answer = yield from conv.wait_for(_tag_in(_CHALLENGE, _SUCCESS, _FAILURE), "a SASL answer")
+            answer = yield from conv.wait_for(
+                _tag_in(_CHALLENGE, _SUCCESS, _FAILURE), "a SASL answer"
+            )
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
@@ -442,7 +448,9 @@ class PrebindProtocol:
         answer = yield from conv.wait_for(_tag_in(_SUCCESS, _FAILURE, _CHALLENGE), "SASL success")
         self._raise_if_failure(answer)
         if answer.tag == _CHALLENGE:
-            raise ProtocolError("unexpected SASL challenge (server-final must come with <success/>)")
+            raise ProtocolError(
+                "unexpected SASL challenge (server-final must come with <success/>)"
+            )
         if scram is not None:
             scram.verify_server_final(_b64decode(answer.text))
 
@@ -532,10 +540,8 @@ def probe_flow(domain: str, options: PrebindOptions, *, rid: int | None = None) 
     except BOSHError as exc:
         error = exc
     if conv.sid is not None:
-        try:
+        with contextlib.suppress(BOSHError):
             yield [conv.terminate_request()]
-        except BOSHError:
-            pass
     if error is not None:
         raise error
     assert info is not None

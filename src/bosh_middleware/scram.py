@@ -41,9 +41,9 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def _keys(hash_name: str, username: str, password: str, salt: bytes, iterations: int) -> tuple[
-    bytes, bytes
-]:
+def _keys(
+    hash_name: str, username: str, password: str, salt: bytes, iterations: int
+) -> tuple[bytes, bytes]:
     """(ClientKey, ServerKey), from the cache when possible."""
     pw = password.encode()
     # The key holds a digest of the password, not the password: a changed password must miss.
@@ -168,9 +168,7 @@ class ScramClient:
             raise ProtocolError("SCRAM salt or iteration count is malformed") from None
         if not 1 <= iterations <= MAX_ITERATIONS:
             raise ProtocolError(f"SCRAM iteration count {iterations} is out of range")
-        client_key, server_key = _keys(
-            self._hash, self._username, self._password, salt, iterations
-        )
+        client_key, server_key = _keys(self._hash, self._username, self._password, salt, iterations)
         stored_key = hashlib.new(self._hash, client_key).digest()
         without_proof = f"c=biws,r={nonce}"
         self._auth_message = (
