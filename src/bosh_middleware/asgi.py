@@ -45,7 +45,11 @@ def scope_nonce(scope: Scope) -> str | None:
 
 
 class _Headers:
-    """Case-insensitive read access to raw ASGI headers (some apps send b"Content-Type")."""
+    """Case-insensitive read access to raw ASGI headers (some apps send b"Content-Type").
+
+    A field sent on several lines reads as one comma-joined value (RFC 9110, 5.3), so that
+    e.g. ``Vary: Accept-Encoding`` + ``Vary: Origin`` is merged, not cut down to its first line.
+    """
 
     __slots__ = ("_raw",)
 
@@ -53,11 +57,9 @@ class _Headers:
         self._raw = raw or ()
 
     def get(self, name: str) -> str | None:
-        key = name.encode("latin-1")
-        for k, v in self._raw:
-            if k.lower() == key:
-                return bytes(v).decode("latin-1")
-        return None
+        key = name.lower().encode("latin-1")
+        values = [bytes(v).decode("latin-1") for k, v in self._raw if bytes(k).lower() == key]
+        return ", ".join(values) if values else None
 
 
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
@@ -85,6 +87,7 @@ class _Responder:
         self.passthrough = False
         self.start: Message | None = None
         self.session: PrebindSession | None = None
+        self.delivered = False  # the session went out (in the headers or the body)
         self.injector: Injector | None = None
 
     async def _session(self) -> PrebindSession | None:
@@ -95,6 +98,14 @@ class _Responder:
     def cleanup(self) -> None:
         if self.pending is not None:
             self.pending.discard()
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        """A session obtained but never sent (the app failed, or sent something we pass on
+        unchanged): end it rather than leave it to time out at the server."""
+        session, self.session = self.session, None
+        if session is not None and not self.delivered:
+            self.core.terminate_async(session)
 
     async def send(self, message: Message) -> None:
         if self.passthrough:
@@ -119,6 +130,7 @@ class _Responder:
                 message["headers"] = _edited(message.get("headers"), sets, removes)
                 self.passthrough = True
                 await self._send(message)
+                self.delivered = True
                 return
             self.start = message  # held until the first body message says whole or streamed
             return
@@ -140,6 +152,7 @@ class _Responder:
             start["headers"] = _edited(start.get("headers"), sets, removes)
             await self._send(start)
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            self.delivered = self.injector.done
             if not more:
                 self.passthrough = True
             return
@@ -150,12 +163,13 @@ class _Responder:
                 out += self.injector.finish()
                 self.passthrough = True
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            self.delivered = self.injector.done
             return
         # Anything else (http.response.pathsend, trailers ...) while holding: give up on the
         # rewrite, send what was held unchanged, and end the unused session.
         if self.start is not None:
             start, self.start = self.start, None
-            self.session = None
+            self._drop_session()
             await self._send(start)
         self.passthrough = True
         await self._send(message)

@@ -52,6 +52,8 @@ class MiddlewareConfig:
             raise ValueError("service_url is required")
         if not callable(self.credentials):
             raise TypeError("credentials must be a callable (user) -> Credentials | None")
+        if isinstance(self.exclude_paths, str):  # "/static" is one prefix, not 7 of them
+            object.__setattr__(self, "exclude_paths", (self.exclude_paths,))
         if self.mode not in ("script", "headers", "both"):
             raise ValueError(f"mode must be 'script', 'headers' or 'both', not {self.mode!r}")
         names = [*self.variables, self.service_variable]

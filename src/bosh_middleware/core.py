@@ -99,11 +99,13 @@ class _Pending:
             return True
 
     def _settle(self, error: BaseException | None) -> None:
+        # Record under the lock: whoever loses the race (the page's thread or the future's
+        # callback) returns only once the outcome is logged and counted by the breaker.
         with self._lock:
             if self._settled:
                 return
             self._settled = True
-        self.core._record(self.credentials, error, time.monotonic() - self.started)
+            self.core._record(self.credentials, error, time.monotonic() - self.started)
 
 
 class SyncPending(_Pending):
@@ -120,13 +122,19 @@ class SyncPending(_Pending):
         if not self._claim():
             return None
         try:
-            return self._future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+            session = self._future.result(timeout=max(0.0, self.deadline - time.monotonic()))
         except FutureTimeout:
             self.error = ServiceUnavailable("prebind exceeded the page timeout", condition="timeout")
             self._settle(self.error)
             self._future.add_done_callback(self.core._terminate_later_sync)
-        except Exception as exc:  # already logged by _record
+        except Exception as exc:
             self.error = exc
+            # A Future wakes its waiters before it runs its callbacks: record (log, breaker) now,
+            # before this page goes out, not a moment later from _done.
+            self._settle(exc)
+        else:
+            self._settle(None)
+            return session
         return None
 
     def discard(self) -> None:
@@ -270,6 +278,10 @@ class PrebindCore:
             log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
             return None
         task = asyncio.ensure_future(self.async_prebinder.prebind(credentials))
+        # The loop keeps only a weak reference to a task: hold it until done (a discarded
+        # prebind must still finish, to be terminated).
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return AsyncPending(self, credentials, task)
 
     def _record(self, credentials: Credentials, error: BaseException | None, elapsed: float) -> None:
@@ -280,11 +292,15 @@ class PrebindCore:
             return
         condition = getattr(error, "condition", None) or type(error).__name__
         extra = {"bosh_user": user, "bosh_condition": condition, "bosh_elapsed_ms": ms}
-        if isinstance(error, AuthenticationFailed):
-            # The server works; this account does not. Not the breaker's business.
-            log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
-        elif isinstance(error, ConfigurationError):
-            log.error("BOSH prebind misconfigured for %s: %s", user, error, extra=extra)
+        if isinstance(error, (AuthenticationFailed, ConfigurationError)):
+            # The server answered; this account or setting is wrong. That proves the server up,
+            # so it counts as a success for the breaker (which also ends a half-open trial:
+            # leaving the trial running would keep the breaker open for good).
+            self.breaker.record_success()
+            if isinstance(error, AuthenticationFailed):
+                log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
+            else:
+                log.error("BOSH prebind misconfigured for %s: %s", user, error, extra=extra)
         else:
             opened = self.breaker.record_failure()
             log.warning("BOSH prebind failed for %s after %.1f ms: %s (%s)", user, ms, error,
@@ -299,9 +315,13 @@ class PrebindCore:
 
     def _terminate_later_async(self, task: asyncio.Task[PrebindSession]) -> None:
         if not task.cancelled() and task.exception() is None:
-            t = asyncio.ensure_future(self.async_prebinder.terminate(task.result()))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            self.terminate_async(task.result())
+
+    def terminate_async(self, session: PrebindSession) -> None:
+        """End, in the background, a session that was prebound but will not reach a page."""
+        t = asyncio.ensure_future(self.async_prebinder.terminate(session))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     # --- response side ---------------------------------------------------------------------
     def snippet(self, session: PrebindSession, nonce: str | None = None) -> str:

@@ -46,23 +46,34 @@ def script_snippet(values: Sequence[tuple[str, object]], *, nonce: str | None = 
     return f"<script{nonce_attr}>var {assignments};</script>"
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+#: Bytes needed to recognise any byte order mark.
+_SNIFF = 4
+
+
 def _codec(charset: str | None, head: bytes) -> str:
-    """The codec to search with, BOM-less for UTF-16/32 (the BOM decides the byte order)."""
+    """The codec to search with, BOM-less for UTF-16/32.
+
+    A byte order mark wins over the declared charset, as in browsers (HTML encoding sniffing):
+    a UTF-16 page with a BOM is UTF-16 whatever its Content-Type says, or does not say.
+    """
     name = "utf-8"
     if charset:
         try:
             name = codecs.lookup(charset).name
         except LookupError:
             name = "utf-8"
+    for bom, codec in _BOMS:
+        # FF FE 00 00 is UTF-32 only when declared so; otherwise a UTF-16 BOM and a NUL.
+        if head.startswith(bom) and (name.startswith("utf-32") or not codec.startswith("utf-32")):
+            return codec
     if name in ("utf-16", "utf-32"):
-        for bom, codec in (
-            (codecs.BOM_UTF32_LE, "utf-32-le"),
-            (codecs.BOM_UTF32_BE, "utf-32-be"),
-            (codecs.BOM_UTF16_LE, "utf-16-le"),
-            (codecs.BOM_UTF16_BE, "utf-16-be"),
-        ):
-            if head.startswith(bom) and codec.startswith(name):
-                return codec
         return f"{name}-le"
     return name
 
@@ -119,9 +130,12 @@ class Injector:
         if self.done:
             return chunk
         if self._codec is None:
-            if not chunk:
+            # Wait for enough bytes to see a byte order mark, even if it is split across chunks.
+            self._held += chunk
+            if len(self._held) < _SNIFF:
                 return b""
-            self._setup(chunk)
+            self._setup(self._held)
+            chunk, self._held = self._held, b""
         assert self._head is not None and self._body is not None
         data = self._held + chunk
         m = self._head.search(data)
@@ -132,17 +146,14 @@ class Injector:
         last = None
         for last in self._body.finditer(data):
             pass
-        if last is not None:
+        if last is not None and len(data) - last.start() <= _MAX_HELD:
             self._held, self._held_is_body = data[last.start() :], True
-            out = data[: last.start()]
-        else:
-            # Keep a tail that could be the start of "</head" or "</body" (or the held </body>).
-            keep = len(self._held) if self._held_is_body else 0
-            keep = max(keep, min(len(data), self._tail))
-            if self._held_is_body and len(data) > _MAX_HELD:
-                self._held_is_body = False  # give up on placing before </body>: append at end
-                keep = min(len(data), self._tail)
-            self._held, out = data[len(data) - keep :], data[: len(data) - keep]
+            return data[: last.start()]
+        # Keep only a tail that could be the start of "</head" or "</body". More than _MAX_HELD
+        # after the last </body>: stop waiting for another one and let the snippet go at the end.
+        self._held_is_body = False
+        keep = min(len(data), self._tail)
+        self._held, out = data[len(data) - keep :], data[: len(data) - keep]
         return out
 
     def finish(self) -> bytes:
@@ -150,9 +161,9 @@ class Injector:
         if self.done:
             return b""
         self.done = True
+        if self._codec is None:  # empty body, or shorter than a byte order mark
+            self._setup(self._held)
         held, self._held = self._held, b""
-        if self._codec is None:  # empty body
-            return self._snippet_text.encode(_codec(self._charset, b""))
         if self._held_is_body:
             return self._snippet + held
         return held + self._snippet

@@ -49,12 +49,13 @@ def environ_nonce(environ: dict[str, Any]) -> str | None:
 
 
 def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
+    """Case-insensitive lookup; a field sent on several lines reads as one comma-joined value
+    (RFC 9110, 5.3), so that two ``Vary`` lines are merged, not cut down to the first."""
+
     def get(name: str) -> str | None:
         name = name.lower()
-        for k, v in headers:
-            if k.lower() == name:
-                return v
-        return None
+        values = [v for k, v in headers if k.lower() == name]
+        return ", ".join(values) if values else None
 
     return get
 

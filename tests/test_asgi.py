@@ -1,0 +1,461 @@
+"""The generic ASGI middleware around plain ASGI apps (no framework), against the real Prosody.
+
+Raw messages are recorded (support/asgi_recorder.py) to see chunking and when the response start
+goes out; the engine is spied on (support/bosh_check.py) to see which prebinds happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from bosh_middleware.asgi import BOSHPrebindMiddleware
+from bosh_middleware.credentials import StaticCredentials
+from bosh_middleware.inject import inject
+from support.asgi_recorder import (
+    NAV,
+    ASGIRecorder,
+    User,
+    chunked_app,
+    header_auth,
+    html_app,
+    http_scope,
+)
+from support.bosh_check import (
+    PrebindSpy,
+    bare,
+    drain_async,
+    end_sessions,
+    is_dead,
+    is_live,
+    page_vars,
+)
+from support.xmpp_servers import XMPPServer
+
+PAGE = b"<!doctype html><html><head><title>Hi</title></head><body><p>page</p></body></html>"
+ALICE = User("alice")
+NOT_NAV = {"accept": "*/*"}
+
+MW = tuple[BOSHPrebindMiddleware, PrebindSpy]
+
+
+@pytest.fixture(scope="module")
+def alice(prosody: XMPPServer) -> tuple[str, str]:
+    return prosody.new_user("alice")
+
+
+@pytest.fixture
+async def make_mw(prosody: XMPPServer, alice: tuple[str, str]) -> AsyncIterator[Callable[..., MW]]:
+    """``make_mw(app, spy_delay=0, **settings) -> (middleware, spy)``; drained and closed after
+    the test, every session it made ended."""
+    created: list[MW] = []
+
+    def factory(app: Any, *, spy_delay: float = 0.0, **settings: Any) -> MW:
+        settings.setdefault("service_url", prosody.service_url)
+        settings.setdefault("credentials", StaticCredentials({"alice": alice}))
+        mw = BOSHPrebindMiddleware(app, **settings)
+        spy = PrebindSpy.on(mw.core, sync=False, delay=spy_delay)
+        created.append((mw, spy))
+        return mw, spy
+
+    yield factory
+    for mw, spy in created:
+        await drain_async(mw.core)
+        await asyncio.to_thread(end_sessions, prosody.service_url, spy.sessions)
+
+
+async def run(mw: Any, path: str = "/", *, user: Any = ALICE, headers: Any = None,
+              method: str = "GET", **extra: Any) -> ASGIRecorder:
+    rec = ASGIRecorder()
+    scope = http_scope(path, method=method, headers=NAV if headers is None else headers,
+                       user=user, **extra)
+    await asyncio.wait_for(mw(scope, rec.receive, rec.send), 10)
+    return rec
+
+
+def scripted_app(messages: list[dict[str, Any]]) -> Any:
+    """Sends exactly ``messages``; ``app.sent`` keeps copies to compare with what came out."""
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        for m in messages:
+            sent.append(copy.deepcopy(m))
+            await send(copy.deepcopy(m))
+
+    app.sent = sent  # type: ignore[attr-defined]
+    return app
+
+
+def response(status: int, headers: list[tuple[str, str]], *bodies: bytes) -> list[dict[str, Any]]:
+    raw = [(k.encode(), v.encode()) for k, v in headers]
+    msgs: list[dict[str, Any]] = [{"type": "http.response.start", "status": status, "headers": raw}]
+    for i, b in enumerate(bodies or (b"",)):
+        msgs.append({"type": "http.response.body", "body": b, "more_body": i < len(bodies) - 1})
+    return msgs
+
+
+HTML = [("content-type", "text/html; charset=utf-8")]
+
+
+async def live(prosody: XMPPServer, session: Any) -> bool:
+    return await asyncio.to_thread(is_live, prosody.service_url, session)
+
+
+async def dead(prosody: XMPPServer, session: Any) -> bool:
+    return await asyncio.to_thread(is_dead, prosody.service_url, session)
+
+
+# ------------------------------------------------------------------------------------------
+# pages that get a session
+# ------------------------------------------------------------------------------------------
+
+
+async def test_page_gets_a_live_session_of_its_user(make_mw: Any, prosody: XMPPServer,
+                                                    alice: tuple[str, str]) -> None:
+    mw, spy = make_mw(html_app(PAGE))
+    rec = await run(mw)
+    assert rec.status == 200
+    (session,) = spy.sessions
+    assert rec.body == inject(PAGE, mw.core.snippet(session))
+    assert page_vars(rec.body) == {"BOSH_JID": session.jid, "BOSH_SID": session.sid,
+                                   "BOSH_RID": session.rid}
+    assert bare(session.jid) == alice[0]
+    assert rec.header("content-length") == str(len(rec.body))
+    assert rec.header("cache-control") == "private, no-store"
+    assert rec.header("vary") == "Cookie"
+    assert await live(prosody, session)
+
+
+async def test_xhtml_page_gets_a_session(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(PAGE, content_type="application/xhtml+xml"))
+    rec = await run(mw)
+    assert page_vars(rec.body) is not None and len(spy.sessions) == 1
+
+
+async def test_non_navigation_html_prebinds_only_once_the_response_is_known(make_mw: Any) -> None:
+    view_done: list[float] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.05)
+        view_done.append(time.monotonic())
+        await html_app(PAGE)(scope, receive, send)
+
+    mw, spy = make_mw(app)
+    rec = await run(mw, headers=NOT_NAV)
+    assert page_vars(rec.body) is not None
+    assert spy.intervals[0][0] >= view_done[0]  # lazily: not before the view answered
+
+
+async def test_latin1_page_bytes_are_kept(make_mw: Any) -> None:
+    page = "<html><head><title>Café ÿ</title></head><body>déjà</body></html>".encode("latin-1")
+    mw, spy = make_mw(html_app(page, content_type="text/html; charset=ISO-8859-1"))
+    rec = await run(mw)
+    assert rec.body == inject(page, mw.core.snippet(spy.sessions[0]), charset="iso-8859-1")
+    assert rec.body.replace(mw.core.snippet(spy.sessions[0]).encode(), b"") == page
+
+
+# ------------------------------------------------------------------------------------------
+# lazily: everything else passes through untouched, without a prebind
+# ------------------------------------------------------------------------------------------
+
+REQUEST_CASES: dict[str, dict[str, Any]] = {
+    "anonymous": {"user": None},
+    "not-authenticated": {"user": User("alice", is_authenticated=False)},
+    "no-xmpp-account": {"user": User("bob")},
+    "post": {"method": "POST"},
+    "head": {"method": "HEAD"},
+    "htmx": {"headers": {**NAV, "hx-request": "true"}},
+    "excluded-path": {"path": "/static/page.html"},
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_CASES))
+async def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any, case: str) -> None:
+    """Even a navigation: no prebind is started, the response passes through as sent."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app, exclude_paths=("/static/",))
+    kw = dict(REQUEST_CASES[case])
+    rec = await run(mw, kw.pop("path", "/"), **kw)
+    assert spy.calls == []
+    assert rec.messages == app.sent
+
+
+RESPONSE_CASES: dict[str, list[dict[str, Any]]] = {
+    "json": response(200, [("content-type", "application/json")], b'{"a": 1}'),
+    "text-plain": response(200, [("content-type", "text/plain")], b"</head>"),
+    "event-stream": response(200, [("content-type", "text/event-stream")], b"data: 1\n\n", b""),
+    "404": response(404, HTML, PAGE),
+    "302": response(302, [*HTML, ("location", "/next")], b""),
+    "204": response(204, [], b""),
+    "304": response(304, [*HTML, ("etag", '"x"')], b""),
+    "206": response(206, [*HTML, ("content-range", "bytes 0-9/100")], PAGE[:10]),
+    "gzip": response(200, [*HTML, ("content-encoding", "gzip")], b"\x1f\x8b\x08\x00garbage"),
+    "no-content-type": response(200, [], PAGE),
+}
+
+
+@pytest.mark.parametrize("case", list(RESPONSE_CASES))
+async def test_response_that_cannot_carry_a_session_passes_through(make_mw: Any, case: str) -> None:
+    """Not a navigation, so nothing starts early; and the response does not ask for a session."""
+    app = scripted_app(RESPONSE_CASES[case])
+    mw, spy = make_mw(app)
+    rec = await run(mw, headers=NOT_NAV)
+    assert spy.calls == []
+    assert rec.messages == app.sent
+
+
+async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:
+    rec_holder: list[ASGIRecorder] = []
+    seen: list[tuple[bool, int]] = []
+    chunks = [b'{"a": [', b"1, 2", b"]}"]
+
+    def after_start() -> None:
+        seen.append((rec_holder[0].has_start, rec_holder[0].body_count))
+
+    def after_chunk(i: int) -> None:
+        seen.append((rec_holder[0].has_start, rec_holder[0].body_count))
+
+    app = chunked_app(chunks, content_type="application/json", after_start=after_start,
+                      after_chunk=after_chunk)
+    mw, spy = make_mw(app)
+    rec = ASGIRecorder()
+    rec_holder.append(rec)
+    await asyncio.wait_for(mw(http_scope("/", headers=NAV, user=ALICE), rec.receive, rec.send), 10)
+    # each message was out before the app sent the next one: nothing held, nothing buffered
+    assert seen == [(True, 0), (True, 1), (True, 2), (True, 3)]
+    assert rec.chunks == chunks and rec.body_count == 3
+    assert rec.header("content-type") == "application/json"
+    assert await spy.await_terminated(1)  # the speculative session was ended
+
+
+# ------------------------------------------------------------------------------------------
+# overlap with the view, and unused sessions
+# ------------------------------------------------------------------------------------------
+
+
+async def test_prebind_runs_alongside_the_view(make_mw: Any) -> None:
+    """Page time ~ max(view, prebind), not the sum. The spy adds 300 ms of latency in front of
+    the real prebind so that the difference is measurable (a local prebind takes ~5 ms)."""
+    view = 0.3
+    view_start: list[float] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        view_start.append(time.monotonic())
+        await asyncio.sleep(view)
+        await html_app(PAGE)(scope, receive, send)
+
+    mw, spy = make_mw(app, spy_delay=0.3)
+    t0 = time.monotonic()
+    rec = await run(mw)
+    total = time.monotonic() - t0
+    assert page_vars(rec.body) is not None
+    p_start, p_end = spy.intervals[0]
+    prebind = p_end - p_start
+    assert p_start <= view_start[0] + 0.05  # started before the view ran, not after it
+    # the sum would be >= view + prebind; allow a quarter of the shorter one for noise
+    assert total < view + prebind - 0.25 * min(view, prebind), (total, prebind)
+
+
+@pytest.mark.parametrize("case", ["json", "404", "302", "gzip"])
+async def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPServer,
+                                                    case: str) -> None:
+    app = scripted_app(RESPONSE_CASES[case])
+    mw, spy = make_mw(app)
+    rec = await run(mw)  # a navigation: the prebind started next to the view
+    assert rec.messages == app.sent
+    assert len(spy.calls) == 1
+    assert await spy.await_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert await dead(prosody, session)
+
+
+async def test_session_is_terminated_when_the_app_fails_after_start(make_mw: Any,
+                                                                    prosody: XMPPServer) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(response(200, HTML)[0])
+        raise RuntimeError("template error")
+
+    mw, spy = make_mw(app)
+    with pytest.raises(RuntimeError, match="template error"):
+        await run(mw)
+    assert await spy.await_terminated(1, timeout=2.0)
+    assert await dead(prosody, spy.sessions[0])
+
+
+async def test_pathsend_passes_through_and_session_is_ended(make_mw: Any,
+                                                            prosody: XMPPServer) -> None:
+    pathsend = {"type": "http.response.pathsend", "path": "/tmp/page.html"}
+    messages = [response(200, HTML)[0], pathsend]
+    app = scripted_app(messages)
+    mw, spy = make_mw(app)
+    rec = await run(mw)
+    assert rec.messages == app.sent
+    assert await spy.await_terminated(1, timeout=2.0)
+    assert await dead(prosody, spy.sessions[0])
+
+
+# ------------------------------------------------------------------------------------------
+# injection details
+# ------------------------------------------------------------------------------------------
+
+
+async def test_streamed_page_is_injected_on_the_fly(make_mw: Any) -> None:
+    title = b"<html><head><title>" + b"t" * 60 + b"</title>"  # longer than the held tail
+    chunks = [title, b"</he", b"ad><body>", b"<p>x</p></body></html>"]
+    whole = b"".join(chunks)
+    rec_holder: list[ASGIRecorder] = []
+    seen: list[bool] = []
+
+    def after_chunk(i: int) -> None:
+        seen.append(b"BOSH_SID" in rec_holder[0].body)
+
+    app = chunked_app(chunks, headers=[("content-length", str(len(whole))), ("etag", '"v1"')],
+                      after_chunk=after_chunk)
+    mw, spy = make_mw(app)
+    rec = ASGIRecorder()
+    rec_holder.append(rec)
+    await asyncio.wait_for(mw(http_scope("/", headers=NAV, user=ALICE), rec.receive, rec.send), 10)
+    assert rec.body == inject(whole, mw.core.snippet(spy.sessions[0]))
+    assert rec.body_count == len(chunks)
+    assert seen == [False, False, True, True]  # out as soon as "</head>" was complete
+    assert rec.chunks[0] and title.startswith(rec.chunks[0])  # the first chunk was not held
+    assert rec.header("content-length") is None  # removed for a streamed body
+    assert rec.header("etag") == 'W/"v1"'
+
+
+async def test_content_length_not_added_when_absent(make_mw: Any) -> None:
+    mw, _ = make_mw(html_app(PAGE, content_length=False))
+    rec = await run(mw)
+    assert page_vars(rec.body) is not None
+    assert rec.header("content-length") is None
+
+
+@pytest.mark.parametrize(("etag", "expected"), [('"abc"', 'W/"abc"'), ('W/"abc"', 'W/"abc"')])
+async def test_strong_etag_is_weakened(make_mw: Any, etag: str, expected: str) -> None:
+    mw, _ = make_mw(html_app(PAGE, headers=[("etag", etag)]))
+    rec = await run(mw)
+    assert rec.headers("etag") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("vary", "expected"),
+    [
+        ([], "Cookie"),
+        (["Accept-Encoding"], "Accept-Encoding, Cookie"),
+        (["Accept-Encoding", "Origin"], "Accept-Encoding, Origin, Cookie"),
+        (["cookie"], "cookie"),
+        (["*"], "*"),
+    ],
+)
+async def test_vary_cookie_is_merged(make_mw: Any, vary: list[str], expected: str) -> None:
+    headers = [("vary", v) for v in vary] + [("cache-control", "public, max-age=600"),
+                                             ("expires", "Thu, 01 Dec 2044 16:00:00 GMT")]
+    mw, _ = make_mw(html_app(PAGE, headers=headers))
+    rec = await run(mw)
+    assert rec.headers("vary") == [expected]
+    assert rec.headers("cache-control") == ["private, no-store"]
+    assert rec.headers("expires") == []
+
+
+@pytest.mark.parametrize("where", ["scope", "state"])
+async def test_csp_nonce_is_used(make_mw: Any, where: str) -> None:
+    import lxml.html
+
+    mw, _ = make_mw(html_app(PAGE))
+    extra = {"csp_nonce": "r4nd0m"} if where == "scope" else {"state": {"csp_nonce": "r4nd0m"}}
+    rec = await run(mw, **extra)
+    scripts = list(lxml.html.document_fromstring(rec.body).iter("script"))
+    assert [s.get("nonce") for s in scripts] == ["r4nd0m"]
+
+
+async def test_variable_names_are_configurable(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(PAGE), variables=("XMPP_JID", "XMPP_SID", "XMPP_RID"))
+    rec = await run(mw)
+    s = spy.sessions[0]
+    assert page_vars(rec.body) == {"XMPP_JID": s.jid, "XMPP_SID": s.sid, "XMPP_RID": s.rid}
+
+
+async def test_headers_mode(make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]) -> None:
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE))), ("etag", '"e"')],
+                                PAGE))
+    mw, spy = make_mw(app, mode="headers")
+    rec = await run(mw)
+    (session,) = spy.sessions
+    assert rec.body == PAGE and rec.body_count == 1
+    assert rec.header("content-length") == str(len(PAGE))
+    assert rec.header("etag") == '"e"'
+    assert rec.header("x-bosh-jid") == session.jid and bare(session.jid) == alice[0]
+    assert rec.header("x-bosh-sid") == session.sid
+    assert rec.header("x-bosh-rid") == str(session.rid)
+    assert rec.header("cache-control") == "private, no-store"
+    assert rec.header("vary") == "Cookie"
+    assert await live(prosody, session)
+
+
+async def test_both_mode(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(PAGE), mode="both")
+    rec = await run(mw)
+    s = spy.sessions[0]
+    assert page_vars(rec.body) == {"BOSH_JID": s.jid, "BOSH_SID": s.sid, "BOSH_RID": s.rid}
+    assert (rec.header("x-bosh-sid"), rec.header("x-bosh-rid")) == (s.sid, str(s.rid))
+    assert rec.header("content-length") == str(len(rec.body))
+
+
+# ------------------------------------------------------------------------------------------
+# JSON endpoint
+# ------------------------------------------------------------------------------------------
+
+
+def client_for(mw: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=header_auth(mw)),
+                             base_url="http://testserver", timeout=10)
+
+
+async def test_endpoint_returns_a_live_session(make_mw: Any, prosody: XMPPServer,
+                                               alice: tuple[str, str]) -> None:
+    mw, spy = make_mw(html_app(PAGE))
+    async with client_for(mw) as client:
+        r = await client.get("/bosh/prebind", headers={"x-user": "alice"})
+    assert r.status_code == 200
+    data = r.json()
+    assert set(data) == {"jid", "sid", "rid"}
+    assert bare(data["jid"]) == alice[0]
+    assert r.headers["cache-control"] == "private, no-store"
+    assert r.headers["vary"] == "Cookie"
+    (session,) = spy.sessions
+    assert (data["sid"], data["rid"]) == (session.sid, session.rid)
+    assert await live(prosody, session)
+
+
+async def test_endpoint_path_is_configurable(make_mw: Any) -> None:
+    mw, _spy = make_mw(html_app(b"app page", content_type="text/plain", status=404),
+                      endpoint_path="/xmpp/attach")
+    async with client_for(mw) as client:
+        moved = await client.get("/xmpp/attach", headers={"x-user": "alice"})
+        old = await client.get("/bosh/prebind", headers={"x-user": "alice"})
+    assert moved.status_code == 200 and set(moved.json()) == {"jid", "sid", "rid"}
+    assert (old.status_code, old.content) == (404, b"app page")
+
+
+async def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(PAGE))
+    async with client_for(mw) as client:
+        r = await client.get("/bosh/prebind")
+    assert r.status_code == 401
+    assert spy.calls == []
+
+
+async def test_endpoint_405_for_post(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(PAGE))
+    async with client_for(mw) as client:
+        r = await client.post("/bosh/prebind", headers={"x-user": "alice"})
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET"
+    assert spy.calls == []

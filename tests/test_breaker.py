@@ -1,0 +1,297 @@
+"""The circuit breaker: unit tests with an injected clock, then through the ASGI and WSGI
+middlewares with a counting fake endpoint (support/bosh_check.FakeEndpoint) that fails, and
+later forwards to the real Prosody."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bosh_middleware import asgi, wsgi
+from bosh_middleware.breaker import CircuitBreaker
+from bosh_middleware.credentials import StaticCredentials
+from bosh_middleware.session import PrebindOptions
+from support.asgi_recorder import (
+    NAV,
+    ASGIRecorder,
+    User,
+    call_wsgi,
+    html_app,
+    http_scope,
+    wsgi_environ,
+)
+from support.bosh_check import (
+    FakeEndpoint,
+    PrebindSpy,
+    bare,
+    drain_async,
+    end_sessions,
+    is_live,
+    page_vars,
+)
+from support.xmpp_servers import XMPPServer
+
+PAGE = b"<html><head><title>t</title></head><body>page</body></html>"
+#: Through the forwarding fake, requests must reach Prosody in RID order: one at a time.
+SEQUENTIAL = PrebindOptions(pipeline=False)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+# ------------------------------------------------------------------------------------------
+# CircuitBreaker
+# ------------------------------------------------------------------------------------------
+
+
+def test_closed_until_threshold_consecutive_failures(clock: Clock) -> None:
+    b = CircuitBreaker(3, 10, clock=clock)
+    assert [b.record_failure(), b.record_failure()] == [False, False]
+    assert b.state == "closed" and b.allow()
+    assert b.record_failure() is True  # this one opened it
+    assert b.state == "open" and not b.allow()
+
+
+def test_success_resets_the_count(clock: Clock) -> None:
+    b = CircuitBreaker(3, 10, clock=clock)
+    for _ in range(5):
+        b.record_failure()
+        b.record_failure()
+        b.record_success()
+    assert b.state == "closed"
+
+
+def test_half_open_after_reset_allows_one_trial(clock: Clock) -> None:
+    b = CircuitBreaker(1, 10, clock=clock)
+    b.record_failure()
+    clock.now += 9.99
+    assert b.state == "open" and not b.allow()
+    clock.now += 0.02
+    assert b.state == "half-open"
+    assert b.allow() is True
+    assert b.allow() is False  # only one trial at a time
+
+
+def test_trial_success_closes(clock: Clock) -> None:
+    b = CircuitBreaker(1, 10, clock=clock)
+    b.record_failure()
+    clock.now += 10
+    assert b.allow()
+    b.record_success()
+    assert b.state == "closed"
+    assert all(b.allow() for _ in range(5))
+
+
+def test_trial_failure_reopens_for_a_full_period(clock: Clock) -> None:
+    b = CircuitBreaker(2, 10, clock=clock)
+    b.record_failure()
+    b.record_failure()
+    clock.now += 10
+    assert b.allow()
+    assert b.record_failure() is False  # re-opened, not newly opened
+    assert b.state == "open"
+    clock.now += 9.9
+    assert not b.allow()
+    clock.now += 0.1
+    assert b.allow()
+
+
+def test_retry_after_counts_down(clock: Clock) -> None:
+    b = CircuitBreaker(1, 30, clock=clock)
+    assert b.retry_after() == 0
+    b.record_failure()
+    clock.now += 12
+    assert b.retry_after() == pytest.approx(18)
+    clock.now += 20
+    assert b.retry_after() == 0
+
+
+def test_threshold_zero_never_opens(clock: Clock) -> None:
+    b = CircuitBreaker(0, 10, clock=clock)
+    for _ in range(10):
+        b.record_failure()
+    assert b.allow()
+
+
+def test_one_trial_among_many_threads(clock: Clock) -> None:
+    b = CircuitBreaker(1, 10, clock=clock)
+    b.record_failure()
+    clock.now += 10
+    barrier = threading.Barrier(16)
+    results: list[bool] = []
+
+    def worker() -> None:
+        barrier.wait(5)
+        results.append(b.allow())
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert sorted(results) == [False] * 15 + [True]
+
+
+# ------------------------------------------------------------------------------------------
+# through the middlewares
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def accounts(prosody: XMPPServer) -> dict[str, tuple[str, str]]:
+    jid, password = prosody.new_user("alice")
+    return {"alice": (jid, password), "mallory": (jid, password + "-wrong")}
+
+
+@pytest.fixture
+async def make_mw(prosody: XMPPServer, accounts: dict[str, tuple[str, str]]
+                  ) -> AsyncIterator[Callable[..., Any]]:
+    """``make_mw("asgi"|"wsgi", app, **settings) -> (middleware, spy)``."""
+    created: list[tuple[str, Any, PrebindSpy]] = []
+
+    def factory(kind: str, app: Any, **settings: Any) -> tuple[Any, PrebindSpy]:
+        settings.setdefault("credentials", StaticCredentials(accounts))
+        settings.setdefault("options", SEQUENTIAL)
+        module = asgi if kind == "asgi" else wsgi
+        mw = module.BOSHPrebindMiddleware(app, **settings)
+        spy = PrebindSpy.on(mw.core, sync=kind == "wsgi")
+        created.append((kind, mw, spy))
+        return mw, spy
+
+    yield factory
+    for kind, mw, spy in created:
+        if kind == "asgi":
+            await drain_async(mw.core)
+        else:
+            assert await asyncio.to_thread(spy.wait_idle)
+            mw.core.close()
+        await asyncio.to_thread(end_sessions, prosody.service_url, spy.sessions)
+
+
+async def asgi_page(mw: Any, user: str = "alice") -> tuple[ASGIRecorder, float]:
+    rec = ASGIRecorder()
+    t0 = time.monotonic()
+    scope = http_scope("/", headers=NAV, user=User(user))
+    await asyncio.wait_for(mw(scope, rec.receive, rec.send), 10)
+    return rec, time.monotonic() - t0
+
+
+def wsgi_page(mw: Any, user: str = "alice") -> tuple[Any, float]:
+    t0 = time.monotonic()
+    r = call_wsgi(mw, wsgi_environ("/", headers=NAV, user=user))
+    return r, time.monotonic() - t0
+
+
+def plain_wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(PAGE)))])
+    return [PAGE]
+
+
+async def test_asgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: XMPPServer,
+                                                         accounts: Any, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
+        mw, spy = make_mw("asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=2,
+                          breaker_reset=0.5)
+        for _ in range(2):
+            rec, _ = await asgi_page(mw)
+            assert (rec.status, rec.body) == (200, PAGE)
+        assert mw.core.breaker.state == "open"
+        assert "circuit breaker opened" in caplog.text
+        attempts = (fake.connections, fake.requests, len(spy.calls))
+        assert attempts[0] >= 2
+
+        for _ in range(3):  # open: served at once, without even trying
+            rec, elapsed = await asgi_page(mw)
+            assert (rec.status, rec.body) == (200, PAGE)
+            assert elapsed < 0.3
+        assert (fake.connections, fake.requests, len(spy.calls)) == attempts
+
+        await asyncio.sleep(0.55)
+        assert mw.core.breaker.state == "half-open"
+        fake.mode = "forward"
+        rec, _ = await asgi_page(mw)  # the trial succeeds: closed again
+        assert mw.core.breaker.state == "closed"
+        assert bare(page_vars(rec.body)["BOSH_JID"]) == accounts["alice"][0]
+        rec, _ = await asgi_page(mw)
+        assert page_vars(rec.body) is not None
+        assert len(spy.sessions) == 2
+        for session in spy.sessions:
+            assert await asyncio.to_thread(is_live, prosody.service_url, session)
+
+
+async def test_wsgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: XMPPServer,
+                                                         accounts: Any) -> None:
+    with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
+        mw, spy = make_mw("wsgi", plain_wsgi, service_url=fake.url, breaker_threshold=2,
+                          breaker_reset=0.5)
+        for _ in range(2):
+            r, _ = await asyncio.to_thread(wsgi_page, mw)
+            assert (r.code, r.body) == (200, PAGE)
+        # recorded before the page went out (not a moment later by the future's callback)
+        assert mw.core.breaker.state == "open"
+        attempts = (fake.connections, fake.requests, len(spy.calls))
+
+        for _ in range(3):
+            r, elapsed = await asyncio.to_thread(wsgi_page, mw)
+            assert (r.code, r.body) == (200, PAGE)
+            assert elapsed < 0.3
+        assert (fake.connections, fake.requests, len(spy.calls)) == attempts
+
+        await asyncio.sleep(0.55)
+        fake.mode = "forward"
+        r, _ = await asyncio.to_thread(wsgi_page, mw)
+        assert bare(page_vars(r.body)["BOSH_JID"]) == accounts["alice"][0]
+        assert mw.core.breaker.state == "closed"
+        assert await asyncio.to_thread(is_live, prosody.service_url, spy.sessions[-1])
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+async def test_auth_failures_do_not_open_the_breaker(make_mw: Any, prosody: XMPPServer,
+                                                     kind: str) -> None:
+    app = html_app(PAGE) if kind == "asgi" else plain_wsgi
+    mw, spy = make_mw(kind, app, service_url=prosody.service_url, breaker_threshold=2)
+    for _ in range(4):
+        if kind == "asgi":
+            rec, _ = await asgi_page(mw, "mallory")
+            body = rec.body
+        else:
+            r, _ = await asyncio.to_thread(wsgi_page, mw, "mallory")
+            body = r.body
+        assert body == PAGE
+    assert len(spy.calls) == 4 and len(spy.errors) == 4  # every page tried
+    assert mw.core.breaker.state == "closed"
+
+
+async def test_auth_failure_in_half_open_trial_does_not_wedge_the_breaker(
+    make_mw: Any, prosody: XMPPServer, accounts: Any
+) -> None:
+    """The server answered the trial (it refused the login): that is not an outage."""
+    with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
+        mw, _spy = make_mw("asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=1,
+                          breaker_reset=0.3)
+        await asgi_page(mw)
+        assert mw.core.breaker.state == "open"
+        await asyncio.sleep(0.35)
+        fake.mode = "forward"
+        rec, _ = await asgi_page(mw, "mallory")  # the trial: login refused
+        assert rec.body == PAGE
+        rec, _ = await asgi_page(mw, "alice")  # must be tried, and work
+        assert page_vars(rec.body) is not None
+        assert mw.core.breaker.state == "closed"

@@ -1,0 +1,354 @@
+"""Where the session variables go into a page, and that nothing else changes (inject.py).
+
+Placement rule: before the first ``</head>``, else before the last ``</body>``, else at the end;
+ASCII-case-insensitive, up to 32 whitespace characters before ``>``; the same result whatever
+the chunking of a streamed body. Property tests compare with an independent reference.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import json
+import shutil
+import subprocess
+
+import lxml.html
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bosh_middleware.config import MiddlewareConfig
+from bosh_middleware.core import PrebindCore
+from bosh_middleware.inject import Injector, inject, js_literal, script_snippet
+from bosh_middleware.session import PrebindSession
+from support.bosh_check import page_vars
+
+SNIPPET = '<script>var BOSH_JID="a@b/c",BOSH_SID="s",BOSH_RID=7;</script>'
+S = SNIPPET.encode()
+EVIL = "</script><script>alert(1)</script>"
+
+
+def feed_chunks(chunks: list[bytes], snippet: str = SNIPPET, charset: str | None = None) -> bytes:
+    inj = Injector(snippet, charset=charset)
+    return b"".join(inj.feed(c) for c in chunks) + inj.finish()
+
+
+def inserted_at(original: bytes, result: bytes, snippet: bytes = S) -> int:
+    """The position of the one insertion; fails unless result == original + one insertion."""
+    assert len(result) == len(original) + len(snippet)
+    for pos in range(len(original) + 1):
+        if (
+            result[:pos] == original[:pos]
+            and result[pos + len(snippet) :] == original[pos:]
+            and result[pos : pos + len(snippet)] == snippet
+        ):
+            return pos
+    raise AssertionError("result is not the original with one insertion of the snippet")
+
+
+# ------------------------------------------------------------------------------------------
+# placement
+# ------------------------------------------------------------------------------------------
+
+
+def test_before_first_head_close() -> None:
+    doc = b"<html><head><title>x</title></head><body><template></head></template></body></html>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</head>")
+
+
+def test_before_last_body_close_without_head() -> None:
+    doc = b"<html><body><p>one</p></body><!-- --></body></html>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.rindex(b"</body>")
+
+
+def test_at_end_without_head_or_body() -> None:
+    doc = b"<p>fragment</p>"
+    assert inject(doc, SNIPPET) == doc + S
+
+
+def test_head_wins_even_after_body() -> None:
+    doc = b"<body>x</body></head>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</head>")
+
+
+def test_empty_body_gets_only_the_snippet() -> None:
+    assert inject(b"", SNIPPET) == S
+
+
+@pytest.mark.parametrize("tag", [b"</HEAD>", b"</Head>", b"</head >", b"</head\t\r\n\f>",
+                                 b"</hEaD" + b" " * 32 + b">"])
+def test_head_close_is_case_and_space_insensitive(tag: bytes) -> None:
+    doc = b"<html><head><title>t</title>" + tag + b"<body></body></html>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(tag)
+
+
+@pytest.mark.parametrize("tag", [b"</BODY>", b"</Body  >"])
+def test_body_close_is_case_and_space_insensitive(tag: bytes) -> None:
+    doc = b"<html><p>x</p>" + tag + b"</html>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(tag)
+
+
+@pytest.mark.parametrize("decoy", [b"</header>", b"</headx>", b"<head>", b"</ head>",
+                                   b"</head" + b" " * 33 + b">", b"</bodyx>", b"</he ad>"])
+def test_lookalikes_are_not_tags(decoy: bytes) -> None:
+    doc = b"<p>" + decoy + b"</p>"
+    assert inject(doc, SNIPPET) == doc + S
+
+
+# ------------------------------------------------------------------------------------------
+# chunk boundaries
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", [b"</head>", b"</HEAD  >", b"</body>"])
+def test_tag_split_at_every_byte(tag: bytes) -> None:
+    doc = b"<html><head><title>t</title>" + tag + b"<p>after</p></html>"
+    start = doc.index(tag)
+    for cut in range(start, start + len(tag) + 1):
+        assert feed_chunks([doc[:cut], doc[cut:]]) == inject(doc, SNIPPET), cut
+
+
+def test_byte_by_byte_equals_whole() -> None:
+    doc = "<html><head><title>İ</title></HEAD ><body>é</body></html>".encode()
+    assert feed_chunks([doc[i : i + 1] for i in range(len(doc))]) == inject(doc, SNIPPET)
+
+
+def test_stream_is_not_held_beyond_a_tag_tail() -> None:
+    inj = Injector(SNIPPET)
+    out = inj.feed(b"<html><head><title>" + b"x" * 10_000)
+    assert len(out) >= 10_000 - 64  # only a short tail that might start "</head" is held
+
+
+def test_text_after_body_is_not_buffered_without_bound() -> None:
+    """A stream whose </body> is followed by much more text must not be held in memory."""
+    inj = Injector(SNIPPET)
+    emitted = len(inj.feed(b"<html><body>x</body>"))
+    chunk = b"a" * 10_000
+    for _ in range(100):
+        emitted += len(inj.feed(chunk))
+    assert emitted > 1_000_000 - 70 * 1024
+    doc = b"<html><body>x</body>" + chunk * 100
+    assert feed_chunks([doc[:20]] + [chunk] * 100) == inject(doc, SNIPPET) == doc + S
+
+
+# ------------------------------------------------------------------------------------------
+# bytes outside the insertion never change
+# ------------------------------------------------------------------------------------------
+
+
+def test_dotted_capital_i_does_not_shift_the_position() -> None:
+    """"İ".lower() is two code points: a search on lowered text would be off by one."""
+    doc = ("<html><head><title>" + "İ" * 50 + "</title></head><body>İ</body></html>").encode()
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</head>")
+
+
+def test_invalid_utf8_bytes_are_kept() -> None:
+    doc = b"<html><head><title>\xc3\x28\xa0\xa1\xed\xa0\x80\xff</title></head><body></body></html>"
+    out = inject(doc, SNIPPET, charset="utf-8")
+    assert inserted_at(doc, out) == doc.index(b"</head>")
+
+
+def test_latin1_page_is_kept_byte_for_byte() -> None:
+    doc = "<html><head><title>Café crème ÿ</title></head><body>déjà</body></html>".encode("latin-1")
+    out = inject(doc, SNIPPET, charset="iso-8859-1")
+    assert inserted_at(doc, out) == doc.index(b"</head>")
+    assert out.decode("latin-1").count("Café crème ÿ") == 1
+
+
+@pytest.mark.parametrize(
+    ("encoding", "charset"),
+    [("utf-16", "utf-16"), ("utf-16", None), ("utf-16-be-bom", "utf-16"),
+     ("utf-16-be-bom", "utf-8")],
+)
+def test_utf16_page_with_bom(encoding: str, charset: str | None) -> None:
+    """The BOM decides, as in browsers, even against the declared (or missing) charset."""
+    text = "<html><head><title>é€😀</title></head><body>İ</body></html>"
+    if encoding == "utf-16-be-bom":
+        doc = codecs.BOM_UTF16_BE + text.encode("utf-16-be")
+        codec = "utf-16-be"
+    else:
+        doc = text.encode("utf-16")  # BOM + native (little) endian
+        codec = "utf-16-le"
+    out = inject(doc, SNIPPET, charset=charset)
+    snippet = SNIPPET.encode(codec)
+    pos = inserted_at(doc, out, snippet)
+    assert pos == 2 + len(text[: text.index("</head>")].encode("utf-16-le"))
+    assert out.decode("utf-16") == text.replace("</head>", SNIPPET + "</head>")
+    # the BOM split from the rest of the first chunk changes nothing
+    assert feed_chunks([doc[:1], doc[1:3], doc[3:]], charset=charset) == out
+
+
+def test_utf16_without_bom_uses_the_declared_byte_order() -> None:
+    text = "<html><head></head></html>"
+    doc = text.encode("utf-16-be")
+    out = inject(doc, SNIPPET, charset="utf-16be")
+    assert out.decode("utf-16-be") == text.replace("</head>", SNIPPET + "</head>")
+
+
+# ------------------------------------------------------------------------------------------
+# escaping: the values cannot break out of the script
+# ------------------------------------------------------------------------------------------
+
+NASTY = [
+    EVIL,
+    "a\u2028b\u2029c",
+    "<!--<script>",
+    "]]></script>",
+    "\"';\\\n</SCRIPT >",
+    "&lt;/script&gt;",
+]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_values_cannot_break_out(value: str) -> None:
+    snippet = script_snippet([("BOSH_JID", value + "@x/y"), ("BOSH_SID", value), ("BOSH_RID", 42)])
+    page = inject(b"<html><head><title>t</title></head><body><p>x</p></body></html>", snippet)
+    doc = lxml.html.document_fromstring(page.decode())
+    scripts = list(doc.iter("script"))
+    assert len(scripts) == 1
+    expected = (
+        f"var BOSH_JID={js_literal(value + '@x/y')},BOSH_SID={js_literal(value)},BOSH_RID=42;"
+    )
+    assert scripts[0].text == expected
+    assert "<" not in expected and ">" not in expected and "\u2028" not in expected
+    assert page_vars(page) == {"BOSH_JID": value + "@x/y", "BOSH_SID": value, "BOSH_RID": 42}
+    assert [el.tag for el in doc.iter() if el.tag in ("script", "p")] == ["script", "p"]
+
+
+def test_snippet_evaluates_to_the_exact_values_in_javascript() -> None:
+    node = shutil.which("node")
+    assert node is not None, "node is part of the dev set-up (package.json)"
+    values = {"BOSH_JID": EVIL + "@x/\u2028", "BOSH_SID": "a\u2029</script>",
+              "BOSH_RID": 9007199254740991}
+    snippet = script_snippet(list(values.items()))
+    js = lxml.html.fragment_fromstring(snippet).text
+    program = (
+        "const vm = require('vm'); const ctx = {}; vm.runInNewContext(process.argv[1], ctx);"
+        "process.stdout.write(JSON.stringify([ctx.BOSH_JID, ctx.BOSH_SID, ctx.BOSH_RID]));"
+    )
+    out = subprocess.run([node, "-e", program, js], capture_output=True, timeout=20, check=True)
+    assert json.loads(out.stdout) == list(values.values())
+
+
+def test_nonce_attribute_is_escaped() -> None:
+    snippet = script_snippet([("A", 1)], nonce='n"o<n>&ce')
+    el = lxml.html.fragment_fromstring(snippet)
+    assert el.get("nonce") == 'n"o<n>&ce'
+    assert el.text == "var A=1;"
+
+
+def test_core_snippet_uses_configured_names_and_service() -> None:
+    config = MiddlewareConfig(
+        service_url="http://127.0.0.1:1/http-bind",
+        credentials=lambda u: None,
+        variables=("JID", "SID", "RID"),
+        public_service_url="https://chat.example/http-bind",
+        service_variable="SERVICE",
+    )
+    session = PrebindSession(jid=EVIL + "@x/r", sid="s\u2028", rid=12,
+                             service_url=config.service_url)
+    snippet = PrebindCore(config).snippet(session, nonce="abc")
+    page = inject(b"<html><head></head></html>", snippet)
+    assert page_vars(page) == {"JID": EVIL + "@x/r", "SID": "s\u2028", "RID": 12,
+                               "SERVICE": "https://chat.example/http-bind"}
+    assert lxml.html.document_fromstring(page).find(".//script").get("nonce") == "abc"
+
+
+@pytest.mark.parametrize("name", ["1abc", "a-b", "a b", "x;alert(1)", ""])
+def test_variable_names_must_be_identifiers(name: str) -> None:
+    with pytest.raises(ValueError):
+        MiddlewareConfig(service_url="http://x/", credentials=lambda u: None,
+                         variables=(name, "B", "C"))
+
+
+# ------------------------------------------------------------------------------------------
+# property tests
+# ------------------------------------------------------------------------------------------
+
+WS = b" \t\r\n\f"
+
+
+def _tag_at(doc: bytes, i: int, name: bytes) -> bool:
+    """Reference matcher, written without regexes: "</" name (ASCII case-insensitive),
+    at most 32 whitespace bytes, ">"."""
+    if doc[i : i + 2] != b"</":
+        return False
+    j = i + 2
+    if len(doc) < j + len(name) or doc[j : j + len(name)].lower() != name:
+        return False
+    j += len(name)
+    spaces = 0
+    while j < len(doc) and doc[j] in WS and spaces < 32:
+        j += 1
+        spaces += 1
+    return doc[j : j + 1] == b">"
+
+
+def reference_position(doc: bytes) -> int:
+    heads = [i for i in range(len(doc)) if _tag_at(doc, i, b"head")]
+    if heads:
+        return heads[0]
+    bodies = [i for i in range(len(doc)) if _tag_at(doc, i, b"body")]
+    if bodies:
+        return bodies[-1]
+    return len(doc)
+
+
+TAGS = [b"</head>", b"</HEAD>", b"</Head >", b"</head\n\t>", b"</body>", b"</BODY>",
+        b"</bOdY   >", b"</head" + b" " * 33 + b">", b"</header>", b"</bo", b"</hea", b"<head>",
+        b"</", b"<", b">", b"</body\r\n>"]
+parts = st.one_of(
+    st.sampled_from(TAGS),
+    st.text(alphabet="ab<>/ \tHhEeAaDdBbOoYyİé€", max_size=12).map(str.encode),
+    st.binary(max_size=8).filter(lambda b: not b.startswith((b"\xff\xfe", b"\xfe\xff"))),
+)
+documents = st.lists(parts, max_size=14).map(b"".join).filter(
+    lambda d: not d.startswith((b"\xff\xfe", b"\xfe\xff"))  # a BOM would make it UTF-16
+)
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    doc = draw(documents)
+    cuts = sorted(draw(st.lists(st.integers(0, len(doc)), max_size=8)))
+    bounds = [0, *cuts, len(doc)]
+    return doc, [doc[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@PROPERTY_SETTINGS
+@given(chunked())
+def test_property_any_chunking_equals_whole_body(case: tuple[bytes, list[bytes]]) -> None:
+    doc, chunks = case
+    assert feed_chunks(chunks) == inject(doc, SNIPPET)
+
+
+@PROPERTY_SETTINGS
+@given(documents)
+def test_property_exactly_one_insertion_at_the_rule_position(doc: bytes) -> None:
+    out = inject(doc, SNIPPET)
+    pos = reference_position(doc)
+    assert out == doc[:pos] + S + doc[pos:]
+
+
+@PROPERTY_SETTINGS
+@given(chunked())
+def test_property_chunked_insertion_obeys_the_rule(case: tuple[bytes, list[bytes]]) -> None:
+    doc, chunks = case
+    pos = reference_position(doc)
+    assert feed_chunks(chunks) == doc[:pos] + S + doc[pos:]
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(st.sampled_from([t.decode() for t in TAGS]) | st.text("ab<>/ Hhéİ😀", max_size=6),
+                max_size=10).map("".join),
+       st.lists(st.integers(0, 400), max_size=6))
+def test_property_utf16_pages(text: str, cuts: list[int]) -> None:
+    doc = text.encode("utf-16")  # with a BOM
+    bounds = [0, *sorted(c for c in cuts if c <= len(doc)), len(doc)]
+    chunks = [doc[a:b] for a, b in itertools.pairwise(bounds)]
+    out = feed_chunks(chunks, charset="utf-16")
+    pos = reference_position(text.encode("latin-1", "replace"))  # same offsets: ASCII tags
+    assert out.decode("utf-16") == text[:pos] + SNIPPET + text[pos:]

@@ -1,0 +1,509 @@
+"""The generic WSGI middleware around plain WSGI apps (no framework), against the real Prosody,
+including the PEP 3333 corners: lazy start_response, write(), close(), exc_info."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from bosh_middleware.credentials import StaticCredentials
+from bosh_middleware.inject import inject
+from bosh_middleware.wsgi import BOSHPrebindMiddleware
+from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
+from support.bosh_check import PrebindSpy, bare, end_sessions, is_dead, is_live, page_vars
+from support.xmpp_servers import XMPPServer
+
+PAGE = b"<!doctype html><html><head><title>Hi</title></head><body><p>page</p></body></html>"
+HTML = [("Content-Type", "text/html; charset=utf-8")]
+NOT_NAV = {"accept": "*/*"}
+
+MW = tuple[BOSHPrebindMiddleware, PrebindSpy]
+
+
+@pytest.fixture(scope="module")
+def alice(prosody: XMPPServer) -> tuple[str, str]:
+    return prosody.new_user("alice")
+
+
+@pytest.fixture
+def make_mw(prosody: XMPPServer, alice: tuple[str, str]) -> Iterator[Callable[..., MW]]:
+    created: list[MW] = []
+
+    def factory(app: Any, *, spy_delay: float = 0.0, **settings: Any) -> MW:
+        settings.setdefault("service_url", prosody.service_url)
+        settings.setdefault("credentials", StaticCredentials({"alice": alice}))
+        mw = BOSHPrebindMiddleware(app, **settings)
+        spy = PrebindSpy.on(mw.core, sync=True, delay=spy_delay)
+        created.append((mw, spy))
+        return mw, spy
+
+    yield factory
+    for mw, spy in created:
+        assert spy.wait_idle(), "prebind/terminate still running at teardown"
+        end_sessions(prosody.service_url, spy.sessions)
+        mw.core.close()
+
+
+def get(mw: Any, path: str = "/", *, user: str | None = "alice", headers: Any = None,
+        method: str = "GET", **extra: Any) -> Any:
+    return call_wsgi(mw, wsgi_environ(path, method=method, user=user,
+                                      headers=NAV if headers is None else headers, **extra))
+
+
+def fixed_app(status: str, headers: list[tuple[str, str]], body: list[bytes]) -> Any:
+    """Eager app; ``app.result`` is the very iterable it returned."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response(status, headers)
+        app.result = list(body)  # type: ignore[attr-defined]
+        return app.result  # type: ignore[attr-defined]
+
+    return app
+
+
+def html_app(body: bytes = PAGE, *, content_type: str = "text/html; charset=utf-8",
+             extra: list[tuple[str, str]] | None = None, delay: float = 0.0,
+             content_length: bool = True) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if delay:
+            time.sleep(delay)
+        headers = [("Content-Type", content_type), *(extra or [])]
+        if content_length:
+            headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [body]
+
+    return app
+
+
+class ClosingIterable:
+    """An app iterable with ``close()`` (like a file wrapper): PEP 3333 says it must be called."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class ClosingList(list):  # type: ignore[type-arg]
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+# ------------------------------------------------------------------------------------------
+# pages that get a session
+# ------------------------------------------------------------------------------------------
+
+
+def test_page_gets_a_live_session_of_its_user(make_mw: Any, prosody: XMPPServer,
+                                              alice: tuple[str, str]) -> None:
+    mw, spy = make_mw(html_app())
+    r = get(mw)
+    (session,) = spy.sessions
+    assert r.code == 200
+    assert r.body == inject(PAGE, mw.core.snippet(session))
+    assert page_vars(r.body) == {"BOSH_JID": session.jid, "BOSH_SID": session.sid,
+                                 "BOSH_RID": session.rid}
+    assert bare(session.jid) == alice[0]
+    assert r.header("content-length") == str(len(r.body))
+    assert r.header("cache-control") == "private, no-store"
+    assert r.header("vary") == "Cookie"
+    assert is_live(prosody.service_url, session)
+
+
+def test_xhtml_page_gets_a_session(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(content_type="application/xhtml+xml; charset=utf-8"))
+    assert page_vars(get(mw).body) is not None and len(spy.sessions) == 1
+
+
+def test_non_navigation_html_prebinds_only_once_the_response_is_known(make_mw: Any) -> None:
+    view_done: list[float] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        time.sleep(0.05)
+        view_done.append(time.monotonic())
+        return html_app()(environ, start_response)  # type: ignore[no-any-return]
+
+    mw, spy = make_mw(app)
+    assert page_vars(get(mw, headers=NOT_NAV).body) is not None
+    assert spy.intervals[0][0] >= view_done[0]
+
+
+# ------------------------------------------------------------------------------------------
+# lazily: everything else passes through untouched (the same iterable), without a prebind
+# ------------------------------------------------------------------------------------------
+
+REQUEST_CASES: dict[str, dict[str, Any]] = {
+    "anonymous": {"user": None},
+    "no-xmpp-account": {"user": "bob"},
+    "post": {"method": "POST"},
+    "head": {"method": "HEAD"},
+    "htmx": {"headers": {**NAV, "hx-request": "true"}},
+    "excluded-path": {"path": "/static/page.html"},
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_CASES))
+def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any, case: str) -> None:
+    headers = [*HTML, ("Content-Length", str(len(PAGE)))]
+    app = fixed_app("200 OK", headers, [PAGE])
+    mw, spy = make_mw(app, exclude_paths="/static/")  # a plain string is one prefix
+    kw = dict(REQUEST_CASES[case])
+    r = get(mw, kw.pop("path", "/"), **kw)
+    assert spy.calls == []
+    assert r.iterable is app.result
+    assert (r.status, r.headers, r.body) == ("200 OK", headers, PAGE)
+
+
+def test_exclude_paths_as_a_string_is_one_prefix(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(), exclude_paths="/static/")
+    assert page_vars(get(mw, "/static/app.html").body) is None
+    assert page_vars(get(mw, "/").body) is not None
+    assert len(spy.calls) == 1
+
+
+RESPONSE_CASES: dict[str, tuple[str, list[tuple[str, str]], list[bytes]]] = {
+    "json": ("200 OK", [("Content-Type", "application/json")], [b'{"a": 1}']),
+    "text-plain": ("200 OK", [("Content-Type", "text/plain")], [b"</head>"]),
+    "404": ("404 Not Found", HTML, [PAGE]),
+    "302": ("302 Found", [*HTML, ("Location", "/next")], []),
+    "204": ("204 No Content", [], []),
+    "304": ("304 Not Modified", [*HTML, ("ETag", '"x"')], []),
+    "206": ("206 Partial Content", [*HTML, ("Content-Range", "bytes 0-9/100")], [PAGE[:10]]),
+    "gzip": ("200 OK", [*HTML, ("Content-Encoding", "gzip")], [b"\x1f\x8b\x08\x00garbage"]),
+    "no-content-type": ("200 OK", [], [PAGE]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESPONSE_CASES))
+def test_response_that_cannot_carry_a_session_passes_through(make_mw: Any, case: str) -> None:
+    status, headers, body = RESPONSE_CASES[case]
+    app = fixed_app(status, headers, body)
+    mw, spy = make_mw(app)
+    r = get(mw, headers=NOT_NAV)
+    assert spy.calls == []
+    assert r.iterable is app.result
+    assert (r.status, r.headers, r.body) == (status, headers, b"".join(body))
+
+
+@pytest.mark.parametrize("case", ["json", "404", "302"])
+def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPServer, case: str) -> None:
+    status, headers, body = RESPONSE_CASES[case]
+    app = fixed_app(status, headers, body)
+    mw, spy = make_mw(app)
+    r = get(mw)  # a navigation: the prebind started next to the view
+    assert r.iterable is app.result
+    assert spy.wait_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+
+
+def test_prebind_runs_alongside_the_view(make_mw: Any) -> None:
+    """Page time ~ max(view, prebind), not the sum (300 ms latency added by the spy in front of
+    the real prebind, which takes ~5 ms locally)."""
+    view = 0.3
+    view_start: list[float] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        view_start.append(time.monotonic())
+        time.sleep(view)
+        return html_app()(environ, start_response)  # type: ignore[no-any-return]
+
+    mw, spy = make_mw(app, spy_delay=0.3)
+    t0 = time.monotonic()
+    r = get(mw)
+    total = time.monotonic() - t0
+    assert page_vars(r.body) is not None
+    p_start, p_end = spy.intervals[0]
+    prebind = p_end - p_start
+    assert p_start <= view_start[0] + 0.05
+    # the sum would be >= view + prebind; allow a quarter of the shorter one for noise
+    assert total < view + prebind - 0.25 * min(view, prebind), (total, prebind)
+
+
+# ------------------------------------------------------------------------------------------
+# injection details
+# ------------------------------------------------------------------------------------------
+
+
+def test_streamed_page_is_injected_on_the_fly(make_mw: Any) -> None:
+    title = b"<html><head><title>" + b"t" * 60 + b"</title>"  # longer than the held tail
+    chunks = [title, b"</he", b"ad><body>", b"<p>x</p></body></html>"]
+    whole = b"".join(chunks)
+    produced: list[int] = []
+
+    def gen() -> Iterator[bytes]:
+        for i, c in enumerate(chunks):
+            produced.append(i)
+            yield c
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [*HTML, ("Content-Length", str(len(whole))), ("ETag", '"v1"')])
+        return gen()
+
+    mw, spy = make_mw(app)
+    got: list[tuple[int, bool]] = []
+    status: list[Any] = []
+    result = mw(wsgi_environ("/", headers=NAV, user="alice"),
+                lambda s, h, e=None: status.append((s, h)))
+    out = b""
+    for chunk in result:
+        out += chunk
+        got.append((len(produced), b"BOSH_SID" in out))
+    result.close()
+    assert out == inject(whole, mw.core.snippet(spy.sessions[0]))
+    # the snippet went out with the chunk completing "</head>", before the rest was produced
+    assert got[0] == (1, False)  # the first chunk went out before the second was produced
+    assert (3, True) in got
+    headers = dict(status[0][1])
+    assert "Content-Length" not in headers
+    assert headers["ETag"] == 'W/"v1"'
+
+
+@pytest.mark.parametrize(("etag", "expected"), [('"abc"', 'W/"abc"'), ('W/"abc"', 'W/"abc"')])
+def test_strong_etag_is_weakened(make_mw: Any, etag: str, expected: str) -> None:
+    mw, _ = make_mw(html_app(extra=[("ETag", etag)]))
+    assert get(mw).header_list("etag") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("vary", "expected"),
+    [
+        ([], "Cookie"),
+        (["Accept-Encoding"], "Accept-Encoding, Cookie"),
+        (["Accept-Encoding", "Origin"], "Accept-Encoding, Origin, Cookie"),
+        (["*"], "*"),
+    ],
+)
+def test_vary_cookie_is_merged(make_mw: Any, vary: list[str], expected: str) -> None:
+    extra = [("Vary", v) for v in vary] + [("Cache-Control", "public, max-age=600"),
+                                           ("Expires", "Thu, 01 Dec 2044 16:00:00 GMT")]
+    mw, _ = make_mw(html_app(extra=extra))
+    r = get(mw)
+    assert r.header_list("vary") == [expected]
+    assert r.header_list("cache-control") == ["private, no-store"]
+    assert r.header_list("expires") == []
+
+
+def test_csp_nonce_from_environ(make_mw: Any) -> None:
+    import lxml.html
+
+    mw, _ = make_mw(html_app())
+    r = get(mw, csp_nonce="n0nce")
+    scripts = lxml.html.document_fromstring(r.body).iter("script")
+    assert [s.get("nonce") for s in scripts] == ["n0nce"]
+
+
+def test_variable_names_are_configurable(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(), variables=("XMPP_JID", "XMPP_SID", "XMPP_RID"))
+    r = get(mw)
+    s = spy.sessions[0]
+    assert page_vars(r.body) == {"XMPP_JID": s.jid, "XMPP_SID": s.sid, "XMPP_RID": s.rid}
+
+
+def test_headers_mode(make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]) -> None:
+    headers = [*HTML, ("Content-Length", str(len(PAGE))), ("ETag", '"e"')]
+    app = fixed_app("200 OK", headers, [PAGE])
+    mw, spy = make_mw(app, mode="headers")
+    r = get(mw)
+    (session,) = spy.sessions
+    assert r.iterable is app.result and r.body == PAGE
+    assert r.header("content-length") == str(len(PAGE)) and r.header("etag") == '"e"'
+    assert r.header("x-bosh-jid") == session.jid and bare(session.jid) == alice[0]
+    assert r.header("x-bosh-sid") == session.sid
+    assert r.header("x-bosh-rid") == str(session.rid)
+    assert r.header("cache-control") == "private, no-store"
+    assert r.header("vary") == "Cookie"
+    assert is_live(prosody.service_url, session)
+
+
+def test_both_mode(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app(), mode="both")
+    r = get(mw)
+    s = spy.sessions[0]
+    assert page_vars(r.body) == {"BOSH_JID": s.jid, "BOSH_SID": s.sid, "BOSH_RID": s.rid}
+    assert (r.header("x-bosh-sid"), r.header("x-bosh-rid")) == (s.sid, str(s.rid))
+
+
+# ------------------------------------------------------------------------------------------
+# JSON endpoint
+# ------------------------------------------------------------------------------------------
+
+
+def test_endpoint_returns_a_live_session(make_mw: Any, prosody: XMPPServer,
+                                         alice: tuple[str, str]) -> None:
+    import json
+
+    mw, spy = make_mw(html_app())
+    r = get(mw, "/bosh/prebind", headers={"accept": "application/json"})
+    assert r.code == 200
+    data = json.loads(r.body)
+    assert set(data) == {"jid", "sid", "rid"} and bare(data["jid"]) == alice[0]
+    assert r.header("cache-control") == "private, no-store"
+    assert r.header("vary") == "Cookie"
+    (session,) = spy.sessions
+    assert (data["sid"], data["rid"]) == (session.sid, session.rid)
+    assert is_live(prosody.service_url, session)
+
+
+def test_endpoint_path_is_configurable(make_mw: Any) -> None:
+    app = fixed_app("404 Not Found", [("Content-Type", "text/plain")], [b"app page"])
+    mw, _ = make_mw(app, endpoint_path="/xmpp/attach")
+    assert get(mw, "/xmpp/attach").code == 200
+    old = get(mw, "/bosh/prebind")
+    assert (old.code, old.body) == (404, b"app page")
+
+
+def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app())
+    assert get(mw, "/bosh/prebind", user=None).code == 401
+    assert spy.calls == []
+
+
+def test_endpoint_405_for_post(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app())
+    r = get(mw, "/bosh/prebind", method="POST")
+    assert r.code == 405 and r.header("allow") == "GET"
+    assert spy.calls == []
+
+
+# ------------------------------------------------------------------------------------------
+# PEP 3333 corners
+# ------------------------------------------------------------------------------------------
+
+
+def lazy_app(status: str, headers: list[tuple[str, str]], chunks: list[bytes],
+             log: list[str]) -> Any:
+    """start_response is only called once the iterable is iterated (allowed by PEP 3333)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        def gen() -> Iterator[bytes]:
+            try:
+                start_response(status, headers)
+                for c in chunks:
+                    log.append("yield")
+                    yield c
+            finally:
+                log.append("closed")
+
+        return gen()
+
+    return app
+
+
+def test_lazy_start_response_page_is_injected(make_mw: Any) -> None:
+    log: list[str] = []
+    chunks = [b"<html><head>", b"</head><body></body></html>"]
+    mw, spy = make_mw(lazy_app("200 OK", HTML, chunks, log))
+    r = get(mw)
+    assert r.body == inject(b"<html><head></head><body></body></html>",
+                            mw.core.snippet(spy.sessions[0]))
+    assert log[-1] == "closed"
+
+
+def test_lazy_start_response_passthrough_streams(make_mw: Any) -> None:
+    log: list[str] = []
+    chunks = [b"a", b"b", b"c"]
+    mw, spy = make_mw(lazy_app("200 OK", [("Content-Type", "application/json")], chunks, log))
+    result = mw(wsgi_environ("/", headers=NOT_NAV, user="alice"), lambda s, h, e=None: None)
+    seen = []
+    for chunk in result:
+        seen.append((chunk, log.count("yield")))
+    result.close()
+    assert seen == [(b"a", 1), (b"b", 2), (b"c", 3)]  # one by one, not buffered
+    assert log[-1] == "closed" and spy.calls == []
+
+
+def test_write_callable_page_is_injected(make_mw: Any) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [*HTML, ("Content-Length", "38")])
+        write(b"<html><head>")
+        write(b"</head><body>")
+        return [b"</body></html>"]
+
+    mw, spy = make_mw(app)
+    r = get(mw)
+    expected = inject(b"<html><head></head><body></body></html>", mw.core.snippet(spy.sessions[0]))
+    assert r.body == expected
+    assert r.header("content-length") == str(len(expected))
+
+
+def test_write_callable_passthrough(make_mw: Any) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "application/json")])
+        write(b'{"a":')
+        return [b"1}"]
+
+    mw, spy = make_mw(app)
+    assert get(mw, headers=NOT_NAV).body == b'{"a":1}'
+    assert spy.calls == []
+
+
+@pytest.mark.parametrize("case", ["passthrough", "streamed-page", "whole-page", "fail-open"])
+def test_close_is_forwarded_exactly_once(make_mw: Any, case: str) -> None:
+    body = [b"<html><head>", b"</head></html>"]
+    iterable: Any = ClosingList(body) if case == "whole-page" else ClosingIterable(body)
+    ctype = "application/json" if case == "passthrough" else "text/html"
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", ctype)])
+        return iterable
+
+    settings: dict[str, Any] = {}
+    if case == "fail-open":
+        settings["service_url"] = "http://127.0.0.1:9/http-bind"  # nothing listens: refused
+    mw, _spy = make_mw(app, **settings)
+    r = get(mw)
+    assert iterable.closed == 1
+    assert (b"BOSH_SID" in r.body) == (case in ("streamed-page", "whole-page"))
+
+
+def test_exc_info_replaces_a_held_page(make_mw: Any, prosody: XMPPServer) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", HTML)
+        try:
+            raise ValueError("render failed")
+        except ValueError:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                           sys.exc_info())
+        return [b"error"]
+
+    mw, spy = make_mw(app)
+    r = get(mw)
+    assert (r.code, r.body, r.start_calls) == (500, b"error", 1)
+    assert r.header("cache-control") is None
+    assert spy.wait_terminated(1, timeout=2.0)
+    assert is_dead(prosody.service_url, spy.sessions[0])
+
+
+def test_exc_info_after_headers_sent_reraises(make_mw: Any) -> None:
+    """An error mid-stream after the (rewritten) headers went out: PEP 3333 says re-raise."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", HTML)
+
+        def gen() -> Iterator[bytes]:
+            yield b"<html><head></head>"
+            try:
+                raise ValueError("late failure")
+            except ValueError:
+                start_response("500 Internal Server Error", [], sys.exc_info())
+            yield b"never"
+
+        return gen()
+
+    mw, _spy = make_mw(app)
+    with pytest.raises(ValueError, match="late failure"):
+        get(mw)
