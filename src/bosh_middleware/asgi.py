@@ -193,7 +193,7 @@ class BOSHPrebindMiddleware:
         config: MiddlewareConfig | None = None,
         **settings: Any,
     ) -> None:
-        self.app: ASGIApp = guarantee_single_callable(app)
+        self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
         if config is None:
             config = MiddlewareConfig(service_url=service_url or "", credentials=credentials,  # type: ignore[arg-type]
                                       **settings)

@@ -148,8 +148,11 @@ class Prebinder(_Base):
         self._loop_pid = os.getpid()
         self._async: AsyncPrebinder | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def _http(self) -> httpx.Client:
+        if self._closed:
+            raise ServiceUnavailable("this Prebinder is closed", condition="closed")
         # A client inherited through fork() shares sockets with the parent: make a new one.
         if self._client is None or (self._given_client is None and self._pid != os.getpid()):
             with self._lock:
@@ -197,6 +200,8 @@ class Prebinder(_Base):
         return self._loop().run(self._batcher()._send_batch(batch))
 
     def _loop(self) -> _LoopThread:
+        if self._closed:
+            raise ServiceUnavailable("this Prebinder is closed", condition="closed")
         if self._loop_thread is None or self._loop_pid != os.getpid():
             with self._lock:
                 if self._loop_thread is None or self._loop_pid != os.getpid():
@@ -247,6 +252,7 @@ class Prebinder(_Base):
         return self.run(probe_flow(domain, self.options))
 
     def close(self) -> None:
+        self._closed = True
         if self._loop_thread is not None and self._loop_pid == os.getpid():
             if self._async is not None:
                 self._loop_thread.run(self._async.aclose())

@@ -73,6 +73,8 @@ def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
         and media_type(get("content-type")) in _PAGE_TYPES
         and not get("content-encoding")
         and not get("content-range")
+        # A download is saved, not rendered: a live session must not end up in a file.
+        and not (get("content-disposition") or "").strip().lower().startswith("attachment")
     )
 
 
@@ -216,10 +218,11 @@ class PrebindCore:
         return self._executor
 
     def close(self) -> None:
+        """Wait for prebinds in flight (and the termination of unused ones), then close."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         if self._sync is not None:
             self._sync.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
 
     async def aclose(self) -> None:
         if self._async is not None:
@@ -311,7 +314,10 @@ class PrebindCore:
 
     def _terminate_later_sync(self, fut: Future[PrebindSession]) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            self._pool().submit(self.prebinder.terminate, fut.result())
+            try:  # off the request thread: a non-page response must not wait for it
+                self._pool().submit(self.prebinder.terminate, fut.result())
+            except RuntimeError:  # the pool is shutting down (close()): end it here and now
+                self.prebinder.terminate(fut.result())
 
     def _terminate_later_async(self, task: asyncio.Task[PrebindSession]) -> None:
         if not task.cancelled() and task.exception() is None:

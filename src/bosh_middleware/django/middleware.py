@@ -1,0 +1,194 @@
+"""The Django middleware: translates requests and responses for ``PrebindCore``, nothing more.
+
+Sync and async capable (one instance is one or the other, after its ``get_response``). The
+prebind starts before the view for browser navigations and is awaited after it, so the XMPP
+login overlaps the view; a response that cannot carry the session ends it unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http.response import HttpResponseBase
+from django.utils.module_loading import import_string
+
+from ..config import MiddlewareConfig
+from ..core import PrebindCore, is_authenticated, is_injectable
+from ..inject import Injector
+from ..session import PrebindSession
+from ._compat import csp_nonce
+
+__all__ = ["BOSHPrebindMiddleware", "load_config"]
+
+
+def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareConfig | None:
+    """``settings.BOSH_PREBIND`` as a ``MiddlewareConfig``; ``None`` when absent or disabled."""
+    values = getattr(settings, "BOSH_PREBIND", None) if values is None else values
+    if values is None or not values.get("ENABLED", True):
+        return None
+    values = {k: v for k, v in values.items() if k != "ENABLED"}
+    credentials = values.pop("CREDENTIALS", None)
+    try:
+        if isinstance(credentials, str):
+            credentials = import_string(credentials)
+        if async_mode and callable(credentials) and not _is_async(credentials):
+            credentials = sync_to_async(credentials)  # may use the ORM: not on the event loop
+        return MiddlewareConfig.from_mapping(values, credentials=credentials)
+    except (ImportError, TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(f"BOSH_PREBIND: {exc}") from exc
+
+
+def _injectable(request: HttpRequest, response: HttpResponseBase) -> bool:
+    return is_injectable(request.method or "", response.status_code, response.headers.get)
+
+
+def _is_async(fn: Any) -> bool:
+    return iscoroutinefunction(fn) or iscoroutinefunction(type(fn).__call__)
+
+
+def _user(request: HttpRequest) -> Any:
+    return getattr(request, "user", None)
+
+
+async def _auser(request: HttpRequest) -> Any:
+    auser = getattr(request, "auser", None)  # Django >= 5.0's AuthenticationMiddleware
+    if auser is not None:
+        return await auser()
+    if not hasattr(request, "user"):
+        return None
+
+    def loaded() -> Any:
+        user = request.user
+        is_authenticated(user)  # evaluate the lazy object here, off the event loop
+        return user
+
+    return await sync_to_async(loaded)()
+
+
+class BOSHPrebindMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        config = load_config(async_mode=self.async_mode)
+        if config is None:
+            raise MiddlewareNotUsed("BOSH_PREBIND is not set or disabled")
+        self.core = PrebindCore(config)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        core, path, get = self.core, request.path_info, request.headers.get
+        if core.is_endpoint(path):
+            if request.method != "GET":
+                return HttpResponseNotAllowed(["GET"])
+            return _endpoint_response(*core.endpoint_sync(_user(request)))
+        if not core.wants(request.method or "", path, get):
+            return self.get_response(request)
+        # Reading the user touches the session (Vary: Cookie): only early for navigations.
+        navigation = core.looks_like_page(get)
+        credentials = core.credentials_sync(_user(request)) if navigation else None
+        if navigation and credentials is None:
+            return self.get_response(request)
+        pending = core.start_sync(credentials) if credentials is not None else None
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            if pending is not None:
+                pending.discard()
+            raise
+        if not _injectable(request, response):
+            if pending is not None:
+                pending.discard()
+            return response
+        if not navigation:
+            credentials = core.credentials_sync(_user(request))
+            pending = core.start_sync(credentials) if credentials is not None else None
+        session = pending.session() if pending is not None else None
+        return self._rewrite(request, response, session) if session is not None else response
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        core, path, get = self.core, request.path_info, request.headers.get
+        if core.is_endpoint(path):
+            if request.method != "GET":
+                return HttpResponseNotAllowed(["GET"])
+            return _endpoint_response(*await core.endpoint_async(await _auser(request)))
+        if not core.wants(request.method or "", path, get):
+            return await self.get_response(request)
+        navigation = core.looks_like_page(get)
+        credentials = await core.credentials_async(await _auser(request)) if navigation else None
+        if navigation and credentials is None:
+            return await self.get_response(request)
+        pending = core.start_async(credentials) if credentials is not None else None
+        try:
+            response = await self.get_response(request)
+        except BaseException:
+            if pending is not None:
+                pending.discard()
+            raise
+        if not _injectable(request, response):
+            if pending is not None:
+                pending.discard()
+            return response
+        if not navigation:
+            credentials = await core.credentials_async(await _auser(request))
+            pending = core.start_async(credentials) if credentials is not None else None
+        session = await pending.session() if pending is not None else None
+        return self._rewrite(request, response, session) if session is not None else response
+
+    def _rewrite(
+        self, request: HttpRequest, response: HttpResponseBase, session: PrebindSession
+    ) -> HttpResponseBase:
+        core, streaming, length = self.core, response.streaming, None
+        if core.rewrites_body:
+            injector = Injector(core.snippet(session, csp_nonce(request)), charset=response.charset)
+            if streaming:
+                response.streaming_content = _injected(response, injector)  # type: ignore[attr-defined]
+            else:
+                response.content = injector.feed(response.content) + injector.finish()  # type: ignore[attr-defined]
+                length = len(response.content)  # type: ignore[attr-defined]
+        sets, removes = core.header_edits(response.headers.get, session, body_length=length,
+                                          streaming=streaming)
+        for name in removes:
+            response.headers.pop(name, None)
+        for name, value in sets:
+            response.headers[name] = value
+        return response
+
+
+def _injected(response: Any, injector: Injector) -> Iterator[bytes] | AsyncIterator[bytes]:
+    """The streamed body through ``injector``, async if it was (whitenoise#531)."""
+    content = response.streaming_content
+    if response.is_async:
+
+        async def agen() -> AsyncIterator[bytes]:
+            async for chunk in content:
+                if out := injector.feed(chunk):
+                    yield out
+            yield injector.finish()
+
+        return agen()
+
+    def gen() -> Iterator[bytes]:
+        for chunk in content:
+            if out := injector.feed(chunk):
+                yield out
+        yield injector.finish()
+
+    return gen()
+
+
+def _endpoint_response(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
+    response = HttpResponse(body, status=status)
+    for name, value in headers:
+        response.headers[name] = value
+    return response

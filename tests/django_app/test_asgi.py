@@ -1,0 +1,88 @@
+"""The middleware in async mode (Django's AsyncClient: the ASGI handler) against a real Prosody.
+
+The CREDENTIALS callable queries the ORM: called on the event loop it would raise
+SynchronousOnlyOperation (and the page would be served without a session).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.http import HttpResponse
+from django.test import AsyncClient
+
+from bosh_middleware.django import BOSHPrebindMiddleware
+from django_app import views
+from django_app.helpers import PAGE_HEADERS, Account, RecordingCore, assert_live, injected
+from support.xmpp_servers import XMPPServer
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("acores")]
+
+
+async def logged_in(account: Account) -> AsyncClient:
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(account.user)
+    return client
+
+
+@pytest.mark.parametrize("path", ["/apage/", "/page/"])
+async def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer, path: str) -> None:
+    r = await (await logged_in(alice)).get(path, headers=PAGE_HEADERS)
+    found = injected(r.content)
+    assert found.jid.split("/")[0] == alice.jid
+    assert r["Cache-Control"] == "private, no-store" and "cookie" in r["Vary"].lower()
+    if "Content-Length" in r:
+        assert int(r["Content-Length"]) == len(r.content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+async def test_async_credentials_callable(alice: Account, bosh: XMPPServer, settings: Any) -> None:
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND,
+                             "CREDENTIALS": "django_app.accounts.acredentials"}
+    found = injected((await (await logged_in(alice)).get("/apage/", headers=PAGE_HEADERS)).content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+async def test_anonymous_page_is_untouched(bosh: XMPPServer, cores: list[RecordingCore]) -> None:
+    r = await AsyncClient().get("/page/", headers=PAGE_HEADERS)
+    assert b"BOSH_" not in r.content and "Cache-Control" not in r
+    assert cores[0].started == []
+
+
+async def test_async_streamed_page(alice: Account, bosh: XMPPServer) -> None:
+    r = await (await logged_in(alice)).get("/astream/", headers=PAGE_HEADERS)
+    assert r.streaming and r.is_async
+    found = injected(b"".join([chunk async for chunk in r.streaming_content]))
+    assert "Content-Length" not in r
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+async def test_json_response_is_untouched(alice: Account) -> None:
+    r = await (await logged_in(alice)).get("/json/", headers=PAGE_HEADERS)
+    assert r.json() == {"ok": True} and "Cache-Control" not in r
+
+
+async def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCore]) -> None:
+    views.SLOW_STARTED.clear()
+    r = await (await logged_in(alice)).get("/aslow/", headers=PAGE_HEADERS)
+    injected(r.content)
+    assert cores[0].started[0] < views.SLOW_STARTED[0]
+
+
+async def test_endpoint(alice: Account, bosh: XMPPServer) -> None:
+    r = await (await logged_in(alice)).get("/bosh/prebind")
+    assert r.status_code == 200
+    data = r.json()
+    assert data["jid"].split("/")[0] == alice.jid
+    assert_live(bosh.service_url, data["sid"], int(data["rid"]))
+    assert (await AsyncClient().get("/bosh/prebind")).status_code == 401
+
+
+def test_sync_and_async_capable(bosh: XMPPServer) -> None:
+    async def aget_response(request: Any) -> HttpResponse:
+        return HttpResponse()
+
+    assert iscoroutinefunction(BOSHPrebindMiddleware(aget_response))
+    assert not iscoroutinefunction(BOSHPrebindMiddleware(lambda request: HttpResponse()))

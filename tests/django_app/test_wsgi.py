@@ -1,0 +1,201 @@
+"""The middleware in sync mode (Django's test Client: the WSGI handler) against a real Prosody."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import django
+import pytest
+from django.test import Client
+
+from django_app import views
+from django_app.helpers import (
+    PAGE_HEADERS,
+    Account,
+    RecordingCore,
+    assert_dead,
+    assert_live,
+    injected,
+)
+from support.xmpp_servers import XMPPServer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def logged_in(account: Account) -> Client:
+    client = Client()
+    client.force_login(account.user)
+    return client
+
+
+def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer) -> None:
+    r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
+    assert r.status_code == 200
+    found = injected(r.content)
+    assert found.jid.split("/")[0] == alice.jid
+    assert found.nonce is None
+    assert int(r["Content-Length"]) == len(r.content)
+    assert r["Cache-Control"] == "private, no-store"
+    assert "cookie" in r["Vary"].lower()
+    assert "Expires" not in r
+    assert r["ETag"] == 'W/"page-v1"'
+    assert "<p>Hello İ " in r.content.decode()  # the rest of the page as it was
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+def test_login_through_the_login_view(alice: Account, bosh: XMPPServer) -> None:
+    client = Client(enforce_csrf_checks=True)
+    form = client.get("/accounts/login/?next=/page/", headers=PAGE_HEADERS)
+    assert b"BOSH_JID" not in form.content  # anonymous: untouched
+    token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', form.content)
+    assert token is not None
+    r = client.post("/accounts/login/", {
+        "username": alice.username, "password": alice.password, "next": "/page/",
+        "csrfmiddlewaretoken": token[1].decode(),
+    })
+    assert r.status_code == 302 and r["Location"] == "/page/"
+    page = client.get("/page/", headers=PAGE_HEADERS)
+    found = injected(page.content)
+    assert found.jid.split("/")[0] == alice.jid
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+def test_anonymous_page_is_untouched(bosh: XMPPServer, cores: list[RecordingCore]) -> None:
+    r = Client().get("/page/", headers=PAGE_HEADERS)
+    assert r.content == views.page_text(r.wsgi_request).encode()
+    assert int(r["Content-Length"]) == len(r.content)
+    assert "Cache-Control" not in r and r["ETag"] == '"page-v1"' and "Expires" in r
+    assert cores[0].started == []
+
+
+def test_user_without_xmpp_account_is_untouched(nobody: Account) -> None:
+    r = logged_in(nobody).get("/page/", headers=PAGE_HEADERS)
+    assert b"BOSH_" not in r.content and "Cache-Control" not in r
+
+
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    ("get", "/json/", PAGE_HEADERS),
+    ("get", "/download/", PAGE_HEADERS),
+    ("head", "/page/", PAGE_HEADERS),
+    ("get", "/not-modified/", PAGE_HEADERS),
+    ("get", "/gzip/", {**PAGE_HEADERS, "Accept-Encoding": "gzip"}),
+    ("get", "/fragment/", {"HX-Request": "true", "Accept": "text/html"}),
+    ("get", "/page/", {**PAGE_HEADERS, "HX-Request": "true"}),
+])
+def test_responses_that_cannot_carry_a_session(
+    alice: Account, method: str, path: str, headers: dict[str, str]
+) -> None:
+    r = getattr(logged_in(alice), method)(path, headers=headers)
+    assert b"BOSH_" not in (b"".join(r.streaming_content) if r.streaming else r.content)
+    assert r.get("Cache-Control") != "private, no-store"
+    if path == "/gzip/":
+        assert r["Content-Encoding"] == "gzip"
+
+
+def test_unused_session_is_terminated(alice: Account, bosh: XMPPServer,
+                                      cores: list[RecordingCore]) -> None:
+    r = logged_in(alice).get("/json/", headers=PAGE_HEADERS)  # a navigation: prebind started
+    assert r.json() == {"ok": True}
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
+def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCore]) -> None:
+    views.SLOW_STARTED.clear()
+    r = logged_in(alice).get("/slow/", headers=PAGE_HEADERS)
+    injected(r.content)
+    assert cores[0].started[0] < views.SLOW_STARTED[0]
+
+
+def test_html_answer_to_a_non_navigation_is_injected(alice: Account, bosh: XMPPServer,
+                                                     cores: list[RecordingCore]) -> None:
+    views.SLOW_STARTED.clear()
+    r = logged_in(alice).get("/slow/", headers={"Accept": "*/*"})
+    found = injected(r.content)
+    assert cores[0].started[0] > views.SLOW_STARTED[0]  # only once the answer was HTML
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+@pytest.mark.parametrize("path", ["/stream/", "/file/"])
+def test_streamed_page(alice: Account, bosh: XMPPServer, path: str) -> None:
+    r = logged_in(alice).get(path, headers=PAGE_HEADERS)
+    assert r.streaming and not r.is_async
+    found = injected(b"".join(r.streaming_content))
+    assert "Content-Length" not in r
+    assert r["Cache-Control"] == "private, no-store"
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+def test_async_credentials_callable(alice: Account, bosh: XMPPServer, settings: Any) -> None:
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND,
+                             "CREDENTIALS": "django_app.accounts.acredentials"}
+    found = injected(logged_in(alice).get("/page/", headers=PAGE_HEADERS).content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+def test_headers_mode(alice: Account, bosh: XMPPServer, settings: Any) -> None:
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "MODE": "headers"}
+    r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
+    assert b"BOSH_" not in r.content and int(r["Content-Length"]) == len(r.content)
+    assert r["X-BOSH-JID"].split("/")[0] == alice.jid
+    assert r["Cache-Control"] == "private, no-store"
+    assert_live(bosh.service_url, r["X-BOSH-SID"], int(r["X-BOSH-RID"]))
+
+
+def test_csp_nonce_from_django_csp(alice: Account, bosh: XMPPServer, settings: Any) -> None:
+    from csp.constants import NONCE, SELF
+
+    ours = settings.MIDDLEWARE.index("bosh_middleware.django.BOSHPrebindMiddleware")
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE[:ours], "csp.middleware.CSPMiddleware",
+                           *settings.MIDDLEWARE[ours:]]
+    settings.CONTENT_SECURITY_POLICY = {"DIRECTIVES": {"script-src": [SELF, NONCE]}}
+    r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
+    found = injected(r.content)
+    assert found.nonce
+    assert f"'nonce-{found.nonce}'" in r["Content-Security-Policy"]
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+@pytest.mark.skipif(django.VERSION < (6, 0), reason="Django 6's built-in CSP")
+def test_csp_nonce_from_django_6(alice: Account, bosh: XMPPServer, settings: Any) -> None:
+    from django.utils.csp import CSP
+
+    ours = settings.MIDDLEWARE.index("bosh_middleware.django.BOSHPrebindMiddleware")
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE[:ours],
+                           "django.middleware.csp.ContentSecurityPolicyMiddleware",
+                           *settings.MIDDLEWARE[ours:]]
+    settings.SECURE_CSP = {"script-src": [CSP.SELF, CSP.NONCE]}
+    r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
+    found = injected(r.content)
+    assert found.nonce
+    assert f"'nonce-{found.nonce}'" in r["Content-Security-Policy"]
+
+
+def test_disabled(alice: Account, settings: Any, cores: list[RecordingCore]) -> None:
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "ENABLED": False}
+    r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
+    assert b"BOSH_" not in r.content and cores == []
+
+
+def test_endpoint(alice: Account, nobody: Account, bosh: XMPPServer) -> None:
+    r = logged_in(alice).get("/bosh/prebind", headers={"Accept": "application/json"})
+    assert r.status_code == 200 and r["Content-Type"] == "application/json"
+    assert r["Cache-Control"] == "private, no-store" and int(r["Content-Length"]) == len(r.content)
+    data = r.json()
+    assert data["jid"].split("/")[0] == alice.jid
+    assert_live(bosh.service_url, data["sid"], int(data["rid"]))
+    assert Client().get("/bosh/prebind").status_code == 401
+    assert logged_in(nobody).get("/bosh/prebind").status_code == 403
+    assert logged_in(alice).post("/bosh/prebind").status_code == 405
+
+
+def test_unreachable_server_fails_open(alice: Account, settings: Any) -> None:
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "SERVICE_URL": "http://127.0.0.1:9/http-bind"}
+    client = logged_in(alice)
+    r = client.get("/page/", headers=PAGE_HEADERS)
+    assert r.status_code == 200 and b"BOSH_" not in r.content and "Cache-Control" not in r
+    r = client.get("/bosh/prebind")
+    assert r.status_code == 503 and int(r["Retry-After"]) >= 1

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.contrib.auth.views import LoginView
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("accounts/login/", LoginView.as_view()),
+    path("page/", views.page),
+    path("apage/", views.apage),
+    path("slow/", views.slow),
+    path("aslow/", views.aslow),
+    path("stream/", views.stream),
+    path("astream/", views.astream),
+    path("file/", views.file),
+    path("download/", views.download),
+    path("json/", views.json_view),
+    path("fragment/", views.fragment),
+    path("not-modified/", views.not_modified),
+    path("gzip/", views.gzipped),
+    path("browser/", views.browser),
+]

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotModified,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.shortcuts import render
+from django.views.decorators.gzip import gzip_page
+
+from support.browser import script_tags
+
+#: Set by the browser tests: where the Strophe bundle and the BOSH endpoint are.
+BROWSER = {"static": "", "service": ""}
+#: time.monotonic() at which the slow view started, per call.
+SLOW_STARTED: list[float] = []
+
+HEAD = "<!doctype html>\n<html><head><meta charset='utf-8'><title>İstanbul</title></HEAD>"
+BODY = "<body><p>Hello İ {name}</p><p>{pad}</p></body></html>\n"
+
+
+def page_text(request: HttpRequest) -> str:
+    return HEAD + BODY.format(name=getattr(request.user, "username", ""), pad="x" * 300)
+
+
+def page(request: HttpRequest) -> HttpResponse:
+    content = page_text(request).encode()
+    response = HttpResponse(content)
+    response["Content-Length"] = str(len(content))  # as a cache or a server would have it
+    response["Expires"] = "Thu, 01 Jan 2099 00:00:00 GMT"
+    response["ETag"] = '"page-v1"'
+    return response
+
+
+async def apage(request: HttpRequest) -> HttpResponse:
+    await asyncio.sleep(0)
+    user = await request.auser() if hasattr(request, "auser") else None
+    return HttpResponse(HEAD + BODY.format(name=getattr(user, "username", ""), pad=""))
+
+
+def slow(request: HttpRequest) -> HttpResponse:
+    SLOW_STARTED.append(time.monotonic())
+    time.sleep(0.05)
+    return HttpResponse(HEAD + BODY.format(name="slow", pad=""))
+
+
+async def aslow(request: HttpRequest) -> HttpResponse:
+    SLOW_STARTED.append(time.monotonic())
+    await asyncio.sleep(0.05)
+    return HttpResponse(HEAD + BODY.format(name="slow", pad=""))
+
+
+CHUNKS = [b"<!doctype html><html><he", b"ad><title>s</title></he", b"ad><body>", b"streamed",
+          b"</bo", b"dy></html>"]
+
+
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    def chunks() -> Iterator[bytes]:
+        yield from CHUNKS
+
+    return StreamingHttpResponse(chunks(), content_type="text/html; charset=utf-8")
+
+
+def astream(request: HttpRequest) -> StreamingHttpResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in CHUNKS:
+            await asyncio.sleep(0)
+            yield chunk
+
+    return StreamingHttpResponse(chunks(), content_type="text/html; charset=utf-8")
+
+
+def file(request: HttpRequest) -> FileResponse:
+    return FileResponse(io.BytesIO(b"".join(CHUNKS)), content_type="text/html; charset=utf-8")
+
+
+def download(request: HttpRequest) -> FileResponse:
+    return FileResponse(io.BytesIO(b"".join(CHUNKS)), as_attachment=True, filename="page.html")
+
+
+def json_view(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"ok": True})
+
+
+def fragment(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("<div id='fragment'>htmx</div>")
+
+
+def not_modified(request: HttpRequest) -> HttpResponse:
+    return HttpResponseNotModified()
+
+
+@gzip_page
+def gzipped(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(HEAD + BODY.format(name="gzip", pad="z" * 500))
+
+
+def browser(request: HttpRequest) -> HttpResponse:
+    context = {"service": BROWSER["service"], "scripts": script_tags(BROWSER["static"])}
+    return render(request, "browser.html", context)
