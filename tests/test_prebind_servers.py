@@ -419,7 +419,9 @@ def test_concurrent_async_prebinds(prosody) -> None:
     sessions = run_async(go)
     assert len({s.sid for s in sessions}) == 9
     assert len({s.jid for s in sessions}) == 9
-    assert all(s.round_trips == 4 for s in sessions)
+    # 4 round trips, or 4 + 5 when the pipelined bind overtook the restart and the prebind was
+    # redone sequentially (rare; correct either way)
+    assert all(s.round_trips == (9 if s.retried else 4) for s in sessions)
     for s in sessions[::4]:
         assert_attachable(s)
 
@@ -429,10 +431,10 @@ def test_concurrent_async_prebinds(prosody) -> None:
 def test_bind_overtaking_the_restart_leaves_the_session_attachable(
     prosody_secure, mech, engine
 ) -> None:
-    """Deterministic repro of a race seen ~1 in 150 prebinds on a quiet machine: a proxy holds
-    the restart back 0.3 s so that the bind reaches Prosody first. Prosody then answers both on
-    one request and holds the other; the engine must close that one (the proxy passes the
-    hang-up on, as nginx does) so the browser's first answers are not written to it."""
+    """Deterministic repro of a race seen in a few percent of prebinds: a proxy holds the restart
+    back 0.3 s so that the bind reaches Prosody first. Prosody then answers both on one request
+    and holds the other, which would swallow the browser's first answers; the engine must not
+    hand that session out, but end it and prebind again sequentially."""
     jid, password = prosody_secure.new_user()
     with FakeBOSH(forward_to(prosody_secure.service_url, delay={"restart": 0.3})) as proxy:
         if engine == "sync":
@@ -446,6 +448,7 @@ def test_bind_overtaking_the_restart_leaves_the_session_attachable(
 
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 session = pool.submit(lambda: asyncio.run(go())).result(timeout=30)
+        assert session.retried
         assert session.jid.startswith(jid + "/")
         try:
             reply, iq = roster_get(prosody_secure.service_url, session.sid, session.rid, timeout=3)

@@ -18,10 +18,13 @@ Only restart + bind are pipelined. Two requests in flight use two TCP connection
 makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
 and handles its *stanzas* afterwards, which is right for the bind, but it loses the
 ``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
-When the bind does overtake the restart, Prosody puts features and bind result on one request
-and, as hold=1 allows, keeps the other open with nothing to say. The drivers then close that
-request's connection before handing the session out: left open, it would be the "oldest
-request" that the browser's first answers are written to.
+When the bind does overtake the restart (new connections and a busy server make that a few
+percent of prebinds), Prosody puts features and bind result on one request and, as hold=1
+allows, keeps the other open with nothing to say. That open request would become the "oldest
+request" the server writes the browser's first answers to, and with hold=1 no further request
+can get rid of it; closing its connection does not either, since the server notices the close
+only later. So such a session is terminated and the prebind redone strictly sequentially:
+correct always, and as fast as the pipelined form in the usual, in-order case.
 """
 
 from __future__ import annotations
@@ -207,6 +210,8 @@ class _Conversation:
         self.round_trips = 0
         self.request_count = 0
         self.polls = 0
+        #: Requests of pipelined batches that the server kept open (see ``_HeldRequest``).
+        self.held = 0
 
     def _request(self, label: str, body: bytes, *, best_effort: bool = False) -> BOSHRequest:
         req = BOSHRequest(rid=self.rid, body=body, label=label, best_effort=best_effort)
@@ -308,6 +313,7 @@ class _Conversation:
             for response in responses:
                 if response is not None:
                     self._absorb(response)
+            self.held += sum(r is None for r in responses)
 
     def _settles(
         self, needs: Sequence[Callable[[etree._Element], bool]]
@@ -359,6 +365,10 @@ def _mechanisms(features: etree._Element) -> list[str]:
     return [(m.text or "").strip() for m in mechs if isinstance(m.tag, str) and m.text]
 
 
+class _HeldRequest(Exception):  # noqa: N818 - a signal inside the flow, never raised out of it
+    """A pipelined request is still open at the server: the session must not be handed out."""
+
+
 class PrebindProtocol:
     """One prebind: ``flow()`` is the generator a driver runs.
 
@@ -397,7 +407,27 @@ class PrebindProtocol:
 
     def flow(self) -> Flow[PrebindSession]:
         try:
-            session = yield from self._run()
+            try:
+                session = yield from self._run()
+            except _HeldRequest:
+                # The pipelined bind overtook the restart and the server now holds a request
+                # that would swallow the browser's first answers: this session is unusable.
+                # End it and prebind again with exactly one request open at any time.
+                cleanup = self.abort_request()
+                if cleanup is not None:
+                    with contextlib.suppress(BOSHError):
+                        yield [cleanup]
+                spent = self._conv
+                self.options = dataclasses.replace(self.options, pipeline=False)
+                self._conv = _Conversation(self.credentials.domain, self.options, None)
+                self.finished = False
+                session = yield from self._run()
+                session = dataclasses.replace(
+                    session,
+                    round_trips=session.round_trips + spent.round_trips,
+                    request_count=session.request_count + spent.request_count,
+                    retried=True,
+                )
         except Exception:
             cleanup = self.abort_request()
             if cleanup is not None:
@@ -460,6 +490,8 @@ class PrebindProtocol:
             [("restart", _RESTART), ("bind", bind_iq)],
             needs=[_tag_in(_FEATURES), _iq_result(bind_id)],
         )
+        if conv.held:
+            raise _HeldRequest
         bound_features = yield from conv.wait_for(
             _tag_in(_FEATURES), "stream features after restart"
         )

@@ -65,6 +65,8 @@ class PrebindSession:
     #: HTTP round trips and requests the prebind took.
     round_trips: int = 0
     request_count: int = 0
+    #: The pipelined attempt reached the server out of order and was redone sequentially.
+    retried: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The shape converse.js's ``prebind_url`` expects: ``{"jid", "sid", "rid"}``."""
