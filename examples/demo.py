@@ -68,8 +68,10 @@ def missing_prerequisites(framework: str, check: bool) -> list[str]:
     if framework == "flask" and not (STROPHE_DIST.parent.parent / "converse.js" / "dist").is_dir():
         problems.append("node_modules/converse.js is missing: run `npm ci` at the repository root")
     if shutil.which("prosody") is None:
-        problems.append("Prosody is not installed: `scripts/setup.sh --demo` or "
-                        "`apt-get install prosody` (then stop its stock service)")
+        problems.append(
+            "Prosody is not installed: `scripts/setup.sh --demo` or "
+            "`apt-get install prosody` (then stop its stock service)"
+        )
     for module in ["bosh_middleware", *FRAMEWORK_MODULES[framework]]:
         if importlib.util.find_spec(module) is None:
             extra = " flask-login" if module == "flask_login" else ""
@@ -79,8 +81,10 @@ def missing_prerequisites(framework: str, check: bool) -> list[str]:
     if check and not os.access(CHROMIUM, os.X_OK):
         problems.append(f"Chromium is missing at {CHROMIUM}: `apt-get install chromium`")
     if check and importlib.util.find_spec("playwright") is None:
-        problems.append("Playwright is missing (`pip install playwright`; it uses "
-                        "/usr/bin/chromium: never `playwright install`)")
+        problems.append(
+            "Playwright is missing (`pip install playwright`; it uses "
+            "/usr/bin/chromium: never `playwright install`)"
+        )
     return problems
 
 
@@ -91,8 +95,13 @@ def run_check(app: ExampleApp, framework: str, deadline: float) -> None:
     with sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:
-            check_chat(browser, app.url, timeout_s=max(5.0, deadline - time.monotonic() - 4),
-                       converse=framework == "flask", progress=print)
+            check_chat(
+                browser,
+                app.url,
+                timeout_s=max(5.0, deadline - time.monotonic() - 4),
+                converse=framework == "flask",
+                progress=print,
+            )
         finally:
             browser.close()
 
@@ -102,14 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         description="One-command demo: Prosody + a bosh-middleware example web app.",
         epilog="Log in as alice / wonderland in one browser and bob / builder in a private window.",
     )
-    parser.add_argument("--framework", choices=FRAMEWORKS, default="django",
-                        help="which example app to run (default: django)")
-    parser.add_argument("--check", action="store_true",
-                        help="run the end-to-end check in headless Chromium and exit (0 = pass)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="web port on 127.0.0.1 (default: 8000, or a free one)")
-    parser.add_argument("--xmpp-port", type=int, default=None,
-                        help="BOSH port on 127.0.0.1 (default: 5280, or a free one)")
+    parser.add_argument(
+        "--framework",
+        choices=FRAMEWORKS,
+        default="django",
+        help="which example app to run (default: django)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run the end-to-end check in headless Chromium and exit (0 = pass)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="web port on 127.0.0.1 (default: 8000, or a free one)",
+    )
+    parser.add_argument(
+        "--xmpp-port",
+        type=int,
+        default=None,
+        help="BOSH port on 127.0.0.1 (default: 5280, or a free one)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the web server's access log")
     args = parser.parse_args(argv)
 
@@ -148,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         app.start()
         if args.check:
-            print(f"{args.framework} example: {app.url} ({time.monotonic() - t0:.1f} s); "
-                  "checking in headless Chromium:", flush=True)
+            print(
+                f"{args.framework} example: {app.url} ({time.monotonic() - t0:.1f} s); "
+                "checking in headless Chromium:",
+                flush=True,
+            )
             run_check(app, args.framework, deadline)
             print(f"demo --check: OK ({args.framework}, {time.monotonic() - t0:.1f} s)")
             return 0
@@ -169,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"demo: Prosody stopped unexpectedly\n{xmpp.log_tail()}", file=sys.stderr)
                 return 1
             if app.returncode() is not None:
-                print(f"demo: the {args.framework} app exited ({app.returncode()})",
-                      file=sys.stderr)
+                print(
+                    f"demo: the {args.framework} app exited ({app.returncode()})", file=sys.stderr
+                )
                 return 1
     except KeyboardInterrupt:
         print("\ndemo: stopping…", flush=True)

@@ -70,11 +70,19 @@ async def make_mw(prosody: XMPPServer, alice: tuple[str, str]) -> AsyncIterator[
         await asyncio.to_thread(end_sessions, prosody.service_url, spy.sessions)
 
 
-async def run(mw: Any, path: str = "/", *, user: Any = ALICE, headers: Any = None,
-              method: str = "GET", **extra: Any) -> ASGIRecorder:
+async def run(
+    mw: Any,
+    path: str = "/",
+    *,
+    user: Any = ALICE,
+    headers: Any = None,
+    method: str = "GET",
+    **extra: Any,
+) -> ASGIRecorder:
     rec = ASGIRecorder()
-    scope = http_scope(path, method=method, headers=NAV if headers is None else headers,
-                       user=user, **extra)
+    scope = http_scope(
+        path, method=method, headers=NAV if headers is None else headers, user=user, **extra
+    )
     await asyncio.wait_for(mw(scope, rec.receive, rec.send), 10)
     return rec
 
@@ -116,15 +124,19 @@ async def dead(prosody: XMPPServer, session: Any) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
-async def test_page_gets_a_live_session_of_its_user(make_mw: Any, prosody: XMPPServer,
-                                                    alice: tuple[str, str]) -> None:
+async def test_page_gets_a_live_session_of_its_user(
+    make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
     mw, spy = make_mw(html_app(PAGE))
     rec = await run(mw)
     assert rec.status == 200
     (session,) = spy.sessions
     assert rec.body == inject(PAGE, mw.core.snippet(session))
-    assert page_vars(rec.body) == {"BOSH_JID": session.jid, "BOSH_SID": session.sid,
-                                   "BOSH_RID": session.rid}
+    assert page_vars(rec.body) == {
+        "BOSH_JID": session.jid,
+        "BOSH_SID": session.sid,
+        "BOSH_RID": session.rid,
+    }
     assert bare(session.jid) == alice[0]
     assert rec.header("content-length") == str(len(rec.body))
     assert rec.header("cache-control") == "private, no-store"
@@ -221,8 +233,9 @@ async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:
     def after_chunk(i: int) -> None:
         seen.append((rec_holder[0].has_start, rec_holder[0].body_count))
 
-    app = chunked_app(chunks, content_type="application/json", after_start=after_start,
-                      after_chunk=after_chunk)
+    app = chunked_app(
+        chunks, content_type="application/json", after_start=after_start, after_chunk=after_chunk
+    )
     mw, spy = make_mw(app)
     rec = ASGIRecorder()
     rec_holder.append(rec)
@@ -263,8 +276,9 @@ async def test_prebind_runs_alongside_the_view(make_mw: Any) -> None:
 
 
 @pytest.mark.parametrize("case", ["json", "404", "302", "gzip"])
-async def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPServer,
-                                                    case: str) -> None:
+async def test_unused_session_is_terminated_at_once(
+    make_mw: Any, prosody: XMPPServer, case: str
+) -> None:
     app = scripted_app(RESPONSE_CASES[case])
     mw, spy = make_mw(app)
     rec = await run(mw)  # a navigation: the prebind started next to the view
@@ -276,8 +290,9 @@ async def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPS
     assert await dead(prosody, session)
 
 
-async def test_session_is_terminated_when_the_app_fails_after_start(make_mw: Any,
-                                                                    prosody: XMPPServer) -> None:
+async def test_session_is_terminated_when_the_app_fails_after_start(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send(response(200, HTML)[0])
         raise RuntimeError("template error")
@@ -289,8 +304,9 @@ async def test_session_is_terminated_when_the_app_fails_after_start(make_mw: Any
     assert await dead(prosody, spy.sessions[0])
 
 
-async def test_pathsend_passes_through_and_session_is_ended(make_mw: Any,
-                                                            prosody: XMPPServer) -> None:
+async def test_pathsend_passes_through_and_session_is_ended(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
     pathsend = {"type": "http.response.pathsend", "path": "/tmp/page.html"}
     messages = [response(200, HTML)[0], pathsend]
     app = scripted_app(messages)
@@ -316,8 +332,11 @@ async def test_streamed_page_is_injected_on_the_fly(make_mw: Any) -> None:
     def after_chunk(i: int) -> None:
         seen.append(b"BOSH_SID" in rec_holder[0].body)
 
-    app = chunked_app(chunks, headers=[("content-length", str(len(whole))), ("etag", '"v1"')],
-                      after_chunk=after_chunk)
+    app = chunked_app(
+        chunks,
+        headers=[("content-length", str(len(whole))), ("etag", '"v1"')],
+        after_chunk=after_chunk,
+    )
     mw, spy = make_mw(app)
     rec = ASGIRecorder()
     rec_holder.append(rec)
@@ -355,8 +374,10 @@ async def test_strong_etag_is_weakened(make_mw: Any, etag: str, expected: str) -
     ],
 )
 async def test_vary_cookie_is_merged(make_mw: Any, vary: list[str], expected: str) -> None:
-    headers = [("vary", v) for v in vary] + [("cache-control", "public, max-age=600"),
-                                             ("expires", "Thu, 01 Dec 2044 16:00:00 GMT")]
+    headers = [("vary", v) for v in vary] + [
+        ("cache-control", "public, max-age=600"),
+        ("expires", "Thu, 01 Dec 2044 16:00:00 GMT"),
+    ]
     mw, _ = make_mw(html_app(PAGE, headers=headers))
     rec = await run(mw)
     assert rec.headers("vary") == [expected]
@@ -383,8 +404,9 @@ async def test_variable_names_are_configurable(make_mw: Any) -> None:
 
 
 async def test_headers_mode(make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]) -> None:
-    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE))), ("etag", '"e"')],
-                                PAGE))
+    app = scripted_app(
+        response(200, [*HTML, ("content-length", str(len(PAGE))), ("etag", '"e"')], PAGE)
+    )
     mw, spy = make_mw(app, mode="headers")
     rec = await run(mw)
     (session,) = spy.sessions
@@ -414,12 +436,14 @@ async def test_both_mode(make_mw: Any) -> None:
 
 
 def client_for(mw: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=header_auth(mw)),
-                             base_url="http://testserver", timeout=10)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=header_auth(mw)), base_url="http://testserver", timeout=10
+    )
 
 
-async def test_endpoint_returns_a_live_session(make_mw: Any, prosody: XMPPServer,
-                                               alice: tuple[str, str]) -> None:
+async def test_endpoint_returns_a_live_session(
+    make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
     mw, spy = make_mw(html_app(PAGE))
     async with client_for(mw) as client:
         r = await client.get("/bosh/prebind", headers={"x-user": "alice"})
@@ -435,8 +459,9 @@ async def test_endpoint_returns_a_live_session(make_mw: Any, prosody: XMPPServer
 
 
 async def test_endpoint_path_is_configurable(make_mw: Any) -> None:
-    mw, _spy = make_mw(html_app(b"app page", content_type="text/plain", status=404),
-                      endpoint_path="/xmpp/attach")
+    mw, _spy = make_mw(
+        html_app(b"app page", content_type="text/plain", status=404), endpoint_path="/xmpp/attach"
+    )
     async with client_for(mw) as client:
         moved = await client.get("/xmpp/attach", headers={"x-user": "alice"})
         old = await client.get("/bosh/prebind", headers={"x-user": "alice"})

@@ -160,8 +160,9 @@ def accounts(prosody: XMPPServer) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture
-async def make_mw(prosody: XMPPServer, accounts: dict[str, tuple[str, str]]
-                  ) -> AsyncIterator[Callable[..., Any]]:
+async def make_mw(
+    prosody: XMPPServer, accounts: dict[str, tuple[str, str]]
+) -> AsyncIterator[Callable[..., Any]]:
     """``make_mw("asgi"|"wsgi", app, **settings) -> (middleware, spy)``."""
     created: list[tuple[str, Any, PrebindSpy]] = []
 
@@ -203,12 +204,14 @@ def plain_wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [PAGE]
 
 
-async def test_asgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: XMPPServer,
-                                                         accounts: Any, caplog: Any) -> None:
+async def test_asgi_breaker_opens_skips_and_closes_again(
+    make_mw: Any, prosody: XMPPServer, accounts: Any, caplog: Any
+) -> None:
     caplog.set_level(logging.WARNING, logger="bosh_middleware")
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
-        mw, spy = make_mw("asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=2,
-                          breaker_reset=0.5)
+        mw, spy = make_mw(
+            "asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=2, breaker_reset=0.5
+        )
         for _ in range(2):
             rec, _ = await asgi_page(mw)
             assert (rec.status, rec.body) == (200, PAGE)
@@ -236,11 +239,13 @@ async def test_asgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: 
             assert await asyncio.to_thread(is_live, prosody.service_url, session)
 
 
-async def test_wsgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: XMPPServer,
-                                                         accounts: Any) -> None:
+async def test_wsgi_breaker_opens_skips_and_closes_again(
+    make_mw: Any, prosody: XMPPServer, accounts: Any
+) -> None:
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
-        mw, spy = make_mw("wsgi", plain_wsgi, service_url=fake.url, breaker_threshold=2,
-                          breaker_reset=0.5)
+        mw, spy = make_mw(
+            "wsgi", plain_wsgi, service_url=fake.url, breaker_threshold=2, breaker_reset=0.5
+        )
         for _ in range(2):
             r, _ = await asyncio.to_thread(wsgi_page, mw)
             assert (r.code, r.body) == (200, PAGE)
@@ -263,8 +268,9 @@ async def test_wsgi_breaker_opens_skips_and_closes_again(make_mw: Any, prosody: 
 
 
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
-async def test_auth_failures_do_not_open_the_breaker(make_mw: Any, prosody: XMPPServer,
-                                                     kind: str) -> None:
+async def test_auth_failures_do_not_open_the_breaker(
+    make_mw: Any, prosody: XMPPServer, kind: str
+) -> None:
     app = html_app(PAGE) if kind == "asgi" else plain_wsgi
     mw, spy = make_mw(kind, app, service_url=prosody.service_url, breaker_threshold=2)
     for _ in range(4):
@@ -284,8 +290,9 @@ async def test_auth_failure_in_half_open_trial_does_not_wedge_the_breaker(
 ) -> None:
     """The server answered the trial (it refused the login): that is not an outage."""
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
-        mw, _spy = make_mw("asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=1,
-                          breaker_reset=0.3)
+        mw, _spy = make_mw(
+            "asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=1, breaker_reset=0.3
+        )
         await asgi_page(mw)
         assert mw.core.breaker.state == "open"
         await asyncio.sleep(0.35)

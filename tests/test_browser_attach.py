@@ -60,7 +60,7 @@ def _attach(
 
 
 def test_prosody_scram_session_attaches(browser, static_server, prosody) -> None:
-    session, jid = _prebind(prosody)
+    session, _jid = _prebind(prosody)
     assert session.mechanism and session.mechanism.startswith("SCRAM-")
     assert session.round_trips == 4
     _attach(browser, static_server, prosody, session, "hello from a SCRAM prebind")

@@ -46,8 +46,9 @@ def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def check_pages(prosody: XMPPServer, users: dict[str, tuple[str, str]], spy: PrebindSpy,
-                pages: dict[str, bytes]) -> None:
+def check_pages(
+    prosody: XMPPServer, users: dict[str, tuple[str, str]], spy: PrebindSpy, pages: dict[str, bytes]
+) -> None:
     by_sid = {s.sid: s for s in spy.sessions}
     assert len(spy.sessions) == len(by_sid) == N  # one prebind per page, all distinct
     seen_sids = set()
@@ -73,15 +74,20 @@ def check_pages(prosody: XMPPServer, users: dict[str, tuple[str, str]], spy: Pre
         assert owner is not None and bare(owner) == users[name][0], (name, owner)
 
 
-async def test_asgi_many_users_at_once(prosody: XMPPServer,
-                                       users: dict[str, tuple[str, str]]) -> None:
-    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE, delay=0.05), service_url=prosody.service_url,
-                                    credentials=StaticCredentials(users))
+async def test_asgi_many_users_at_once(
+    prosody: XMPPServer, users: dict[str, tuple[str, str]]
+) -> None:
+    mw = asgi.BOSHPrebindMiddleware(
+        html_app(PAGE, delay=0.05),
+        service_url=prosody.service_url,
+        credentials=StaticCredentials(users),
+    )
     spy = PrebindSpy.on(mw.core, sync=False)
     try:
         transport = httpx.ASGITransport(app=header_auth(mw))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                     timeout=20) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", timeout=20
+        ) as client:
 
             async def one(name: str) -> tuple[str, httpx.Response]:
                 return name, await client.get("/", headers={**NAV, "x-user": name})
@@ -92,8 +98,9 @@ async def test_asgi_many_users_at_once(prosody: XMPPServer,
         assert all(r.status_code == 200 for _, r in results)
         assert peak_concurrency(spy.intervals) >= 4, "prebinds did not run at the same time"
         assert elapsed < 10
-        await asyncio.to_thread(check_pages, prosody, users, spy,
-                                {name: r.content for name, r in results})
+        await asyncio.to_thread(
+            check_pages, prosody, users, spy, {name: r.content for name, r in results}
+        )
     finally:
         await drain_async(mw.core)
         await asyncio.to_thread(end_sessions, prosody.service_url, spy.sessions)
@@ -102,12 +109,14 @@ async def test_asgi_many_users_at_once(prosody: XMPPServer,
 def test_wsgi_many_users_at_once(prosody: XMPPServer, users: dict[str, tuple[str, str]]) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         time.sleep(0.05)
-        start_response("200 OK", [("Content-Type", "text/html"),
-                                  ("Content-Length", str(len(PAGE)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(PAGE)))]
+        )
         return [PAGE]
 
-    mw = wsgi.BOSHPrebindMiddleware(app, service_url=prosody.service_url,
-                                    credentials=StaticCredentials(users))
+    mw = wsgi.BOSHPrebindMiddleware(
+        app, service_url=prosody.service_url, credentials=StaticCredentials(users)
+    )
     spy = PrebindSpy.on(mw.core, sync=True)
     barrier = threading.Barrier(N)
 

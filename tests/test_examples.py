@@ -68,8 +68,14 @@ def running_example(framework: str, workdir: Path) -> Iterator[tuple[DemoProsody
     secret = secrets.token_urlsafe(24)
     users = {name: derive_password(secret, f"{name}@{DOMAIN}") for name in DEMO_USERS}
     xmpp = DemoProsody(workdir / "prosody", users, http_port=free_port())
-    app = ExampleApp(framework, xmpp.service_url, secret, port=free_port(), workdir=workdir,
-                     log_path=workdir / f"{framework}.log")
+    app = ExampleApp(
+        framework,
+        xmpp.service_url,
+        secret,
+        port=free_port(),
+        workdir=workdir,
+        log_path=workdir / f"{framework}.log",
+    )
     try:
         xmpp.start()
         app.start()

@@ -50,14 +50,23 @@ async def make_mw() -> AsyncIterator[Callable[..., Any]]:
     """``make_mw(kind, service_url, accounts, **settings) -> (middleware, spy)``."""
     created: list[tuple[str, Any, PrebindSpy]] = []
 
-    def factory(kind: str, service_url: str, accounts: dict[str, tuple[str, str]],
-                **settings: Any) -> tuple[Any, PrebindSpy]:
+    def factory(
+        kind: str, service_url: str, accounts: dict[str, tuple[str, str]], **settings: Any
+    ) -> tuple[Any, PrebindSpy]:
         if kind == "asgi":
-            mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), service_url=service_url,
-                                            credentials=StaticCredentials(accounts), **settings)
+            mw = asgi.BOSHPrebindMiddleware(
+                html_app(PAGE),
+                service_url=service_url,
+                credentials=StaticCredentials(accounts),
+                **settings,
+            )
         else:
-            mw = wsgi.BOSHPrebindMiddleware(plain_wsgi, service_url=service_url,
-                                            credentials=StaticCredentials(accounts), **settings)
+            mw = wsgi.BOSHPrebindMiddleware(
+                plain_wsgi,
+                service_url=service_url,
+                credentials=StaticCredentials(accounts),
+                **settings,
+            )
         spy = PrebindSpy.on(mw.core, sync=kind == "wsgi")
         created.append((kind, mw, spy))
         return mw, spy
@@ -87,17 +96,20 @@ async def page(kind: str, mw: Any, user: str = "alice") -> tuple[int, bytes, dic
 async def endpoint(kind: str, mw: Any, user: str = "alice") -> tuple[int, dict[str, str], bytes]:
     if kind == "asgi":
         rec = ASGIRecorder()
-        await asyncio.wait_for(mw(http_scope("/bosh/prebind", user=User(user)), rec.receive,
-                                  rec.send), 10)
+        await asyncio.wait_for(
+            mw(http_scope("/bosh/prebind", user=User(user)), rec.receive, rec.send), 10
+        )
         return rec.status, {k.decode(): v.decode() for k, v in rec.raw_headers}, rec.body
     r = await asyncio.to_thread(call_wsgi, mw, wsgi_environ("/bosh/prebind", user=user))
     return r.code, {k.lower(): v for k, v in r.headers}, r.body
 
 
 def assert_logged(caplog: Any, user: str, condition: str, password: str) -> None:
-    hits = [r for r in caplog.records
-            if (getattr(r, "bosh_user", None), getattr(r, "bosh_condition", None))
-            == (user, condition)]
+    hits = [
+        r
+        for r in caplog.records
+        if (getattr(r, "bosh_user", None), getattr(r, "bosh_condition", None)) == (user, condition)
+    ]
     assert hits, [r.getMessage() for r in caplog.records]
     assert any(user in r.getMessage() and condition in r.getMessage() for r in hits)
     for r in caplog.records:
@@ -113,8 +125,9 @@ def assert_unchanged(status: int, body: bytes, headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
-async def test_server_stopped_mid_run(kind: str, make_mw: Any, prosody_factory: Any,
-                                      caplog: Any) -> None:
+async def test_server_stopped_mid_run(
+    kind: str, make_mw: Any, prosody_factory: Any, caplog: Any
+) -> None:
     caplog.set_level(logging.DEBUG)
     srv: XMPPServer = prosody_factory()
     jid, password = srv.new_user("alice")
@@ -140,8 +153,7 @@ async def test_slow_server_page_arrives_on_time(kind: str, make_mw: Any, caplog:
     caplog.set_level(logging.DEBUG)
     password = "s3cret-not-in-logs"
     with FakeEndpoint("sleep", sleep=5.0) as fake:
-        mw, spy = make_mw(kind, fake.url, {"alice": ("alice@localhost", password)},
-                          timeout=TIMEOUT)
+        mw, spy = make_mw(kind, fake.url, {"alice": ("alice@localhost", password)}, timeout=TIMEOUT)
         status, body, headers, elapsed = await page(kind, mw)
         assert_unchanged(status, body, headers)
         assert TIMEOUT - 0.05 <= elapsed < TIMEOUT + MARGIN

@@ -4,10 +4,10 @@ typed exception, quickly, for the sync ``Prebinder`` and the async ``AsyncPrebin
 from __future__ import annotations
 
 import asyncio
-import threading
-import re
 import concurrent.futures
+import re
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator

@@ -187,8 +187,10 @@ def test_init_app_pattern_and_dotted_credentials(make_app, prosody) -> None:
 def test_custom_get_user() -> None:
     seen: list[Any] = []
     app = Flask(__name__)
-    app.config.update(BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
-                      BOSH_CREDENTIALS=lambda user: seen.append(user))
+    app.config.update(
+        BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
+        BOSH_CREDENTIALS=lambda user: seen.append(user),
+    )
     BOSHPrebind(app, get_user=lambda: "bob")
     app.add_url_rule("/", "index", lambda: "<html><head></head></html>")
     r = app.test_client().get("/", headers=NAVIGATION)
@@ -198,8 +200,10 @@ def test_custom_get_user() -> None:
 
 def test_no_login_manager_means_no_user() -> None:
     app = Flask(__name__)
-    app.config.update(BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
-                      BOSH_CREDENTIALS=lambda user: pytest.fail("no user, no credentials"))
+    app.config.update(
+        BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
+        BOSH_CREDENTIALS=lambda user: pytest.fail("no user, no credentials"),
+    )
     BOSHPrebind(app)
     app.add_url_rule("/", "index", lambda: "<html><head></head></html>")
     assert app.test_client().get("/", headers=NAVIGATION).data == b"<html><head></head></html>"
@@ -237,17 +241,27 @@ def test_fails_open_when_the_server_is_down(make_app) -> None:
 @pytest.mark.browser
 def test_browser_login_attach_and_chat(browser, static_server, prosody, account) -> None:
     peer_jid, peer_pw = prosody.new_user()
-    app = create_app({"alice": account}, prosody.service_url, script_base=static_server.base_url,
-                     public_service_url=prosody.service_url)
+    app = create_app(
+        {"alice": account},
+        prosody.service_url,
+        script_base=static_server.base_url,
+        public_service_url=prosody.service_url,
+    )
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         state = browser_login_attach_and_chat(
-            browser, static_server, login_url=base + "/login", page_url=base + "/",
-            username="alice", password=WEB_PASSWORD, service_url=prosody.service_url,
-            peer_jid=peer_jid, peer_password=peer_pw,
+            browser,
+            static_server,
+            login_url=base + "/login",
+            page_url=base + "/",
+            username="alice",
+            password=WEB_PASSWORD,
+            service_url=prosody.service_url,
+            peer_jid=peer_jid,
+            peer_password=peer_pw,
         )
         assert state["jid"].startswith(account[0] + "/")
     finally:

@@ -76,8 +76,9 @@ def test_empty_body_gets_only_the_snippet() -> None:
     assert inject(b"", SNIPPET) == S
 
 
-@pytest.mark.parametrize("tag", [b"</HEAD>", b"</Head>", b"</head >", b"</head\t\r\n\f>",
-                                 b"</hEaD" + b" " * 32 + b">"])
+@pytest.mark.parametrize(
+    "tag", [b"</HEAD>", b"</Head>", b"</head >", b"</head\t\r\n\f>", b"</hEaD" + b" " * 32 + b">"]
+)
 def test_head_close_is_case_and_space_insensitive(tag: bytes) -> None:
     doc = b"<html><head><title>t</title>" + tag + b"<body></body></html>"
     assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(tag)
@@ -89,8 +90,18 @@ def test_body_close_is_case_and_space_insensitive(tag: bytes) -> None:
     assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(tag)
 
 
-@pytest.mark.parametrize("decoy", [b"</header>", b"</headx>", b"<head>", b"</ head>",
-                                   b"</head" + b" " * 33 + b">", b"</bodyx>", b"</he ad>"])
+@pytest.mark.parametrize(
+    "decoy",
+    [
+        b"</header>",
+        b"</headx>",
+        b"<head>",
+        b"</ head>",
+        b"</head" + b" " * 33 + b">",
+        b"</bodyx>",
+        b"</he ad>",
+    ],
+)
 def test_lookalikes_are_not_tags(decoy: bytes) -> None:
     doc = b"<p>" + decoy + b"</p>"
     assert inject(doc, SNIPPET) == doc + S
@@ -138,7 +149,7 @@ def test_text_after_body_is_not_buffered_without_bound() -> None:
 
 
 def test_dotted_capital_i_does_not_shift_the_position() -> None:
-    """"İ".lower() is two code points: a search on lowered text would be off by one."""
+    """ "İ".lower() is two code points: a search on lowered text would be off by one."""
     doc = ("<html><head><title>" + "İ" * 50 + "</title></head><body>İ</body></html>").encode()
     assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</head>")
 
@@ -158,8 +169,12 @@ def test_latin1_page_is_kept_byte_for_byte() -> None:
 
 @pytest.mark.parametrize(
     ("encoding", "charset"),
-    [("utf-16", "utf-16"), ("utf-16", None), ("utf-16-be-bom", "utf-16"),
-     ("utf-16-be-bom", "utf-8")],
+    [
+        ("utf-16", "utf-16"),
+        ("utf-16", None),
+        ("utf-16-be-bom", "utf-16"),
+        ("utf-16-be-bom", "utf-8"),
+    ],
 )
 def test_utf16_page_with_bom(encoding: str, charset: str | None) -> None:
     """The BOM decides, as in browsers, even against the declared (or missing) charset."""
@@ -219,8 +234,11 @@ def test_values_cannot_break_out(value: str) -> None:
 def test_snippet_evaluates_to_the_exact_values_in_javascript() -> None:
     node = shutil.which("node")
     assert node is not None, "node is part of the dev set-up (package.json)"
-    values = {"BOSH_JID": EVIL + "@x/\u2028", "BOSH_SID": "a\u2029</script>",
-              "BOSH_RID": 9007199254740991}
+    values = {
+        "BOSH_JID": EVIL + "@x/\u2028",
+        "BOSH_SID": "a\u2029</script>",
+        "BOSH_RID": 9007199254740991,
+    }
     snippet = script_snippet(list(values.items()))
     js = lxml.html.fragment_fromstring(snippet).text
     program = (
@@ -246,20 +264,26 @@ def test_core_snippet_uses_configured_names_and_service() -> None:
         public_service_url="https://chat.example/http-bind",
         service_variable="SERVICE",
     )
-    session = PrebindSession(jid=EVIL + "@x/r", sid="s\u2028", rid=12,
-                             service_url=config.service_url)
+    session = PrebindSession(
+        jid=EVIL + "@x/r", sid="s\u2028", rid=12, service_url=config.service_url
+    )
     snippet = PrebindCore(config).snippet(session, nonce="abc")
     page = inject(b"<html><head></head></html>", snippet)
-    assert page_vars(page) == {"JID": EVIL + "@x/r", "SID": "s\u2028", "RID": 12,
-                               "SERVICE": "https://chat.example/http-bind"}
+    assert page_vars(page) == {
+        "JID": EVIL + "@x/r",
+        "SID": "s\u2028",
+        "RID": 12,
+        "SERVICE": "https://chat.example/http-bind",
+    }
     assert lxml.html.document_fromstring(page).find(".//script").get("nonce") == "abc"
 
 
 @pytest.mark.parametrize("name", ["1abc", "a-b", "a b", "x;alert(1)", ""])
 def test_variable_names_must_be_identifiers(name: str) -> None:
     with pytest.raises(ValueError):
-        MiddlewareConfig(service_url="http://x/", credentials=lambda u: None,
-                         variables=(name, "B", "C"))
+        MiddlewareConfig(
+            service_url="http://x/", credentials=lambda u: None, variables=(name, "B", "C")
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,19 +319,39 @@ def reference_position(doc: bytes) -> int:
     return len(doc)
 
 
-TAGS = [b"</head>", b"</HEAD>", b"</Head >", b"</head\n\t>", b"</body>", b"</BODY>",
-        b"</bOdY   >", b"</head" + b" " * 33 + b">", b"</header>", b"</bo", b"</hea", b"<head>",
-        b"</", b"<", b">", b"</body\r\n>"]
+TAGS = [
+    b"</head>",
+    b"</HEAD>",
+    b"</Head >",
+    b"</head\n\t>",
+    b"</body>",
+    b"</BODY>",
+    b"</bOdY   >",
+    b"</head" + b" " * 33 + b">",
+    b"</header>",
+    b"</bo",
+    b"</hea",
+    b"<head>",
+    b"</",
+    b"<",
+    b">",
+    b"</body\r\n>",
+]
 parts = st.one_of(
     st.sampled_from(TAGS),
     st.text(alphabet="ab<>/ \tHhEeAaDdBbOoYyİé€", max_size=12).map(str.encode),
     st.binary(max_size=8).filter(lambda b: not b.startswith((b"\xff\xfe", b"\xfe\xff"))),
 )
-documents = st.lists(parts, max_size=14).map(b"".join).filter(
-    lambda d: not d.startswith((b"\xff\xfe", b"\xfe\xff"))  # a BOM would make it UTF-16
+documents = (
+    st.lists(parts, max_size=14)
+    .map(b"".join)
+    .filter(
+        lambda d: not d.startswith((b"\xff\xfe", b"\xfe\xff"))  # a BOM would make it UTF-16
+    )
 )
-PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, database=None,
-                             suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
@@ -342,9 +386,13 @@ def test_property_chunked_insertion_obeys_the_rule(case: tuple[bytes, list[bytes
 
 
 @PROPERTY_SETTINGS
-@given(st.lists(st.sampled_from([t.decode() for t in TAGS]) | st.text("ab<>/ Hhéİ😀", max_size=6),
-                max_size=10).map("".join),
-       st.lists(st.integers(0, 400), max_size=6))
+@given(
+    st.lists(
+        st.sampled_from([t.decode() for t in TAGS]) | st.text("ab<>/ Hhéİ😀", max_size=6),
+        max_size=10,
+    ).map("".join),
+    st.lists(st.integers(0, 400), max_size=6),
+)
 def test_property_utf16_pages(text: str, cuts: list[int]) -> None:
     doc = text.encode("utf-16")  # with a BOM
     bounds = [0, *sorted(c for c in cuts if c <= len(doc)), len(doc)]

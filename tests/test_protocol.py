@@ -10,6 +10,7 @@ exactly, without any I/O.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -177,10 +178,8 @@ class ScriptedServer:
             resp = self.override[req.label]
             if req.label == "create":  # the session the flow will talk to
                 self.stage = "sasl"
-                try:
+                with contextlib.suppress(etree.XMLSyntaxError):
                     self.sid = etree.fromstring(resp.body).get("sid") or self.sid
-                except etree.XMLSyntaxError:
-                    pass
             return resp
         if self.stage == "new":
             assert root.get("sid") is None
@@ -874,5 +873,3 @@ def test_bad_credentials_for_scram_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         _prebind(server, Credentials(JID, "bad\u0007password"))
     _assert_terminated_last(server)
-
-

@@ -75,9 +75,14 @@ def routes(html_file: Path, script_base: str | None) -> list[Route]:
             if known and form.get("password") == WEB_PASSWORD:
                 request.session["user"] = form["username"]
                 return RedirectResponse("/", status_code=303)
-        return HTMLResponse(page("login", "<form method='post'><input name='username'>"
-                                          "<input name='password' type='password'>"
-                                          "<button type='submit'>log in</button></form>"))
+        return HTMLResponse(
+            page(
+                "login",
+                "<form method='post'><input name='username'>"
+                "<input name='password' type='password'>"
+                "<button type='submit'>log in</button></form>",
+            )
+        )
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page("home", script_base=script_base))
@@ -88,8 +93,11 @@ def routes(html_file: Path, script_base: str | None) -> list[Route]:
 
     async def stream(request: Request) -> Response:
         async def chunks() -> AsyncIterator[bytes]:
-            for chunk in (b"<!doctype html><html><head><title>streamed</title></he", b"ad><body>",
-                          b"streamed</body></html>"):
+            for chunk in (
+                b"<!doctype html><html><head><title>streamed</title></he",
+                b"ad><body>",
+                b"streamed</body></html>",
+            ):
                 yield chunk
 
         return StreamingResponse(chunks(), media_type="text/html; charset=utf-8")
@@ -127,10 +135,11 @@ def make_app(
     html_file = tmp_path / "file.html"
     html_file.write_text(page("file"), encoding="utf-8")
     app_routes = routes(html_file, script_base)
-    bosh = {"service_url": service_url, "credentials": StaticCredentials(accounts),
-            **settings}
-    auth = [Middleware(SessionMiddleware, secret_key="test"),
-            Middleware(AuthenticationMiddleware, backend=SessionBackend())]
+    bosh = {"service_url": service_url, "credentials": StaticCredentials(accounts), **settings}
+    auth = [
+        Middleware(SessionMiddleware, secret_key="test"),
+        Middleware(AuthenticationMiddleware, backend=SessionBackend()),
+    ]
     if fastapi:
         from fastapi import FastAPI
 
@@ -185,12 +194,16 @@ class Clients:
     async def __call__(self, login: bool = True, **kwargs: Any) -> httpx.AsyncClient:
         kwargs.setdefault("service_url", self.prosody.service_url)
         app = make_app({"alice": self.account}, tmp_path=self.tmp_path, **kwargs)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                   base_url="http://testserver")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
         self.made.append((app, client))
         if login:
-            r = await client.post("/login", content=f"username=alice&password={WEB_PASSWORD}",
-                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+            r = await client.post(
+                "/login",
+                content=f"username=alice&password={WEB_PASSWORD}",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
             assert r.status_code == 303, r.text
         return client
 
@@ -220,7 +233,10 @@ def assert_prebound(r: httpx.Response, service_url: str) -> dict[str, Any]:
 def same(a: httpx.Response, b: httpx.Response) -> bool:
     skip = {"set-cookie"}
     return (a.status_code, a.content, [h for h in a.headers.multi_items() if h[0] not in skip]) == (
-        b.status_code, b.content, [h for h in b.headers.multi_items() if h[0] not in skip])
+        b.status_code,
+        b.content,
+        [h for h in b.headers.multi_items() if h[0] not in skip],
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,8 +341,11 @@ def uvicorn_app(tmp_path: Path) -> Iterator[Any]:
 
     def serve(app: Any) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on",
-                                               ws="none", log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, lifespan="on", ws="none", log_level="warning"
+            )
+        )
         thread = threading.Thread(target=server.run, name=f"uvicorn:{port}")
         thread.start()
         servers.append((server, thread))
@@ -349,12 +368,24 @@ def test_browser_login_attach_and_chat(
     browser, static_server, prosody, account, tmp_path, uvicorn_app, fastapi
 ) -> None:
     peer_jid, peer_pw = prosody.new_user()
-    app = make_app({"alice": account}, prosody.service_url, tmp_path=tmp_path, fastapi=fastapi,
-                   script_base=static_server.base_url, public_service_url=prosody.service_url)
+    app = make_app(
+        {"alice": account},
+        prosody.service_url,
+        tmp_path=tmp_path,
+        fastapi=fastapi,
+        script_base=static_server.base_url,
+        public_service_url=prosody.service_url,
+    )
     base = uvicorn_app(app)
     state = browser_login_attach_and_chat(
-        browser, static_server, login_url=base + "/login", page_url=base + "/",
-        username="alice", password=WEB_PASSWORD, service_url=prosody.service_url,
-        peer_jid=peer_jid, peer_password=peer_pw,
+        browser,
+        static_server,
+        login_url=base + "/login",
+        page_url=base + "/",
+        username="alice",
+        password=WEB_PASSWORD,
+        service_url=prosody.service_url,
+        peer_jid=peer_jid,
+        peer_password=peer_pw,
     )
     assert state["jid"].startswith(account[0] + "/")

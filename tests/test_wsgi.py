@@ -48,10 +48,21 @@ def make_mw(prosody: XMPPServer, alice: tuple[str, str]) -> Iterator[Callable[..
         mw.core.close()
 
 
-def get(mw: Any, path: str = "/", *, user: str | None = "alice", headers: Any = None,
-        method: str = "GET", **extra: Any) -> Any:
-    return call_wsgi(mw, wsgi_environ(path, method=method, user=user,
-                                      headers=NAV if headers is None else headers, **extra))
+def get(
+    mw: Any,
+    path: str = "/",
+    *,
+    user: str | None = "alice",
+    headers: Any = None,
+    method: str = "GET",
+    **extra: Any,
+) -> Any:
+    return call_wsgi(
+        mw,
+        wsgi_environ(
+            path, method=method, user=user, headers=NAV if headers is None else headers, **extra
+        ),
+    )
 
 
 def fixed_app(status: str, headers: list[tuple[str, str]], body: list[bytes]) -> Any:
@@ -65,9 +76,14 @@ def fixed_app(status: str, headers: list[tuple[str, str]], body: list[bytes]) ->
     return app
 
 
-def html_app(body: bytes = PAGE, *, content_type: str = "text/html; charset=utf-8",
-             extra: list[tuple[str, str]] | None = None, delay: float = 0.0,
-             content_length: bool = True) -> Any:
+def html_app(
+    body: bytes = PAGE,
+    *,
+    content_type: str = "text/html; charset=utf-8",
+    extra: list[tuple[str, str]] | None = None,
+    delay: float = 0.0,
+    content_length: bool = True,
+) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         if delay:
             time.sleep(delay)
@@ -106,15 +122,19 @@ class ClosingList(list):  # type: ignore[type-arg]
 # ------------------------------------------------------------------------------------------
 
 
-def test_page_gets_a_live_session_of_its_user(make_mw: Any, prosody: XMPPServer,
-                                              alice: tuple[str, str]) -> None:
+def test_page_gets_a_live_session_of_its_user(
+    make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
     mw, spy = make_mw(html_app())
     r = get(mw)
     (session,) = spy.sessions
     assert r.code == 200
     assert r.body == inject(PAGE, mw.core.snippet(session))
-    assert page_vars(r.body) == {"BOSH_JID": session.jid, "BOSH_SID": session.sid,
-                                 "BOSH_RID": session.rid}
+    assert page_vars(r.body) == {
+        "BOSH_JID": session.jid,
+        "BOSH_SID": session.sid,
+        "BOSH_RID": session.rid,
+    }
     assert bare(session.jid) == alice[0]
     assert r.header("content-length") == str(len(r.body))
     assert r.header("cache-control") == "private, no-store"
@@ -256,8 +276,9 @@ def test_streamed_page_is_injected_on_the_fly(make_mw: Any) -> None:
     mw, spy = make_mw(app)
     got: list[tuple[int, bool]] = []
     status: list[Any] = []
-    result = mw(wsgi_environ("/", headers=NAV, user="alice"),
-                lambda s, h, e=None: status.append((s, h)))
+    result = mw(
+        wsgi_environ("/", headers=NAV, user="alice"), lambda s, h, e=None: status.append((s, h))
+    )
     out = b""
     for chunk in result:
         out += chunk
@@ -288,8 +309,10 @@ def test_strong_etag_is_weakened(make_mw: Any, etag: str, expected: str) -> None
     ],
 )
 def test_vary_cookie_is_merged(make_mw: Any, vary: list[str], expected: str) -> None:
-    extra = [("Vary", v) for v in vary] + [("Cache-Control", "public, max-age=600"),
-                                           ("Expires", "Thu, 01 Dec 2044 16:00:00 GMT")]
+    extra = [("Vary", v) for v in vary] + [
+        ("Cache-Control", "public, max-age=600"),
+        ("Expires", "Thu, 01 Dec 2044 16:00:00 GMT"),
+    ]
     mw, _ = make_mw(html_app(extra=extra))
     r = get(mw)
     assert r.header_list("vary") == [expected]
@@ -342,8 +365,9 @@ def test_both_mode(make_mw: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_endpoint_returns_a_live_session(make_mw: Any, prosody: XMPPServer,
-                                         alice: tuple[str, str]) -> None:
+def test_endpoint_returns_a_live_session(
+    make_mw: Any, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
     import json
 
     mw, spy = make_mw(html_app())
@@ -384,8 +408,9 @@ def test_endpoint_405_for_post(make_mw: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def lazy_app(status: str, headers: list[tuple[str, str]], chunks: list[bytes],
-             log: list[str]) -> Any:
+def lazy_app(
+    status: str, headers: list[tuple[str, str]], chunks: list[bytes], log: list[str]
+) -> Any:
     """start_response is only called once the iterable is iterated (allowed by PEP 3333)."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
@@ -408,8 +433,9 @@ def test_lazy_start_response_page_is_injected(make_mw: Any) -> None:
     chunks = [b"<html><head>", b"</head><body></body></html>"]
     mw, spy = make_mw(lazy_app("200 OK", HTML, chunks, log))
     r = get(mw)
-    assert r.body == inject(b"<html><head></head><body></body></html>",
-                            mw.core.snippet(spy.sessions[0]))
+    assert r.body == inject(
+        b"<html><head></head><body></body></html>", mw.core.snippet(spy.sessions[0])
+    )
     assert log[-1] == "closed"
 
 
@@ -476,8 +502,9 @@ def test_exc_info_replaces_a_held_page(make_mw: Any, prosody: XMPPServer) -> Non
         try:
             raise ValueError("render failed")
         except ValueError:
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
-                           sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
         return [b"error"]
 
     mw, spy = make_mw(app)

@@ -73,19 +73,28 @@ class ExampleApp:
         self.log_path = log_path
         env = dict(os.environ)
         env.pop("DJANGO_SETTINGS_MODULE", None)  # the Django example sets its own
-        env.update({
-            ENV_SERVICE_URL: service_url,
-            ENV_PUBLIC_SERVICE_URL: public_service_url or service_url,
-            ENV_SHARED_SECRET: shared_secret,
-            ENV_DOMAIN: domain,
-            ENV_PARENT_PID: str(os.getpid()),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                ENV_SERVICE_URL: service_url,
+                ENV_PUBLIC_SERVICE_URL: public_service_url or service_url,
+                ENV_SHARED_SECRET: shared_secret,
+                ENV_DOMAIN: domain,
+                ENV_PARENT_PID: str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if workdir is not None:
             env["DJANGO_DB_PATH"] = str(Path(workdir) / "django-db.sqlite3")
         self._env = env
-        self._argv = [sys.executable, str(CHILD), str(ENTRY_POINTS[framework]),
-                      "--host", HOST, "--port", str(port)] + (["--quiet"] if quiet else [])
+        self._argv = [
+            sys.executable,
+            str(CHILD),
+            str(ENTRY_POINTS[framework]),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        ] + (["--quiet"] if quiet else [])
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = None
 
@@ -179,7 +188,9 @@ class ExampleApp:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -101,8 +101,10 @@ class CheckRun:
 
         page.on("console", lambda msg: log(f"console.{msg.type}", msg.text))
         page.on("pageerror", lambda err: log("PAGE ERROR", str(err)))
-        page.on("requestfailed", lambda req: log("REQUEST FAILED",
-                                                 f"{req.method} {req.url} ({req.failure})"))
+        page.on(
+            "requestfailed",
+            lambda req: log("REQUEST FAILED", f"{req.method} {req.url} ({req.failure})"),
+        )
         up = UserPage(name, context, page)
         self.pages[name] = up
         return up
@@ -120,10 +122,22 @@ class CheckRun:
 
 
 @contextlib.contextmanager
-def _run(browser: Any, base_url: str, timeout_s: float, users: Mapping[str, str] | None,
-         domain: str, progress: Callable[[str], None] | None) -> Iterator[CheckRun]:
-    run = CheckRun(browser, base_url.rstrip("/") + "/", time.monotonic() + timeout_s,
-                   dict(users or DEMO_USERS), domain, progress=progress)
+def _run(
+    browser: Any,
+    base_url: str,
+    timeout_s: float,
+    users: Mapping[str, str] | None,
+    domain: str,
+    progress: Callable[[str], None] | None,
+) -> Iterator[CheckRun]:
+    run = CheckRun(
+        browser,
+        base_url.rstrip("/") + "/",
+        time.monotonic() + timeout_s,
+        dict(users or DEMO_USERS),
+        domain,
+        progress=progress,
+    )
     try:
         yield run
     finally:
@@ -179,8 +193,7 @@ def send(run: CheckRun, up: UserPage, to: str, text: str) -> None:
         page.locator(f'#roster li[data-jid="{to}"] .contact-name').click(timeout=run.ms_left(10))
         page.locator("#message").fill(text, timeout=run.ms_left(10))
         page.locator("#message").press("Enter", timeout=run.ms_left(10))
-        page.wait_for_selector(f'#messages li.message.out[data-to="{to}"]',
-                               timeout=run.ms_left(5))
+        page.wait_for_selector(f'#messages li.message.out[data-to="{to}"]', timeout=run.ms_left(5))
     except Exception as exc:
         raise run.fail(f"{up.name} could not send a message to {to} through the UI", exc) from None
     run.step(f"{up.name} sent {text!r} to {to}")
@@ -191,8 +204,9 @@ def wait_message(run: CheckRun, up: UserPage, sender: str, text: str) -> None:
     try:
         loc.first.wait_for(timeout=run.ms_left(15))
     except Exception as exc:
-        raise run.fail(f"{up.name}'s page did not show the message {text!r} from {sender}",
-                       exc) from None
+        raise run.fail(
+            f"{up.name}'s page did not show the message {text!r} from {sender}", exc
+        ) from None
     run.step(f"{up.name} received {text!r}")
 
 
@@ -255,8 +269,9 @@ def check_converse(
         return run.steps
 
 
-def _converse_part(run: CheckRun, a: UserPage, b: UserPage, token: str, *,
-                   reply: bool = False) -> None:
+def _converse_part(
+    run: CheckRun, a: UserPage, b: UserPage, token: str, *, reply: bool = False
+) -> None:
     """alice opens the converse.js page (same browser context: same login) and writes to bob."""
     first, second = a.name, b.name
     page = a.context.new_page()
@@ -267,11 +282,12 @@ def _converse_part(run: CheckRun, a: UserPage, b: UserPage, token: str, *,
 
     page.on("console", lambda msg: log(f"console.{msg.type}", msg.text))
     page.on("pageerror", lambda err: log("PAGE ERROR", str(err)))
-    page.on("requestfailed", lambda req: log("REQUEST FAILED",
-                                             f"{req.method} {req.url} ({req.failure})"))
+    page.on(
+        "requestfailed",
+        lambda req: log("REQUEST FAILED", f"{req.method} {req.url} ({req.failure})"),
+    )
     try:
-        page.goto(run.base_url + "converse", wait_until="domcontentloaded",
-                  timeout=run.ms_left(20))
+        page.goto(run.base_url + "converse", wait_until="domcontentloaded", timeout=run.ms_left(20))
         page.wait_for_selector("body[data-xmpp-state=connected]", timeout=run.ms_left(25))
     except Exception as exc:
         raise run.fail(f"{first}'s converse.js page did not connect", exc) from None
@@ -280,7 +296,8 @@ def _converse_part(run: CheckRun, a: UserPage, b: UserPage, token: str, *,
     text = f"Via converse.js: hello {second} ({token})"
     try:
         contact = page.locator(f'a.open-chat[data-jid="{peer}"]').or_(
-            page.locator("a.open-chat", has_text=second.capitalize()))
+            page.locator("a.open-chat", has_text=second.capitalize())
+        )
         contact.first.click(timeout=run.ms_left(20))
         box = page.locator("textarea.chat-textarea")
         box.first.fill(text, timeout=run.ms_left(15))
@@ -303,5 +320,6 @@ def _converse_part(run: CheckRun, a: UserPage, b: UserPage, token: str, *,
 def launch_chromium(playwright: Any) -> Any:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         raise CheckFailed(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                      args=list(CHROMIUM_ARGS), timeout=30_000)
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS), timeout=30_000
+    )

@@ -33,8 +33,9 @@ def _watch_parent(parent: int) -> None:
 def main() -> None:
     parent = os.environ.get("BOSH_DEMO_PARENT_PID")
     if parent:
-        threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True,
-                         name="parent-watch").start()
+        threading.Thread(
+            target=_watch_parent, args=(int(parent),), daemon=True, name="parent-watch"
+        ).start()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

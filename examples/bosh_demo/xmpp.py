@@ -288,10 +288,25 @@ class DemoProsody:
 
     def register(self, username: str, password: str) -> str:
         """Create (or reset the password of) ``username@domain``; returns the bare JID."""
-        cmd = [*_as_user(self._run_as), "prosodyctl", "--config", str(self.config_path),
-               "register", username.lower(), self.domain, password]
-        res = subprocess.run(cmd, env=self._env, cwd=self.workdir, capture_output=True,
-                             text=True, timeout=30, check=False)
+        cmd = [
+            *_as_user(self._run_as),
+            "prosodyctl",
+            "--config",
+            str(self.config_path),
+            "register",
+            username.lower(),
+            self.domain,
+            password,
+        ]
+        res = subprocess.run(
+            cmd,
+            env=self._env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         if res.returncode != 0:
             raise XMPPStartError(
                 f"prosodyctl register {username}@{self.domain} failed ({res.returncode}):\n"
@@ -344,7 +359,9 @@ class DemoProsody:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

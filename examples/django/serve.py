@@ -65,8 +65,9 @@ def main() -> None:
         call_command("create_demo_users")
         app = StaticFilesHandler(get_wsgi_application())
         handler = QuietHandler if args.quiet else WSGIRequestHandler
-        with make_server(args.host, args.port, app, server_class=ThreadingWSGIServer,
-                         handler_class=handler) as httpd:
+        with make_server(
+            args.host, args.port, app, server_class=ThreadingWSGIServer, handler_class=handler
+        ) as httpd:
             print(f"Django example on http://{args.host}:{args.port}/", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 httpd.serve_forever(poll_interval=0.2)

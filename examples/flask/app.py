@@ -67,8 +67,10 @@ XMPP_DOMAIN = os.environ.get("XMPP_DOMAIN", "localhost")
 
 #: The demo's web users, with hashed web passwords. XMPP passwords are derived from the shared
 #: secret (SharedSecretCredentials): the app stores none.
-USERS = {name: generate_password_hash(pw) for name, pw in
-         {"alice": "wonderland", "bob": "builder"}.items()}
+USERS = {
+    name: generate_password_hash(pw)
+    for name, pw in {"alice": "wonderland", "bob": "builder"}.items()
+}
 
 
 class User(UserMixin):
@@ -127,14 +129,18 @@ def create_app() -> Flask:
     @app.get("/")
     @login_required
     def chat() -> ResponseReturnValue:
-        return render_template("chat.html", bosh_service=PUBLIC_SERVICE_URL,
-                               xmpp_domain=XMPP_DOMAIN)
+        return render_template(
+            "chat.html", bosh_service=PUBLIC_SERVICE_URL, xmpp_domain=XMPP_DOMAIN
+        )
 
     @app.get("/converse")
     @login_required
     def converse() -> ResponseReturnValue:
-        return render_template("converse.html", bosh_service=PUBLIC_SERVICE_URL,
-                               jid=f"{current_user.username}@{XMPP_DOMAIN}")
+        return render_template(
+            "converse.html",
+            bosh_service=PUBLIC_SERVICE_URL,
+            jid=f"{current_user.username}@{XMPP_DOMAIN}",
+        )
 
     @app.route("/login", methods=["GET", "POST"])
     def login() -> ResponseReturnValue:

@@ -213,8 +213,12 @@ def create_app() -> Starlette:
         ],
         # Outermost first: the session, then the user, then the prebind (which reads the user).
         middleware=[
-            Middleware(SessionMiddleware, secret_key=SESSION_SECRET, same_site="lax",
-                       session_cookie="starlette_session"),
+            Middleware(
+                SessionMiddleware,
+                secret_key=SESSION_SECRET,
+                same_site="lax",
+                session_cookie="starlette_session",
+            ),
             Middleware(AuthenticationMiddleware, backend=SessionBackend()),
             Middleware(
                 BOSHPrebindMiddleware,
@@ -240,8 +244,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per BOSH request
-    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.quiet,
-                log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=3)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=not args.quiet,
+        log_level="warning" if args.quiet else "info",
+        timeout_graceful_shutdown=3,
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class _Headers:
 
 
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
-    drop = {n.lower().encode("latin-1") for n, _ in sets} | {n.lower().encode("latin-1") for n in removes}
+    drop = {n.lower().encode("latin-1") for n, _ in sets} | {
+        n.lower().encode("latin-1") for n in removes
+    }
     out = [(bytes(k), bytes(v)) for k, v in raw or () if bytes(k).lower() not in drop]
     out += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in sets]
     return out
@@ -125,8 +127,9 @@ class _Responder:
                 await self._send(message)
                 return
             if not self.core.rewrites_body:
-                sets, removes = self.core.header_edits(headers.get, self.session, body_length=None,
-                                                       streaming=False)
+                sets, removes = self.core.header_edits(
+                    headers.get, self.session, body_length=None, streaming=False
+                )
                 message["headers"] = _edited(message.get("headers"), sets, removes)
                 self.passthrough = True
                 await self._send(message)
@@ -147,8 +150,9 @@ class _Responder:
             out = self.injector.feed(body)
             if not more:
                 out += self.injector.finish()
-            sets, removes = self.core.header_edits(headers.get, self.session, body_length=len(out),
-                                                   streaming=more)
+            sets, removes = self.core.header_edits(
+                headers.get, self.session, body_length=len(out), streaming=more
+            )
             start["headers"] = _edited(start.get("headers"), sets, removes)
             await self._send(start)
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
@@ -195,8 +199,11 @@ class BOSHPrebindMiddleware:
     ) -> None:
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
         if config is None:
-            config = MiddlewareConfig(service_url=service_url or "", credentials=credentials,  # type: ignore[arg-type]
-                                      **settings)
+            config = MiddlewareConfig(
+                service_url=service_url or "",
+                credentials=credentials,  # type: ignore[arg-type]
+                **settings,
+            )
         self.config = config
         self.core = PrebindCore(config)
         self.get_user = get_user
@@ -244,9 +251,11 @@ class BOSHPrebindMiddleware:
             status, headers, body = 405, [("Allow", "GET"), ("Content-Length", "0")], b""
         else:
             status, headers, body = await self.core.endpoint_async(self.get_user(scope))
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -121,9 +121,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         if not info.mechanisms:
             warnings.append("no SASL mechanisms offered (wrong domain for this server?)")
-        if "PLAIN" not in info.mechanisms and not any(
-            m.startswith("SCRAM-") for m in info.mechanisms
-        ) and "ANONYMOUS" not in info.mechanisms:
+        if (
+            "PLAIN" not in info.mechanisms
+            and not any(m.startswith("SCRAM-") for m in info.mechanisms)
+            and "ANONYMOUS" not in info.mechanisms
+        ):
             warnings.append("neither PLAIN nor SCRAM offered: password logins cannot work")
         if "PLAIN" in info.mechanisms and not is_secure_transport(args.service_url):
             warnings.append("PLAIN offered over plain http to a non-loopback host: use https")

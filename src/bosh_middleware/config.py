@@ -15,7 +15,7 @@ from .session import PrebindOptions
 __all__ = ["CredentialsCallable", "MiddlewareConfig", "Mode"]
 
 Mode = Literal["script", "headers", "both"]
-CredentialsCallable = Callable[[Any], "Credentials | None | Awaitable[Credentials | None]"]
+CredentialsCallable = Callable[[Any], "Credentials | Awaitable[Credentials | None] | None"]
 
 
 @dataclass(frozen=True)

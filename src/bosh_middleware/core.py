@@ -23,7 +23,7 @@ from .breaker import CircuitBreaker
 from .client import AsyncPrebinder, Prebinder
 from .config import MiddlewareConfig
 from .credentials import Credentials
-from .errors import AuthenticationFailed, BOSHError, ConfigurationError, ServiceUnavailable
+from .errors import AuthenticationFailed, ConfigurationError, ServiceUnavailable
 from .inject import script_snippet
 from .session import PrebindSession
 
@@ -111,7 +111,9 @@ class _Pending:
 
 
 class SyncPending(_Pending):
-    def __init__(self, core: PrebindCore, credentials: Credentials, future: Future[PrebindSession]) -> None:
+    def __init__(
+        self, core: PrebindCore, credentials: Credentials, future: Future[PrebindSession]
+    ) -> None:
         super().__init__(core, credentials)
         self._future = future
         future.add_done_callback(self._done)
@@ -126,7 +128,9 @@ class SyncPending(_Pending):
         try:
             session = self._future.result(timeout=max(0.0, self.deadline - time.monotonic()))
         except FutureTimeout:
-            self.error = ServiceUnavailable("prebind exceeded the page timeout", condition="timeout")
+            self.error = ServiceUnavailable(
+                "prebind exceeded the page timeout", condition="timeout"
+            )
             self._settle(self.error)
             self._future.add_done_callback(self.core._terminate_later_sync)
         except Exception as exc:
@@ -146,7 +150,9 @@ class SyncPending(_Pending):
 
 
 class AsyncPending(_Pending):
-    def __init__(self, core: PrebindCore, credentials: Credentials, task: asyncio.Task[PrebindSession]) -> None:
+    def __init__(
+        self, core: PrebindCore, credentials: Credentials, task: asyncio.Task[PrebindSession]
+    ) -> None:
         super().__init__(core, credentials)
         self._task = task
         task.add_done_callback(self._done)
@@ -161,8 +167,10 @@ class AsyncPending(_Pending):
             return await asyncio.wait_for(
                 asyncio.shield(self._task), max(0.0, self.deadline - time.monotonic())
             )
-        except asyncio.TimeoutError:
-            self.error = ServiceUnavailable("prebind exceeded the page timeout", condition="timeout")
+        except TimeoutError:
+            self.error = ServiceUnavailable(
+                "prebind exceeded the page timeout", condition="timeout"
+            )
             self._settle(self.error)
             self._task.add_done_callback(self.core._terminate_later_async)
         except asyncio.CancelledError:
@@ -196,7 +204,9 @@ class PrebindCore:
             with self._lock:
                 if self._sync is None:
                     self._sync = Prebinder(
-                        self.config.service_url, options=self.config.options, verify=self.config.verify
+                        self.config.service_url,
+                        options=self.config.options,
+                        verify=self.config.verify,
                     )
         return self._sync
 
@@ -206,7 +216,9 @@ class PrebindCore:
             with self._lock:
                 if self._async is None:
                     self._async = AsyncPrebinder(
-                        self.config.service_url, options=self.config.options, verify=self.config.verify
+                        self.config.service_url,
+                        options=self.config.options,
+                        verify=self.config.verify,
                     )
         return self._async
 
@@ -274,7 +286,9 @@ class PrebindCore:
         if not self.breaker.allow():
             log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
             return None
-        return SyncPending(self, credentials, self._pool().submit(self.prebinder.prebind, credentials))
+        return SyncPending(
+            self, credentials, self._pool().submit(self.prebinder.prebind, credentials)
+        )
 
     def start_async(self, credentials: Credentials) -> AsyncPending | None:
         if not self.breaker.allow():
@@ -287,7 +301,9 @@ class PrebindCore:
         task.add_done_callback(self._tasks.discard)
         return AsyncPending(self, credentials, task)
 
-    def _record(self, credentials: Credentials, error: BaseException | None, elapsed: float) -> None:
+    def _record(
+        self, credentials: Credentials, error: BaseException | None, elapsed: float
+    ) -> None:
         user, ms = credentials.user_key, round(elapsed * 1000, 1)
         if error is None:
             self.breaker.record_success()
@@ -306,11 +322,20 @@ class PrebindCore:
                 log.error("BOSH prebind misconfigured for %s: %s", user, error, extra=extra)
         else:
             opened = self.breaker.record_failure()
-            log.warning("BOSH prebind failed for %s after %.1f ms: %s (%s)", user, ms, error,
-                        condition, extra=extra)
+            log.warning(
+                "BOSH prebind failed for %s after %.1f ms: %s (%s)",
+                user,
+                ms,
+                error,
+                condition,
+                extra=extra,
+            )
             if opened:
-                log.error("BOSH circuit breaker opened: no prebinds for %.0f s", self.breaker.reset_after,
-                          extra=extra)
+                log.error(
+                    "BOSH circuit breaker opened: no prebinds for %.0f s",
+                    self.breaker.reset_after,
+                    extra=extra,
+                )
 
     def _terminate_later_sync(self, fut: Future[PrebindSession]) -> None:
         if not fut.cancelled() and fut.exception() is None:
@@ -332,8 +357,11 @@ class PrebindCore:
     # --- response side ---------------------------------------------------------------------
     def snippet(self, session: PrebindSession, nonce: str | None = None) -> str:
         names = self.config.variables
-        values: list[tuple[str, object]] = [(names[0], session.jid), (names[1], session.sid),
-                                            (names[2], session.rid)]
+        values: list[tuple[str, object]] = [
+            (names[0], session.jid),
+            (names[1], session.sid),
+            (names[2], session.rid),
+        ]
         if self.config.public_service_url:
             values.append((self.config.service_variable, self.config.public_service_url))
         return script_snippet(values, nonce=nonce)
@@ -343,7 +371,12 @@ class PrebindCore:
         return self.config.mode in ("script", "both")
 
     def header_edits(
-        self, get: HeaderGetter, session: PrebindSession, *, body_length: int | None, streaming: bool
+        self,
+        get: HeaderGetter,
+        session: PrebindSession,
+        *,
+        body_length: int | None,
+        streaming: bool,
     ) -> tuple[list[tuple[str, str]], list[str]]:
         """(headers to set, replacing any of the same name; headers to delete)."""
         sets: list[tuple[str, str]] = [("Cache-Control", "private, no-store")]
@@ -354,8 +387,11 @@ class PrebindCore:
             sets.append(("Vary", f"{vary}, Cookie" if vary else "Cookie"))
         if self.config.mode in ("headers", "both"):
             names = self.config.header_names
-            sets += [(names[0], _header_value(session.jid)), (names[1], _header_value(session.sid)),
-                     (names[2], str(session.rid))]
+            sets += [
+                (names[0], _header_value(session.jid)),
+                (names[1], _header_value(session.sid)),
+                (names[2], str(session.rid)),
+            ]
         if self.rewrites_body:
             etag = get("etag")
             if etag and not etag.startswith("W/"):
@@ -367,7 +403,9 @@ class PrebindCore:
         return sets, removes
 
     # --- JSON endpoint (converse.js prebind_url) -------------------------------------------
-    def endpoint_status(self, credentials: Credentials | None, user: Any) -> tuple[int, dict[str, Any]] | None:
+    def endpoint_status(
+        self, credentials: Credentials | None, user: Any
+    ) -> tuple[int, dict[str, Any]] | None:
         """The answer when no prebind is attempted, else ``None``."""
         if credentials is None:
             if not is_authenticated(user):
@@ -377,14 +415,18 @@ class PrebindCore:
             return 503, {"error": "XMPP server unavailable"}
         return None
 
-    def endpoint_result(self, session: PrebindSession | None, error: BaseException | None) -> tuple[int, dict[str, Any]]:
+    def endpoint_result(
+        self, session: PrebindSession | None, error: BaseException | None
+    ) -> tuple[int, dict[str, Any]]:
         if session is not None:
             return 200, session.as_dict()
         if isinstance(error, AuthenticationFailed):
             return 403, {"error": "XMPP login refused", "condition": error.condition}
         return 503, {"error": "XMPP server unavailable"}
 
-    def endpoint_response(self, status: int, payload: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    def endpoint_response(
+        self, status: int, payload: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         body = json.dumps(payload).encode()
         headers = [
             ("Content-Type", "application/json"),
@@ -404,7 +446,9 @@ class PrebindCore:
             return self.endpoint_response(*(early or (401, {})))
         pending = self.start_sync(credentials)
         session = pending.session() if pending else None
-        return self.endpoint_response(*self.endpoint_result(session, pending.error if pending else None))
+        return self.endpoint_response(
+            *self.endpoint_result(session, pending.error if pending else None)
+        )
 
     async def endpoint_async(self, user: Any) -> tuple[int, list[tuple[str, str]], bytes]:
         credentials = await self.credentials_async(user)
@@ -413,7 +457,9 @@ class PrebindCore:
             return self.endpoint_response(*(early or (401, {})))
         pending = self.start_async(credentials)
         session = await pending.session() if pending else None
-        return self.endpoint_response(*self.endpoint_result(session, pending.error if pending else None))
+        return self.endpoint_response(
+            *self.endpoint_result(session, pending.error if pending else None)
+        )
 
 
 async def _awaited(value: Awaitable[Any]) -> Any:
@@ -423,7 +469,9 @@ async def _awaited(value: Awaitable[Any]) -> Any:
 def _checked(result: object) -> Credentials | None:
     if result is None or isinstance(result, Credentials):
         return result
-    log.error("BOSH credentials callable returned %s, not Credentials or None", type(result).__name__)
+    log.error(
+        "BOSH credentials callable returned %s, not Credentials or None", type(result).__name__
+    )
     return None
 
 

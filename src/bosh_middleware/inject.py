@@ -39,7 +39,10 @@ def script_snippet(values: Sequence[tuple[str, object]], *, nonce: str | None = 
     nonce_attr = ""
     if nonce:
         escaped = (
-            nonce.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+            nonce.replace("&", "&amp;")
+            .replace('"', "&quot;")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
         )
         nonce_attr = f' nonce="{escaped}"'
     assignments = ",".join(f"{name}={js_literal(value)}" for name, value in values)
@@ -144,8 +147,8 @@ class Injector:
             self._held = b""
             return data[: m.start()] + self._snippet + data[m.start() :]
         last = None
-        for last in self._body.finditer(data):
-            pass
+        for match in self._body.finditer(data):
+            last = match
         if last is not None and len(data) - last.start() <= _MAX_HELD:
             self._held, self._held_is_body = data[last.start() :], True
             return data[: last.start()]

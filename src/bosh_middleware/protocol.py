@@ -365,7 +365,7 @@ def _mechanisms(features: etree._Element) -> list[str]:
     return [(m.text or "").strip() for m in mechs if isinstance(m.tag, str) and m.text]
 
 
-class _HeldRequest(Exception):  # noqa: N818 - a signal inside the flow, never raised out of it
+class _HeldRequest(Exception):
     """A pipelined request is still open at the server: the session must not be handed out."""
 
 

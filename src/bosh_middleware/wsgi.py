@@ -60,7 +60,9 @@ def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
     return get
 
 
-def _edited(headers: list[tuple[str, str]], sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[str, str]]:
+def _edited(
+    headers: list[tuple[str, str]], sets: list[tuple[str, str]], removes: list[str]
+) -> list[tuple[str, str]]:
     drop = {n.lower() for n, _ in sets} | {n.lower() for n in removes}
     return [(k, v) for k, v in headers if k.lower() not in drop] + sets
 
@@ -107,13 +109,17 @@ class _Exchange:
         if pending is not None:
             pending.discard()
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
         if self.credentials is None:  # adapter mode: the app may have found the user
             self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
             self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
         code = int(status.split(None, 1)[0])
-        if exc_info is not None or self.credentials is None or not is_injectable(
-            self.environ.get("REQUEST_METHOD", ""), code, _getter(headers)
+        if (
+            exc_info is not None
+            or self.credentials is None
+            or not is_injectable(self.environ.get("REQUEST_METHOD", ""), code, _getter(headers))
         ):
             if self.mode == "held":  # error after a held start: forget the rewrite
                 self.held = None
@@ -136,12 +142,20 @@ class _Exchange:
         if session is None:  # fail open: the page as it was
             self.mode = "pass"
             self._start_response(status, headers, exc_info)
-            return _ClosingIterator(itertools.chain(self.written, result), result) if self.written else result
+            return (
+                _ClosingIterator(itertools.chain(self.written, result), result)
+                if self.written
+                else result
+            )
         get = _getter(headers)
         if not self.core.rewrites_body:
             sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
             self._start_response(status, _edited(headers, sets, removes), exc_info)
-            return _ClosingIterator(itertools.chain(self.written, result), result) if self.written else result
+            return (
+                _ClosingIterator(itertools.chain(self.written, result), result)
+                if self.written
+                else result
+            )
         injector = Injector(
             self.core.snippet(session, self.mw.get_nonce(self.environ)),
             charset=charset_of(get("content-type")),
@@ -153,7 +167,9 @@ class _Exchange:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
-            sets, removes = self.core.header_edits(get, session, body_length=len(body), streaming=False)
+            sets, removes = self.core.header_edits(
+                get, session, body_length=len(body), streaming=False
+            )
             self._start_response(status, _edited(headers, sets, removes), exc_info)
             return [body]
         sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
@@ -204,8 +220,11 @@ class BOSHPrebindMiddleware:
         self.app = app
         if core is None:
             if config is None:
-                config = MiddlewareConfig(service_url=service_url or "", credentials=credentials,  # type: ignore[arg-type]
-                                          **settings)
+                config = MiddlewareConfig(
+                    service_url=service_url or "",
+                    credentials=credentials,  # type: ignore[arg-type]
+                    **settings,
+                )
             core = PrebindCore(config)
         self.core = core
         self.config = core.config

@@ -107,7 +107,7 @@ def injected(body: bytes | str) -> Injected:
     found = list(SNIPPET.finditer(text))
     assert len(found) == 1, f"expected one BOSH snippet, found {len(found)} in {text[:600]!r}"
     m = found[0]
-    assert text[m.end():m.end() + 7].lower() == "</head>", text
+    assert text[m.end() : m.end() + 7].lower() == "</head>", text
     return Injected(json.loads(m["jid"]), json.loads(m["sid"]), int(m["rid"]), m["nonce"])
 
 
@@ -115,11 +115,17 @@ def assert_live(service_url: str, sid: str, rid: int, *, timeout: float = 10) ->
     """One BOSH request with this sid/rid carrying a roster get must be answered with a result
     (a wrong RID gives a replayed old answer or none, see prebind-facts.md)."""
     iq_id = f"roster_{secrets.token_hex(4)}"
-    body = (f"<body rid='{rid}' sid='{sid}' xmlns='{NS_BOSH}'>"
-            f"<iq type='get' id='{iq_id}' xmlns='jabber:client'>"
-            "<query xmlns='jabber:iq:roster'/></iq></body>")
-    r = httpx.post(service_url, content=body, timeout=timeout,
-                   headers={"Content-Type": "text/xml; charset=utf-8"})
+    body = (
+        f"<body rid='{rid}' sid='{sid}' xmlns='{NS_BOSH}'>"
+        f"<iq type='get' id='{iq_id}' xmlns='jabber:client'>"
+        "<query xmlns='jabber:iq:roster'/></iq></body>"
+    )
+    r = httpx.post(
+        service_url,
+        content=body,
+        timeout=timeout,
+        headers={"Content-Type": "text/xml; charset=utf-8"},
+    )
     assert r.status_code == 200, r.text
     iqs = [el for el in etree.fromstring(r.content) if el.get("id") == iq_id]
     assert iqs and iqs[0].get("type") == "result", r.text
@@ -127,8 +133,11 @@ def assert_live(service_url: str, sid: str, rid: int, *, timeout: float = 10) ->
 
 def assert_dead(service_url: str, sid: str, rid: int) -> None:
     """The session is gone: the server answers a terminate (or an HTTP error), not stanzas."""
-    body = (f"<body rid='{rid}' sid='{sid}' xmlns='{NS_BOSH}'><iq type='get' id='r1' "
-            "xmlns='jabber:client'><query xmlns='jabber:iq:roster'/></iq></body>")
-    r = httpx.post(service_url, content=body, timeout=10,
-                   headers={"Content-Type": "text/xml; charset=utf-8"})
+    body = (
+        f"<body rid='{rid}' sid='{sid}' xmlns='{NS_BOSH}'><iq type='get' id='r1' "
+        "xmlns='jabber:client'><query xmlns='jabber:iq:roster'/></iq></body>"
+    )
+    r = httpx.post(
+        service_url, content=body, timeout=10, headers={"Content-Type": "text/xml; charset=utf-8"}
+    )
     assert r.status_code != 200 or etree.fromstring(r.content).get("type") == "terminate", r.text

@@ -43,14 +43,18 @@ SETTINGS = {
     },
     "DEFAULT_AUTO_FIELD": "django.db.models.AutoField",
     "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
-    "TEMPLATES": [{
-        "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [HERE / "templates"],
-        "OPTIONS": {"context_processors": [
-            "django.template.context_processors.request",
-            "django.contrib.auth.context_processors.auth",
-        ]},
-    }],
+    "TEMPLATES": [
+        {
+            "BACKEND": "django.template.backends.django.DjangoTemplates",
+            "DIRS": [HERE / "templates"],
+            "OPTIONS": {
+                "context_processors": [
+                    "django.template.context_processors.request",
+                    "django.contrib.auth.context_processors.auth",
+                ]
+            },
+        }
+    ],
     "LOGIN_URL": "/accounts/login/",
     "LOGIN_REDIRECT_URL": "/page/",
     "USE_TZ": True,

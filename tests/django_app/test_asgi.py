@@ -39,8 +39,10 @@ async def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer, path: 
 
 
 async def test_async_credentials_callable(alice: Account, bosh: XMPPServer, settings: Any) -> None:
-    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND,
-                             "CREDENTIALS": "django_app.accounts.acredentials"}
+    settings.BOSH_PREBIND = {
+        **settings.BOSH_PREBIND,
+        "CREDENTIALS": "django_app.accounts.acredentials",
+    }
     found = injected((await (await logged_in(alice)).get("/apage/", headers=PAGE_HEADERS)).content)
     assert_live(bosh.service_url, found.sid, found.rid)
 

@@ -38,10 +38,16 @@ class _QuietHandler(WSGIRequestHandler):
 
 @contextlib.contextmanager
 def wsgi_server(cores: list[RecordingCore]) -> Iterator[str]:
-    httpd = make_server("127.0.0.1", 0, WSGIHandler(), server_class=_ThreadingWSGIServer,
-                        handler_class=_QuietHandler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    httpd = make_server(
+        "127.0.0.1",
+        0,
+        WSGIHandler(),
+        server_class=_ThreadingWSGIServer,
+        handler_class=_QuietHandler,
+    )
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_port}"
@@ -54,8 +60,16 @@ def wsgi_server(cores: list[RecordingCore]) -> Iterator[str]:
 @contextlib.contextmanager
 def asgi_server(cores: list[RecordingCore]) -> Iterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ASGIHandler(), host="127.0.0.1", port=port,
-                                           lifespan="off", ws="none", log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            ASGIHandler(),
+            host="127.0.0.1",
+            port=port,
+            lifespan="off",
+            ws="none",
+            log_level="warning",
+        )
+    )
 
     async def serve() -> None:
         await server.serve()
@@ -77,8 +91,12 @@ def asgi_server(cores: list[RecordingCore]) -> Iterator[str]:
 
 @pytest.mark.parametrize("serve", [wsgi_server, asgi_server], ids=["wsgi", "asgi"])
 def test_login_attach_and_chat(
-    django_browser: Any, serve: Any, alice: Account, bosh: XMPPServer,
-    static_server: StaticServer, cores: list[RecordingCore],
+    django_browser: Any,
+    serve: Any,
+    alice: Account,
+    bosh: XMPPServer,
+    static_server: StaticServer,
+    cores: list[RecordingCore],
 ) -> None:
     views.BROWSER.update(static=static_server.base_url, service=bosh.service_url)
     peer_jid, peer_password = bosh.new_user("peer")
@@ -104,15 +122,19 @@ def test_login_attach_and_chat(
 
             peer = open_page(django_browser, static_server.harness_url, name="peer", logs=logs)
             pages.append(peer)
-            peer.evaluate("o => boshTest.connect(o)",
-                          {"service": bosh.service_url, "jid": peer_jid, "password": peer_password})
+            peer.evaluate(
+                "o => boshTest.connect(o)",
+                {"service": bosh.service_url, "jid": peer_jid, "password": peer_password},
+            )
 
             state = attached.evaluate("() => boshTest.attach({timeout: 15000})")
             assert "ATTACHED" in state["statuses"], format_logs(logs)
             assert state["iqResult"] == "result", format_logs(logs)  # the RID was right
             attached.evaluate("([to, body]) => boshTest.send(to, body)", [peer_jid, message])
-            got = peer.evaluate("o => boshTest.waitForMessage(o)",
-                                {"body": message, "from": alice.jid, "timeout": 10_000})
+            got = peer.evaluate(
+                "o => boshTest.waitForMessage(o)",
+                {"body": message, "from": alice.jid, "timeout": 10_000},
+            )
             assert got["body"] == message
         except Exception as exc:
             raise AssertionError(f"{exc}\n{format_logs(logs)}") from exc

@@ -35,15 +35,18 @@ def test_good_configuration_passes() -> None:
     assert ours(BOSH_PREBIND={"ENABLED": False}) == []
 
 
-@pytest.mark.parametrize("value", [
-    None,
-    {"CREDENTIALS": GOOD["CREDENTIALS"]},
-    {"SERVICE_URL": "http://x/http-bind"},
-    {**GOOD, "CREDENTIALS": "django_app.accounts.missing"},
-    {**GOOD, "CREDENTIALS": "no_such_module.credentials"},
-    {**GOOD, "MODE": "telepathy"},
-    {**GOOD, "NO_SUCH_SETTING": 1},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        {"CREDENTIALS": GOOD["CREDENTIALS"]},
+        {"SERVICE_URL": "http://x/http-bind"},
+        {**GOOD, "CREDENTIALS": "django_app.accounts.missing"},
+        {**GOOD, "CREDENTIALS": "no_such_module.credentials"},
+        {**GOOD, "MODE": "telepathy"},
+        {**GOOD, "NO_SUCH_SETTING": 1},
+    ],
+)
 def test_e001_bad_settings(value: dict[str, Any] | None, settings: Any) -> None:
     if value is None:
         del settings.BOSH_PREBIND
@@ -52,8 +55,15 @@ def test_e001_bad_settings(value: dict[str, Any] | None, settings: Any) -> None:
         assert ours(BOSH_PREBIND=value) == ["bosh_prebind.E001"]
 
 
-@pytest.mark.parametrize("outer", [SESSION, AUTH, "csp.middleware.CSPMiddleware",
-                                   "django.middleware.csp.ContentSecurityPolicyMiddleware"])
+@pytest.mark.parametrize(
+    "outer",
+    [
+        SESSION,
+        AUTH,
+        "csp.middleware.CSPMiddleware",
+        "django.middleware.csp.ContentSecurityPolicyMiddleware",
+    ],
+)
 def test_w002_listed_before_session_auth_or_csp(outer: str) -> None:
     middleware = moved(outer, after=True)
     if outer == SESSION:  # keep auth after sessions, as Django's own check wants

@@ -68,13 +68,17 @@ def restart_last_proxy(service_url: str) -> Iterator[str]:
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_first_request_after_an_overtaken_restart(prosody: XMPPServer, pipeline: bool) -> None:
     jid, password = prosody.new_user("overtake")
-    with restart_last_proxy(prosody.service_url) as url, \
-            Prebinder(url, options=PrebindOptions(pipeline=pipeline)) as prebinder:
+    with (
+        restart_last_proxy(prosody.service_url) as url,
+        Prebinder(url, options=PrebindOptions(pipeline=pipeline)) as prebinder,
+    ):
         session = prebinder.prebind(Credentials(jid=jid, password=password))
     assert_live(prosody.service_url, session.sid, session.rid, timeout=3)
 
 
 def test_html_attachment_is_not_injectable() -> None:
-    headers = {"content-type": "text/html; charset=utf-8",
-               "content-disposition": 'attachment; filename="report.html"'}
+    headers = {
+        "content-type": "text/html; charset=utf-8",
+        "content-disposition": 'attachment; filename="report.html"',
+    }
     assert not is_injectable("GET", 200, headers.get)

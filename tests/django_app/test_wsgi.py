@@ -50,10 +50,15 @@ def test_login_through_the_login_view(alice: Account, bosh: XMPPServer) -> None:
     assert b"BOSH_JID" not in form.content  # anonymous: untouched
     token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', form.content)
     assert token is not None
-    r = client.post("/accounts/login/", {
-        "username": alice.username, "password": alice.password, "next": "/page/",
-        "csrfmiddlewaretoken": token[1].decode(),
-    })
+    r = client.post(
+        "/accounts/login/",
+        {
+            "username": alice.username,
+            "password": alice.password,
+            "next": "/page/",
+            "csrfmiddlewaretoken": token[1].decode(),
+        },
+    )
     assert r.status_code == 302 and r["Location"] == "/page/"
     page = client.get("/page/", headers=PAGE_HEADERS)
     found = injected(page.content)
@@ -74,15 +79,18 @@ def test_user_without_xmpp_account_is_untouched(nobody: Account) -> None:
     assert b"BOSH_" not in r.content and "Cache-Control" not in r
 
 
-@pytest.mark.parametrize(("method", "path", "headers"), [
-    ("get", "/json/", PAGE_HEADERS),
-    ("get", "/download/", PAGE_HEADERS),
-    ("head", "/page/", PAGE_HEADERS),
-    ("get", "/not-modified/", PAGE_HEADERS),
-    ("get", "/gzip/", {**PAGE_HEADERS, "Accept-Encoding": "gzip"}),
-    ("get", "/fragment/", {"HX-Request": "true", "Accept": "text/html"}),
-    ("get", "/page/", {**PAGE_HEADERS, "HX-Request": "true"}),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("get", "/json/", PAGE_HEADERS),
+        ("get", "/download/", PAGE_HEADERS),
+        ("head", "/page/", PAGE_HEADERS),
+        ("get", "/not-modified/", PAGE_HEADERS),
+        ("get", "/gzip/", {**PAGE_HEADERS, "Accept-Encoding": "gzip"}),
+        ("get", "/fragment/", {"HX-Request": "true", "Accept": "text/html"}),
+        ("get", "/page/", {**PAGE_HEADERS, "HX-Request": "true"}),
+    ],
+)
 def test_responses_that_cannot_carry_a_session(
     alice: Account, method: str, path: str, headers: dict[str, str]
 ) -> None:
@@ -93,8 +101,9 @@ def test_responses_that_cannot_carry_a_session(
         assert r["Content-Encoding"] == "gzip"
 
 
-def test_unused_session_is_terminated(alice: Account, bosh: XMPPServer,
-                                      cores: list[RecordingCore]) -> None:
+def test_unused_session_is_terminated(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore]
+) -> None:
     r = logged_in(alice).get("/json/", headers=PAGE_HEADERS)  # a navigation: prebind started
     assert r.json() == {"ok": True}
     [pending] = cores[0].pendings
@@ -110,8 +119,9 @@ def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCor
     assert cores[0].started[0] < views.SLOW_STARTED[0]
 
 
-def test_html_answer_to_a_non_navigation_is_injected(alice: Account, bosh: XMPPServer,
-                                                     cores: list[RecordingCore]) -> None:
+def test_html_answer_to_a_non_navigation_is_injected(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore]
+) -> None:
     views.SLOW_STARTED.clear()
     r = logged_in(alice).get("/slow/", headers={"Accept": "*/*"})
     found = injected(r.content)
@@ -130,8 +140,10 @@ def test_streamed_page(alice: Account, bosh: XMPPServer, path: str) -> None:
 
 
 def test_async_credentials_callable(alice: Account, bosh: XMPPServer, settings: Any) -> None:
-    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND,
-                             "CREDENTIALS": "django_app.accounts.acredentials"}
+    settings.BOSH_PREBIND = {
+        **settings.BOSH_PREBIND,
+        "CREDENTIALS": "django_app.accounts.acredentials",
+    }
     found = injected(logged_in(alice).get("/page/", headers=PAGE_HEADERS).content)
     assert_live(bosh.service_url, found.sid, found.rid)
 
@@ -149,8 +161,11 @@ def test_csp_nonce_from_django_csp(alice: Account, bosh: XMPPServer, settings: A
     from csp.constants import NONCE, SELF
 
     ours = settings.MIDDLEWARE.index("bosh_middleware.django.BOSHPrebindMiddleware")
-    settings.MIDDLEWARE = [*settings.MIDDLEWARE[:ours], "csp.middleware.CSPMiddleware",
-                           *settings.MIDDLEWARE[ours:]]
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE[:ours],
+        "csp.middleware.CSPMiddleware",
+        *settings.MIDDLEWARE[ours:],
+    ]
     settings.CONTENT_SECURITY_POLICY = {"DIRECTIVES": {"script-src": [SELF, NONCE]}}
     r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
     found = injected(r.content)
@@ -164,9 +179,11 @@ def test_csp_nonce_from_django_6(alice: Account, bosh: XMPPServer, settings: Any
     from django.utils.csp import CSP
 
     ours = settings.MIDDLEWARE.index("bosh_middleware.django.BOSHPrebindMiddleware")
-    settings.MIDDLEWARE = [*settings.MIDDLEWARE[:ours],
-                           "django.middleware.csp.ContentSecurityPolicyMiddleware",
-                           *settings.MIDDLEWARE[ours:]]
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE[:ours],
+        "django.middleware.csp.ContentSecurityPolicyMiddleware",
+        *settings.MIDDLEWARE[ours:],
+    ]
     settings.SECURE_CSP = {"script-src": [CSP.SELF, CSP.NONCE]}
     r = logged_in(alice).get("/page/", headers=PAGE_HEADERS)
     found = injected(r.content)

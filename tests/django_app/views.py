@@ -58,8 +58,14 @@ async def aslow(request: HttpRequest) -> HttpResponse:
     return HttpResponse(HEAD + BODY.format(name="slow", pad=""))
 
 
-CHUNKS = [b"<!doctype html><html><he", b"ad><title>s</title></he", b"ad><body>", b"streamed",
-          b"</bo", b"dy></html>"]
+CHUNKS = [
+    b"<!doctype html><html><he",
+    b"ad><title>s</title></he",
+    b"ad><body>",
+    b"streamed",
+    b"</bo",
+    b"dy></html>",
+]
 
 
 def stream(request: HttpRequest) -> StreamingHttpResponse:

@@ -38,8 +38,12 @@ def create_app(
     """``accounts``: web username -> XMPP (jid, password); every web password is WEB_PASSWORD.
     ``bosh``: extra ``BOSH_*`` config keys (without the prefix)."""
     app = Flask(__name__)
-    app.config.update(SECRET_KEY="test", TEST_ACCOUNTS=dict(accounts),
-                      BOSH_SERVICE_URL=service_url, BOSH_CREDENTIALS=StaticCredentials(accounts))
+    app.config.update(
+        SECRET_KEY="test",
+        TEST_ACCOUNTS=dict(accounts),
+        BOSH_SERVICE_URL=service_url,
+        BOSH_CREDENTIALS=StaticCredentials(accounts),
+    )
     app.config.update({f"BOSH_{k.upper()}": v for k, v in bosh.items()})
     login = LoginManager(app)
 
@@ -61,8 +65,10 @@ def create_app(
             if known and request.form.get("password") == WEB_PASSWORD:
                 login_user(User(name))
                 return redirect(request.args.get("next", "/"))
-        form = ("<form method='post'><input name='username'><input name='password' type='password'>"
-                "<button type='submit'>log in</button></form>")
+        form = (
+            "<form method='post'><input name='username'><input name='password' type='password'>"
+            "<button type='submit'>log in</button></form>"
+        )
         return page("login", form)
 
     @app.route("/logout")

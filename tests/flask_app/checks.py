@@ -37,9 +37,11 @@ ASSIGNMENT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|-?\d+)')
 def page(title: str, body: str = "", script_base: str | None = None) -> str:
     """A test page; with ``script_base``, it loads Strophe.js and attach-test.js from there."""
     scripts = script_tags(script_base) if script_base is not None else ""
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html_lib.escape(title)}"
-            f"</title></HEAD><body><p>İstanbul {html_lib.escape(title)}</p>{body}{scripts}"
-            "</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html_lib.escape(title)}"
+        f"</title></HEAD><body><p>İstanbul {html_lib.escape(title)}</p>{body}{scripts}"
+        "</body></html>"
+    )
 
 
 def page_session(html: str) -> dict[str, Any]:
@@ -56,27 +58,37 @@ def page_session(html: str) -> dict[str, Any]:
     return values
 
 
-def bosh_post(service_url: str, sid: str, rid: int, payload: str = "", *, timeout: float = 10,
-              **attrs: str) -> bytes:
+def bosh_post(
+    service_url: str, sid: str, rid: int, payload: str = "", *, timeout: float = 10, **attrs: str
+) -> bytes:
     extra = "".join(f" {k}='{v}'" for k, v in attrs.items())
     body = f"<body rid='{rid}' sid='{sid}' xmlns='{NS_BOSH}'{extra}>{payload}</body>"
-    r = httpx.post(service_url, content=body, timeout=timeout,
-                   headers={"Content-Type": "text/xml; charset=utf-8"})
+    r = httpx.post(
+        service_url,
+        content=body,
+        timeout=timeout,
+        headers={"Content-Type": "text/xml; charset=utf-8"},
+    )
     assert r.status_code == 200, r
     return r.content
 
 
-def assert_live(service_url: str, session: dict[str, Any], *, terminate: bool = True,
-                timeout: float = 10) -> None:
+def assert_live(
+    service_url: str, session: dict[str, Any], *, terminate: bool = True, timeout: float = 10
+) -> None:
     """``session``: the ``BOSH_*`` page variables (or the endpoint's ``{"jid","sid","rid"}``)."""
     jid = session.get("BOSH_JID", session.get("jid"))
     sid = session.get("BOSH_SID", session.get("sid"))
     rid = int(session.get("BOSH_RID", session.get("rid")))
     assert jid and "@" in jid and "/" in jid, session
     iq_id = f"roster_{secrets.token_hex(4)}"
-    raw = bosh_post(service_url, sid, rid,
-                    f"<iq type='get' id='{iq_id}' xmlns='jabber:client'>"
-                    f"<query xmlns='{NS_ROSTER}'/></iq>", timeout=timeout)
+    raw = bosh_post(
+        service_url,
+        sid,
+        rid,
+        f"<iq type='get' id='{iq_id}' xmlns='jabber:client'><query xmlns='{NS_ROSTER}'/></iq>",
+        timeout=timeout,
+    )
     root = etree.fromstring(raw)
     assert root.get("type") != "terminate", raw
     iqs = [el for el in root if el.get("id") == iq_id]
@@ -115,9 +127,15 @@ def browser_login_attach_and_chat(
 
         peer = open_page(browser, static.harness_url, name="peer", logs=logs)
         pages.append(peer)
-        peer.evaluate("o => boshTest.connect(o)", {
-            "service": service_url, "jid": peer_jid, "password": peer_password, "timeout": 15000,
-        })
+        peer.evaluate(
+            "o => boshTest.connect(o)",
+            {
+                "service": service_url,
+                "jid": peer_jid,
+                "password": peer_password,
+                "timeout": 15000,
+            },
+        )
 
         state = attached.evaluate("() => boshTest.attach({timeout: 15000, iqTimeout: 10000})")
         assert "ATTACHED" in state["statuses"], state

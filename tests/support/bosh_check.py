@@ -75,7 +75,7 @@ def _roster_get(sid: str, rid: int, iq_id: str) -> bytes:
 
 
 def _classify(status: int, body: bytes, iq_ids: Iterable[str]) -> str:
-    """"live" | "dead" | "empty" | "other:<detail>"."""
+    """ "live" | "dead" | "empty" | "other:<detail>"."""
     if status == 404:
         return "dead"
     if status != 200:
@@ -132,9 +132,10 @@ class _Probe(threading.Thread):
 _outstanding: dict[str, list[_Probe]] = {}
 
 
-def probe_session(service_url: str, sid: str, rid: int | None = None, *,
-                  timeout: float = PROBE_TIMEOUT) -> str:
-    """"live", "dead", or what else the server said.
+def probe_session(
+    service_url: str, sid: str, rid: int | None = None, *, timeout: float = PROBE_TIMEOUT
+) -> str:
+    """ "live", "dead", or what else the server said.
 
     ``rid`` defaults to the next one for this sid (the session's own ``rid`` at first).
 
@@ -199,8 +200,10 @@ def end_sessions(service_url: str, sessions: Iterable[PrebindSession]) -> None:
     for s in sessions:
         with _next_rid_lock:
             rid = _next_rid.pop(s.sid, s.rid)
-        body = (f"<body rid='{rid}' sid='{s.sid}' type='terminate' xmlns='{HB}'>"
-                "<presence type='unavailable' xmlns='jabber:client'/></body>").encode()
+        body = (
+            f"<body rid='{rid}' sid='{s.sid}' type='terminate' xmlns='{HB}'>"
+            "<presence type='unavailable' xmlns='jabber:client'/></body>"
+        ).encode()
         with contextlib.suppress(OSError, http.client.HTTPException):
             _http_post(service_url, body, 2.0)
         join_probes(s.sid)
@@ -410,8 +413,9 @@ class FakeEndpoint:
     """``mode``: "fail" (HTTP 503 at once), "sleep" (``sleep`` s, then 503), "forward" (to
     ``upstream``, requests sent to it in arrival order). Change ``mode`` at any time."""
 
-    def __init__(self, mode: str = "fail", *, upstream: str | None = None,
-                 sleep: float = 5.0) -> None:
+    def __init__(
+        self, mode: str = "fail", *, upstream: str | None = None, sleep: float = 5.0
+    ) -> None:
         self.mode = mode
         self.upstream = upstream
         self.sleep = sleep
@@ -443,8 +447,12 @@ class FakeEndpoint:
 
         self._srv = _Server(("127.0.0.1", 0), Handler)
         self._srv.endpoint = self
-        self._thread = threading.Thread(target=self._srv.serve_forever, name="FakeEndpoint",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._srv.serve_forever,
+            name="FakeEndpoint",
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+        )
         self._thread.start()
         return self
 

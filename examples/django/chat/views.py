@@ -8,7 +8,11 @@ from django.shortcuts import render
 def chat(request: HttpRequest) -> HttpResponse:
     """The chat page. The middleware adds BOSH_JID/SID/RID/SERVICE to its <head>; chat.js
     attaches to that session. Nothing XMPP-specific happens in the view."""
-    return render(request, "chat/chat.html", {
-        "bosh_service": settings.BOSH_PREBIND.get("PUBLIC_SERVICE_URL", ""),
-        "xmpp_domain": settings.XMPP_DOMAIN,
-    })
+    return render(
+        request,
+        "chat/chat.html",
+        {
+            "bosh_service": settings.BOSH_PREBIND.get("PUBLIC_SERVICE_URL", ""),
+            "xmpp_domain": settings.XMPP_DOMAIN,
+        },
+    )

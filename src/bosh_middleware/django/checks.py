@@ -24,8 +24,10 @@ _SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     values = getattr(settings, "BOSH_PREBIND", None)
-    hint = ('e.g. BOSH_PREBIND = {"SERVICE_URL": "https://xmpp.example.org/http-bind", '
-            '"CREDENTIALS": "myproject.xmpp.credentials"}')
+    hint = (
+        'e.g. BOSH_PREBIND = {"SERVICE_URL": "https://xmpp.example.org/http-bind", '
+        '"CREDENTIALS": "myproject.xmpp.credentials"}'
+    )
     if values is None:
         return [checks.Error("BOSH_PREBIND is not set.", hint=hint, id="bosh_prebind.E001")]
     if not values.get("ENABLED", True):
@@ -50,21 +52,25 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
         return []
     here = ours[0]
     messages: list[checks.CheckMessage] = []
-    for i, path in enumerate(middleware[here + 1:], here + 1):
+    for i, path in enumerate(middleware[here + 1 :], here + 1):
         outer = next((name for name in _OUTER if _is(path, name)), None)
         if outer is not None:
-            messages.append(checks.Warning(
-                f"{_SELF} is listed before {outer}: it cannot see the user or add a CSP nonce.",
-                hint=f"Move it below {middleware[i]} in MIDDLEWARE.",
-                id="bosh_prebind.W002",
-            ))
+            messages.append(
+                checks.Warning(
+                    f"{_SELF} is listed before {outer}: it cannot see the user or add a CSP nonce.",
+                    hint=f"Move it below {middleware[i]} in MIDDLEWARE.",
+                    id="bosh_prebind.W002",
+                )
+            )
         elif _is(path, _GZIP):
-            messages.append(checks.Warning(
-                f"{_SELF} is listed before {_GZIP}: pages are compressed before the session "
-                "can be injected, so they never get one.",
-                hint=f"Move {middleware[i]} above it in MIDDLEWARE.",
-                id="bosh_prebind.W003",
-            ))
+            messages.append(
+                checks.Warning(
+                    f"{_SELF} is listed before {_GZIP}: pages are compressed before the session "
+                    "can be injected, so they never get one.",
+                    hint=f"Move {middleware[i]} above it in MIDDLEWARE.",
+                    id="bosh_prebind.W003",
+                )
+            )
     return messages
 
 

@@ -156,8 +156,9 @@ class BOSHPrebindMiddleware:
             else:
                 response.content = injector.feed(response.content) + injector.finish()  # type: ignore[attr-defined]
                 length = len(response.content)  # type: ignore[attr-defined]
-        sets, removes = core.header_edits(response.headers.get, session, body_length=length,
-                                          streaming=streaming)
+        sets, removes = core.header_edits(
+            response.headers.get, session, body_length=length, streaming=streaming
+        )
         for name in removes:
             response.headers.pop(name, None)
         for name, value in sets:
