@@ -7,11 +7,13 @@ more; no web framework is imported here.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -196,6 +198,10 @@ class PrebindCore:
         self._async: AsyncPrebinder | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # WSGI servers and frameworks never tell a middleware they are shutting down: close the
+        # pooled connections at exit (weakly: a discarded middleware is not kept alive).
+        ref = weakref.ref(self)
+        atexit.register(_close_at_exit, ref)
 
     # --- engines --------------------------------------------------------------------------
     @property
@@ -460,6 +466,12 @@ class PrebindCore:
         return self.endpoint_response(
             *self.endpoint_result(session, pending.error if pending else None)
         )
+
+
+def _close_at_exit(ref: weakref.ref[PrebindCore]) -> None:
+    core = ref()
+    if core is not None:
+        core.close()
 
 
 async def _awaited(value: Awaitable[Any]) -> Any:
