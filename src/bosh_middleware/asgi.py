@@ -13,7 +13,7 @@ from typing import Any
 from asgiref.compatibility import guarantee_single_callable
 
 from .config import MiddlewareConfig
-from .core import AsyncPending, PrebindCore, charset_of, is_injectable
+from .core import AsyncPending, PrebindCore, charset_of, is_authenticated, is_injectable
 from .credentials import Credentials
 from .inject import Injector
 from .session import PrebindSession
@@ -58,8 +58,16 @@ class _Headers:
 
     def get(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
-        values = [bytes(v).decode("latin-1") for k, v in self._raw if bytes(k).lower() == key]
-        return ", ".join(values) if values else None
+        found = None
+        for k, v in self._raw:
+            if k.lower() == key:
+                value = bytes(v).decode("latin-1")
+                found = value if found is None else f"{found}, {value}"
+        return found
+
+
+#: The request headers the middleware reads (PrebindCore.wants / looks_like_page).
+_REQUEST_HEADERS = frozenset({b"hx-request", b"sec-fetch-dest", b"accept"})
 
 
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
@@ -77,14 +85,16 @@ class _Responder:
         middleware: BOSHPrebindMiddleware,
         scope: Scope,
         send: Send,
-        credentials: Credentials,
+        credentials: Credentials | None,
         pending: AsyncPending | None,
+        user: Any = None,
     ) -> None:
         self.mw = middleware
         self.core = middleware.core
         self.scope = scope
         self._send = send
-        self.credentials = credentials
+        self.credentials = credentials  # None: looked up from ``user`` once a page needs it
+        self.user = user
         self.pending = pending
         self.passthrough = False
         self.start: Message | None = None
@@ -94,6 +104,10 @@ class _Responder:
 
     async def _session(self) -> PrebindSession | None:
         if self.pending is None:  # not a navigation after all, but an HTML page: prebind now
+            if self.credentials is None:
+                self.credentials = await self.core.credentials_async(self.user)
+                if self.credentials is None:
+                    return None
             self.pending = self.core.start_async(self.credentials)
         return await self.pending.session() if self.pending is not None else None
 
@@ -208,30 +222,47 @@ class BOSHPrebindMiddleware:
         self.core = PrebindCore(config)
         self.get_user = get_user
         self.get_nonce = get_nonce
+        self._exclude = tuple(config.exclude_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
-            return
+        # Every request passes here: the cheapest checks first (path and method, then the
+        # user, then one scan of the request headers), and ``credentials()`` only for a
+        # navigation (to start the prebind next to the view) or once the response turns out to
+        # be a page that will carry a session.
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
         core = self.core
-        headers = _Headers(scope.get("headers"))
         path = scope.get("path", "")
-        if core.is_endpoint(path):
+        if path == self.config.endpoint_path:
             await self._endpoint(scope, send)
             return
-        if not core.wants(scope["method"], path, headers.get):
+        if scope["method"] != "GET" or (self._exclude and path.startswith(self._exclude)):
             await self.app(scope, receive, send)
             return
-        credentials = await core.credentials_async(self.get_user(scope))
-        if credentials is None:
+        user = self.get_user(scope)
+        if not is_authenticated(user):
             await self.app(scope, receive, send)
             return
-        # Start now, next to the view, when this is a browser navigation.
-        pending = core.start_async(credentials) if core.looks_like_page(headers.get) else None
-        responder = _Responder(self, scope, send, credentials, pending)
+        nav: dict[bytes, str] = {}
+        for k, v in scope.get("headers") or ():
+            k = bytes(k).lower()
+            if k in _REQUEST_HEADERS:
+                value = bytes(v).decode("latin-1")
+                nav[k] = f"{nav[k]}, {value}" if k in nav else value
+        if nav.get(b"hx-request"):
+            await self.app(scope, receive, send)
+            return
+        credentials = pending = None
+        if core.looks_like_page(lambda name: nav.get(name.encode("latin-1"))):
+            credentials = await core.credentials_async(user)
+            if credentials is None:
+                await self.app(scope, receive, send)
+                return
+            pending = core.start_async(credentials)  # now, next to the view
+        responder = _Responder(self, scope, send, credentials, pending, user)
         try:
             await self.app(scope, receive, responder.send)
         finally:

@@ -192,6 +192,7 @@ class PrebindCore:
 
     def __init__(self, config: MiddlewareConfig) -> None:
         self.config = config
+        self._exclude = tuple(config.exclude_paths)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
         self._lock = threading.Lock()
         self._sync: Prebinder | None = None
@@ -251,7 +252,7 @@ class PrebindCore:
         """Could this request's response carry a session? (Cheap; no user lookup.)"""
         if method != "GET" or get("hx-request"):
             return False
-        return not any(path.startswith(prefix) for prefix in self.config.exclude_paths)
+        return not (self._exclude and path.startswith(self._exclude))
 
     @staticmethod
     def looks_like_page(get: HeaderGetter) -> bool:

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from .config import MiddlewareConfig
-from .core import PrebindCore, SyncPending, charset_of, is_injectable
+from .core import PrebindCore, SyncPending, charset_of, is_authenticated, is_injectable
 from .credentials import Credentials
 from .inject import Injector
 from .session import PrebindSession
@@ -93,12 +93,14 @@ class _Exchange:
         start_response: StartResponse,
         credentials: Credentials | None,
         pending: SyncPending | None,
+        user: Any = None,
     ) -> None:
         self.mw = mw
         self.core = mw.core
         self.environ = environ
         self._start_response = start_response
         self.credentials = credentials
+        self.user = user  # credentials are looked up from it once a page needs them
         self.pending = pending
         self.mode = "undecided"  # -> "pass" | "held"
         self.held: tuple[str, list[tuple[str, str]], Any] | None = None
@@ -112,10 +114,15 @@ class _Exchange:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], object]:
-        if self.credentials is None:  # adapter mode: the app may have found the user
+        code = int(status.split(None, 1)[0])
+        if self.credentials is None and self.user is not None:
+            if exc_info is None and is_injectable(
+                self.environ.get("REQUEST_METHOD", ""), code, _getter(headers)
+            ):
+                self.credentials = self.core.credentials_sync(self.user)
+        elif self.credentials is None:  # adapter mode: the app may have found the user
             self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
             self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
-        code = int(status.split(None, 1)[0])
         if (
             exc_info is not None
             or self.credentials is None
@@ -231,28 +238,38 @@ class BOSHPrebindMiddleware:
         self.get_user = get_user
         self.get_nonce = get_nonce
         self.serve_endpoint = serve_endpoint
+        self._exclude = tuple(self.config.exclude_paths)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # Every request passes here: the cheapest checks first, and ``credentials()`` only for
+        # a navigation (to start the prebind next to the view) or once the response turns out
+        # to be a page that will carry a session.
         core = self.core
         path = environ.get("PATH_INFO", "")
-        method = environ.get("REQUEST_METHOD", "GET")
-
-        def get(name: str) -> str | None:
-            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
-            return value if isinstance(value, str) else None
-
-        if self.serve_endpoint and self.get_user is not None and core.is_endpoint(path):
+        if self.serve_endpoint and self.get_user is not None and path == self.config.endpoint_path:
             return self._endpoint(environ, start_response)
-        if not core.wants(method, path, get):
+        if (
+            environ.get("REQUEST_METHOD", "GET") != "GET"
+            or environ.get("HTTP_HX_REQUEST")
+            or (self._exclude and path.startswith(self._exclude))
+        ):
             return self.app(environ, start_response)
-        credentials = pending = None
+        credentials = pending = user = None
         if self.get_user is not None:
-            credentials = core.credentials_sync(self.get_user(environ))
-            if credentials is None:
+            user = self.get_user(environ)
+            if not is_authenticated(user):
                 return self.app(environ, start_response)
+
+            def get(name: str) -> str | None:
+                value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+                return value if isinstance(value, str) else None
+
             if core.looks_like_page(get):  # start next to the view
+                credentials = core.credentials_sync(user)
+                if credentials is None:
+                    return self.app(environ, start_response)
                 pending = core.start_sync(credentials)
-        exchange = _Exchange(self, environ, start_response, credentials, pending)
+        exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)
         except BaseException:

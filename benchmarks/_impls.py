@@ -1,0 +1,76 @@
+"""The implementations compared side by side, built the same way by every section.
+
+* ``baseline``  - benchmarks/baseline.py: the classic sequential prebinder;
+* ``engine``    - the shipped engine (``Prebinder`` / ``AsyncPrebinder`` from src/, as it is in
+  the working tree when the benchmark runs);
+* ``proposed``  - the engine on the lean HTTP/1.1 transport of benchmarks/proposed.py (the
+  proposed src patch). Once that patch is merged, ``engine`` and ``proposed`` coincide.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from bosh_middleware import AsyncPrebinder, Credentials, Prebinder, PrebindSession
+
+from ._wire import WireLog
+from .baseline import BaselinePrebinder
+from .proposed import LeanAsyncPrebinder, LeanPrebinder
+
+IMPLS = ("baseline", "engine", "proposed")
+ASYNC_IMPLS = ("engine", "proposed")
+
+
+class SyncImpl:
+    """``prebind(credentials) -> PrebindSession`` for one implementation; ``prebind_counted``
+    also records its HTTP traffic in ``self.wire``."""
+
+    def __init__(self, kind: str, url: str, mechanism: str | None) -> None:
+        self.kind = kind
+        self.wire = WireLog()
+        mechs = [mechanism] if mechanism else None
+        self._baseline: threading.local | None = None
+        self._baselines: list[BaselinePrebinder] = []
+        self._url, self._mech = url, mechanism or "SCRAM-SHA-1"
+        self.prebinder: Prebinder
+        if kind == "baseline":
+            # One per thread, as one per PHP-FPM/WSGI worker: it keeps the exchange's state.
+            self._baseline = threading.local()
+            self.prebinder = Prebinder(url)  # only to end sessions after the run
+        elif kind == "engine":
+            self.prebinder = Prebinder(url, mechanisms=mechs)
+        elif kind == "proposed":
+            self.prebinder = LeanPrebinder(url, mechanisms=mechs)
+        else:
+            raise ValueError(kind)
+
+    def prebind(self, credentials: Credentials) -> PrebindSession:
+        if self._baseline is not None:
+            b = getattr(self._baseline, "p", None)
+            if b is None:
+                b = self._baseline.p = BaselinePrebinder(self._url, self._mech)
+                self._baselines.append(b)
+            return b.prebind(credentials.jid, credentials.password or "")
+        return self.prebinder.prebind(credentials)
+
+    def prebind_counted(self, credentials: Credentials) -> PrebindSession:
+        self.wire.reset()
+        with self.wire.active():
+            return self.prebind(credentials)
+
+    def terminate(self, session: PrebindSession) -> bool:
+        return self.prebinder.terminate(session)
+
+    def close(self) -> None:
+        for b in self._baselines:
+            b.close()
+        self.prebinder.close()
+
+
+def async_prebinder(kind: str, url: str, mechanism: str | None = None) -> AsyncPrebinder:
+    mechs = [mechanism] if mechanism else None
+    if kind == "engine":
+        return AsyncPrebinder(url, mechanisms=mechs)
+    if kind == "proposed":
+        return LeanAsyncPrebinder(url, mechanisms=mechs)
+    raise ValueError(kind)

@@ -1,0 +1,158 @@
+"""In-process cost of the middleware on requests it does not touch, in microseconds per request:
+the same request through the bare app, an empty pass-through wrapper (the floor for any
+middleware) and the middleware. No server, no sockets: the difference is the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import time
+from typing import Any
+
+from ._passapps import _asgi_auth, _inner, _wsgi_auth, _wsgi_inner, credentials
+
+SCENARIOS = [
+    ("static file (logged in, excluded path)", "/static/app.js", True),
+    ("JSON API (logged in)", "/api/items", True),
+    ("HTML page (anonymous)", "/", False),
+]
+_BASE_HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")]
+
+
+def _asgi_apps() -> dict[str, Any]:
+    from bosh_middleware.asgi import BOSHPrebindMiddleware
+
+    async def empty(scope: Any, receive: Any, send: Any) -> None:
+        await _inner(scope, receive, send)
+
+    return {
+        "bare": _asgi_auth(_inner),
+        "empty wrapper": _asgi_auth(empty),
+        "middleware": _asgi_auth(
+            BOSHPrebindMiddleware(
+                _inner,
+                service_url="http://127.0.0.1:9/http-bind",
+                credentials=credentials,
+                exclude_paths=("/static/",),
+            )
+        ),
+    }
+
+
+def _wsgi_apps() -> dict[str, Any]:
+    from bosh_middleware.wsgi import BOSHPrebindMiddleware
+
+    def empty(environ: Any, start_response: Any) -> Any:
+        return _wsgi_inner(environ, start_response)
+
+    return {
+        "bare": _wsgi_auth(_wsgi_inner),
+        "empty wrapper": _wsgi_auth(empty),
+        "middleware": _wsgi_auth(
+            BOSHPrebindMiddleware(
+                _wsgi_inner,
+                service_url="http://127.0.0.1:9/http-bind",
+                credentials=credentials,
+                exclude_paths=("/static/",),
+            )
+        ),
+    }
+
+
+def asgi_cost(path: str, logged_in: bool, n: int, reps: int = 5) -> dict[str, float]:
+    headers = [*_BASE_HEADERS, *([(b"x-user", b"bench")] if logged_in else [])]
+    template = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    async def loop(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await app(dict(template), receive, send)
+        return (time.perf_counter() - t0) / n
+
+    apps = _asgi_apps()
+
+    async def main() -> dict[str, float]:
+        times: dict[str, list[float]] = {k: [] for k in apps}
+        for app in apps.values():  # warm-up
+            await loop(app)
+        gc.disable()
+        try:
+            for _ in range(reps):
+                for name, app in apps.items():
+                    times[name].append(await loop(app))
+        finally:
+            gc.enable()
+        return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+    return asyncio.run(main())
+
+
+def wsgi_cost(path: str, logged_in: bool, n: int, reps: int = 5) -> dict[str, float]:
+    import io
+    import sys
+
+    template = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "127.0.0.1:8000",
+        "HTTP_USER_AGENT": "wrk",
+        "HTTP_ACCEPT": "*/*",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    if logged_in:
+        template["HTTP_X_USER"] = "bench"
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
+    def loop(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            result = app(dict(template), start_response)
+            for _chunk in result:
+                pass
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return (time.perf_counter() - t0) / n
+
+    apps = _wsgi_apps()
+    times: dict[str, list[float]] = {k: [] for k in apps}
+    for app in apps.values():
+        loop(app)
+    gc.disable()
+    try:
+        for _ in range(reps):
+            for name, app in apps.items():
+                times[name].append(loop(app))
+    finally:
+        gc.enable()
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}

@@ -1,0 +1,199 @@
+"""The apps the pass-through section serves with uvicorn / waitress (imported by the servers).
+
+Raw ASGI/WSGI (no framework), so that the server and the app cost as little as possible and the
+middleware's share of each request is as large as it can be. A tiny auth layer outside the
+middleware marks requests carrying ``X-User`` as logged in (``scope["user"]`` /
+``REMOTE_USER``); both variants have it, so the middleware is the only difference.
+
+* ``/static/app.js`` - a static file (logged-in user; the path is in ``exclude_paths``);
+* ``/api/items``     - a JSON API (logged-in user: the middleware looks at the response and
+  lets it through);
+* ``/``              - an HTML page for an anonymous user.
+
+``BENCH_SERVICE_URL`` (env) is the BOSH URL; nothing here should ever contact it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bosh_middleware import Credentials
+from bosh_middleware.asgi import BOSHPrebindMiddleware as ASGIMiddleware
+from bosh_middleware.wsgi import BOSHPrebindMiddleware as WSGIMiddleware
+
+SERVICE_URL = os.environ.get("BENCH_SERVICE_URL", "http://127.0.0.1:9/http-bind")
+JS = b"/* app */ " + b"console.log('x');" * 120
+JSON = (
+    b'{"items": [' + b",".join(b'{"id": %d, "name": "item %d"}' % (i, i) for i in range(6)) + b"]}"
+)
+HTML = (
+    b"<!doctype html><html><head><title>t</title></head><body>"
+    + b"<p>hello</p>" * 150
+    + b"</body></html>"
+)
+
+ROUTES = {
+    "/static/app.js": (b"application/javascript", JS),
+    "/api/items": (b"application/json", JSON),
+    "/": (b"text/html; charset=utf-8", HTML),
+}
+
+
+def credentials(user: Any) -> Credentials:
+    return Credentials("bench@localhost", "secret")
+
+
+class _User:
+    is_authenticated = True
+    username = "bench"
+
+
+class _Anonymous:
+    is_authenticated = False
+
+
+_USER, _ANON = _User(), _Anonymous()
+
+
+# --- ASGI ----------------------------------------------------------------------------------------
+async def _inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        return
+    ctype, body = ROUTES.get(scope["path"], (b"text/plain", b"not found"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _asgi_auth(app: Any) -> Any:
+    async def auth(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            logged_in = any(k == b"x-user" for k, _ in scope["headers"])
+            scope["user"] = _USER if logged_in else _ANON
+        await app(scope, receive, send)
+
+    return auth
+
+
+asgi_without = _asgi_auth(_inner)
+asgi_with = _asgi_auth(
+    ASGIMiddleware(
+        _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
+    )
+)
+
+
+# --- WSGI ----------------------------------------------------------------------------------------
+def _wsgi_inner(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    ctype, body = ROUTES.get(environ.get("PATH_INFO", ""), (b"text/plain", b"not found"))
+    start_response("200 OK", [("Content-Type", ctype.decode()), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _wsgi_auth(app: Any) -> Any:
+    def auth(environ: dict[str, Any], start_response: Any) -> Any:
+        if "HTTP_X_USER" in environ:
+            environ["REMOTE_USER"] = "bench"
+        else:
+            environ.pop("REMOTE_USER", None)
+        return app(environ, start_response)
+
+    return auth
+
+
+wsgi_without = _wsgi_auth(_wsgi_inner)
+wsgi_with = _wsgi_auth(
+    WSGIMiddleware(
+        _wsgi_inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
+    )
+)
+
+
+# --- the proposed fast paths (benchmarks/proposed.py), as factories: uvicorn --factory /
+# waitress --call, so that the _Headers.get patch only ever applies in that server's process.
+def asgi_proposed() -> Any:
+    from bosh_middleware import asgi
+
+    from .proposed import FastASGIMiddleware, _fast_get
+
+    asgi._Headers.get = _fast_get  # type: ignore[method-assign]
+    return _asgi_auth(
+        FastASGIMiddleware(
+            _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
+        )
+    )
+
+
+def wsgi_proposed() -> Any:
+    from .proposed import FastWSGIMiddleware
+
+    return _wsgi_auth(
+        FastWSGIMiddleware(
+            _wsgi_inner,
+            service_url=SERVICE_URL,
+            credentials=credentials,
+            exclude_paths=("/static/",),
+        )
+    )
+
+
+# --- the same three routes in Starlette (a typical framework app), same auth layer ---
+def _starlette_inner() -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    def route(path: str) -> Route:
+        ctype, body = ROUTES[path]
+
+        async def endpoint(request: Any) -> Response:
+            return Response(body, media_type=ctype.decode().split(";")[0])
+
+        return Route(path, endpoint)
+
+    return Starlette(routes=[route(p) for p in ROUTES])
+
+
+def starlette_without() -> Any:
+    return _asgi_auth(_starlette_inner())
+
+
+def starlette_with() -> Any:
+    return _asgi_auth(
+        ASGIMiddleware(
+            _starlette_inner(),
+            service_url=SERVICE_URL,
+            credentials=credentials,
+            exclude_paths=("/static/",),
+        )
+    )
+
+
+def starlette_proposed() -> Any:
+    from bosh_middleware import asgi
+
+    from .proposed import FastASGIMiddleware, _fast_get
+
+    asgi._Headers.get = _fast_get  # type: ignore[method-assign]
+    return _asgi_auth(
+        FastASGIMiddleware(
+            _starlette_inner(),
+            service_url=SERVICE_URL,
+            credentials=credentials,
+            exclude_paths=("/static/",),
+        )
+    )

@@ -1,0 +1,148 @@
+"""Independent wire accounting: HTTP requests, new TCP connections and the round trips on the
+critical path, counted below the engine rather than taken from what it reports about itself.
+
+``install()`` wraps httpx's own transports (``HTTPTransport.handle_request`` and
+``AsyncHTTPTransport.handle_async_request``) for the whole process, so whatever clients the
+engine builds internally (its pooled client, the private loop of the sync driver's pipelined
+batches ...) are counted; the prototype transport of ``proposed.py`` reports to the same log.
+Counting happens only while a ``WireLog`` is ``active()``.
+
+A *round trip* is measured from timestamps: request B depends on request A when B was sent after
+A's response headers arrived. The round trips of a prebind are the longest such chain; requests
+that overlap in time (pipelined) share a round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+__all__ = ["WireLog", "current", "install", "round_trips"]
+
+
+@dataclass
+class _Req:
+    start: float
+    end: float = float("inf")  # response headers received; inf = never answered (cancelled)
+
+
+@dataclass
+class WireLog:
+    """Everything seen since the last ``reset()``."""
+
+    requests: list[_Req] = field(default_factory=list)
+    connects: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests = []
+            self.connects = 0
+
+    def begin(self) -> _Req:
+        r = _Req(time.perf_counter())
+        with self.lock:
+            self.requests.append(r)
+        return r
+
+    def connected(self) -> None:
+        with self.lock:
+            self.connects += 1
+
+    def snapshot(self) -> tuple[int, int, int]:
+        """(requests, round trips, new TCP connections)."""
+        with self.lock:
+            reqs = list(self.requests)
+            connects = self.connects
+        return len(reqs), round_trips(reqs), connects
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[WireLog]:
+        global _active
+        install()
+        prev, _active = _active, self
+        try:
+            yield self
+        finally:
+            _active = prev
+
+
+_active: WireLog | None = None
+
+
+def current() -> WireLog | None:
+    return _active
+
+
+def round_trips(reqs: list[_Req]) -> int:
+    """Longest chain of requests each sent after the previous one's answer arrived."""
+    reqs = sorted(reqs, key=lambda r: r.start)
+    depth: list[int] = []
+    for i, r in enumerate(reqs):
+        depth.append(1 + max((depth[j] for j in range(i) if reqs[j].end <= r.start), default=0))
+    return max(depth, default=0)
+
+
+def _chain_trace(request: httpx.Request, log: WireLog, is_async: bool) -> None:
+    inner = request.extensions.get("trace")
+    if is_async:
+
+        async def atrace(event: str, info: Any) -> None:
+            if event == "connection.connect_tcp.complete":
+                log.connected()
+            if inner is not None:
+                await inner(event, info)
+
+        request.extensions["trace"] = atrace
+    else:
+
+        def trace(event: str, info: Any) -> None:
+            if event == "connection.connect_tcp.complete":
+                log.connected()
+            if inner is not None:
+                inner(event, info)
+
+        request.extensions["trace"] = trace
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    sync_orig = httpx.HTTPTransport.handle_request
+    async_orig = httpx.AsyncHTTPTransport.handle_async_request
+
+    def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        log = _active
+        if log is None:
+            return sync_orig(self, request)
+        _chain_trace(request, log, is_async=False)
+        rec = log.begin()
+        response = sync_orig(self, request)
+        rec.end = time.perf_counter()
+        return response
+
+    async def handle_async_request(
+        self: httpx.AsyncHTTPTransport, request: httpx.Request
+    ) -> httpx.Response:
+        log = _active
+        if log is None:
+            return await async_orig(self, request)
+        _chain_trace(request, log, is_async=True)
+        rec = log.begin()
+        response = await async_orig(self, request)
+        rec.end = time.perf_counter()
+        return response
+
+    httpx.HTTPTransport.handle_request = handle_request  # type: ignore[method-assign]
+    httpx.AsyncHTTPTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]

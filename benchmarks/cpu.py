@@ -1,0 +1,169 @@
+"""2. Client CPU per prebind in the web process: (user + system time) / prebinds.
+
+``time.process_time()`` deltas (the whole process, all threads) around the prebinds only; the
+sessions are checked live (a sample) and terminated between measured blocks, outside the
+window. Prosody runs in another process and is not counted here (its CPU per prebind is shown
+for context, from /proc/<pid>/stat). Prosody with hashed storage (its default): stable salt, so
+the SCRAM cache is warm after the first login; the "cold" row clears the cache every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from bosh_middleware import Credentials
+from bosh_middleware.scram import clear_cache
+
+from ._impls import SyncImpl, async_prebinder
+from ._util import Result, acheck_live, check_live, md_table, prosody, verdict
+
+BLOCK = 25  # prebinds between terminations
+
+
+def _sync(
+    impl: SyncImpl, creds: Credentials, n: int, cold: bool, live_every: int
+) -> tuple[float, int, int]:
+    checker = httpx.Client()
+    cpu = 0.0
+    live = checked = 0
+    done = 0
+    try:
+        while done < n:
+            sessions = []
+            for _ in range(min(BLOCK, n - done)):
+                if cold:
+                    clear_cache()
+                c0 = time.process_time()
+                sessions.append(impl.prebind(creds))
+                cpu += time.process_time() - c0
+                done += 1
+            for i, s in enumerate(sessions):
+                if (done - len(sessions) + i) % live_every == 0:
+                    ok, s = check_live(checker, s)
+                    live += ok
+                    checked += 1
+                impl.terminate(s)
+    finally:
+        checker.close()
+    return cpu / n, live, checked
+
+
+async def _async(
+    kind: str, url: str, mech: str, creds: Credentials, n: int, warmup: int, live_every: int
+) -> tuple[float, int, int]:
+    p = async_prebinder(kind, url, mech)
+    checker = httpx.AsyncClient()
+    cpu = 0.0
+    live = checked = 0
+    try:
+        for _ in range(warmup):
+            await p.terminate(await p.prebind(creds))
+        done = 0
+        while done < n:
+            sessions = []
+            for _ in range(min(BLOCK, n - done)):
+                c0 = time.process_time()
+                sessions.append(await p.prebind(creds))
+                cpu += time.process_time() - c0
+                done += 1
+            for i, s in enumerate(sessions):
+                if (done - len(sessions) + i) % live_every == 0:
+                    ok, s = await acheck_live(checker, s)
+                    live += ok
+                    checked += 1
+                await p.terminate(s)
+    finally:
+        await checker.aclose()
+        await p.aclose()
+    return cpu / n, live, checked
+
+
+def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
+    n = 100 if quick else 1000
+    n_base = 50 if quick else 300
+    warmup = 10
+    live_every = 10
+    mech = "SCRAM-SHA-1"
+    rows: list[list[object]] = []
+    data: dict[str, object] = {}
+    with prosody(secure=False, log_level=log_level) as srv:
+        creds = Credentials(*srv.users(1)[0])
+        url = srv.service_url
+        cases: list[tuple[str, str, str, bool, int]] = [
+            ("baseline", "sync", "PBKDF2 every time", False, n_base),
+            ("engine", "sync (Prebinder)", "warm", False, n),
+            ("engine", "async (AsyncPrebinder)", "warm", False, n),
+            ("proposed", "sync (Prebinder)", "warm", False, n),
+            ("proposed", "async (AsyncPrebinder)", "warm", False, n),
+            ("engine", "sync (Prebinder)", "cold (cache cleared)", True, n_base),
+        ]
+        base_cpu = None
+        for kind, driver, cache, cold, count in cases:
+            p0 = srv.cpu_seconds()
+            t0 = time.perf_counter()
+            if driver.startswith("sync"):
+                impl = SyncImpl(kind, url, mech)
+                try:
+                    for _ in range(warmup):
+                        impl.terminate(impl.prebind(creds))
+                    p0 = srv.cpu_seconds()
+                    t0 = time.perf_counter()
+                    per, live, checked = _sync(impl, creds, count, cold, live_every)
+                finally:
+                    impl.close()
+            else:
+                per, live, checked = asyncio.run(
+                    _async(kind, url, mech, creds, count, warmup, live_every)
+                )
+            wall = time.perf_counter() - t0
+            prosody_per = (srv.cpu_seconds() - p0) / count
+            if kind == "baseline":
+                base_cpu = per
+            target = "-" if kind == "baseline" or cold else verdict(per <= 0.001)
+            rows.append(
+                [
+                    kind,
+                    driver,
+                    cache,
+                    count,
+                    f"{per * 1000:.3f} ms",
+                    f"{per / base_cpu:.2f}x" if base_cpu else "-",
+                    f"{prosody_per * 1000:.2f} ms",
+                    f"{live}/{checked}",
+                    target,
+                ]
+            )
+            data[f"{kind}/{driver}/{cache}"] = {
+                "cpu_ms": per * 1000,
+                "n": count,
+                "prosody_cpu_ms_incl_terminate": prosody_per * 1000,
+                "wall_s": wall,
+            }
+    table = md_table(
+        [
+            "impl",
+            "driver",
+            "SCRAM cache",
+            "prebinds",
+            "client CPU / prebind",
+            "vs baseline",
+            "Prosody CPU / prebind (incl. terminate)",
+            "live (sampled)",
+            "target <= 1 ms (warm)",
+        ],
+        rows,
+    )
+    return Result(
+        "2. Client CPU per prebind",
+        [table],
+        [
+            f"{mech} against Prosody with hashed storage; user+system CPU of this process"
+            " (time.process_time) around the prebinds only, divided by their number.",
+            "Every 10th session is checked live with a roster query; all are terminated outside"
+            " the measured window.",
+        ],
+        data,
+    )
