@@ -123,35 +123,6 @@ wsgi_with = _wsgi_auth(
 )
 
 
-# --- the proposed fast paths (benchmarks/proposed.py), as factories: uvicorn --factory /
-# waitress --call, so that the _Headers.get patch only ever applies in that server's process.
-def asgi_proposed() -> Any:
-    from bosh_middleware import asgi
-
-    from .proposed import FastASGIMiddleware, _fast_get
-
-    asgi._Headers.get = _fast_get  # type: ignore[method-assign]
-    return _asgi_auth(
-        FastASGIMiddleware(
-            _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
-        )
-    )
-
-
-def wsgi_proposed() -> Any:
-    from .proposed import FastWSGIMiddleware
-
-    return _wsgi_auth(
-        FastWSGIMiddleware(
-            _wsgi_inner,
-            service_url=SERVICE_URL,
-            credentials=credentials,
-            exclude_paths=("/static/",),
-        )
-    )
-
-
-# --- the same three routes in Starlette (a typical framework app), same auth layer ---
 def _starlette_inner() -> Any:
     from starlette.applications import Starlette
     from starlette.responses import Response
@@ -175,22 +146,6 @@ def starlette_without() -> Any:
 def starlette_with() -> Any:
     return _asgi_auth(
         ASGIMiddleware(
-            _starlette_inner(),
-            service_url=SERVICE_URL,
-            credentials=credentials,
-            exclude_paths=("/static/",),
-        )
-    )
-
-
-def starlette_proposed() -> Any:
-    from bosh_middleware import asgi
-
-    from .proposed import FastASGIMiddleware, _fast_get
-
-    asgi._Headers.get = _fast_get  # type: ignore[method-assign]
-    return _asgi_auth(
-        FastASGIMiddleware(
             _starlette_inner(),
             service_url=SERVICE_URL,
             credentials=credentials,

@@ -54,7 +54,7 @@ def _server(kind: str, app: str) -> Iterator[str]:
             [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
         ),
     }
-    factory = app.endswith("_proposed") or app.startswith("starlette")
+    factory = app.startswith("starlette")
     if kind == "uvicorn":
         cmd = [
             sys.executable,
@@ -154,7 +154,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
     ]
     if quick:  # the smoke run keeps one ASGI and one WSGI server
         servers = [servers[0], servers[2]]
-    variants = ("without", "with", "proposed")
+    variants = ("without", "with")
     for label, kind, prefix in servers:
         with contextlib.ExitStack() as stack:
             urls = {v: stack.enter_context(_server(kind, f"{prefix}_{v}")) for v in variants}
@@ -165,13 +165,13 @@ def run(*, quick: bool = False, **_: object) -> Result:
                     for url in urls.values():
                         _load(url + path, logged_in, 1.0)  # warm-up
                 for rep in range(reps):
-                    order = list(variants[rep % 3 :] + variants[: rep % 3])
+                    order = list(variants[rep % 2 :] + variants[: rep % 2])
                     for variant in order:
                         rps, bad = _load(urls[variant] + path, logged_in, seconds)
                         results[variant].append(rps)
                         errors += bad
                 wo = median(results["without"])
-                w, pr = median(results["with"]), median(results["proposed"])
+                w = median(results["with"])
                 spread = (max(results["without"]) - min(results["without"])) / wo
                 rows.append(
                     [
@@ -181,23 +181,17 @@ def run(*, quick: bool = False, **_: object) -> Result:
                         f"{w:,.0f}",
                         f"{w / wo:.3f}x",
                         verdict(w / wo >= 0.98),
-                        f"{pr:,.0f}",
-                        f"{pr / wo:.3f}x",
-                        verdict(pr / wo >= 0.98),
                         f"{spread * 100:.1f} %",
                         errors,
                     ]
                 )
-                data[f"{prefix}/{path}"] = {**results, "ratio": w / wo, "ratio_proposed": pr / wo}
+                data[f"{prefix}/{path}"] = {**results, "ratio": w / wo}
     table = md_table(
         [
             "server",
             "request",
             "req/s without",
             "req/s with",
-            "ratio",
-            "target >= 0.98x",
-            "req/s proposed",
             "ratio",
             "target >= 0.98x",
             "run-to-run spread (without)",
@@ -213,33 +207,27 @@ def run(*, quick: bool = False, **_: object) -> Result:
     for name, path, logged_in in _micro.SCENARIOS:
         a = _micro.asgi_cost(path, logged_in, n)
         w_ = _micro.wsgi_cost(path, logged_in, n)
-        a_p = _proposed_cost(_micro, "asgi", path, logged_in, n)
-        w_p = _proposed_cost(_micro, "wsgi", path, logged_in, n)
         micro_rows.append(
             [
                 name,
                 f"{a['bare']:.2f}",
                 f"+{a['empty wrapper'] - a['bare']:.2f}",
                 f"+{a['middleware'] - a['bare']:.2f}",
-                f"+{a_p:.2f}",
                 f"{w_['bare']:.2f}",
                 f"+{w_['empty wrapper'] - w_['bare']:.2f}",
                 f"+{w_['middleware'] - w_['bare']:.2f}",
-                f"+{w_p:.2f}",
             ]
         )
-        data[f"micro/{path}"] = {"asgi": a, "wsgi": w_, "asgi_proposed": a_p, "wsgi_proposed": w_p}
+        data[f"micro/{path}"] = {"asgi": a, "wsgi": w_}
     micro = md_table(
         [
             "request (in process, us per request)",
             "ASGI bare app",
             "empty wrapper",
             "middleware",
-            "proposed",
             "WSGI bare app",
             "empty wrapper",
             "middleware",
-            "proposed",
         ],
         micro_rows,
     )
@@ -250,8 +238,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
             f"{gen}, {CONNECTIONS} keep-alive connections, {seconds:g} s per run, {reps} runs per"
             " variant in rotating order; server pinned to CPU 0, load generator to CPU 1. Medians.",
             "Same raw ASGI/WSGI app and auth layer in every variant (benchmarks/_passapps.py); the"
-            " only difference is the middleware (exclude_paths=('/static/',)). 'proposed' = the"
-            " pass-through fast path of benchmarks/proposed.py.",
+            " only difference is the middleware (exclude_paths=('/static/',)).",
             "The raw apps are as cheap as an app gets (a few us), the worst case for the ratio; the"
             " Starlette rows serve the same routes through a framework, as most apps do.",
             "Second table: the middleware's own cost per request in process (median of 5 x"
@@ -259,36 +246,3 @@ def run(*, quick: bool = False, **_: object) -> Result:
         ],
         data,
     )
-
-
-def _proposed_cost(_micro: object, kind: str, path: str, logged_in: bool, n: int) -> float:
-    """What the proposed fast path adds per request (us), measured in a subprocess (it patches
-    _Headers.get) against the bare app in that same process."""
-    code = (
-        "import sys, json; sys.path[:0] = [{root!r}, {src!r}]\n"
-        "import benchmarks._micro as m, benchmarks._passapps as pa\n"
-        "app = pa.{kind}_proposed()\n"
-        "m._{kind}_apps = lambda: {{'bare': m._{kind}_auth(m._{inner}), 'middleware': app}}\n"
-        "print(json.dumps(m.{kind}_cost({path!r}, {li!r}, {n})))\n"
-    ).format(
-        root=str(ROOT),
-        src=str(ROOT / "src"),
-        kind=kind,
-        path=path,
-        li=logged_in,
-        n=n,
-        inner="inner" if kind == "asgi" else "wsgi_inner",
-    )
-    import json
-
-    out = subprocess.run(
-        [*_pin(0), sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(r["middleware"] - r["bare"])  # what it adds to the bare app

@@ -26,8 +26,8 @@ errors), with ``_send`` / ``_send_batch`` on a minimal HTTP/1.1 client:
 
 The same change as a patch to src/ is ``benchmarks/proposed-src.patch`` (new ``http11.py``; the
 drivers keep httpx only for a caller that passes ``client=``: proxies, mTLS, mocking with
-``httpx.MockTransport``), together with the pass-through fast path prototyped at the end of this
-file (``FastASGIMiddleware`` / ``FastWSGIMiddleware``).
+``httpx.MockTransport``). The pass-through fast path once prototyped here is merged into
+``asgi.py`` / ``wsgi.py``.
 """
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ from urllib.parse import urlsplit
 from bosh_middleware.client import AsyncPrebinder, Prebinder, _log_batch
 from bosh_middleware.errors import ResponseTooLarge, ServiceUnavailable
 from bosh_middleware.protocol import BOSHRequest, BOSHResponse
-from bosh_middleware.session import PrebindSession
 
 from . import _wire
 
-__all__ = ["FastASGIMiddleware", "FastWSGIMiddleware", "LeanAsyncPrebinder", "LeanPrebinder"]
+__all__ = ["LeanAsyncPrebinder", "LeanPrebinder"]
 
 try:  # the shipped drivers' gap between the requests of a pipelined batch
     from bosh_middleware.client import _PIPELINE_STAGGER as _STAGGER
@@ -626,167 +625,3 @@ class LeanAsyncPrebinder(AsyncPrebinder):
         if pool is not None:
             pool.close()
         await super().aclose()
-
-
-# =================================================================================================
-# Pass-through fast path for the ASGI middleware (proposed patch to asgi.py, prototyped here)
-# =================================================================================================
-from bosh_middleware import asgi as _asgi  # noqa: E402
-from bosh_middleware.core import is_authenticated as _is_authenticated  # noqa: E402
-
-_NAV_NAMES = (b"hx-request", b"sec-fetch-dest", b"accept")
-
-
-def _fast_get(self: Any, name: str) -> str | None:
-    """``_Headers.get`` without a list and copies per header per call (same result)."""
-    key = name.lower().encode("latin-1")
-    found = None
-    for k, v in self._raw:
-        if k.lower() == key:
-            value = bytes(v).decode("latin-1")
-            found = value if found is None else f"{found}, {value}"
-    return found
-
-
-class _LazyResponder(_asgi._Responder):
-    """Looks the credentials up only once the response is a page that will carry a session."""
-
-    def __init__(self, *args: Any, user: Any = None, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._user = user
-
-    async def _session(self) -> PrebindSession | None:
-        if self.pending is None and self.credentials is None:
-            self.credentials = await self.core.credentials_async(self._user)
-            if self.credentials is None:
-                return None
-        return await super()._session()
-
-
-class FastASGIMiddleware(_asgi.BOSHPrebindMiddleware):
-    """Same decisions, cheapest first: path/method, then the user, then one scan of the request
-    headers; ``credentials()`` only for a navigation (to start the prebind early) or once the
-    response turns out to be an injectable page."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._exclude = tuple(self.config.exclude_paths)
-        self._endpoint_path = self.config.endpoint_path
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        if path == self._endpoint_path:
-            await self._endpoint(scope, send)
-            return
-        if scope["method"] != "GET" or (self._exclude and path.startswith(self._exclude)):
-            await self.app(scope, receive, send)
-            return
-        user = self.get_user(scope)
-        if not _is_authenticated(user):
-            await self.app(scope, receive, send)
-            return
-        nav: dict[bytes, str] = {}
-        for k, v in scope.get("headers") or ():
-            k = k.lower()
-            if k in _NAV_NAMES:
-                value = bytes(v).decode("latin-1")
-                nav[k] = f"{nav[k]}, {value}" if k in nav else value
-        if nav.get(b"hx-request"):
-            await self.app(scope, receive, send)
-            return
-        core = self.core
-        pending = credentials = None
-        if core.looks_like_page(lambda name: nav.get(name.encode("latin-1"))):
-            credentials = await core.credentials_async(user)
-            if credentials is None:
-                await self.app(scope, receive, send)
-                return
-            pending = core.start_async(credentials)  # next to the view
-        responder = _LazyResponder(self, scope, send, credentials, pending, user=user)
-        try:
-            await self.app(scope, receive, responder.send)
-        finally:
-            responder.cleanup()
-
-
-# =================================================================================================
-# Pass-through fast path for the WSGI middleware (proposed patch to wsgi.py, prototyped here)
-# =================================================================================================
-from bosh_middleware import wsgi as _wsgi  # noqa: E402
-from bosh_middleware.core import is_injectable as _is_injectable  # noqa: E402
-
-
-class _LazyExchange(_wsgi._Exchange):
-    def __init__(self, *args: Any, user: Any = None, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._user = user
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Any:
-        if (
-            self.credentials is None
-            and self._user is not None
-            and exc_info is None
-            and _is_injectable(
-                self.environ.get("REQUEST_METHOD", ""),
-                int(status.split(None, 1)[0]),
-                _wsgi._getter(headers),
-            )
-        ):
-            self.credentials = self.core.credentials_sync(self._user)
-        return super().start_response(status, headers, exc_info)
-
-
-class FastWSGIMiddleware(_wsgi.BOSHPrebindMiddleware):
-    """As ``FastASGIMiddleware``: cheapest checks first, ``credentials()`` only when needed."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._exclude = tuple(self.config.exclude_paths)
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        if self.get_user is None:  # adapter mode: unchanged
-            return super().__call__(environ, start_response)
-        core = self.core
-        path = environ.get("PATH_INFO", "")
-        if self.serve_endpoint and path == self.config.endpoint_path:
-            return self._endpoint(environ, start_response)
-        if (
-            environ.get("REQUEST_METHOD", "GET") != "GET"
-            or environ.get("HTTP_HX_REQUEST")
-            or (self._exclude and path.startswith(self._exclude))
-        ):
-            return self.app(environ, start_response)
-        user = self.get_user(environ)
-        if not _is_authenticated(user):
-            return self.app(environ, start_response)
-        pending = credentials = None
-
-        def get(name: str) -> str | None:
-            value = environ.get("HTTP_" + name.upper().replace("-", "_"))
-            return value if isinstance(value, str) else None
-
-        if core.looks_like_page(get):
-            credentials = core.credentials_sync(user)
-            if credentials is None:
-                return self.app(environ, start_response)
-            pending = core.start_sync(credentials)
-        exchange = _LazyExchange(self, environ, start_response, credentials, pending, user=user)
-        try:
-            result = self.app(environ, exchange.start_response)
-        except BaseException:
-            exchange.discard()
-            raise
-        if exchange.mode == "pass":
-            return result
-        if exchange.mode == "undecided":
-            return _wsgi._ClosingIterator(exchange.lazy(result), result)
-        try:
-            return exchange.rewrite(result)
-        except BaseException:
-            exchange.discard()
-            raise
