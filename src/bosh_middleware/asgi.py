@@ -222,7 +222,6 @@ class BOSHPrebindMiddleware:
         self.core = PrebindCore(config)
         self.get_user = get_user
         self.get_nonce = get_nonce
-        self._exclude = tuple(config.exclude_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Every request passes here: the cheapest checks first (path and method, then the
@@ -236,10 +235,10 @@ class BOSHPrebindMiddleware:
             return
         core = self.core
         path = scope.get("path", "")
-        if path == self.config.endpoint_path:
+        if core.is_endpoint(path):
             await self._endpoint(scope, send)
             return
-        if scope["method"] != "GET" or (self._exclude and path.startswith(self._exclude)):
+        if not core.wants_path(scope["method"], path):
             await self.app(scope, receive, send)
             return
         user = self.get_user(scope)

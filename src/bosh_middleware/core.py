@@ -250,9 +250,12 @@ class PrebindCore:
     # --- request side ----------------------------------------------------------------------
     def wants(self, method: str, path: str, get: HeaderGetter) -> bool:
         """Could this request's response carry a session? (Cheap; no user lookup.)"""
-        if method != "GET" or get("hx-request"):
-            return False
-        return not (self._exclude and path.startswith(self._exclude))
+        return self.wants_path(method, path) and not get("hx-request")
+
+    def wants_path(self, method: str, path: str) -> bool:
+        """``wants`` without the header check, for adapters that read headers in one pass later:
+        every request goes through this, so it is the cheapest test there is."""
+        return method == "GET" and not (self._exclude and path.startswith(self._exclude))
 
     @staticmethod
     def looks_like_page(get: HeaderGetter) -> bool:

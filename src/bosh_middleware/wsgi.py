@@ -238,7 +238,6 @@ class BOSHPrebindMiddleware:
         self.get_user = get_user
         self.get_nonce = get_nonce
         self.serve_endpoint = serve_endpoint
-        self._exclude = tuple(self.config.exclude_paths)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # Every request passes here: the cheapest checks first, and ``credentials()`` only for
@@ -246,12 +245,10 @@ class BOSHPrebindMiddleware:
         # to be a page that will carry a session.
         core = self.core
         path = environ.get("PATH_INFO", "")
-        if self.serve_endpoint and self.get_user is not None and path == self.config.endpoint_path:
+        if self.serve_endpoint and self.get_user is not None and core.is_endpoint(path):
             return self._endpoint(environ, start_response)
-        if (
-            environ.get("REQUEST_METHOD", "GET") != "GET"
-            or environ.get("HTTP_HX_REQUEST")
-            or (self._exclude and path.startswith(self._exclude))
+        if not core.wants_path(environ.get("REQUEST_METHOD", "GET"), path) or environ.get(
+            "HTTP_HX_REQUEST"
         ):
             return self.app(environ, start_response)
         credentials = pending = user = None
