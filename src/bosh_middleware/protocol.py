@@ -212,6 +212,17 @@ class _Conversation:
         self.polls = 0
         #: Requests of pipelined batches that the server kept open (see ``_HeldRequest``).
         self.held = 0
+        #: Responses of the current batch already parsed by ``settles`` (id -> (response, body)).
+        self._parsed: dict[int, tuple[BOSHResponse, b.ParsedBody]] = {}
+
+    def _parse(self, response: BOSHResponse) -> b.ParsedBody:
+        """Parse once per batch: ``settles`` and ``_absorb`` both need the same responses."""
+        hit = self._parsed.get(id(response))
+        if hit is not None and hit[0] is response:
+            return hit[1]
+        parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+        self._parsed[id(response)] = (response, parsed)
+        return parsed
 
     def _request(self, label: str, body: bytes, *, best_effort: bool = False) -> BOSHRequest:
         req = BOSHRequest(rid=self.rid, body=body, label=label, best_effort=best_effort)
@@ -237,7 +248,7 @@ class _Conversation:
                 f"BOSH endpoint answered HTTP {response.status_code}",
                 condition=f"http-{response.status_code}",
             )
-        parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+        parsed = self._parse(response)
         self.inbox.extend(parsed.children)
         for child in parsed.children:
             if child.tag == _STREAM_ERROR:
@@ -310,9 +321,12 @@ class _Conversation:
                 raise ProtocolError("driver returned the wrong number of responses")
             self.round_trips += 1
             self.request_count += len(batch)
-            for response in responses:
-                if response is not None:
-                    self._absorb(response)
+            try:
+                for response in responses:
+                    if response is not None:
+                        self._absorb(response)
+            finally:
+                self._parsed.clear()
             self.held += sum(r is None for r in responses)
 
     def _settles(
@@ -324,7 +338,7 @@ class _Conversation:
                 if response.status_code != 200:
                     return True
                 try:
-                    parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
+                    parsed = self._parse(response)
                 except BOSHError:
                     return True
                 if parsed.type == "terminate":
