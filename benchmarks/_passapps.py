@@ -6,9 +6,15 @@ middleware marks requests carrying ``X-User`` as logged in (``scope["user"]`` /
 ``REMOTE_USER``); both variants have it, so the middleware is the only difference.
 
 * ``/static/app.js`` - a static file (logged-in user; the path is in ``exclude_paths``);
-* ``/api/items``     - a JSON API (logged-in user: the middleware looks at the response and
-  lets it through);
+* ``/api/items``     - a JSON API for a logged-in user, requested twice over: as a browser's
+  ``fetch()`` sends it (``Accept: application/json``, ``Sec-Fetch-Dest: empty``, ``Sec-Fetch-Mode:
+  cors``: the middleware can tell from the request that no page will carry a session) and with
+  no browser headers at all (as curl or a script would: the middleware has to look at the
+  response's start before it lets it through, the residual cost of response inspection);
 * ``/``              - an HTML page for an anonymous user.
+
+``SCENARIOS`` lists them once for the load generator (benchmarks/passthrough.py) and the
+in-process table (benchmarks/_micro.py).
 
 ``BENCH_SERVICE_URL`` (env) is the BOSH URL; nothing here should ever contact it.
 """
@@ -32,6 +38,22 @@ HTML = (
     + b"<p>hello</p>" * 150
     + b"</body></html>"
 )
+
+#: What a browser's ``fetch()`` of a JSON API sends (besides Host, cookies, User-Agent ...).
+FETCH_HEADERS = (
+    ("Accept", "application/json"),
+    ("Sec-Fetch-Dest", "empty"),
+    ("Sec-Fetch-Mode", "cors"),
+)
+LOGGED_IN = (("X-User", "bench"),)
+
+#: (row name, key in the JSON results, path, request headers beyond Host).
+SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
+    ("static file (logged in, excluded path)", "static", "/static/app.js", LOGGED_IN),
+    ("JSON API (logged in)", "json-fetch", "/api/items", (*LOGGED_IN, *FETCH_HEADERS)),
+    ("JSON API (logged in, no browser headers)", "json-bare", "/api/items", LOGGED_IN),
+    ("HTML page (anonymous)", "html-anonymous", "/", ()),
+]
 
 ROUTES = {
     "/static/app.js": (b"application/javascript", JS),

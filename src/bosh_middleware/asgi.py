@@ -13,7 +13,14 @@ from typing import Any
 from asgiref.compatibility import guarantee_single_callable
 
 from .config import MiddlewareConfig
-from .core import AsyncPending, PrebindCore, charset_of, is_authenticated, is_injectable
+from .core import (
+    REQUEST_HEADERS,
+    AsyncPending,
+    PrebindCore,
+    charset_of,
+    is_authenticated,
+    is_injectable,
+)
 from .credentials import Credentials
 from .inject import Injector
 from .session import PrebindSession
@@ -66,8 +73,9 @@ class _Headers:
         return found
 
 
-#: The request headers the middleware reads (PrebindCore.wants / looks_like_page).
-_REQUEST_HEADERS = frozenset({b"hx-request", b"sec-fetch-dest", b"accept"})
+#: The request headers the middleware reads (PrebindCore.not_a_page / looks_like_page), raw
+#: name -> the name they are asked for by.
+_REQUEST_HEADERS = {name.encode("latin-1"): name for name in REQUEST_HEADERS}
 
 
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
@@ -227,7 +235,9 @@ class BOSHPrebindMiddleware:
         # Every request passes here: the cheapest checks first (path and method, then the
         # user, then one scan of the request headers), and ``credentials()`` only for a
         # navigation (to start the prebind next to the view) or once the response turns out to
-        # be a page that will carry a session.
+        # be a page that will carry a session. A request that says it is no navigation
+        # (``not_a_page``: fetch/XHR, htmx, a JSON client) goes to the app with the server's own
+        # ``send``: nothing to inspect, and no orphan session for HTML a script fetched.
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 receive = self._lifespan_receive(receive)
@@ -245,17 +255,17 @@ class BOSHPrebindMiddleware:
         if not is_authenticated(user):
             await self.app(scope, receive, send)
             return
-        nav: dict[bytes, str] = {}
+        nav: dict[str, str] = {}
         for k, v in scope.get("headers") or ():
-            k = bytes(k).lower()
-            if k in _REQUEST_HEADERS:
+            name = _REQUEST_HEADERS.get(bytes(k).lower())
+            if name is not None:
                 value = bytes(v).decode("latin-1")
-                nav[k] = f"{nav[k]}, {value}" if k in nav else value
-        if nav.get(b"hx-request"):
+                nav[name] = f"{nav[name]}, {value}" if name in nav else value
+        if core.not_a_page(nav.get):
             await self.app(scope, receive, send)
             return
         credentials = pending = None
-        if core.looks_like_page(lambda name: nav.get(name.encode("latin-1"))):
+        if core.looks_like_page(nav.get):
             credentials = await core.credentials_async(user)
             if credentials is None:
                 await self.app(scope, receive, send)

@@ -30,20 +30,27 @@ from .inject import script_snippet
 from .session import PrebindSession
 
 __all__ = [
+    "REQUEST_HEADERS",
     "AsyncPending",
     "HeaderGetter",
     "PrebindCore",
     "SyncPending",
+    "accepts_html",
     "charset_of",
     "is_authenticated",
     "is_injectable",
     "media_type",
+    "not_a_page",
 ]
 
 log = logging.getLogger("bosh_middleware")
 
 HeaderGetter = Callable[[str], "str | None"]
 _PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+#: ``Sec-Fetch-Dest`` values of a request whose answer a browser shows as a document.
+_PAGE_DESTS = frozenset({"document", "iframe", "frame"})
+#: The request headers ``not_a_page`` and ``looks_like_page`` read (lower case).
+REQUEST_HEADERS = ("hx-request", "x-requested-with", "sec-fetch-dest", "accept")
 
 
 def media_type(content_type: str | None) -> str:
@@ -65,6 +72,79 @@ def is_authenticated(user: Any) -> bool:
     if flag is None:
         return bool(user)
     return bool(flag() if callable(flag) else flag)
+
+
+def _q(params: str) -> float:
+    """The ``q`` of one media range's parameters (``;level=1;q=0.5``); 1 when absent or unreadable
+    (a malformed weight must not turn a page into a refusal)."""
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 1.0
+            return q if q == q else 1.0  # NaN
+    return 1.0
+
+
+def accepts_html(accept: str) -> bool | None:
+    """Whether an ``Accept`` value takes an HTML page: ``text/html`` with a weight above 0, the
+    most specific of ``text/html``, ``text/*``, ``*/*`` (or the sloppy ``*``) deciding (RFC 9110,
+    12.5.1: ``text/html;q=0, */*`` refuses it), or ``application/xhtml+xml`` named with a weight
+    above 0. ``None`` when the value names no media range at all (empty, only commas): it says
+    nothing either way."""
+    html: float | None = None  # the weight each range was given, where it is named
+    text: float | None = None
+    anything: float | None = None
+    xhtml = named = False
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        media = media.strip().lower()
+        if not media:
+            continue
+        named = True
+        q = _q(params) if params else 1.0
+        if media == "text/html":
+            html = q if html is None else max(html, q)
+        elif media == "*/*" or media == "*":
+            anything = q if anything is None else max(anything, q)
+        elif media == "text/*":
+            text = q if text is None else max(text, q)
+        elif media == "application/xhtml+xml":
+            xhtml = xhtml or q > 0
+    if not named:
+        return None
+    weight = html if html is not None else text if text is not None else anything
+    return xhtml or (weight is not None and weight > 0)
+
+
+def not_a_page(get: HeaderGetter) -> bool:
+    """This request cannot be a navigation whose HTML answer a browser shows as a page, so it
+    must not get a session: the HTML an XHR or ``fetch()`` gets (an htmx partial, jQuery's
+    ``.load()``) is inserted into a page that already has its session, or parsed by a script;
+    nothing ever attaches to a session injected there, and it would live on at the XMPP server
+    as an orphan until it times out. Saying so from the request alone also spares every such
+    request the inspection of its response (the wrapped ``send`` / ``start_response``, a few
+    microseconds: the price of each logged-in API call).
+
+    True when any of: ``HX-Request`` (htmx) or ``X-Requested-With`` (jQuery and most XHR
+    helpers); ``Sec-Fetch-Dest`` other than ``document``, ``iframe`` or ``frame`` (browsers send
+    ``empty`` for fetch/XHR, ``script``, ``image``, ``style`` ... for subresources); an
+    ``Accept`` that takes no HTML (``application/json``; ``text/html;q=0, application/json``).
+    A header with an empty value counts as absent. A request with none of these (curl, scripts,
+    older browsers) is not judged here: its response is looked at, and an HTML page still gets
+    its session.
+    """
+    if get("hx-request") or get("x-requested-with"):
+        return True
+    dest = get("sec-fetch-dest")
+    if dest:
+        dest = dest.strip().lower()
+        if dest and dest not in _PAGE_DESTS:
+            return True
+    accept = get("accept")
+    return accept is not None and accepts_html(accept) is False
 
 
 def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
@@ -249,17 +329,24 @@ class PrebindCore:
 
     # --- request side ----------------------------------------------------------------------
     def wants(self, method: str, path: str, get: HeaderGetter) -> bool:
-        """Could this request's response carry a session? (Cheap; no user lookup.)"""
-        return self.wants_path(method, path) and not get("hx-request")
+        """Could this request's response carry a session? (Cheap; no user lookup.) False for
+        requests that can never be pages (``wants_path``) and for those whose headers say they
+        are not a navigation (``not_a_page``): both pass through untouched, unwrapped."""
+        return self.wants_path(method, path) and not not_a_page(get)
 
     def wants_path(self, method: str, path: str) -> bool:
         """``wants`` without the header check, for adapters that read headers in one pass later:
         every request goes through this, so it is the cheapest test there is."""
         return method == "GET" and not (self._exclude and path.startswith(self._exclude))
 
+    #: See the module-level ``not_a_page``: the request's headers say it is no navigation.
+    not_a_page = staticmethod(not_a_page)
+
     @staticmethod
     def looks_like_page(get: HeaderGetter) -> bool:
-        """A browser navigation: worth starting the prebind before the view has answered."""
+        """A browser navigation: worth starting the prebind before the view has answered.
+        (Asked only of requests ``not_a_page`` let through; a request that is neither, such as
+        curl's ``Accept: */*``, is prebound only once its response turns out to be a page.)"""
         if (get("sec-fetch-dest") or "").lower() == "document":
             return True
         accept = (get("accept") or "").lower()
