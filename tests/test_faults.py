@@ -74,12 +74,15 @@ def fake() -> Iterator[Callable[..., FakeBOSH]]:
         assert not srv.errors(), srv.errors()  # a fault that crashed would prove nothing
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "sync-httpx", "async-httpx"])
 def prebind(request: pytest.FixtureRequest) -> Callable[..., PrebindSession]:
-    """``prebind(url, creds=CREDS, **options)`` with the sync or the async engine."""
+    """``prebind(url, creds=CREDS, **options)`` with the sync or the async engine, over the
+    builtin HTTP client or (``-httpx``) httpx."""
+    kind, _, transport = request.param.partition("-")
 
     def run(url: str, creds: Credentials = CREDS, **options: Any) -> PrebindSession:
-        if request.param == "sync":
+        options.setdefault("transport", transport or "builtin")
+        if kind == "sync":
             with Prebinder(url, **options) as p:
                 return p.prebind(creds)
 

@@ -123,13 +123,26 @@ def server(request: pytest.FixtureRequest) -> XMPPServer:
     return request.getfixturevalue(request.param)
 
 
-@pytest.fixture(params=["sync", "async"])
+#: Both drivers over both transports: ``"sync"`` / ``"async"`` use the default (builtin)
+#: HTTP client, the ``-httpx`` variants the httpx one.
+DRIVERS = ["sync", "async", "sync-httpx", "async-httpx"]
+
+
+@pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def driver_options(driver: str) -> tuple[bool, dict[str, Any]]:
+    """``(sync?, engine options)`` for a ``driver`` fixture value."""
+    kind, _, transport = driver.partition("-")
+    return kind == "sync", {"transport": transport or "builtin"}
+
+
 def run_prebind(driver: str, url: str, creds: Credentials, **options: Any) -> PrebindSession:
-    if driver == "sync":
+    sync, transport = driver_options(driver)
+    options = {**transport, **options}
+    if sync:
         with Prebinder(url, **options) as p:
             return p.prebind(creds)
 
@@ -373,14 +386,15 @@ def test_rid_handed_out_is_exactly_the_next_one(server: XMPPServer) -> None:
 def test_terminate_ends_the_session(server: XMPPServer, driver: str) -> None:
     jid, password = server.new_user()
     creds = Credentials(jid, password)
-    if driver == "sync":
-        with Prebinder(server.service_url) as p:
+    sync, options = driver_options(driver)
+    if sync:
+        with Prebinder(server.service_url, **options) as p:
             session = p.prebind(creds)
             assert p.terminate(session) is True
     else:
 
         async def go() -> PrebindSession:
-            async with AsyncPrebinder(server.service_url) as p:
+            async with AsyncPrebinder(server.service_url, **options) as p:
                 s = await p.prebind(creds)
                 assert await p.terminate(s) is True
                 return s
@@ -403,13 +417,14 @@ def test_terminate_of_a_dead_session_is_harmless(server: XMPPServer) -> None:
         assert p.terminate(session) in (True, False)
 
 
-def test_concurrent_async_prebinds(prosody) -> None:
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+def test_concurrent_async_prebinds(prosody, transport: str) -> None:
     # a plain test around asyncio.run on a thread: pytest-asyncio tests cannot run after a
     # browser test in the same process (sync Playwright leaves a loop running on this thread)
     users = [prosody.new_user() for _ in range(3)]
 
     async def go() -> list[PrebindSession]:
-        async with AsyncPrebinder(prosody.service_url) as p:
+        async with AsyncPrebinder(prosody.service_url, transport=transport) as p:
             return list(
                 await asyncio.gather(
                     *(p.prebind(Credentials(j, pw)) for j, pw in users for _ in range(3))
@@ -426,7 +441,7 @@ def test_concurrent_async_prebinds(prosody) -> None:
         assert_attachable(s)
 
 
-@pytest.mark.parametrize("engine", ["sync", "async"])
+@pytest.mark.parametrize("engine", DRIVERS)
 @pytest.mark.parametrize("mech", ["PLAIN", "SCRAM-SHA-1"])
 def test_bind_overtaking_the_restart_leaves_the_session_attachable(
     prosody_secure, mech, engine
@@ -437,13 +452,14 @@ def test_bind_overtaking_the_restart_leaves_the_session_attachable(
     hand that session out, but end it and prebind again sequentially."""
     jid, password = prosody_secure.new_user()
     with FakeBOSH(forward_to(prosody_secure.service_url, delay={"restart": 0.3})) as proxy:
-        if engine == "sync":
-            with Prebinder(proxy.url, mechanisms=[mech]) as p:
+        sync, options = driver_options(engine)
+        if sync:
+            with Prebinder(proxy.url, mechanisms=[mech], **options) as p:
                 session = p.prebind(Credentials(jid, password))
         else:
 
             async def go():
-                async with AsyncPrebinder(proxy.url, mechanisms=[mech]) as p:
+                async with AsyncPrebinder(proxy.url, mechanisms=[mech], **options) as p:
                     return await p.prebind(Credentials(jid, password))
 
             with concurrent.futures.ThreadPoolExecutor(1) as pool:

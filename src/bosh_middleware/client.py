@@ -1,9 +1,19 @@
-"""The two small I/O drivers of the sans-I/O flows: ``Prebinder`` (httpx.Client, for WSGI and
-scripts) and ``AsyncPrebinder`` (httpx.AsyncClient, for ASGI).
+"""The two small I/O drivers of the sans-I/O flows: ``Prebinder`` (sync, for WSGI and scripts)
+and ``AsyncPrebinder`` (async, for ASGI).
 
-Both keep one pooled keep-alive client (per process, and for the async one per event loop:
-an AsyncClient must not be shared across loops), send each batch of a flow concurrently, read
-every response under a size cap, and turn transport failures into ``ServiceUnavailable``.
+Each has two transports, picked by ``PrebindOptions.transport``:
+
+* ``"builtin"`` (``http11.py``): keep-alive HTTP/1.1 POSTs to the one endpoint, per process and
+  for the async driver per event loop. A prebind is 4-5 small POSTs on every logged-in page
+  view, and on this path httpx's generic machinery is most of the web process's CPU: ~0.17-0.26
+  ms per POST against ~0.02 ms here (docs/benchmarks.md).
+* ``"httpx"``: a pooled ``httpx.Client`` / ``AsyncClient`` (or the one passed as ``client=``):
+  HTTP proxies, ``httpx.MockTransport``, anything httpx can be configured to do.
+
+``"auto"`` (the default) is builtin unless a caller passes ``client=`` or the environment sets
+a proxy for the endpoint (``HTTPS_PROXY`` ..., which httpx honours and builtin does not). Either
+way each batch of a flow goes out in RID order, every response is read under a size cap and a
+deadline, and transport failures become ``ServiceUnavailable`` with the same conditions.
 """
 
 from __future__ import annotations
@@ -14,13 +24,15 @@ import logging
 import os
 import threading
 import time
+import urllib.request
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import httpx
 
+from . import http11
 from .credentials import Credentials
 from .errors import BOSHError, ResponseTooLarge, ServiceUnavailable
 from .protocol import (
@@ -82,6 +94,34 @@ def _check_length(response: httpx.Response, limit: int) -> None:
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ResponseTooLarge(f"BOSH response declares {declared} bytes, limit is {limit}")
+
+
+def _wants_builtin(service_url: str, options: PrebindOptions, client: object | None) -> bool:
+    """Which transport (see the module docstring): True for ``http11``, False for httpx."""
+    choice = options.transport
+    if choice not in ("auto", "builtin", "httpx"):
+        raise ValueError(f"transport must be 'auto', 'builtin' or 'httpx', not {choice!r}")
+    if client is not None or choice == "httpx":
+        return False
+    if choice == "builtin":
+        return True
+    proxies = urllib.request.getproxies_environment()
+    scheme, _, rest = service_url.partition("://")
+    if not (proxies.get(scheme.lower()) or proxies.get("all")):
+        return True
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return True
+    log.debug("BOSH requests to %s go through httpx: a proxy is configured", service_url)
+    return False
+
+
+def _settles(batch: list[BOSHRequest]) -> Callable[[list[http11.Response]], bool] | None:
+    """The batch's ``settles`` over http11's (status, body) answers."""
+    settles = batch[0].settles if len(batch) > 1 else None
+    if settles is None:
+        return None
+    return lambda answers: settles([BOSHResponse(*a) for a in answers])
 
 
 def _log_batch(batch: list[BOSHRequest]) -> None:
@@ -154,6 +194,23 @@ class Prebinder(_Base):
         self._async: AsyncPrebinder | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._builtin = (
+            http11.SyncPool(http11.origin(service_url, self._headers, verify))
+            if _wants_builtin(service_url, self.options, client)
+            else None
+        )
+
+    def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        assert self._builtin is not None
+        if self._closed:
+            raise ServiceUnavailable("this Prebinder is closed", condition="closed")
+        timeout, limit = max(self._timeout(r) for r in batch), self.options.max_response_size
+        if len(batch) == 1:
+            return [BOSHResponse(*self._builtin.exchange(batch[0].body, timeout, limit))]
+        results = self._builtin.batch(
+            [r.body for r in batch], timeout, limit, _settles(batch), _PIPELINE_STAGGER
+        )
+        return [BOSHResponse(*r) if r is not None else None for r in results]
 
     def _http(self) -> httpx.Client:
         if self._closed:
@@ -167,6 +224,10 @@ class Prebinder(_Base):
         return self._client
 
     def _send(self, req: BOSHRequest) -> BOSHResponse:
+        if self._builtin is not None:
+            (answer,) = self._builtin_send([req])
+            assert answer is not None
+            return answer
         limit = self.options.max_response_size
         timeout = self._timeout(req)
         deadline = time.monotonic() + timeout
@@ -194,6 +255,9 @@ class Prebinder(_Base):
             return BOSHResponse(response.status_code, bytes(data))
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        if self._builtin is not None:
+            _log_batch(batch)
+            return self._builtin_send(batch)
         if len(batch) == 1:
             _log_batch(batch)
             return [self._send(batch[0])]
@@ -258,6 +322,8 @@ class Prebinder(_Base):
 
     def close(self) -> None:
         self._closed = True
+        if self._builtin is not None:
+            self._builtin.close()
         if self._loop_thread is not None and self._loop_pid == os.getpid():
             if self._async is not None:
                 self._loop_thread.run(self._async.aclose())
@@ -275,7 +341,8 @@ class Prebinder(_Base):
 
 
 class AsyncPrebinder(_Base):
-    """Asynchronous prebinder: one pooled ``httpx.AsyncClient`` per event loop."""
+    """Asynchronous prebinder: its connection pool (builtin or ``httpx.AsyncClient``) is per event
+    loop, since connections must not be shared across loops."""
 
     def __init__(
         self,
@@ -293,6 +360,28 @@ class AsyncPrebinder(_Base):
             weakref.WeakKeyDictionary()
         )
         self._cleanup: set[asyncio.Task[Any]] = set()
+        self._origin = (
+            http11.origin(service_url, self._headers, verify)
+            if _wants_builtin(service_url, self.options, client)
+            else None
+        )
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, http11.AsyncPool] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        assert self._origin is not None
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = self._pools[loop] = http11.AsyncPool(self._origin)
+        timeout, limit = max(self._timeout(r) for r in batch), self.options.max_response_size
+        if len(batch) == 1:
+            return [BOSHResponse(*await pool.exchange(batch[0].body, timeout, limit))]
+        results = await pool.batch(
+            [r.body for r in batch], timeout, limit, _settles(batch), _PIPELINE_STAGGER
+        )
+        return [BOSHResponse(*r) if r is not None else None for r in results]
 
     def _http(self) -> httpx.AsyncClient:
         if self._given_client is not None:
@@ -305,6 +394,10 @@ class AsyncPrebinder(_Base):
         return client
 
     async def _send(self, req: BOSHRequest, sent: asyncio.Event | None = None) -> BOSHResponse:
+        if self._origin is not None:
+            (answer,) = await self._builtin_send([req])
+            assert answer is not None
+            return answer
         limit = self.options.max_response_size
         extensions: dict[str, Any] = {}
         if sent is not None:
@@ -338,6 +431,8 @@ class AsyncPrebinder(_Base):
 
     async def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         _log_batch(batch)
+        if self._origin is not None:
+            return await self._builtin_send(batch)
         if len(batch) == 1:
             return [await self._send(batch[0])]
         # In RID order on the wire, as in Prebinder._send_batch.
@@ -417,6 +512,9 @@ class AsyncPrebinder(_Base):
 
     async def aclose(self) -> None:
         """Close the client of the running loop (call at shutdown, e.g. ASGI lifespan)."""
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            pool.close()
         if self._given_client is not None:
             return
         client = self._clients.pop(asyncio.get_running_loop(), None)

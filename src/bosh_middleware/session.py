@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["PrebindOptions", "PrebindSession"]
 
@@ -40,6 +40,10 @@ class PrebindOptions:
     max_polls: int = 4
     #: Extra HTTP headers for every BOSH request (e.g. a shared secret a reverse proxy checks).
     headers: dict[str, str] = field(default_factory=dict)
+    #: HTTP client: ``"builtin"`` (lean keep-alive HTTP/1.1, a fraction of httpx's CPU per
+    #: request), ``"httpx"`` (proxies, mocking) or ``"auto"``: builtin unless the environment
+    #: sets a proxy for the endpoint or the driver is given an httpx client.
+    transport: Literal["auto", "builtin", "httpx"] = "auto"
 
 
 @dataclass(frozen=True)
