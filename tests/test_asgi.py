@@ -28,6 +28,7 @@ from support.asgi_recorder import (
     http_scope,
 )
 from support.bosh_check import (
+    CountingCredentials,
     PrebindSpy,
     bare,
     drain_async,
@@ -183,6 +184,9 @@ REQUEST_CASES: dict[str, dict[str, Any]] = {
     "post": {"method": "POST"},
     "head": {"method": "HEAD"},
     "htmx": {"headers": {**NAV, "hx-request": "true"}},
+    "xhr": {"headers": {**NAV, "x-requested-with": "XMLHttpRequest"}},
+    "fetch-dest-empty": {"headers": {**NAV, "sec-fetch-dest": "empty"}},
+    "html-refused": {"headers": {"accept": "text/html;q=0, */*"}},
     "excluded-path": {"path": "/static/page.html"},
 }
 
@@ -196,6 +200,77 @@ async def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any,
     rec = await run(mw, kw.pop("path", "/"), **kw)
     assert spy.calls == []
     assert rec.messages == app.sent
+
+
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "sec-fetch-dest": "document",
+    },
+    "fetch": {"accept": "*/*", "sec-fetch-dest": "empty"},
+    "xhr": {"accept": "text/html, */*; q=0.01", "x-requested-with": "XMLHttpRequest"},
+    "json-client": {"accept": "application/json"},
+}
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+async def test_html_view_gets_a_session_only_when_navigated_to(
+    make_mw: Any, alice: tuple[str, str], kind: str
+) -> None:
+    """A script's request for HTML gets it untouched and costs no session: nothing would attach
+    to one, and it would be left on the server as an orphan."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    looked_up = CountingCredentials(StaticCredentials({"alice": alice}))
+    mw, spy = make_mw(app, credentials=looked_up)
+    rec = await run(mw, headers=REQUEST_KINDS[kind])
+    await drain_async(mw.core)  # anything started in the background has run
+    assert rec.status == 200
+    if kind == "navigation":
+        (session,) = spy.sessions
+        assert rec.body == inject(PAGE, mw.core.snippet(session))
+        assert rec.header("cache-control") == "private, no-store"
+        assert len(looked_up.calls) == 1
+    else:
+        assert rec.messages == app.sent  # byte for byte, header for header
+        assert rec.header("cache-control") is None
+        assert spy.calls == [] and looked_up.calls == []
+
+
+@pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])
+async def test_no_page_request_reaches_the_app_unwrapped(make_mw: Any, kind: str) -> None:
+    """The fast path: the app is called with the server's own ``receive`` and ``send``."""
+    seen: list[tuple[Any, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((receive, send))
+        await html_app(PAGE)(scope, receive, send)
+
+    mw, spy = make_mw(app)
+    rec = ASGIRecorder()
+    receive, send = rec.receive, rec.send
+    scope = http_scope("/", headers=REQUEST_KINDS[kind], user=ALICE)
+    await asyncio.wait_for(mw(scope, receive, send), 10)
+    [(got_receive, got_send)] = seen
+    assert got_send is send and got_receive is receive
+    assert rec.body == PAGE and spy.calls == []
+
+
+async def test_request_that_may_be_a_page_is_wrapped(make_mw: Any) -> None:
+    """The contrast: without a word from the request (curl's ``*/*``), the response is looked at
+    through a wrapped ``send``."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(send)
+        await html_app(b"{}", content_type="application/json")(scope, receive, send)
+
+    mw, spy = make_mw(app)
+    rec = ASGIRecorder()
+    send = rec.send
+    await asyncio.wait_for(mw(http_scope("/", headers=NOT_NAV, user=ALICE), rec.receive, send), 10)
+    assert seen[0] is not send and rec.body == b"{}" and spy.calls == []
 
 
 RESPONSE_CASES: dict[str, list[dict[str, Any]]] = {
@@ -446,7 +521,9 @@ async def test_endpoint_returns_a_live_session(
 ) -> None:
     mw, spy = make_mw(html_app(PAGE))
     async with client_for(mw) as client:
-        r = await client.get("/bosh/prebind", headers={"x-user": "alice"})
+        # converse.js fetches it: not a page, and answered all the same
+        xhr = {"accept": "application/json", "sec-fetch-dest": "empty", "x-requested-with": "XHR"}
+        r = await client.get("/bosh/prebind", headers={"x-user": "alice", **xhr})
     assert r.status_code == 200
     data = r.json()
     assert set(data) == {"jid", "sid", "rid"}

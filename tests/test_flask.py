@@ -15,6 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
+from bosh_middleware import StaticCredentials
 from bosh_middleware.flask import BOSHPrebind
 from flask_app.app import WEB_PASSWORD, create_app
 from flask_app.checks import (
@@ -22,8 +23,10 @@ from flask_app.checks import (
     browser_login_attach_and_chat,
     close_core,
     in_own_thread,
+    page,
     page_session,
 )
+from support.bosh_check import CountingCredentials, PrebindSpy
 from support.xmpp_servers import XMPPServer
 
 NAVIGATION = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Dest": "document"}
@@ -125,6 +128,39 @@ def test_csp_nonce_from_g_or_request(app, prosody, where, nonce) -> None:
     assert assert_prebound(r, prosody.service_url)["nonce"] == nonce
 
 
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "Sec-Fetch-Dest": "document",
+    },
+    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
+    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
+    "json-client": {"Accept": "application/json"},
+}
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+def test_html_view_gets_a_session_only_when_navigated_to(make_app, prosody, account, kind) -> None:
+    """A script's request for HTML gets it untouched and costs no session: nothing would attach
+    to one, and it would be left on the server as an orphan."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    app = make_app(credentials=looked_up)
+    spy = PrebindSpy.on(app.extensions["bosh_prebind"].core, sync=True)
+    client = logged_in(app)
+    r = client.get("/", headers=REQUEST_KINDS[kind])
+    if kind == "navigation":
+        assert_prebound(r, prosody.service_url)
+        assert len(spy.calls) == 1 and len(looked_up.calls) == 1
+    else:
+        assert r.status_code == 200
+        assert r.data == page("home").encode()
+        assert int(r.headers["Content-Length"]) == len(r.data)
+        assert "Cache-Control" not in r.headers
+        assert spy.calls == [] and looked_up.calls == []
+
+
 def test_json_and_head_pass_through(app) -> None:
     client = logged_in(app)
     r = client.get("/api/data", headers=NAVIGATION)
@@ -140,7 +176,9 @@ def test_json_and_head_pass_through(app) -> None:
 
 
 def test_endpoint(app, prosody, account) -> None:
-    r = logged_in(app).get("/bosh/prebind")
+    # converse.js fetches it: not a page, and answered all the same
+    xhr = {"Accept": "application/json", "Sec-Fetch-Dest": "empty", "X-Requested-With": "XHR"}
+    r = logged_in(app).get("/bosh/prebind", headers=xhr)
     assert r.status_code == 200 and r.mimetype == "application/json"
     assert r.headers["Cache-Control"] == "private, no-store"
     assert set(r.json) == {"jid", "sid", "rid"} and r.json["jid"].startswith(account[0] + "/")

@@ -52,6 +52,7 @@ from flask_app.checks import (
     page,
     page_session,
 )
+from support.bosh_check import CountingCredentials, PrebindSpy
 from support.xmpp_servers import XMPPServer, free_port
 
 # FastAPI is tested where it is installed (the tox "fastapi" env, which sets
@@ -304,6 +305,40 @@ async def test_file_response(clients, prosody) -> None:
     assert ranged.status_code == 206 and ranged.content == bare.content[:10]
 
 
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "Sec-Fetch-Dest": "document",
+    },
+    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
+    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
+    "json-client": {"Accept": "application/json"},
+}
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+@own_loop
+async def test_html_view_gets_a_session_only_when_navigated_to(clients, prosody, account, kind):
+    """A script's request for HTML gets it untouched and costs no session: nothing would attach
+    to one, and it would be left on the server as an orphan."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    client = await clients(credentials=looked_up)
+    mw = ours(clients.made[-1][0])
+    assert mw is not None
+    spy = PrebindSpy.on(mw.core, sync=False)
+    bare = await clients(service_url=None)
+    r = await client.get("/", headers=REQUEST_KINDS[kind])
+    if kind == "navigation":
+        assert_prebound(r, prosody.service_url)
+        assert len(spy.calls) == 1 and len(looked_up.calls) == 1
+    else:
+        assert same(r, await bare.get("/", headers=REQUEST_KINDS[kind]))
+        assert "cache-control" not in r.headers
+        assert spy.calls == [] and looked_up.calls == []
+
+
 @own_loop
 async def test_json_and_head_pass_through_untouched(clients) -> None:
     client = await clients()
@@ -322,7 +357,9 @@ async def test_csp_nonce_from_request_state(clients, prosody) -> None:
 
 @own_loop
 async def test_endpoint(clients, prosody, account) -> None:
-    r = await (await clients()).get("/bosh/prebind")
+    # converse.js fetches it: not a page, and answered all the same
+    xhr = {"Accept": "application/json", "Sec-Fetch-Dest": "empty", "X-Requested-With": "XHR"}
+    r = await (await clients()).get("/bosh/prebind", headers=xhr)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.json()["jid"].startswith(account[0] + "/")
     assert_live(prosody.service_url, r.json())

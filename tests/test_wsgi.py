@@ -14,7 +14,15 @@ from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
 from bosh_middleware.wsgi import BOSHPrebindMiddleware
 from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
-from support.bosh_check import PrebindSpy, bare, end_sessions, is_dead, is_live, page_vars
+from support.bosh_check import (
+    CountingCredentials,
+    PrebindSpy,
+    bare,
+    end_sessions,
+    is_dead,
+    is_live,
+    page_vars,
+)
 from support.xmpp_servers import XMPPServer
 
 PAGE = b"<!doctype html><html><head><title>Hi</title></head><body><p>page</p></body></html>"
@@ -170,6 +178,9 @@ REQUEST_CASES: dict[str, dict[str, Any]] = {
     "post": {"method": "POST"},
     "head": {"method": "HEAD"},
     "htmx": {"headers": {**NAV, "hx-request": "true"}},
+    "xhr": {"headers": {**NAV, "x-requested-with": "XMLHttpRequest"}},
+    "fetch-dest-empty": {"headers": {**NAV, "sec-fetch-dest": "empty"}},
+    "html-refused": {"headers": {"accept": "text/html;q=0, */*"}},
     "excluded-path": {"path": "/static/page.html"},
 }
 
@@ -184,6 +195,62 @@ def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any, case:
     assert spy.calls == []
     assert r.iterable is app.result
     assert (r.status, r.headers, r.body) == ("200 OK", headers, PAGE)
+
+
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "sec-fetch-dest": "document",
+    },
+    "fetch": {"accept": "*/*", "sec-fetch-dest": "empty"},
+    "xhr": {"accept": "text/html, */*; q=0.01", "x-requested-with": "XMLHttpRequest"},
+    "json-client": {"accept": "application/json"},
+}
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+def test_html_view_gets_a_session_only_when_navigated_to(
+    make_mw: Any, alice: tuple[str, str], kind: str
+) -> None:
+    """A script's request for HTML gets it untouched and costs no session: nothing would attach
+    to one, and it would be left on the server as an orphan."""
+    headers = [*HTML, ("Content-Length", str(len(PAGE)))]
+    app = fixed_app("200 OK", headers, [PAGE])
+    looked_up = CountingCredentials(StaticCredentials({"alice": alice}))
+    mw, spy = make_mw(app, credentials=looked_up)
+    r = get(mw, headers=REQUEST_KINDS[kind])
+    assert r.code == 200
+    if kind == "navigation":
+        (session,) = spy.sessions
+        assert r.body == inject(PAGE, mw.core.snippet(session))
+        assert r.header("cache-control") == "private, no-store"
+        assert len(looked_up.calls) == 1
+    else:
+        assert (r.status, r.headers, r.body) == ("200 OK", headers, PAGE)
+        assert r.iterable is app.result
+        assert spy.calls == [] and looked_up.calls == []
+
+
+@pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])
+def test_no_page_request_reaches_the_app_unwrapped(make_mw: Any, kind: str) -> None:
+    """The fast path: the app is called with the server's own ``start_response``."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(start_response)
+        start_response("200 OK", HTML)
+        return [PAGE]
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
+    mw, spy = make_mw(app)
+    result = mw(wsgi_environ("/", headers=REQUEST_KINDS[kind], user="alice"), start_response)
+    assert result == [PAGE]
+    assert seen == [start_response] and seen[0] is start_response
+    assert spy.calls == []
 
 
 def test_exclude_paths_as_a_string_is_one_prefix(make_mw: Any) -> None:
@@ -371,7 +438,8 @@ def test_endpoint_returns_a_live_session(
     import json
 
     mw, spy = make_mw(html_app())
-    r = get(mw, "/bosh/prebind", headers={"accept": "application/json"})
+    xhr = {"accept": "application/json", "sec-fetch-dest": "empty", "x-requested-with": "XHR"}
+    r = get(mw, "/bosh/prebind", headers=xhr)  # converse.js fetches it: not a page, all the same
     assert r.code == 200
     data = json.loads(r.body)
     assert set(data) == {"jid", "sid", "rid"} and bare(data["jid"]) == alice[0]

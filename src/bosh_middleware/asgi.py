@@ -205,7 +205,8 @@ class BOSHPrebindMiddleware:
     """Prebind an XMPP session for authenticated users' HTML pages.
 
     ``credentials(user)`` maps the user (``get_user(scope)``, by default ``scope["user"]``) to
-    ``Credentials`` or ``None``; remaining keyword arguments are ``MiddlewareConfig`` fields.
+    ``Credentials`` or ``None``; remaining keyword arguments are the settings of the README, in
+    lower case (``MiddlewareConfig`` and engine ``PrebindOptions`` fields alike).
     """
 
     def __init__(
@@ -221,10 +222,9 @@ class BOSHPrebindMiddleware:
     ) -> None:
         self.app: ASGIApp = guarantee_single_callable(app)  # type: ignore[no-untyped-call]
         if config is None:
-            config = MiddlewareConfig(
-                service_url=service_url or "",
-                credentials=credentials,  # type: ignore[arg-type]
-                **settings,
+            # engine settings (mechanisms=, wait=, transport= ...) are accepted here too
+            config = MiddlewareConfig.from_mapping(
+                settings, service_url=service_url or "", credentials=credentials
             )
         self.config = config
         self.core = PrebindCore(config)

@@ -67,8 +67,9 @@ class MiddlewareConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> MiddlewareConfig:
-        """Build from upper-case settings keys (``SERVICE_URL``, ``CREDENTIALS``, ``MODE`` ...),
-        as Django's ``BOSH_PREBIND`` dict and Flask's ``BOSH_*`` config spell them. Engine
+        """Build from settings keys (``SERVICE_URL``, ``CREDENTIALS``, ``MODE`` ...), as Django's
+        ``BOSH_PREBIND`` dict and Flask's ``BOSH_*`` config spell them, or in lower case, as the
+        ASGI/WSGI adapters take them as keyword arguments. Engine
         settings (``WAIT``, ``MECHANISMS``, ``ALLOW_INSECURE_PLAIN`` ...) go to ``options``."""
         fields = {f.name for f in dataclasses.fields(cls)}
         option_fields = {f.name for f in dataclasses.fields(PrebindOptions)}
@@ -76,7 +77,7 @@ class MiddlewareConfig:
         opts: dict[str, Any] = {}
         for key, value in values.items():
             name = key.lower()
-            if name in fields and name != "options":
+            if name in fields:
                 kwargs[name] = tuple(value) if isinstance(value, list) else value
             elif name in option_fields:
                 opts[name] = tuple(value) if isinstance(value, list) else value

@@ -84,7 +84,7 @@ def _q(params: str) -> float:
                 q = float(value.strip())
             except ValueError:
                 return 1.0
-            return q if q == q else 1.0  # NaN
+            return q if 0.0 <= q <= 1.0 else 1.0  # RFC 9110 qvalue: 0-1 (NaN fails too)
     return 1.0
 
 

@@ -14,7 +14,14 @@ from types import TracebackType
 from typing import Any
 
 from .config import MiddlewareConfig
-from .core import PrebindCore, SyncPending, charset_of, is_authenticated, is_injectable
+from .core import (
+    REQUEST_HEADERS,
+    PrebindCore,
+    SyncPending,
+    charset_of,
+    is_authenticated,
+    is_injectable,
+)
 from .credentials import Credentials
 from .inject import Injector
 from .session import PrebindSession
@@ -46,6 +53,23 @@ def environ_user(environ: dict[str, Any]) -> Any:
 def environ_nonce(environ: dict[str, Any]) -> str | None:
     nonce = environ.get(ENVIRON_NONCE)
     return str(nonce) if nonce else None
+
+
+#: The request headers the middleware reads (PrebindCore.not_a_page / looks_like_page), by the
+#: name they are asked for -> their environ key.
+_ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in REQUEST_HEADERS}
+
+
+def _request_getter(environ: dict[str, Any]) -> Callable[[str], str | None]:
+    """The request headers of ``environ`` by lower-case name, as ``not_a_page`` asks for them
+    (a server joins repeated fields with commas already)."""
+
+    def get(name: str) -> str | None:
+        key = _ENVIRON_KEYS.get(name) or "HTTP_" + name.upper().replace("-", "_")
+        value = environ.get(key)
+        return value if isinstance(value, str) else None
+
+    return get
 
 
 def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
@@ -227,10 +251,9 @@ class BOSHPrebindMiddleware:
         self.app = app
         if core is None:
             if config is None:
-                config = MiddlewareConfig(
-                    service_url=service_url or "",
-                    credentials=credentials,  # type: ignore[arg-type]
-                    **settings,
+                # engine settings (mechanisms=, wait=, transport= ...) are accepted here too
+                config = MiddlewareConfig.from_mapping(
+                    settings, service_url=service_url or "", credentials=credentials
                 )
             core = PrebindCore(config)
         self.core = core
@@ -240,27 +263,26 @@ class BOSHPrebindMiddleware:
         self.serve_endpoint = serve_endpoint
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        # Every request passes here: the cheapest checks first, and ``credentials()`` only for
-        # a navigation (to start the prebind next to the view) or once the response turns out
-        # to be a page that will carry a session.
+        # Every request passes here: the cheapest checks first (path and method, then the
+        # request headers: dict lookups, then the user), and ``credentials()`` only for a
+        # navigation (to start the prebind next to the view) or once the response turns out to
+        # be a page that will carry a session. A request that says it is no navigation
+        # (``not_a_page``: fetch/XHR, htmx, a JSON client) goes to the app with the server's own
+        # ``start_response``: nothing to inspect, and no orphan session for HTML a script fetched.
         core = self.core
         path = environ.get("PATH_INFO", "")
         if self.serve_endpoint and self.get_user is not None and core.is_endpoint(path):
             return self._endpoint(environ, start_response)
-        if not core.wants_path(environ.get("REQUEST_METHOD", "GET"), path) or environ.get(
-            "HTTP_HX_REQUEST"
-        ):
+        if not core.wants_path(environ.get("REQUEST_METHOD", "GET"), path):
+            return self.app(environ, start_response)
+        get = _request_getter(environ)
+        if core.not_a_page(get):
             return self.app(environ, start_response)
         credentials = pending = user = None
         if self.get_user is not None:
             user = self.get_user(environ)
             if not is_authenticated(user):
                 return self.app(environ, start_response)
-
-            def get(name: str) -> str | None:
-                value = environ.get("HTTP_" + name.upper().replace("-", "_"))
-                return value if isinstance(value, str) else None
-
             if core.looks_like_page(get):  # start next to the view
                 credentials = core.credentials_sync(user)
                 if credentials is None:

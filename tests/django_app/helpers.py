@@ -27,6 +27,17 @@ SNIPPET = re.compile(
 )
 #: What a browser navigation sends.
 PAGE_HEADERS = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Dest": "document"}
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "Sec-Fetch-Dest": "document",
+    },
+    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
+    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
+    "json-client": {"Accept": "application/json"},
+}
 
 
 # --- the prebind cores the middleware makes ------------------------------------------------
@@ -88,6 +99,13 @@ def make_account(server: XMPPServer, username: str, *, xmpp: bool = True) -> Acc
     if xmpp:
         accounts.ACCOUNTS[username] = (jid, xmpp_password)
     return Account(user, username, password, jid, xmpp_password)
+
+
+def page_of(account: Account) -> bytes:
+    """What ``views.page`` answers ``account``, as it left the view."""
+    from django_app import views
+
+    return (views.HEAD + views.BODY.format(name=account.username, pad="x" * 300)).encode()
 
 
 # --- reading and proving the injected session ----------------------------------------------

@@ -14,8 +14,17 @@ from django.http import HttpResponse
 from django.test import AsyncClient
 
 from bosh_middleware.django import BOSHPrebindMiddleware
-from django_app import views
-from django_app.helpers import PAGE_HEADERS, Account, RecordingCore, assert_live, injected
+from django_app import accounts, views
+from django_app.helpers import (
+    PAGE_HEADERS,
+    REQUEST_KINDS,
+    Account,
+    RecordingCore,
+    assert_live,
+    injected,
+    page_of,
+)
+from support.bosh_check import CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("acores")]
@@ -51,6 +60,27 @@ async def test_anonymous_page_is_untouched(bosh: XMPPServer, cores: list[Recordi
     r = await AsyncClient().get("/page/", headers=PAGE_HEADERS)
     assert b"BOSH_" not in r.content and "Cache-Control" not in r
     assert cores[0].started == []
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+async def test_html_view_gets_a_session_only_when_navigated_to(
+    alice: Account, bosh: XMPPServer, settings: Any, cores: list[RecordingCore], kind: str
+) -> None:
+    """A script's request for HTML gets it untouched and costs no session (async mode)."""
+    looked_up = CountingCredentials(accounts.credentials)
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "CREDENTIALS": looked_up}
+    r = await (await logged_in(alice)).get("/page/", headers=REQUEST_KINDS[kind])
+    assert r.status_code == 200
+    if kind == "navigation":
+        found = injected(r.content)
+        assert r["Cache-Control"] == "private, no-store"
+        assert len(cores[0].started) == 1 and len(looked_up.calls) == 1
+        assert_live(bosh.service_url, found.sid, found.rid)
+    else:
+        assert r.content == page_of(alice)
+        assert int(r["Content-Length"]) == len(r.content)
+        assert r["ETag"] == '"page-v1"' and "Expires" in r and "Cache-Control" not in r
+        assert cores[0].started == [] and looked_up.calls == []
 
 
 async def test_async_streamed_page(alice: Account, bosh: XMPPServer) -> None:

@@ -9,15 +9,18 @@ import django
 import pytest
 from django.test import Client
 
-from django_app import views
+from django_app import accounts, views
 from django_app.helpers import (
     PAGE_HEADERS,
+    REQUEST_KINDS,
     Account,
     RecordingCore,
     assert_dead,
     assert_live,
     injected,
+    page_of,
 )
+from support.bosh_check import CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -99,6 +102,28 @@ def test_responses_that_cannot_carry_a_session(
     assert r.get("Cache-Control") != "private, no-store"
     if path == "/gzip/":
         assert r["Content-Encoding"] == "gzip"
+
+
+@pytest.mark.parametrize("kind", list(REQUEST_KINDS))
+def test_html_view_gets_a_session_only_when_navigated_to(
+    alice: Account, bosh: XMPPServer, settings: Any, cores: list[RecordingCore], kind: str
+) -> None:
+    """A script's request for HTML gets it untouched and costs no session: nothing would attach
+    to one, and it would be left on the server as an orphan."""
+    looked_up = CountingCredentials(accounts.credentials)
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "CREDENTIALS": looked_up}
+    r = logged_in(alice).get("/page/", headers=REQUEST_KINDS[kind])
+    assert r.status_code == 200
+    if kind == "navigation":
+        found = injected(r.content)
+        assert r["Cache-Control"] == "private, no-store"
+        assert len(cores[0].started) == 1 and len(looked_up.calls) == 1
+        assert_live(bosh.service_url, found.sid, found.rid)
+    else:
+        assert r.content == page_of(alice)
+        assert int(r["Content-Length"]) == len(r.content)
+        assert r["ETag"] == '"page-v1"' and "Expires" in r and "Cache-Control" not in r
+        assert cores[0].started == [] and looked_up.calls == []
 
 
 def test_unused_session_is_terminated(
@@ -198,7 +223,9 @@ def test_disabled(alice: Account, settings: Any, cores: list[RecordingCore]) -> 
 
 
 def test_endpoint(alice: Account, nobody: Account, bosh: XMPPServer) -> None:
-    r = logged_in(alice).get("/bosh/prebind", headers={"Accept": "application/json"})
+    # converse.js fetches it: not a page, and answered all the same
+    xhr = {"Accept": "application/json", "Sec-Fetch-Dest": "empty", "X-Requested-With": "XHR"}
+    r = logged_in(alice).get("/bosh/prebind", headers=xhr)
     assert r.status_code == 200 and r["Content-Type"] == "application/json"
     assert r["Cache-Control"] == "private, no-store" and int(r["Content-Length"]) == len(r.content)
     data = r.json()

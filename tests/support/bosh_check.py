@@ -38,6 +38,7 @@ from bosh_middleware.credentials import Credentials
 from bosh_middleware.session import PrebindSession
 
 __all__ = [
+    "CountingCredentials",
     "FakeEndpoint",
     "PrebindSpy",
     "bare",
@@ -366,6 +367,21 @@ class PrebindSpy:
                 quiet_since = None
             time.sleep(0.01)
         return False
+
+
+class CountingCredentials:
+    """A ``credentials`` callable that counts its calls (``calls``: the users it was asked for)
+    and answers with ``inner``: no session can be prebound without a call here."""
+
+    def __init__(self, inner: Callable[[Any], Any]) -> None:
+        self.inner = inner
+        self.calls: list[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, user: Any) -> Any:
+        with self._lock:
+            self.calls.append(user)
+        return self.inner(user)
 
 
 async def drain_async(core: PrebindCore, timeout: float = 5.0) -> None:

@@ -1,0 +1,306 @@
+"""Is a request a browser navigation? ``accepts_html`` and ``not_a_page`` (core.py), table-driven,
+and the same table through each adapter's translation of the request headers.
+
+A request whose headers say it is no navigation (fetch/XHR, htmx, a JSON client, a subresource)
+must get no session: nothing would ever attach to it, and it would be an orphan at the XMPP
+server. A request that says nothing either way (curl, old browsers) is not judged here: its
+response is looked at instead. No XMPP server is needed: the adapter checks count the calls of
+the ``credentials`` callable, which every prebind needs first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bosh_middleware import asgi, wsgi
+from bosh_middleware.config import MiddlewareConfig
+from bosh_middleware.core import PrebindCore, accepts_html, not_a_page
+from support.asgi_recorder import ASGIRecorder, User, html_app, wsgi_environ
+from support.bosh_check import CountingCredentials
+
+#: Nothing listens there; no test here gets as far as a prebind.
+NOWHERE = "http://127.0.0.1:9/http-bind"
+
+# Accept of a navigation (address bar, link, form) in current browsers.
+CHROME = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,"
+    "*/*;q=0.8,application/signed-exchange;v=b3;q=0.7"
+)
+FIREFOX = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+FIREFOX_OLD = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+)
+SAFARI = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+# Accept of requests made by scripts and for subresources.
+CHROME_IMAGE = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+CHROME_STYLE = "text/css,*/*;q=0.1"
+JQUERY_HTML = "text/html, */*; q=0.01"  # $.ajax({dataType: "html"}), .load()
+JQUERY_JSON = "application/json, text/javascript, */*; q=0.01"
+
+
+# ------------------------------------------------------------------------------------------
+# accepts_html
+# ------------------------------------------------------------------------------------------
+
+ACCEPTS_HTML: dict[str, tuple[str, bool | None]] = {
+    # browser navigations
+    "chrome-navigation": (CHROME, True),
+    "firefox-navigation": (FIREFOX, True),
+    "firefox-old-navigation": (FIREFOX_OLD, True),
+    "safari-navigation": (SAFARI, True),
+    # anything goes
+    "fetch-default": ("*/*", True),
+    "sloppy-star": ("*", True),
+    "chrome-image": (CHROME_IMAGE, True),  # via */*: Sec-Fetch-Dest tells it apart
+    "chrome-style": (CHROME_STYLE, True),
+    "jquery-html": (JQUERY_HTML, True),
+    "jquery-json": (JQUERY_JSON, True),  # */*;q=0.01: X-Requested-With tells it apart
+    # no HTML
+    "json": ("application/json", False),
+    "json-and-text": ("application/json, text/plain;q=0.5", False),
+    "xml": ("application/xml", False),
+    "html-refused-rest-welcome": ("text/html;q=0, */*", False),  # RFC 9110: most specific wins
+    "html-refused-weighted-rest": ("*/*;q=0.8, text/html;q=0", False),
+    "html-refused-zeros": ("text/html;q=0.000, */*", False),
+    "html-refused-after-other-param": ("text/html;level=1;q=0", False),
+    "anything-refused": ("*/*;q=0", False),
+    "star-refused": ("*;q=0", False),
+    "text-star-refused": ("text/*;q=0, */*", False),
+    "xhtml-refused": ("application/xhtml+xml;q=0", False),
+    # weights
+    "text-star-half": ("text/*;q=0.5", True),
+    "html-beats-text-star": ("text/*;q=0, text/html", True),
+    "html-beats-anything": ("*/*;q=0, text/html;q=0.1", True),
+    "html-low-weight": ("application/json, text/html;q=0.1", True),
+    "html-named-twice": ("text/html;q=0, text/html;q=0.5", True),
+    "html-with-level-no-q": ("text/html;level=1", True),
+    # malformed weights count as 1: they must not turn a page into a refusal
+    "q-abc": ("text/html;q=abc", True),
+    "q-nan": ("text/html;q=nan", True),
+    "q-empty": ("text/html;q=", True),
+    "q-abc-anything": ("*/*;q=abc", True),
+    "q-nan-anything": ("*/*;q=NaN", True),
+    "q-abc-json": ("application/json;q=abc", False),
+    "q-negative": ("text/html;q=-1", True),
+    "q-inf": ("text/html;q=inf, application/json", True),
+    "q-above-one-anything": ("*/*;q=2", True),
+    # XHTML
+    "xhtml": ("application/xhtml+xml", True),
+    "xhtml-despite-html-refused": ("text/html;q=0, application/xhtml+xml", True),
+    # case and spacing
+    "upper-case": ("TEXT/HTML", True),
+    "mixed-case-refusal": ("Text/HTML ; Q=0 , */*", False),
+    "mixed-case-xhtml": ("Application/XHTML+XML", True),
+    "spaces": ("  text/html  ;  q=0.9  ", True),
+    # says nothing
+    "empty": ("", None),
+    "blank": ("   ", None),
+    "only-commas": (",", None),
+    "only-commas-and-spaces": (" , ,, ", None),
+    "only-parameters": (";q=0", None),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTS_HTML))
+def test_accepts_html(case: str) -> None:
+    accept, expected = ACCEPTS_HTML[case]
+    assert accepts_html(accept) is expected
+
+
+# ------------------------------------------------------------------------------------------
+# not_a_page: one table, asked of the core directly and through every adapter
+# ------------------------------------------------------------------------------------------
+
+NAV_CHROME = {"Accept": CHROME, "Sec-Fetch-Dest": "document"}
+
+#: request headers (as a client writes them) -> not a page?
+NOT_A_PAGE: dict[str, tuple[dict[str, str], bool]] = {
+    # navigations
+    "chrome-navigation": (NAV_CHROME, False),
+    "firefox-navigation": ({"Accept": FIREFOX, "Sec-Fetch-Dest": "document"}, False),
+    "safari-navigation": ({"Accept": SAFARI, "Sec-Fetch-Dest": "document"}, False),
+    "safari-without-fetch-metadata": ({"Accept": SAFARI}, False),
+    "iframe": ({"Accept": CHROME, "Sec-Fetch-Dest": "iframe"}, False),
+    "frame": ({"Accept": CHROME, "Sec-Fetch-Dest": "frame"}, False),
+    "dest-upper-case": ({"Accept": CHROME, "Sec-Fetch-Dest": "Document"}, False),
+    "dest-padded": ({"Accept": CHROME, "Sec-Fetch-Dest": " iframe "}, False),
+    # says nothing: judged by the response
+    "no-headers": ({}, False),
+    "curl": ({"Accept": "*/*"}, False),
+    "only-document": ({"Sec-Fetch-Dest": "document"}, False),
+    "accept-empty": ({"Accept": ""}, False),
+    "accept-only-commas": ({"Accept": ", ,"}, False),
+    "accept-malformed-q": ({"Accept": "text/html;q=abc"}, False),
+    "accept-nan-q": ({"Accept": "*/*;q=nan"}, False),
+    "accept-xhtml": ({"Accept": "application/xhtml+xml"}, False),
+    "dest-empty-value": ({"Accept": "*/*", "Sec-Fetch-Dest": ""}, False),
+    "dest-blank-value": ({"Accept": "*/*", "Sec-Fetch-Dest": "  "}, False),
+    "hx-request-empty-value": ({**NAV_CHROME, "HX-Request": ""}, False),
+    "x-requested-with-empty-value": ({**NAV_CHROME, "X-Requested-With": ""}, False),
+    # fetch / XHR / subresources
+    "fetch-default": ({"Accept": "*/*", "Sec-Fetch-Dest": "empty"}, True),
+    "fetch-html": ({"Accept": "text/html", "Sec-Fetch-Dest": "empty"}, True),
+    "dest-upper-case-empty": ({"Accept": "*/*", "Sec-Fetch-Dest": "EMPTY"}, True),
+    "script": ({"Accept": "*/*", "Sec-Fetch-Dest": "script"}, True),
+    "image": ({"Accept": CHROME_IMAGE, "Sec-Fetch-Dest": "image"}, True),
+    "style": ({"Accept": CHROME_STYLE, "Sec-Fetch-Dest": "style"}, True),
+    "x-requested-with": ({"Accept": JQUERY_HTML, "X-Requested-With": "XMLHttpRequest"}, True),
+    "x-requested-with-navigation-headers": (
+        {**NAV_CHROME, "X-Requested-With": "XMLHttpRequest"},
+        True,
+    ),
+    "htmx": ({"Accept": "*/*", "HX-Request": "true"}, True),
+    "htmx-navigation-headers": ({**NAV_CHROME, "HX-Request": "true"}, True),
+    # Accept without HTML
+    "json-client": ({"Accept": "application/json"}, True),
+    "html-refused": ({"Accept": "text/html;q=0, */*"}, True),
+    "anything-refused": ({"Accept": "*/*;q=0"}, True),
+    "json-with-document-dest": ({"Accept": "application/json", "Sec-Fetch-Dest": "document"}, True),
+}
+
+
+def lower_getter(headers: dict[str, str]) -> Callable[[str], str | None]:
+    """What the adapters hand the core: a lookup by lower-case name."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return lowered.get
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_not_a_page(case: str) -> None:
+    headers, expected = NOT_A_PAGE[case]
+    assert not_a_page(lower_getter(headers)) is expected
+
+
+def test_not_a_page_asks_only_for_the_request_headers_it_declares() -> None:
+    """The ASGI adapter collects only ``REQUEST_HEADERS`` in its one scan of the headers."""
+    from bosh_middleware.core import REQUEST_HEADERS
+
+    asked: set[str] = set()
+
+    def get(name: str) -> str | None:
+        asked.add(name)
+        return None
+
+    not_a_page(get)
+    PrebindCore.looks_like_page(get)
+    assert asked <= set(REQUEST_HEADERS)
+
+
+@pytest.fixture(scope="module")
+def core() -> PrebindCore:
+    return PrebindCore(MiddlewareConfig(service_url=NOWHERE, credentials=lambda user: None))
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_wants_is_the_method_path_check_and_not_a_page(core: PrebindCore, case: str) -> None:
+    """What the Django and Flask adapters ask (with their case-insensitive header lookups)."""
+    headers, expected = NOT_A_PAGE[case]
+    get = lower_getter(headers)
+    assert core.wants("GET", "/", get) is not expected
+    assert core.wants("POST", "/", get) is False
+
+
+# --- through the adapters: a pass-through app, a credentials callable that counts ----------
+#
+# ``credentials`` answers None (no XMPP account), so nothing is ever prebound. A request judged
+# no page must not even ask for credentials, and reaches the app with the server's own ``send``
+# / ``start_response``. One that is not judged asks once: early for a navigation, or once its
+# response turned out to be a page.
+
+PAGE = b"<!doctype html><html><head><title>t</title></head><body>p</body></html>"
+
+
+def raw_scope(headers: list[tuple[str, str]]) -> dict[str, Any]:
+    """An HTTP scope with the header names as the client wrote them (not lower-cased)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        "user": User("alice"),
+    }
+
+
+async def run_asgi(headers: list[tuple[str, str]]) -> tuple[bytes, bool, int]:
+    """(body, did the app get the server's own send?, credentials calls)"""
+    counting = CountingCredentials(lambda user: None)
+    seen: list[Any] = []
+    inner = html_app(PAGE)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(send)
+        await inner(scope, receive, send)
+
+    mw = asgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting)
+    rec = ASGIRecorder()
+    send = rec.send
+    try:
+        await asyncio.wait_for(mw(raw_scope(headers), rec.receive, send), 10)
+    finally:
+        await mw.core.aclose()
+    return rec.body, seen == [send] and seen[0] is send, len(counting.calls)
+
+
+def run_wsgi(headers: dict[str, str]) -> tuple[bytes, bool, int]:
+    """(body, did the app get the server's own start_response?, credentials calls)"""
+    counting = CountingCredentials(lambda user: None)
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(start_response)
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [PAGE]
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
+    mw = wsgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting)
+    try:
+        result = mw(wsgi_environ("/", headers=headers, user="alice"), start_response)
+        body = b"".join(result)
+        getattr(result, "close", lambda: None)()
+    finally:
+        mw.core.close()
+    return body, seen == [start_response] and seen[0] is start_response, len(counting.calls)
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+async def test_asgi_adapter_agrees(case: str) -> None:
+    headers, expected = NOT_A_PAGE[case]
+    body, unwrapped, asked = await run_asgi(list(headers.items()))
+    assert body == PAGE
+    assert asked == (0 if expected else 1)
+    if expected:  # (a navigation without credentials is not wrapped either)
+        assert unwrapped
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_wsgi_adapter_agrees(case: str) -> None:
+    headers, expected = NOT_A_PAGE[case]
+    body, unwrapped, asked = run_wsgi(headers)
+    assert body == PAGE
+    assert asked == (0 if expected else 1)
+    if expected:
+        assert unwrapped
+
+
+async def test_asgi_joins_repeated_header_lines() -> None:
+    """Two ``Accept`` lines are one list (RFC 9110, 5.3): HTML named on the second counts."""
+    body, unwrapped, asked = await run_asgi(
+        [("accept", "application/json"), ("accept", "text/html")]
+    )
+    assert body == PAGE and asked == 1
+    body, unwrapped, asked = await run_asgi(
+        [("accept", "application/json"), ("accept", "image/png")]
+    )
+    assert body == PAGE and unwrapped and asked == 0
