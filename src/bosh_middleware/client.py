@@ -96,6 +96,12 @@ def _check_length(response: httpx.Response, limit: int) -> None:
         raise ResponseTooLarge(f"BOSH response declares {declared} bytes, limit is {limit}")
 
 
+def _tls(verify: Any) -> Any:
+    """httpx's ``verify``, built as the builtin transport builds it: both trust the same CAs, and
+    a CA bundle path (which httpx 0.28 deprecates) keeps working."""
+    return http11.ssl_context(verify) if verify is not True else True
+
+
 def _wants_builtin(service_url: str, options: PrebindOptions, client: object | None) -> bool:
     """Which transport (see the module docstring): True for ``http11``, False for httpx."""
     choice = options.transport
@@ -219,7 +225,7 @@ class Prebinder(_Base):
         if self._client is None or (self._given_client is None and self._pid != os.getpid()):
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
-                    self._client = httpx.Client(limits=_LIMITS, verify=self._verify)
+                    self._client = httpx.Client(limits=_LIMITS, verify=_tls(self._verify))
                     self._pid = os.getpid()
         return self._client
 
@@ -389,7 +395,7 @@ class AsyncPrebinder(_Base):
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = httpx.AsyncClient(limits=_LIMITS, verify=self._verify)
+            client = httpx.AsyncClient(limits=_LIMITS, verify=_tls(self._verify))
             self._clients[loop] = client
         return client
 

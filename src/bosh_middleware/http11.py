@@ -13,8 +13,16 @@ own machinery (httpx + httpcore + h11 + anyio: ~300 us per request; this: ~15 us
   connection is not an option: ejabberd 23.01 reads a second pipelined request into the body
   of the first and answers 400.)
 * Responses are framed by Content-Length, chunked coding or connection close, and read under a
-  size limit; https uses ``verify`` as httpx does (True: certifi's CA bundle when installed,
-  else the system's; a CA bundle path; an ``ssl.SSLContext``; False).
+  size limit and one deadline per exchange (connect, TLS handshake, send and read included).
+  Framing is parsed strictly, since a lenient parser is how a hostile or broken server
+  desynchronises a keep-alive connection: a response that is not exactly one well-framed
+  HTTP/1.x message is an ``http-error``, never a guess.
+* https uses ``verify`` as httpx (0.25-0.28) does: True: ``$SSL_CERT_FILE``, else
+  ``$SSL_CERT_DIR``, else certifi's CA bundle; a CA file or directory path; an
+  ``ssl.SSLContext`` as given; False: no verification. The host name is checked unless False.
+* Errors map to ``ServiceUnavailable`` conditions as httpx's do in ``client.py``: anything that
+  fails while connecting (refused, DNS, unreachable, TLS handshake or certificate) is
+  ``connection-failed``, a deadline ``timeout``, the rest ``http-error``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ResponseTooLarge, ServiceUnavailable
 
@@ -41,6 +49,12 @@ __all__ = ["AsyncPool", "Origin", "Response", "SyncPool", "origin"]
 _MAX_HEAD = 64 * 1024
 _MAX_IDLE = 128
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][^\r\n]*)?")
+_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
+#: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
+#: %-escapes); anything else (space, controls, non-ASCII) is %-encoded, as httpx does.
+_TARGET_SAFE = "!$&'()*+,;=:@/?%"
 
 Response = tuple[int, bytes]  # (status, body)
 Settles = Callable[[list[Response]], bool]
@@ -58,21 +72,31 @@ class Origin:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self.prefix, len(body), body)
 
 
-def _ssl_context(verify: Any) -> ssl.SSLContext:
+def ssl_context(verify: Any) -> ssl.SSLContext:
+    """``verify`` as httpx's ``create_ssl_context`` (0.28, ``trust_env=True``) reads it, so that
+    the two transports trust the same CAs. Only ``False`` turns verification off: any other
+    value that is not a path or a context verifies against the default CAs."""
     if isinstance(verify, ssl.SSLContext):
         return verify
     if verify is False:
-        ctx = ssl.create_default_context()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
     if isinstance(verify, (str, os.PathLike)):
-        return ssl.create_default_context(cafile=os.fspath(verify))
+        path = os.fspath(verify)
+        if os.path.isdir(path):
+            return ssl.create_default_context(capath=path)
+        return ssl.create_default_context(cafile=path)
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
     try:
-        import certifi  # what httpx uses by default
+        import certifi  # what httpx uses by default (and depends on)
 
         return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:
+    except ImportError:  # pragma: no cover - httpx requires certifi
         return ssl.create_default_context()
 
 
@@ -81,13 +105,21 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
     tls = parts.scheme == "https"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # %-encode what cannot go on the request line as is (a space would split it)
+    target = quote(parts.path or "/", safe=_TARGET_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_TARGET_SAFE)
     fields = dict(headers)
     if parts.username is not None and not any(k.lower() == "authorization" for k in fields):
         # user:password@ in the URL means Basic auth, as in httpx (a reverse proxy in front)
         userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         fields["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
-    lines = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc.rsplit('@', 1)[-1]}"]
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if not host.isascii():  # an internationalised domain name goes on the wire as IDNA
+        host = host.encode("idna").decode("ascii")
+    # a configured Host header wins, as in httpx (a virtual host behind a bare IP address)
+    host = next((v for k, v in fields.items() if k.lower() == "host"), host)
+    lines = [f"POST {target} HTTP/1.1", f"Host: {host}"]
     for k, v in fields.items():
         if not _TOKEN.fullmatch(k) or any(c in v for c in "\r\n\0"):
             # a newline in a configured header would smuggle lines into every request
@@ -96,7 +128,7 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
             lines.append(f"{k}: {v}")
     prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
     port = parts.port or (443 if tls else 80)
-    return Origin(url, parts.hostname, port, _ssl_context(verify) if tls else None, prefix)
+    return Origin(url, parts.hostname, port, ssl_context(verify) if tls else None, prefix)
 
 
 class _Stale(Exception):
@@ -109,7 +141,14 @@ def _http_error(message: str) -> ServiceUnavailable:
 
 class _Parser:
     """The bytes of one HTTP/1.1 response in, ``done`` once complete; extra bytes are kept for
-    the next response of a pipeline (``leftover()``)."""
+    the next response of a pipeline (``leftover()``).
+
+    Strict where framing is concerned (RFC 9112 section 6): a status line that is not
+    ``HTTP/1.x NNN``, a malformed header line, a Content-Length that is not digits or is given
+    twice with different values, a transfer coding other than exactly ``chunked``, a chunk size
+    that is not hex, or chunk data not followed by CRLF are errors, not guesses. Bytes are
+    bounded: the head and each chunk-size or trailer line by 64 KiB, the body by ``limit``
+    (a declared Content-Length or chunk size over it is refused before its bytes are read)."""
 
     __slots__ = (
         "_buf",
@@ -117,6 +156,7 @@ class _Parser:
         "_framing",
         "_limit",
         "_remaining",
+        "_scan",
         "body",
         "done",
         "got",
@@ -128,8 +168,9 @@ class _Parser:
         self._limit = limit
         self._buf = bytearray()
         self._framing = "head"  # head | length | chunked | close
-        self._remaining = 0
-        self._chunk = -1  # chunked: -1 = size line next, -2 = trailers, n = bytes left + CRLF
+        self._remaining = 0  # length: body bytes left; chunked: trailer bytes allowed
+        self._chunk = -1  # chunked: -1 = size line next, -2 = trailers, n >= 0 = bytes left
+        self._scan = 0  # where to resume looking for a line end: a trickled head stays O(n)
         self.body = bytearray()
         self.status = 0
         self.keep_alive = False
@@ -178,86 +219,137 @@ class _Parser:
         if len(self.body) > self._limit:
             raise ResponseTooLarge(f"BOSH response exceeds {self._limit} bytes")
 
-    def _head(self) -> None:
-        end = self._buf.find(b"\r\n\r\n")
+    def _find(self, sep: bytes, what: str) -> int:
+        """Index of ``sep`` in the buffer, or -1 (more bytes needed); at most 64 KiB ahead."""
+        end = self._buf.find(sep, self._scan)
         if end < 0:
             if len(self._buf) > _MAX_HEAD:
-                raise _http_error("BOSH response head too large")
+                raise _http_error(f"BOSH response {what} too large")
+            self._scan = max(0, len(self._buf) - len(sep) + 1)
+            return -1
+        if end > _MAX_HEAD:  # found, but only after too much (a single large read)
+            raise _http_error(f"BOSH response {what} too large")
+        self._scan = 0
+        return end
+
+    def _head(self) -> None:
+        end = self._find(b"\r\n\r\n", "head")
+        if end < 0:
             return
         lines = bytes(self._buf[:end]).split(b"\r\n")
         del self._buf[: end + 4]
-        try:
-            version, code = lines[0].split(None, 2)[:2]
-            self.status = int(code)
-        except ValueError:
-            raise _http_error("malformed HTTP status line") from None
+        status = _STATUS_LINE.fullmatch(lines[0])
+        if status is None:  # also a head that starts with header lines (no status line)
+            raise _http_error("malformed HTTP status line")
+        http11, self.status = status[1] != b"0", int(status[2])
+        if self.status == 101:  # only an Upgrade request may get it, and this sends none
+            raise _http_error("unexpected 101 Switching Protocols")
         if 100 <= self.status < 200:  # interim: the real response follows
             return
-        length: int | None = None
-        chunked = False
-        connection = b""
+        fields: list[tuple[bytes, bytes]] = []
         for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
+            if line[:1] in (b" ", b"\t") and fields:  # obs-fold: a continuation, read as SP
+                name, value = fields[-1]
+                fields[-1] = (name, value + b" " + line.strip(b" \t"))
+                continue
+            match = _FIELD_LINE.fullmatch(line)
+            if match is None:
+                raise _http_error("malformed HTTP header line")
+            fields.append((match[1].lower(), match[2]))
+        lengths: set[bytes] = set()
+        codings: list[bytes] = []
+        connection: set[bytes] = set()
+        for name, value in fields:
+            items = [v.strip(b" \t").lower() for v in value.split(b",")]
             if name == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise _http_error("bad Content-Length") from None
-                if length > self._limit:
-                    raise ResponseTooLarge(
-                        f"BOSH response declares {length} bytes, limit is {self._limit}"
-                    )
+                lengths.update(items)
             elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+                codings += [c for c in items if c]
             elif name == b"connection":
-                connection = value.strip().lower()
-        self.keep_alive = (
-            connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
-        )
-        if self.status in (204, 304):
+                connection.update(items)
+        self.keep_alive = b"close" not in connection if http11 else b"keep-alive" in connection
+        if self.status in (204, 304):  # never a body, whatever the headers say
             self.done = True
-        elif chunked:
-            self._framing = "chunked"
-        elif length is not None:
-            self._framing, self._remaining, self.done = "length", length, length == 0
+        elif codings:
+            # Only chunked can be decoded (no TE header is sent, so no other coding may be
+            # used); HTTP/1.0 has no Transfer-Encoding at all (RFC 9112 6.1: faulty framing).
+            if codings != [b"chunked"] or not http11:
+                raise _http_error(f"unsupported Transfer-Encoding: {b', '.join(codings)!r}")
+            self._framing, self._remaining = "chunked", _MAX_HEAD
+            if lengths:  # both: chunked wins, but the sender is confused - do not reuse
+                self.keep_alive = False
+        elif lengths:
+            (length,) = lengths if len(lengths) == 1 else (b"",)  # "5, 5" is one length
+            if not length.isdigit():  # also rejects "-5", "+5", "0x5", " 5 5", "1_0"
+                raise _http_error("bad or conflicting Content-Length")
+            if len(length) > 18 or int(length) > self._limit:
+                raise ResponseTooLarge(
+                    f"BOSH response declares {length[:24].decode()} bytes, limit is {self._limit}"
+                )
+            self._framing, self._remaining = "length", int(length)
+            self.done = self._remaining == 0
         else:
             self._framing, self.keep_alive = "close", False
 
     def _chunked(self) -> None:
         if self._chunk in (-1, -2):
-            end = self._buf.find(b"\r\n")
+            end = self._find(b"\r\n", "chunk framing")
             if end < 0:
-                if len(self._buf) > _MAX_HEAD:  # a size or trailer line that never ends
-                    raise _http_error("BOSH response chunk framing too large")
                 return
             line = bytes(self._buf[:end])
             del self._buf[: end + 2]
             if self._chunk == -2:
-                self.done = not line  # trailers end with an empty line
+                # trailers (ignored) end with an empty line; their total is bounded too
+                self._remaining -= end + 2
+                if self._remaining < 0:
+                    raise _http_error("BOSH response trailers too large")
+                self.done = not line
                 return
-            try:
-                self._chunk = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _http_error("bad chunk size") from None
-            if self._chunk == 0:
-                self._chunk = -2
+            size = line.split(b";", 1)[0].strip(b" \t")  # chunk extensions are ignored
+            if not _CHUNK_SIZE.fullmatch(size):  # int(x, 16) takes "-5", "+5", "0x5", "1_0"
+                raise _http_error("bad chunk size")
+            chunk = int(size, 16)
+            if chunk > self._limit - len(self.body):
+                raise ResponseTooLarge(f"BOSH response chunk exceeds the {self._limit}-byte limit")
+            self._chunk = chunk if chunk else -2
             return
-        if len(self._buf) < self._chunk + 2:
-            take = min(len(self._buf), self._chunk)
+        take = min(len(self._buf), self._chunk)
+        if take:
             self._add(self._buf[:take])
             del self._buf[:take]
             self._chunk -= take
+        if self._chunk or len(self._buf) < 2:
             return
-        self._add(self._buf[: self._chunk])
-        del self._buf[: self._chunk + 2]
+        if self._buf[:2] != b"\r\n":  # chunk data longer than its size said: out of step
+            raise _http_error("chunk data not followed by CRLF")
+        del self._buf[:2]
         self._chunk = -1
 
 
 # --- sync ----------------------------------------------------------------------------------------
-def _readable(sock: socket.socket) -> bool:
+#: A reused connection that fails like this before any byte of the answer has come back was
+#: closed by the server while idle (a race with the readability check): send again, once, on a
+#: new connection. Safe for BOSH: a request the server did get is answered again for its RID.
+_RETRYABLE = (_Stale, ConnectionError)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _connect_failed(url: str, exc: OSError) -> ServiceUnavailable:
+    return ServiceUnavailable(f"cannot connect to {url}: {exc}", condition="connection-failed")
+
+
+def _readable(sock: Any) -> bool:
     """An idle keep-alive socket with something to read has been closed by the server (or is
-    out of step): either way not reusable. poll(), not select(): a busy process has fds > 1023."""
+    out of step): either way not reusable. poll(), not select(): a busy process has fds > 1023.
+    TLS bytes already decrypted are invisible to poll(), hence ``pending()``."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     try:
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLPRI)
@@ -276,20 +368,35 @@ class SyncPool:
         self._pid = os.getpid()
 
     def _acquire(self, timeout: float) -> tuple[socket.socket, bool]:
+        """An idle connection (reused=True) or a new one, connected within ``timeout``.
+        Any failure to connect (refused, DNS, TLS handshake or certificate) is
+        ``connection-failed``, as httpx's ConnectError is; running out of time is a timeout."""
         with self._lock:
-            if self._pid != os.getpid():  # the parent's sockets: not ours to use
-                self._idle, self._pid = [], os.getpid()
+            if self._pid != os.getpid():
+                # The parent's sockets: not ours to use. Closing our copy of the descriptor
+                # does not close the parent's connection.
+                idle, self._idle, self._pid = self._idle, [], os.getpid()
+                for sock in idle:
+                    sock.close()
             while self._idle:
                 sock = self._idle.pop()
                 if not _readable(sock):
                     return sock, True
                 sock.close()
         o = self.origin
-        sock = socket.create_connection((o.host, o.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if o.tls is not None:
-            sock = o.tls.wrap_socket(sock, server_hostname=o.host)
-        return sock, False
+        raw: socket.socket | None = None
+        try:
+            raw = socket.create_connection((o.host, o.port), timeout=timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if o.tls is None:
+                return raw, False
+            return o.tls.wrap_socket(raw, server_hostname=o.host), False  # closes raw on error
+        except OSError as exc:
+            if raw is not None:
+                raw.close()
+            if isinstance(exc, TimeoutError):
+                raise
+            raise _connect_failed(o.url, exc) from None
 
     def _release(self, sock: socket.socket) -> None:
         with self._lock:
@@ -299,26 +406,32 @@ class SyncPool:
         sock.close()
 
     def close(self) -> None:
+        """Close the idle connections (also what a stale one means for its siblings: the server
+        restarted or timed them out, so the retry must not pick another of them)."""
         with self._lock:
             idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()
 
     def exchange(self, body: bytes, timeout: float, limit: int) -> Response:
-        """POST ``body``; ``timeout`` bounds the whole exchange."""
+        """POST ``body``; ``timeout`` bounds the whole exchange, connecting included."""
         with _errors(self.origin.url):
             deadline = time.monotonic() + timeout
             for _attempt in range(2):
-                sock, reused = self._acquire(timeout)
+                sock, reused = self._acquire(_left(deadline))
                 parser = _Parser(limit)
                 try:
+                    sock.settimeout(_left(deadline))  # a reused socket has a stale timeout
                     sock.sendall(self.origin.request(body))
                     _read(sock, parser, deadline)
-                except _Stale:
+                except _RETRYABLE as exc:
                     sock.close()
-                    if reused:
+                    if reused and not parser.got:
+                        self.close()
                         continue
-                    raise _http_error("BOSH server closed the connection") from None
+                    if isinstance(exc, _Stale):
+                        raise _http_error("BOSH server closed the connection") from None
+                    raise
                 except BaseException:
                     sock.close()
                     raise
@@ -336,7 +449,7 @@ class SyncPool:
     ) -> list[Response | None]:
         """POST each body on its own connection, in order, ``stagger`` s apart, and read the
         answers until ``settles`` says they are enough; a request the server still holds is
-        closed (so the server drops it) and answers ``None``."""
+        closed (so the server drops it) and answers ``None``. ``timeout`` bounds it all."""
         with _errors(self.origin.url):
             deadline = time.monotonic() + timeout
             socks: list[socket.socket] = []
@@ -347,19 +460,18 @@ class SyncPool:
                 for i, body in enumerate(bodies):
                     if i and stagger:
                         time.sleep(stagger)
-                    sock, _ = self._acquire(timeout)
+                    sock, _ = self._acquire(_left(deadline))
                     socks.append(sock)
                     parsers.append(_Parser(limit))
-                    sock.settimeout(timeout)
+                    sock.settimeout(_left(deadline))
                     sock.sendall(self.origin.request(body))
                     sel.register(sock, selectors.EVENT_READ, i)
                 pending = set(range(len(bodies)))
                 while pending:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    for key, _ in sel.select(left):
+                    for key, _ in sel.select(_left(deadline)):
                         i = key.data
+                        # readable is not a whole TLS record: recv may still block, so bound it
+                        socks[i].settimeout(_left(deadline))
                         chunk = _recv_all(socks[i])
                         if chunk:
                             parsers[i].feed(chunk)
@@ -399,10 +511,7 @@ def _recv_all(sock: socket.socket) -> bytes:
 
 def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
     while not parser.done:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
+        sock.settimeout(_left(deadline))
         chunk = sock.recv(65536)
         if not chunk:
             parser.eof()
@@ -414,6 +523,18 @@ def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+def _unusable(conn: _Conn) -> bool:
+    """An idle connection the server closed, or sent bytes on (e.g. a 408 before closing: those
+    would be read as the answer to the next request). ``at_eof()`` is False while bytes are
+    buffered, so the buffer is looked at too, and so is the socket: bytes or a FIN that the
+    event loop has not read yet (it has not run since they came) are not in the buffer."""
+    reader, writer = conn
+    if reader.at_eof() or writer.is_closing() or getattr(reader, "_buffer", None):
+        return True
+    sock = writer.get_extra_info("socket")
+    return sock is not None and _readable(sock)
+
+
 class AsyncPool:
     """Idle keep-alive connections to one origin, for one event loop."""
 
@@ -422,15 +543,21 @@ class AsyncPool:
         self._idle: list[_Conn] = []
 
     async def _acquire(self) -> tuple[_Conn, bool]:
+        """As ``SyncPool._acquire``; the caller's ``wait_for`` bounds the connect."""
         while self._idle:
-            reader, writer = self._idle.pop()
-            if not (reader.at_eof() or writer.is_closing()):
-                return (reader, writer), True
-            writer.close()
+            conn = self._idle.pop()
+            if not _unusable(conn):
+                return conn, True
+            conn[1].close()
         o = self.origin
-        reader, writer = await asyncio.open_connection(
-            o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None, limit=2**20
-        )
+        try:
+            reader, writer = await asyncio.open_connection(
+                o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None, limit=2**20
+            )
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise _connect_failed(o.url, exc) from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -455,19 +582,25 @@ class AsyncPool:
     async def _exchange(self, body: bytes, limit: int) -> Response:
         for _attempt in range(2):
             conn, reused = await self._acquire()
+            parser = _Parser(limit)
             try:
-                conn[1].write(self.origin.request(body))
-                return await self._read(conn, limit)
-            except _Stale:
-                if reused:
+                return await self._read(conn, parser, self.origin.request(body))
+            except _RETRYABLE as exc:
+                if reused and not parser.got:
+                    self.close()  # as in SyncPool.exchange
                     continue
-                raise _http_error("BOSH server closed the connection") from None
+                if isinstance(exc, _Stale):
+                    raise _http_error("BOSH server closed the connection") from None
+                raise
         raise _http_error("BOSH server keeps closing connections")
 
-    async def _read(self, conn: _Conn, limit: int) -> Response:
+    async def _read(self, conn: _Conn, parser: _Parser, request: bytes = b"") -> Response:
+        """Send ``request`` (if not yet sent) and read the answer; the connection is closed on
+        any error and on cancellation (so the server drops a request it holds)."""
         reader, writer = conn
-        parser = _Parser(limit)
         try:
+            if request:
+                writer.write(request)
             await writer.drain()
             while not parser.done:
                 chunk = await reader.read(65536)
@@ -476,7 +609,7 @@ class AsyncPool:
                     break
                 parser.feed(chunk)
         except BaseException:
-            writer.close()  # also on cancellation: the server drops a request it holds
+            writer.close()
             raise
         if parser.keep_alive and not parser.leftover():
             self._release(conn)
@@ -505,14 +638,14 @@ class AsyncPool:
                 if i and stagger:
                     await asyncio.sleep(stagger)
                 conn, _ = await self._acquire()
+                conns.append(conn)  # before writing: a failed write must still close it
                 conn[1].write(self.origin.request(body))
                 await conn[1].drain()
-                conns.append(conn)
         except BaseException:
             for _, writer in conns:
                 writer.close()
             raise
-        tasks = [asyncio.ensure_future(self._read(c, limit)) for c in conns]
+        tasks = [asyncio.ensure_future(self._read(c, _Parser(limit))) for c in conns]
         results: list[Response | None] = [None] * len(bodies)
         waiting = {task: i for i, task in enumerate(tasks)}
         try:
@@ -531,6 +664,9 @@ class AsyncPool:
                 task.cancel()  # closes its connection, so the server drops the held request
             if held:
                 await asyncio.wait(held)
+            for task in tasks:  # failures no one looked at: else "exception never retrieved"
+                if task.done() and not task.cancelled():
+                    task.exception()
         return results
 
 

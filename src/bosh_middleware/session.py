@@ -45,6 +45,13 @@ class PrebindOptions:
     #: sets a proxy for the endpoint or the driver is given an httpx client.
     transport: Literal["auto", "builtin", "httpx"] = "auto"
 
+    def __post_init__(self) -> None:
+        # A typo ("httpz") must fail when the engine is configured, not at the first prebind.
+        if self.transport not in ("auto", "builtin", "httpx"):
+            raise ValueError(
+                f"transport must be 'auto', 'builtin' or 'httpx', not {self.transport!r}"
+            )
+
 
 @dataclass(frozen=True)
 class PrebindSession:

@@ -1,0 +1,1077 @@
+"""The builtin HTTP/1.1 transport (``bosh_middleware/http11.py``) on its own: the response parser
+against well-formed and hostile bytes, the sync and async pools against a raw-socket server on
+127.0.0.1 (keep-alive, stale connections, timeouts, batches, the bytes on the wire), TLS
+verification as httpx does it, and the choice of transport in ``client._wants_builtin``.
+
+The end-to-end view (real Prosody/ejabberd, the fault-injecting fake BOSH server) is in
+test_prebind_servers.py and test_faults.py; this file pins down the transport's own contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import ipaddress
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bosh_middleware import AsyncPrebinder, Prebinder, ResponseTooLarge, ServiceUnavailable, http11
+from bosh_middleware.client import _wants_builtin
+from bosh_middleware.session import PrebindOptions
+
+LIMIT = 64 * 1024
+SOCKET_TIMEOUT = 5.0  # server side: no handler blocks longer than this
+
+
+# ==========================================================================================
+# Parser
+# ==========================================================================================
+
+
+def parse(data: bytes, *, bytewise: bool, limit: int = LIMIT, eof: bool = False) -> Any:
+    """Feed ``data`` whole or one byte at a time; ``eof`` then signals the connection's end."""
+    parser = http11._Parser(limit)
+    if bytewise:
+        for i in range(len(data)):
+            parser.feed(data[i : i + 1])
+    else:
+        parser.feed(data)
+    if eof:
+        parser.eof()
+    return parser
+
+
+FEEDS = pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;name=value\r\nhello\r\n"
+    b'6 ; ext ; other="q"\r\n world\r\n'
+    b"A\r\n0123456789\r\n"
+    b"0\r\nX-Trailer: 1\r\nOther-Trailer: two\r\n\r\n"
+)
+
+WELL_FORMED = {
+    # name: (bytes, eof?, status, body, keep_alive)
+    "content-length": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 5\r\n\r\nhello",
+        False,
+        200,
+        b"hello",
+        True,
+    ),
+    "content-length-0": (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, 200, b"", True),
+    "repeated-equal-content-length": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok",
+        False,
+        200,
+        b"ok",
+        True,
+    ),
+    "chunked-with-extensions-and-trailers": (CHUNKED, False, 200, b"hello world0123456789", True),
+    "close-delimited": (
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+        True,
+        200,
+        b"until the end",
+        False,
+    ),
+    "interim-1xx-then-200": (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        False,
+        200,
+        b"ok",
+        True,
+    ),
+    "204-ignores-content-length": (
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+        False,
+        204,
+        b"",
+        True,
+    ),
+    "304-ignores-transfer-encoding": (
+        b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+        False,
+        304,
+        b"",
+        True,
+    ),
+    "http11-connection-close": (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\nx",
+        False,
+        200,
+        b"x",
+        False,
+    ),
+    "http10-default-close": (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
+        False,
+        200,
+        b"x",
+        False,
+    ),
+    "http10-keep-alive": (
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\nx",
+        False,
+        200,
+        b"x",
+        True,
+    ),
+    "http10-close-delimited": (b"HTTP/1.0 200 OK\r\n\r\nabc", True, 200, b"abc", False),
+    "status-line-without-reason": (
+        b"HTTP/1.1 503\r\nContent-Length: 4\r\n\r\ndown",
+        False,
+        503,
+        b"down",
+        True,
+    ),
+    "obs-fold-header": (
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n\tb\r\nContent-Length: 2\r\n\r\nok",
+        False,
+        200,
+        b"ok",
+        True,
+    ),
+    "chunked-and-content-length": (  # chunked wins; the connection is not reused
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        False,
+        200,
+        b"ok",
+        False,
+    ),
+}
+
+
+@FEEDS
+@pytest.mark.parametrize("case", list(WELL_FORMED))
+def test_parser_well_formed(case: str, bytewise: bool) -> None:
+    data, eof, status, body, keep_alive = WELL_FORMED[case]
+    parser = parse(data, bytewise=bytewise)
+    assert parser.done is not eof  # a close-delimited body is complete only at EOF
+    if eof:
+        parser.eof()
+    assert parser.done
+    assert (parser.status, bytes(parser.body), parser.keep_alive) == (status, body, keep_alive)
+    assert parser.leftover() == b""
+
+
+@FEEDS
+def test_parser_keeps_leftover_bytes_for_the_next_response(bytewise: bool) -> None:
+    second = b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\ntwo"
+    parser = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none" + second, bytewise=bytewise)
+    assert parser.done and bytes(parser.body) == b"one"
+    assert parser.leftover() == second
+    nxt = http11._Parser(LIMIT, parser.leftover())
+    assert (nxt.done, nxt.status, bytes(nxt.body), nxt.leftover()) == (True, 201, b"two", b"")
+
+    chunked = parse(CHUNKED + b"EXTRA", bytewise=bytewise)
+    assert chunked.done and chunked.leftover() == b"EXTRA"
+
+
+@FEEDS
+def test_parser_is_not_done_before_the_last_byte(bytewise: bool) -> None:
+    for data in (WELL_FORMED["content-length"][0], CHUNKED):
+        parser = parse(data[:-1], bytewise=bytewise)
+        assert not parser.done
+        parser.feed(data[-1:])
+        assert parser.done
+
+
+def http_error(fn: Callable[[], object]) -> ServiceUnavailable:
+    with pytest.raises(ServiceUnavailable) as info:
+        fn()
+    assert info.value.condition == "http-error", info.value
+    return info.value
+
+
+MALFORMED = {
+    "no-status-line": b"Content-Length: 5\r\n\r\nhello",  # once read as status 5
+    "empty-head": b"\r\n\r\n",
+    "status-word": b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
+    "status-signed": b"HTTP/1.1 +20 OK\r\nContent-Length: 0\r\n\r\n",
+    "status-too-long": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    "not-http": b"ICY 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "http2-version": b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n",
+    "garbage-version": b"garbage 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "101-without-upgrade": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+    "header-without-colon": b"HTTP/1.1 200 OK\r\nNot a header\r\nContent-Length: 0\r\n\r\n",
+    "space-before-colon": b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",
+    "whitespace-before-first-header": b"HTTP/1.1 200 OK\r\n Content-Length: 0\r\n\r\n",
+    "content-length-word": b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello",
+    "content-length-negative": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+    "content-length-plus": b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+    "content-length-hex": b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello",
+    "content-length-underscore": b"HTTP/1.1 200 OK\r\nContent-Length: 0_5\r\n\r\nhello",
+    "content-length-empty": b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\nhello",
+    "content-length-conflicting": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    ),
+    "content-length-conflicting-list": b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
+    "chunked-not-last": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "gzip-only": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx",
+    "chunked-twice": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ),
+    "chunked-in-http10": b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+}
+BAD_CHUNK_SIZES = [b"zz", b"-5", b"-2", b"-1", b"+5", b"0x5", b"1_0", b"", b" ", b"1" * 17]
+
+
+@FEEDS
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_parser_malformed_head(case: str, bytewise: bool) -> None:
+    http_error(lambda: parse(MALFORMED[case], bytewise=bytewise))
+
+
+@FEEDS
+@pytest.mark.parametrize("size", BAD_CHUNK_SIZES, ids=lambda s: repr(s))
+def test_parser_bad_chunk_size(size: bytes, bytewise: bool) -> None:
+    data = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nhello\r\n0\r\n\r\n"
+    )
+    error = http_error(lambda: parse(data, bytewise=bytewise))
+    assert "chunk size" in str(error)
+
+
+@FEEDS
+def test_parser_chunk_longer_than_its_size(bytewise: bool) -> None:
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n"
+    http_error(lambda: parse(data, bytewise=bytewise))
+
+
+def test_parser_head_over_64_kib() -> None:
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024)
+    http_error(lambda: parse(head, bytewise=False))  # never ends
+    # ... or ends, but only after 64 KiB, in a single read
+    http_error(lambda: parse(head + b"\r\nContent-Length: 0\r\n\r\n", bytewise=False))
+    # just under the limit is fine
+    ok = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (60 * 1024) + b"\r\nContent-Length: 0\r\n\r\n"
+    assert parse(ok, bytewise=False).done
+
+
+def test_parser_chunk_framing_lines_are_bounded() -> None:
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    http_error(lambda: parse(start + b"1;" + b"e" * (70 * 1024), bytewise=False))
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))  # 80 KB total
+    http_error(lambda: parse(start + b"0\r\n" + trailers + b"\r\n", bytewise=False))
+
+
+@FEEDS
+def test_parser_body_over_the_limit(bytewise: bool) -> None:
+    for data in (
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 11,  # close-delimited
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nxxxxxx\r\n6\r\nxxxxxx\r\n",
+    ):
+        with pytest.raises(ResponseTooLarge):
+            parse(data, bytewise=bytewise, limit=10)
+    # exactly the limit is fine
+    assert (
+        bytes(
+            parse(
+                b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 10, bytewise=bytewise, limit=10, eof=True
+            ).body
+        )
+        == b"x" * 10
+    )
+
+
+def test_parser_refuses_a_declared_size_over_the_limit_before_reading_the_body() -> None:
+    parser = http11._Parser(10)
+    with pytest.raises(ResponseTooLarge, match="declares 11 bytes"):
+        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n")  # no body byte yet
+    with pytest.raises(ResponseTooLarge):
+        http11._Parser(10).feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 40 + b"\r\n\r\n")
+    with pytest.raises(ResponseTooLarge):  # more digits than int() converts by default
+        http11._Parser(10).feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 9000 + b"\r\n\r\n")
+    parser = http11._Parser(10)
+    with pytest.raises(ResponseTooLarge):  # a chunk size over the limit: refused as announced
+        parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffff\r\n")
+    assert bytes(parser.body) == b""
+
+
+def test_parser_eof() -> None:
+    with pytest.raises(http11._Stale):  # no byte at all: the caller may retry
+        http11._Parser(LIMIT).eof()
+    for partial in (
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ):
+        parser = http11._Parser(LIMIT)
+        parser.feed(partial)
+        error = http_error(parser.eof)
+        assert "mid-response" in str(error)
+
+
+# ==========================================================================================
+# A raw-socket server on 127.0.0.1 (threads, everything bounded)
+# ==========================================================================================
+
+Handler = Callable[[int, socket.socket, "RawServer"], None]
+
+
+class RawServer:
+    """Runs ``handler(index, sock, server)`` on its own thread for each connection it accepts
+    (``index`` counts connections from 0). ``stop()`` shuts every connection down and joins
+    every thread; a handler that raised fails the test there."""
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler, self.tls = handler, tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.finished = 0  # handlers returned
+        self.errors: list[BaseException] = []
+        self.handshake_errors: list[BaseException] = []
+        self.stopping = threading.Event()
+        self.eof_seen = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/http-bind"
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(SOCKET_TIMEOUT)
+            with self._lock:
+                index, self.connections = self.connections, self.connections + 1
+                self._socks.append(sock)
+                thread = threading.Thread(target=self._run, args=(index, sock), daemon=True)
+                self._threads.append(thread)
+            thread.start()
+
+    def _run(self, index: int, sock: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError) as exc:  # the client refused our certificate
+                    self.handshake_errors.append(exc)
+                    return
+                with self._lock:
+                    self._socks.append(sock)
+            self.handler(index, sock, self)
+        except BaseException as exc:
+            if not self.stopping.is_set():
+                self.errors.append(exc)
+        finally:
+            sock.close()
+            with self._lock:
+                self.finished += 1
+
+    def wait_finished(self, count: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.finished < count:
+            assert time.monotonic() < deadline, f"{self.finished} of {count} handlers finished"
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._acceptor.join(timeout=5)
+        self.listener.close()
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for sock in socks:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout=SOCKET_TIMEOUT + 1)
+            assert not thread.is_alive()
+        assert not self._acceptor.is_alive()
+        assert not self.errors, self.errors
+
+
+def read_request(sock: socket.socket) -> bytes | None:
+    """One request (head and Content-Length body), or None if the client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            assert not data, data
+            return None
+        data += chunk
+        assert len(data) < 1 << 20
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length: *(\d+)\r?$", head)
+    assert match is not None, head
+    while len(body) < int(match[1]):
+        chunk = sock.recv(65536)
+        assert chunk, "client closed mid-request"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def body_of(request: bytes) -> bytes:
+    return request.partition(b"\r\n\r\n")[2]
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+
+def serve_keepalive(index: int, sock: socket.socket, server: RawServer) -> None:
+    """Answer ``<connection index>:<request body>`` for as long as the client sends."""
+    while (request := read_request(sock)) is not None:
+        server.requests.append(request)
+        sock.sendall(ok(b"%d:%s" % (index, body_of(request))))
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Close with a TCP reset rather than a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(handler: Handler, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(handler, tls))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ==========================================================================================
+# Pools: one driver for the sync and the async pool
+# ==========================================================================================
+
+
+class Pool:
+    """``SyncPool`` or ``AsyncPool`` behind one synchronous interface; the async pool lives on
+    one event loop (``asyncio.Runner``) for the whole test, as in an ASGI worker."""
+
+    def __init__(self, mode: str, url: str, headers: dict[str, str] | None, verify: Any) -> None:
+        self.mode = mode
+        origin = http11.origin(url, headers or {}, verify)
+        self.runner = asyncio.Runner() if mode == "async" else None
+        self.sync = http11.SyncPool(origin) if mode == "sync" else None
+        self.aio = http11.AsyncPool(origin) if mode == "async" else None
+
+    def exchange(self, body: bytes, timeout: float = 3.0, limit: int = LIMIT) -> http11.Response:
+        if self.sync is not None:
+            return self.sync.exchange(body, timeout, limit)
+        assert self.runner is not None and self.aio is not None
+        return self.runner.run(self.aio.exchange(body, timeout, limit))
+
+    def batch(
+        self, bodies: list[bytes], settles: http11.Settles | None, timeout: float = 3.0
+    ) -> list[http11.Response | None]:
+        if self.sync is not None:
+            return self.sync.batch(bodies, timeout, LIMIT, settles, 0.02)
+        assert self.runner is not None and self.aio is not None
+        return self.runner.run(self.aio.batch(bodies, timeout, LIMIT, settles, 0.02))
+
+    def idle(self, seconds: float, *, loop_running: bool = True) -> None:
+        """Let time pass between requests; for the async pool, with its event loop running
+        (as in a server) or not (bytes that came meanwhile are then still in the socket)."""
+        if self.runner is not None and loop_running:
+            self.runner.run(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+        if self.runner is not None and self.aio is not None:
+
+            async def close() -> None:
+                assert self.aio is not None
+                self.aio.close()
+                await asyncio.sleep(0.01)  # let the transports finish closing
+
+            self.runner.run(close())
+            self.runner.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def pool(request: pytest.FixtureRequest) -> Iterator[Callable[..., Pool]]:
+    made: list[Pool] = []
+
+    def make(url: str, headers: dict[str, str] | None = None, verify: Any = True) -> Pool:
+        made.append(Pool(request.param, url, headers, verify))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def unavailable(fn: Callable[[], object], condition: str) -> ServiceUnavailable:
+    with pytest.raises(ServiceUnavailable) as info:
+        fn()
+    assert info.value.condition == condition, info.value
+    return info.value
+
+
+def test_keep_alive_reuses_one_connection(serve, pool) -> None:
+    server = serve(serve_keepalive)
+    client = pool(server.url)
+    answers = [client.exchange(b"req-%d" % i) for i in range(8)]
+    assert answers == [(200, b"0:req-%d" % i) for i in range(8)]
+    assert server.connections == 1
+
+
+def test_connection_the_server_closed_while_idle_is_replaced(serve, pool) -> None:
+    def one_per_connection(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        assert request is not None
+        server.requests.append(request)
+        sock.sendall(ok(b"%d" % index))  # says keep-alive, then closes: an idle timeout
+
+    server = serve(one_per_connection)
+    client = pool(server.url)
+    assert client.exchange(b"a") == (200, b"0")
+    server.wait_finished(1)
+    client.idle(0.05)
+    assert client.exchange(b"b") == (200, b"1")
+    server.wait_finished(2)
+    client.idle(0.05, loop_running=False)  # async: the FIN is in the socket, not yet read
+    assert client.exchange(b"c") == (200, b"2")
+    assert server.connections == 3
+    assert [body_of(r) for r in server.requests] == [b"a", b"b", b"c"]  # each sent once
+
+
+@pytest.mark.parametrize("loop_running", [True, False])
+def test_idle_connection_with_unsolicited_bytes_is_not_reused(serve, pool, loop_running) -> None:
+    """A server that writes a 408 on an idle connection before closing it: those bytes are not
+    the answer to the next request."""
+
+    def answer_then_408(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        assert request is not None
+        sock.sendall(ok(b"%d" % index))
+        if index == 0:
+            time.sleep(0.05)  # after the client has read the answer: not a leftover of it
+            sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            server.eof_seen.wait(SOCKET_TIMEOUT)  # keep the connection open: no FIN to see
+
+    server = serve(answer_then_408)
+    client = pool(server.url)
+    assert client.exchange(b"a") == (200, b"0")
+    client.idle(0.2, loop_running=loop_running)
+    assert client.exchange(b"b") == (200, b"1")
+    server.eof_seen.set()
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_reused_connection_closed_without_answer_is_retried_once(serve, pool, how) -> None:
+    def drop_second(index: int, sock: socket.socket, server: RawServer) -> None:
+        if index:
+            return serve_keepalive(index, sock, server)
+        first = read_request(sock)
+        assert first is not None
+        server.requests.append(first)
+        sock.sendall(ok(b"0:" + body_of(first)))
+        second = read_request(sock)  # read, then dropped unanswered
+        assert second is not None
+        server.requests.append(second)
+        if how == "rst":
+            rst_close(sock)
+
+    server = serve(drop_second)
+    client = pool(server.url)
+    assert client.exchange(b"first") == (200, b"0:first")
+    assert client.exchange(b"second") == (200, b"1:second")  # on a new connection
+    assert server.connections == 2
+    assert [body_of(r) for r in server.requests] == [b"first", b"second", b"second"]
+
+
+def test_fresh_connection_closed_without_answer_is_an_http_error(serve, pool) -> None:
+    def drop(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        assert request is not None
+        server.requests.append(request)
+
+    server = serve(drop)
+    client = pool(server.url)
+    unavailable(lambda: client.exchange(b"x"), "http-error")
+    assert server.connections == 1  # not retried: a new connection that fails is an answer
+
+
+def test_connection_reset_mid_response_is_an_http_error(serve, pool) -> None:
+    def half_then_reset(index: int, sock: socket.socket, server: RawServer) -> None:
+        assert read_request(sock) is not None
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        time.sleep(0.05)
+        rst_close(sock)
+
+    server = serve(half_then_reset)
+    client = pool(server.url)
+    unavailable(lambda: client.exchange(b"x"), "http-error")
+    assert server.connections == 1
+
+
+def test_trickling_server_times_out_on_the_deadline(serve, pool) -> None:
+    def trickle(index: int, sock: socket.socket, server: RawServer) -> None:
+        assert read_request(sock) is not None
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(200):  # at most 10 s, but the client gives up long before
+            if server.stopping.wait(0.05):
+                return
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                return
+
+    server = serve(trickle)
+    client = pool(server.url)
+    start = time.monotonic()
+    unavailable(lambda: client.exchange(b"x", timeout=0.5), "timeout")
+    assert 0.4 < time.monotonic() - start < 1.5
+
+
+def test_server_that_never_answers_times_out(serve, pool) -> None:
+    def silent(index: int, sock: socket.socket, server: RawServer) -> None:
+        assert read_request(sock) is not None
+        server.stopping.wait(SOCKET_TIMEOUT)
+
+    server = serve(silent)
+    client = pool(server.url)
+    start = time.monotonic()
+    unavailable(lambda: client.exchange(b"x", timeout=0.3), "timeout")
+    assert time.monotonic() - start < 1.3
+
+
+def test_connection_refused(pool) -> None:
+    client = pool(f"http://127.0.0.1:{free_port()}/http-bind")
+    error = unavailable(lambda: client.exchange(b"x"), "connection-failed")
+    assert "cannot connect" in str(error)
+
+
+def test_too_large_response_through_the_pool(serve, pool) -> None:
+    server = serve(serve_keepalive)
+    client = pool(server.url)
+    with pytest.raises(ResponseTooLarge):
+        client.exchange(b"x" * 100, limit=10)
+    assert client.exchange(b"y", limit=10) == (200, b"1:y")  # that connection was not reused
+    assert server.connections == 2
+
+
+def hold_or_answer(index: int, sock: socket.socket, server: RawServer) -> None:
+    """A batch server: a ``hold`` request is held until the client closes its connection (the
+    server records that it saw EOF); any other is answered."""
+    request = read_request(sock)
+    assert request is not None
+    server.requests.append(request)
+    if body_of(request) != b"hold":
+        sock.sendall(ok(b"answer:" + body_of(request)))
+        return
+    try:
+        if sock.recv(1) == b"":
+            server.eof_seen.set()
+    except ConnectionError:
+        server.eof_seen.set()
+
+
+def test_batch_closes_the_held_request_once_settled(serve, pool) -> None:
+    server = serve(hold_or_answer)
+    client = pool(server.url)
+    start = time.monotonic()
+    results = client.batch([b"first", b"hold"], settles=lambda answers: len(answers) >= 1)
+    assert results == [(200, b"answer:first"), None]
+    assert time.monotonic() - start < 2.0  # settled, not timed out
+    assert server.eof_seen.wait(3.0), "the held request's connection was not closed"
+    assert [body_of(r) for r in server.requests] == [b"first", b"hold"]  # in order, staggered
+    assert server.connections == 2
+
+
+def test_batch_reads_every_answer_without_settles(serve, pool) -> None:
+    server = serve(hold_or_answer)
+    client = pool(server.url)
+    assert client.batch([b"a", b"b", b"c"], settles=None) == [
+        (200, b"answer:a"),
+        (200, b"answer:b"),
+        (200, b"answer:c"),
+    ]
+
+
+def test_batch_times_out_if_nothing_settles(serve, pool) -> None:
+    server = serve(hold_or_answer)
+    client = pool(server.url)
+    start = time.monotonic()
+    unavailable(lambda: client.batch([b"hold"], settles=lambda a: False, timeout=0.3), "timeout")
+    assert time.monotonic() - start < 1.3
+    assert server.eof_seen.wait(3.0)
+
+
+def test_request_bytes_on_the_wire(serve, pool) -> None:
+    server = serve(serve_keepalive)
+    url = f"http://us%65r:p%40ss:w@127.0.0.1:{server.port}/http-bind/a b?x=1&y=ä"
+    client = pool(url, {"Content-Type": "text/xml; charset=utf-8", "X-Secret": "s3"})
+    assert client.exchange(b"<body/>") == (200, b"0:<body/>")
+    basic = base64.b64encode(b"user:p@ss:w").decode()
+    assert server.requests == [
+        b"POST /http-bind/a%20b?x=1&y=%C3%A4 HTTP/1.1\r\n"
+        + f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        + b"Content-Type: text/xml; charset=utf-8\r\n"
+        + b"X-Secret: s3\r\n"
+        + f"Authorization: Basic {basic}\r\n".encode()
+        + b"Content-Length: 7\r\n\r\n<body/>"
+    ]
+
+
+# ==========================================================================================
+# origin()
+# ==========================================================================================
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b"])
+def test_origin_refuses_a_header_value_that_would_split_the_request(value: str) -> None:
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        http11.origin("http://127.0.0.1/http-bind", {"X-Secret": value}, True)
+
+
+@pytest.mark.parametrize("name", ["X Secret", "X:Secret", "", "X\r\nY"])
+def test_origin_refuses_a_bad_header_name(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        http11.origin("http://127.0.0.1/http-bind", {name: "v"}, True)
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/http-bind", "127.0.0.1/http-bind", "http:///http-bind", "ws://h/x"]
+)
+def test_origin_refuses_a_non_http_url(url: str) -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        http11.origin(url, {}, True)
+
+
+def test_origin_prefix() -> None:
+    o = http11.origin(
+        "https://bücher.example/bosh",
+        {"Content-Length": "1", "transfer-encoding": "chunked", "X-A": "b"},
+        True,
+    )
+    assert (o.host, o.port, o.tls is not None) == ("bücher.example", 443, True)
+    # framing headers are the client's alone; an IDN goes on the wire as IDNA
+    assert o.prefix == b"POST /bosh HTTP/1.1\r\nHost: xn--bcher-kva.example\r\nX-A: b\r\n"
+    assert o.request(b"xy").endswith(b"\r\nContent-Length: 2\r\n\r\nxy")
+    # a configured Host header wins, as in httpx
+    o = http11.origin("http://10.0.0.1:5280", {"host": "xmpp.example.org"}, True)
+    assert (o.port, o.tls) == (5280, None)
+    assert o.prefix == b"POST / HTTP/1.1\r\nHost: xmpp.example.org\r\n"
+
+
+# ==========================================================================================
+# TLS
+# ==========================================================================================
+
+
+@dataclasses.dataclass
+class PKI:
+    ca: Path
+    ca_dir: Path  # the CA as an OpenSSL hashed directory (SSL_CERT_DIR / capath)
+    good: ssl.SSLContext  # server context: a certificate for 127.0.0.1 and localhost
+    wrong_host: ssl.SSLContext  # server context: a certificate for wrong.example only
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    tmp = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> Any:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("bosh-middleware test CA"))
+        .issuer_name(name("bosh-middleware test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    ca = tmp / "ca.pem"
+    ca.write_bytes(ca_pem)
+    ca_dir = tmp / "ca-dir"
+    ca_dir.mkdir()
+    (ca_dir / "ca.pem").write_bytes(ca_pem)
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        subprocess.run([openssl, "rehash", str(ca_dir)], check=True, timeout=30)
+
+    def server(label: str, sans: list[Any]) -> ssl.SSLContext:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(label))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        certfile, keyfile = tmp / f"{label}.pem", tmp / f"{label}.key"
+        certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        keyfile.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certfile, keyfile)
+        return ctx
+
+    good = server(
+        "good",
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    wrong = server("wrong", [x509.DNSName("wrong.example")])
+    return PKI(ca, ca_dir, good, wrong)
+
+
+@pytest.fixture
+def no_env_cas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def test_tls_verify_true_refuses_an_unknown_ca(serve, pool, pki, no_env_cas) -> None:
+    server = serve(serve_keepalive, tls=pki.good)
+    client = pool(server.url, verify=True)
+    error = unavailable(lambda: client.exchange(b"x"), "connection-failed")
+    assert "certificate" in str(error).lower()
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("how", ["path-str", "path", "directory", "context"])
+def test_tls_verify_with_the_ca(serve, pool, pki, no_env_cas, how) -> None:
+    if how == "directory" and not any(pki.ca_dir.glob("*.0")):
+        pytest.skip("needs `openssl rehash`")
+    verify: Any = {
+        "path-str": str(pki.ca),
+        "path": pki.ca,
+        "directory": str(pki.ca_dir),
+        "context": ssl.create_default_context(cafile=pki.ca),
+    }[how]
+    server = serve(serve_keepalive, tls=pki.good)
+    client = pool(server.url, verify=verify)
+    assert [client.exchange(b"%d" % i) for i in range(3)] == [
+        (200, b"0:0"),
+        (200, b"0:1"),
+        (200, b"0:2"),
+    ]
+    assert server.connections == 1  # keep-alive over TLS too
+
+
+@pytest.mark.parametrize("verify", ["path", "false"])
+def test_httpx_transport_gets_the_same_tls_settings(serve, pki, no_env_cas, verify) -> None:
+    """transport="httpx" builds its client's TLS context as http11 does: a CA bundle path works
+    (without httpx 0.28's deprecation warning, an error here), and verify=False skips the check
+    of a certificate for another host name."""
+    from bosh_middleware import Prebinder
+
+    good = verify == "path"
+    server = serve(serve_keepalive, tls=pki.good if good else pki.wrong_host)
+    with Prebinder(
+        server.url, transport="httpx", verify=str(pki.ca) if good else False
+    ) as prebinder:
+        response = prebinder._http().post(server.url, content=b"x")
+    assert (response.status_code, response.content) == (200, b"0:x")
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_tls_verify_true_honours_the_environment_as_httpx_does(
+    serve, pool, pki, monkeypatch, variable
+) -> None:
+    if variable == "SSL_CERT_DIR" and not any(pki.ca_dir.glob("*.0")):
+        pytest.skip("needs `openssl rehash`")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv(variable, str(pki.ca if variable == "SSL_CERT_FILE" else pki.ca_dir))
+    server = serve(serve_keepalive, tls=pki.good)
+    client = pool(server.url, verify=True)
+    assert client.exchange(b"x") == (200, b"0:x")
+
+
+def test_tls_wrong_host_name_is_refused_unless_verify_false(serve, pool, pki, no_env_cas) -> None:
+    server = serve(serve_keepalive, tls=pki.wrong_host)
+    checked = pool(server.url, verify=str(pki.ca))
+    error = unavailable(lambda: checked.exchange(b"x"), "connection-failed")
+    assert "127.0.0.1" in str(error) or "mismatch" in str(error).lower()
+    unchecked = pool(server.url, verify=False)
+    assert unchecked.exchange(b"y") == (200, b"1:y")
+
+
+def test_tls_to_a_plain_http_server_is_connection_failed(serve, pool, no_env_cas) -> None:
+    def plain_400(index: int, sock: socket.socket, server: RawServer) -> None:
+        sock.recv(4096)  # a TLS ClientHello: not HTTP
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    server = serve(plain_400)
+    client = pool(server.url.replace("http://", "https://"), verify=False)
+    unavailable(lambda: client.exchange(b"x"), "connection-failed")
+
+
+def test_ssl_context_choices(pki, monkeypatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    for verify in (True, None, 1, "", str(pki.ca), pki.ca):
+        ctx = http11.ssl_context(verify)
+        assert (ctx.verify_mode, ctx.check_hostname) == (ssl.CERT_REQUIRED, True), verify
+    off = http11.ssl_context(False)
+    assert (off.verify_mode, off.check_hostname) == (ssl.CERT_NONE, False)
+    given = ssl.create_default_context()
+    assert http11.ssl_context(given) is given
+    # plain http gets no context at all
+    assert http11.origin("http://127.0.0.1/", {}, False).tls is None
+
+
+# ==========================================================================================
+# client._wants_builtin and PrebindOptions.transport
+# ==========================================================================================
+
+PROXY_VARIABLES = [
+    f"{scheme}_{case}" for scheme in ("http", "https", "all", "no") for case in ("proxy", "PROXY")
+]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for variable in [
+        *(v.lower() for v in PROXY_VARIABLES),
+        *(v.upper() for v in PROXY_VARIABLES),
+        "REQUEST_METHOD",
+    ]:
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+HTTP_URL = "http://xmpp.example.org:5280/http-bind"
+HTTPS_URL = "https://xmpp.example.org/http-bind"
+AUTO = PrebindOptions()
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "builtin"),
+    [
+        ({}, HTTP_URL, True),
+        ({}, HTTPS_URL, True),
+        ({"HTTP_PROXY": "http://proxy:3128"}, HTTP_URL, False),
+        ({"http_proxy": "http://proxy:3128"}, HTTP_URL, False),
+        ({"HTTP_PROXY": "http://proxy:3128"}, HTTPS_URL, True),  # not for https
+        ({"HTTPS_PROXY": "http://proxy:3128"}, HTTPS_URL, False),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, HTTP_URL, True),
+        ({"ALL_PROXY": "socks5://proxy:1080"}, HTTP_URL, False),
+        ({"all_proxy": "socks5://proxy:1080"}, HTTPS_URL, False),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "xmpp.example.org"}, HTTPS_URL, True),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example.org"}, HTTPS_URL, True),
+        ({"HTTPS_PROXY": "http://p:1", "no_proxy": "other.org, example.org"}, HTTPS_URL, True),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "*"}, HTTP_URL, True),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "other.example.org"}, HTTPS_URL, False),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "127.0.0.1"}, "http://127.0.0.1:5280/b", True),
+    ],
+)
+def test_wants_builtin_follows_the_proxy_environment(clean_env, env, url, builtin) -> None:
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    assert _wants_builtin(url, AUTO, None) is builtin
+
+
+def test_wants_builtin_explicit_choices(clean_env) -> None:
+    assert _wants_builtin(HTTP_URL, AUTO, client=object()) is False
+    assert _wants_builtin(HTTP_URL, PrebindOptions(transport="httpx"), None) is False
+    assert _wants_builtin(HTTP_URL, PrebindOptions(transport="builtin"), None) is True
+    # an explicit client wins over transport="builtin"
+    assert _wants_builtin(HTTP_URL, PrebindOptions(transport="builtin"), client=object()) is False
+    clean_env.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert _wants_builtin(HTTP_URL, PrebindOptions(transport="builtin"), None) is True
+    assert _wants_builtin(HTTP_URL, AUTO, None) is False
+
+
+def test_a_misspelt_transport_fails_when_configured(clean_env) -> None:
+    with pytest.raises(ValueError, match="transport must be"):
+        PrebindOptions(transport="httpz")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="transport must be"):
+        dataclasses.replace(AUTO, transport="Builtin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="transport must be"):
+        Prebinder(HTTP_URL, transport="http11")
+    with pytest.raises(ValueError, match="transport must be"):
+        AsyncPrebinder(HTTP_URL, transport="")
+    # and _wants_builtin still checks what it is given
+    bogus = PrebindOptions()
+    object.__setattr__(bogus, "transport", "httpz")
+    with pytest.raises(ValueError, match="transport must be"):
+        _wants_builtin(HTTP_URL, bogus, None)
+
+
+def test_drivers_pick_the_transport(clean_env) -> None:
+    with Prebinder(HTTP_URL) as p:
+        assert p._builtin is not None
+    assert AsyncPrebinder(HTTP_URL)._origin is not None
+    clean_env.setenv("HTTP_PROXY", "http://proxy:3128")
+    with Prebinder(HTTP_URL) as p:
+        assert p._builtin is None
+    assert AsyncPrebinder(HTTP_URL)._origin is None
