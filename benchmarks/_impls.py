@@ -2,9 +2,10 @@
 
 * ``baseline``  - benchmarks/baseline.py: the classic sequential prebinder;
 * ``engine``    - the shipped engine (``Prebinder`` / ``AsyncPrebinder`` from src/, as it is in
-  the working tree when the benchmark runs);
-* ``proposed``  - the engine on the lean HTTP/1.1 transport of benchmarks/proposed.py (the
-  proposed src patch). Once that patch is merged, ``engine`` and ``proposed`` coincide.
+  the working tree when the benchmark runs), on its default transport (the builtin HTTP/1.1
+  client, ``http11.py``);
+* ``httpx``     - the same engine with ``transport="httpx"`` (what it uses behind a proxy or when
+  given an httpx client): the cost of the HTTP client, everything else equal.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from bosh_middleware import AsyncPrebinder, Credentials, Prebinder, PrebindSessi
 
 from ._wire import WireLog
 from .baseline import BaselinePrebinder
-from .proposed import LeanAsyncPrebinder, LeanPrebinder
 
-IMPLS = ("baseline", "engine", "proposed")
-ASYNC_IMPLS = ("engine", "proposed")
+IMPLS = ("baseline", "engine", "httpx")
+ASYNC_IMPLS = ("engine", "httpx")
 
 
 class SyncImpl:
@@ -39,8 +39,8 @@ class SyncImpl:
             self.prebinder = Prebinder(url)  # only to end sessions after the run
         elif kind == "engine":
             self.prebinder = Prebinder(url, mechanisms=mechs)
-        elif kind == "proposed":
-            self.prebinder = LeanPrebinder(url, mechanisms=mechs)
+        elif kind == "httpx":
+            self.prebinder = Prebinder(url, mechanisms=mechs, transport="httpx")
         else:
             raise ValueError(kind)
 
@@ -71,6 +71,6 @@ def async_prebinder(kind: str, url: str, mechanism: str | None = None) -> AsyncP
     mechs = [mechanism] if mechanism else None
     if kind == "engine":
         return AsyncPrebinder(url, mechanisms=mechs)
-    if kind == "proposed":
-        return LeanAsyncPrebinder(url, mechanisms=mechs)
+    if kind == "httpx":
+        return AsyncPrebinder(url, mechanisms=mechs, transport="httpx")
     raise ValueError(kind)

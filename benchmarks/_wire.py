@@ -1,11 +1,15 @@
 """Independent wire accounting: HTTP requests, new TCP connections and the round trips on the
 critical path, counted below the engine rather than taken from what it reports about itself.
 
-``install()`` wraps httpx's own transports (``HTTPTransport.handle_request`` and
-``AsyncHTTPTransport.handle_async_request``) for the whole process, so whatever clients the
-engine builds internally (its pooled client, the private loop of the sync driver's pipelined
-batches ...) are counted; the prototype transport of ``proposed.py`` reports to the same log.
-Counting happens only while a ``WireLog`` is ``active()``.
+``install()`` wraps, for the whole process, httpx's own transports
+(``HTTPTransport.handle_request`` and ``AsyncHTTPTransport.handle_async_request``) and the
+builtin transport's pools (``http11.SyncPool`` / ``AsyncPool``: connection set-up, single
+exchanges and pipelined batches), so whatever clients the engine builds internally are counted,
+on either transport. Counting happens only while a ``WireLog`` is ``active()``.
+
+A pipelined batch of the builtin transport is logged as its requests all sent at the batch's
+start and answered at its end (a request the server still held, closed by the client, is never
+answered): they overlap, so they share one round trip, as on the wire.
 
 A *round trip* is measured from timestamps: request B depends on request A when B was sent after
 A's response headers arrived. The round trips of a prebind are the longest such chain; requests
@@ -146,3 +150,66 @@ def install() -> None:
 
     httpx.HTTPTransport.handle_request = handle_request  # type: ignore[method-assign]
     httpx.AsyncHTTPTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]
+    _install_http11()
+
+
+def _answered(recs: list[_Req], results: list[Any]) -> None:
+    now = time.perf_counter()
+    for rec, result in zip(recs, results, strict=True):
+        if result is not None:
+            rec.end = now
+
+
+def _install_http11() -> None:
+    from bosh_middleware import http11
+
+    sync_acquire, async_acquire = http11.SyncPool._acquire, http11.AsyncPool._acquire
+    sync_exchange, async_exchange = http11.SyncPool.exchange, http11.AsyncPool.exchange
+    sync_batch, async_batch = http11.SyncPool.batch, http11.AsyncPool.batch
+
+    def s_acquire(self: http11.SyncPool, timeout: float) -> Any:
+        conn = sync_acquire(self, timeout)
+        if _active is not None and not conn[1]:
+            _active.connected()
+        return conn
+
+    async def a_acquire(self: http11.AsyncPool) -> Any:
+        conn = await async_acquire(self)
+        if _active is not None and not conn[1]:
+            _active.connected()
+        return conn
+
+    def s_exchange(self: http11.SyncPool, *args: Any) -> Any:
+        rec = _active.begin() if _active is not None else None
+        result = sync_exchange(self, *args)
+        if rec is not None:
+            rec.end = time.perf_counter()
+        return result
+
+    async def a_exchange(self: http11.AsyncPool, *args: Any) -> Any:
+        rec = _active.begin() if _active is not None else None
+        result = await async_exchange(self, *args)
+        if rec is not None:
+            rec.end = time.perf_counter()
+        return result
+
+    def s_batch(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
+        recs = [_active.begin() for _ in bodies] if _active is not None else []
+        results = sync_batch(self, bodies, *args)
+        if recs:
+            _answered(recs, results)
+        return results
+
+    async def a_batch(self: http11.AsyncPool, bodies: Any, *args: Any) -> Any:
+        recs = [_active.begin() for _ in bodies] if _active is not None else []
+        results = await async_batch(self, bodies, *args)
+        if recs:
+            _answered(recs, results)
+        return results
+
+    http11.SyncPool._acquire = s_acquire  # type: ignore[method-assign]
+    http11.AsyncPool._acquire = a_acquire  # type: ignore[method-assign]
+    http11.SyncPool.exchange = s_exchange  # type: ignore[method-assign]
+    http11.AsyncPool.exchange = a_exchange  # type: ignore[method-assign]
+    http11.SyncPool.batch = s_batch  # type: ignore[method-assign]
+    http11.AsyncPool.batch = a_batch  # type: ignore[method-assign]

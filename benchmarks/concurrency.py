@@ -114,9 +114,9 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
     cases = [
         ("baseline", "64 threads"),
         ("engine", "async, 64 tasks"),
-        ("proposed", "async, 64 tasks"),
+        ("httpx", "async, 64 tasks"),
         ("engine", "sync, 64 threads"),
-        ("proposed", "sync, 64 threads"),
+        ("httpx", "sync, 64 threads"),
     ]
     with prosody(secure=False, log_level=log_level) as srv:
         creds = [Credentials(j, pw) for j, pw in srv.users(USERS)]

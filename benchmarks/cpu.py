@@ -96,8 +96,8 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
             ("baseline", "sync", "PBKDF2 every time", False, n_base),
             ("engine", "sync (Prebinder)", "warm", False, n),
             ("engine", "async (AsyncPrebinder)", "warm", False, n),
-            ("proposed", "sync (Prebinder)", "warm", False, n),
-            ("proposed", "async (AsyncPrebinder)", "warm", False, n),
+            ("httpx", "sync (Prebinder)", "warm", False, n),
+            ("httpx", "async (AsyncPrebinder)", "warm", False, n),
             ("engine", "sync (Prebinder)", "cold (cache cleared)", True, n_base),
         ]
         base_cpu = None

@@ -176,8 +176,8 @@ def run(*, quick: bool = False, rtt_ms: float = 5.0, log_level: str = "info") ->
             "Round trips are measured on the wire (longest chain of requests each sent after the"
             " previous answer arrived); the engine's own count is shown after the slash.",
             "baseline = benchmarks/baseline.py (new TCP connection per request, sequential,"
-            " PBKDF2 each time, legacy session IQ); engine = src as shipped (httpx);"
-            " proposed = engine on the lean HTTP/1.1 transport of benchmarks/proposed.py.",
+            " PBKDF2 each time, legacy session IQ); engine = src as shipped (builtin transport);"
+            " httpx = the same engine with transport='httpx'.",
         ],
         data,
     )

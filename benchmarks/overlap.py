@@ -34,12 +34,11 @@ from ._apps import (
 )
 from ._util import Result, acheck_live, check_live, md_table, median, prosody, verdict
 from .delayproxy import DelayProxy
-from .proposed import LeanAsyncPrebinder, LeanPrebinder
 
 VIEW = 0.050
 
 
-def _asgi(url: str, creds: Credentials, n: int, proposed: bool) -> dict[str, list[float]]:
+def _asgi(url: str, creds: Credentials, n: int, transport: str) -> dict[str, list[float]]:
     async def main() -> dict[str, list[float]]:
         view = sleep_view_asgi(VIEW)
         mw = ASGIMiddleware(
@@ -48,9 +47,8 @@ def _asgi(url: str, creds: Credentials, n: int, proposed: bool) -> dict[str, lis
             credentials=lambda user: creds,
             get_user=lambda scope: scope.get("user"),
             timeout=5.0,
+            transport=transport,
         )
-        if proposed:
-            mw.core._async = LeanAsyncPrebinder(url, options=mw.config.options)
         engine = mw.core.async_prebinder
         out: dict[str, list[float]] = {"view": [], "prebind": [], "page": [], "live": []}
         async with httpx.AsyncClient() as checker:
@@ -78,11 +76,11 @@ def _asgi(url: str, creds: Credentials, n: int, proposed: bool) -> dict[str, lis
     return asyncio.run(main())
 
 
-def _wsgi(url: str, creds: Credentials, n: int, proposed: bool) -> dict[str, list[float]]:
+def _wsgi(url: str, creds: Credentials, n: int, transport: str) -> dict[str, list[float]]:
     view = sleep_view_wsgi(VIEW)
-    mw = WSGIMiddleware(view, service_url=url, credentials=lambda user: creds, timeout=5.0)
-    if proposed:
-        mw.core._sync = LeanPrebinder(url, options=mw.config.options)
+    mw = WSGIMiddleware(
+        view, service_url=url, credentials=lambda user: creds, timeout=5.0, transport=transport
+    )
     engine: Prebinder = mw.core.prebinder
     out: dict[str, list[float]] = {"view": [], "prebind": [], "page": [], "live": []}
     with httpx.Client() as checker:
@@ -144,8 +142,8 @@ def run(
             )
         for link, url in links:
             for adapter, fn in (("ASGI", _asgi), ("WSGI", _wsgi)):
-                for impl in ("engine", "proposed"):
-                    r = fn(url, creds, n, impl == "proposed")
+                for impl in ("engine", "httpx"):
+                    r = fn(url, creds, n, "httpx" if impl == "httpx" else "auto")
                     rows.append(_row(adapter, link, impl, r))
                     data[f"{adapter}/{link}/{impl}"] = {
                         k: median(v) * (1000 if k != "live" else 1) for k, v in r.items()
