@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     info["mode"] = "quick" if args.quick else "full"
     header = "# bosh-middleware benchmarks\n\n" + md_table(["machine", ""], list(info.items()))
     print(header, "\n", flush=True)
+    if sys.flags.dev_mode:
+        print(
+            "WARNING: Python development mode is on (PYTHONDEVMODE / -X dev): debug allocator"
+            " hooks and asyncio debug mode inflate every CPU and latency number several-fold.\n",
+            flush=True,
+        )
     if os.getloadavg()[0] > 1.0:
         print(
             f"WARNING: load average {_load()}: other work is running on this machine; "

@@ -154,6 +154,8 @@ class DelayProxy:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def main() -> None:

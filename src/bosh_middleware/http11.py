@@ -51,6 +51,11 @@ _MAX_IDLE = 128
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][^\r\n]*)?")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
+#: Header lines, each with its CRLF, every one of the ``_FIELD_LINE`` shape: one regex call
+#: validates a whole head (the common case; obs-fold and errors go line by line).
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
+#: The only fields that matter here: the framing and whether the connection can be reused.
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
 #: %-escapes); anything else (space, controls, non-ASCII) is %-encoded, as httpx does.
@@ -236,8 +241,10 @@ class _Parser:
         end = self._find(b"\r\n\r\n", "head")
         if end < 0:
             return
-        lines = bytes(self._buf[:end]).split(b"\r\n")
+        block = bytes(self._buf[: end + 2])  # the status line and header lines, each with CRLF
         del self._buf[: end + 4]
+        first = block.find(b"\r\n") + 2  # where the header lines start (block ends with CRLF)
+        lines = block[:-2].split(b"\r\n")
         status = _STATUS_LINE.fullmatch(lines[0])
         if status is None:  # also a head that starts with header lines (no status line)
             raise _http_error("malformed HTTP status line")
@@ -247,19 +254,29 @@ class _Parser:
         if 100 <= self.status < 200:  # interim: the real response follows
             return
         fields: list[tuple[bytes, bytes]] = []
-        for line in lines[1:]:
-            if line[:1] in (b" ", b"\t") and fields:  # obs-fold: a continuation, read as SP
-                name, value = fields[-1]
-                fields[-1] = (name, value + b" " + line.strip(b" \t"))
-                continue
-            match = _FIELD_LINE.fullmatch(line)
-            if match is None:
-                raise _http_error("malformed HTTP header line")
-            fields.append((match[1].lower(), match[2]))
+        if _FIELD_LINES.fullmatch(block, first):
+            # every line well-formed (the usual case): only the framing fields are read
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.lower()
+                if name in _FRAMING_FIELDS:
+                    fields.append((name, value))
+        else:
+            for line in lines[1:]:
+                if line[:1] in (b" ", b"\t") and fields:  # obs-fold: a continuation, read as SP
+                    name, value = fields[-1]
+                    fields[-1] = (name, value + b" " + line.strip(b" \t"))
+                    continue
+                match = _FIELD_LINE.fullmatch(line)
+                if match is None:
+                    raise _http_error("malformed HTTP header line")
+                fields.append((match[1].lower(), match[2]))
         lengths: set[bytes] = set()
         codings: list[bytes] = []
         connection: set[bytes] = set()
         for name, value in fields:
+            if name not in _FRAMING_FIELDS:
+                continue
             items = [v.strip(b" \t").lower() for v in value.split(b",")]
             if name == b"content-length":
                 lengths.update(items)
