@@ -452,23 +452,7 @@ class AsyncPrebinder(_Base):
             waiter.cancel()
             if len(tasks) < len(batch):
                 await asyncio.sleep(_PIPELINE_STAGGER)
-        results: list[BOSHResponse | None] = [None] * len(batch)
-        settles = batch[0].settles
-        waiting = {task: i for i, task in enumerate(tasks)}
-        try:
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    results[waiting.pop(task)] = task.result()
-                if settles is not None and settles([r for r in results if r is not None]):
-                    break
-        finally:
-            held = [task for task in tasks if not task.done()]
-            for task in held:
-                task.cancel()  # closes its connection, so the server drops the held request
-            if held:  # ... and make sure it is closed before the session is handed out
-                await asyncio.wait(held)
-        return results
+        return await http11.settle(tasks, batch[0].settles)
 
     async def run(self, flow: Flow[T]) -> T:
         try:

@@ -39,12 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ResponseTooLarge, ServiceUnavailable
 
-__all__ = ["AsyncPool", "Origin", "Response", "SyncPool", "origin"]
+__all__ = ["AsyncPool", "Origin", "Response", "SyncPool", "origin", "settle", "ssl_context"]
 
 _MAX_HEAD = 64 * 1024
 _MAX_IDLE = 128
@@ -61,6 +61,7 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything large
 #: %-escapes); anything else (space, controls, non-ASCII) is %-encoded, as httpx does.
 _TARGET_SAFE = "!$&'()*+,;=:@/?%"
 
+R = TypeVar("R")
 Response = tuple[int, bytes]  # (status, body)
 Settles = Callable[[list[Response]], bool]
 
@@ -663,28 +664,39 @@ class AsyncPool:
                 writer.close()
             raise
         tasks = [asyncio.ensure_future(self._read(c, _Parser(limit))) for c in conns]
-        results: list[Response | None] = [None] * len(bodies)
-        waiting = {task: i for i, task in enumerate(tasks)}
         try:
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    try:
-                        results[waiting.pop(task)] = task.result()
-                    except _Stale:
-                        raise _http_error("BOSH server closed the connection") from None
-                if settles is not None and settles([r for r in results if r is not None]):
-                    break
-        finally:
-            held = [task for task in tasks if not task.done()]
-            for task in held:
-                task.cancel()  # closes its connection, so the server drops the held request
-            if held:
-                await asyncio.wait(held)
-            for task in tasks:  # failures no one looked at: else "exception never retrieved"
-                if task.done() and not task.cancelled():
-                    task.exception()
-        return results
+            return await settle(tasks, settles)
+        except _Stale:
+            raise _http_error("BOSH server closed the connection") from None
+
+
+async def settle(
+    tasks: Sequence[asyncio.Future[R]], settles: Callable[[list[R]], bool] | None
+) -> list[R | None]:
+    """The answers of a pipelined batch's requests (``tasks``, in RID order), collected until
+    ``settles`` says they are enough. A request the server still holds after that is cancelled,
+    which closes its connection so that the server drops it, and waited for: the session must
+    not be handed out while a request of it is open. Its answer is ``None``. Used by both
+    transports' async batches."""
+    results: list[R | None] = [None] * len(tasks)
+    waiting = {task: i for i, task in enumerate(tasks)}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                results[waiting.pop(task)] = task.result()
+            if settles is not None and settles([r for r in results if r is not None]):
+                break
+    finally:
+        held = [task for task in tasks if not task.done()]
+        for task in held:
+            task.cancel()
+        if held:
+            await asyncio.wait(held)
+        for task in tasks:  # failures no one looked at: else "exception never retrieved"
+            if task.done() and not task.cancelled():
+                task.exception()
+    return results
 
 
 class _errors:
