@@ -28,6 +28,7 @@ from support.asgi_recorder import (
     http_scope,
 )
 from support.bosh_check import (
+    REQUEST_KINDS,
     CountingCredentials,
     PrebindSpy,
     bare,
@@ -200,19 +201,6 @@ async def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any,
     rec = await run(mw, kw.pop("path", "/"), **kw)
     assert spy.calls == []
     assert rec.messages == app.sent
-
-
-#: How the same HTML view is asked for: by the browser's address bar, or by a script.
-REQUEST_KINDS: dict[str, dict[str, str]] = {
-    "navigation": {
-        "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
-        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
-        "sec-fetch-dest": "document",
-    },
-    "fetch": {"accept": "*/*", "sec-fetch-dest": "empty"},
-    "xhr": {"accept": "text/html, */*; q=0.01", "x-requested-with": "XMLHttpRequest"},
-    "json-client": {"accept": "application/json"},
-}
 
 
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))

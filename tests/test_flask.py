@@ -26,7 +26,7 @@ from flask_app.checks import (
     page,
     page_session,
 )
-from support.bosh_check import CountingCredentials, PrebindSpy
+from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy
 from support.xmpp_servers import XMPPServer
 
 NAVIGATION = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Dest": "document"}
@@ -126,19 +126,6 @@ def test_async_view(app, prosody) -> None:
 def test_csp_nonce_from_g_or_request(app, prosody, where, nonce) -> None:
     r = logged_in(app).get(f"/nonce?where={where}", headers=NAVIGATION)
     assert assert_prebound(r, prosody.service_url)["nonce"] == nonce
-
-
-#: How the same HTML view is asked for: by the browser's address bar, or by a script.
-REQUEST_KINDS: dict[str, dict[str, str]] = {
-    "navigation": {
-        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
-        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
-        "Sec-Fetch-Dest": "document",
-    },
-    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
-    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
-    "json-client": {"Accept": "application/json"},
-}
 
 
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))

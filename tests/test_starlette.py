@@ -52,7 +52,7 @@ from flask_app.checks import (
     page,
     page_session,
 )
-from support.bosh_check import CountingCredentials, PrebindSpy
+from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy
 from support.xmpp_servers import XMPPServer, free_port
 
 # FastAPI is tested where it is installed (the tox "fastapi" env, which sets
@@ -303,19 +303,6 @@ async def test_file_response(clients, prosody) -> None:
     assert r.headers["etag"] == "W/" + bare.headers["etag"]
     ranged = await client.get("/file.html", headers={**NAVIGATION, "Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.content == bare.content[:10]
-
-
-#: How the same HTML view is asked for: by the browser's address bar, or by a script.
-REQUEST_KINDS: dict[str, dict[str, str]] = {
-    "navigation": {
-        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
-        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
-        "Sec-Fetch-Dest": "document",
-    },
-    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
-    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
-    "json-client": {"Accept": "application/json"},
-}
 
 
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))

@@ -15,6 +15,7 @@ from bosh_middleware.inject import inject
 from bosh_middleware.wsgi import BOSHPrebindMiddleware
 from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
 from support.bosh_check import (
+    REQUEST_KINDS,
     CountingCredentials,
     PrebindSpy,
     bare,
@@ -195,19 +196,6 @@ def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any, case:
     assert spy.calls == []
     assert r.iterable is app.result
     assert (r.status, r.headers, r.body) == ("200 OK", headers, PAGE)
-
-
-#: How the same HTML view is asked for: by the browser's address bar, or by a script.
-REQUEST_KINDS: dict[str, dict[str, str]] = {
-    "navigation": {
-        "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
-        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
-        "sec-fetch-dest": "document",
-    },
-    "fetch": {"accept": "*/*", "sec-fetch-dest": "empty"},
-    "xhr": {"accept": "text/html, */*; q=0.01", "x-requested-with": "XMLHttpRequest"},
-    "json-client": {"accept": "application/json"},
-}
 
 
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))

@@ -27,19 +27,6 @@ SNIPPET = re.compile(
 )
 #: What a browser navigation sends.
 PAGE_HEADERS = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Dest": "document"}
-#: How the same HTML view is asked for: by the browser's address bar, or by a script.
-REQUEST_KINDS: dict[str, dict[str, str]] = {
-    "navigation": {
-        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
-        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
-        "Sec-Fetch-Dest": "document",
-    },
-    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
-    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
-    "json-client": {"Accept": "application/json"},
-}
-
-
 # --- the prebind cores the middleware makes ------------------------------------------------
 
 

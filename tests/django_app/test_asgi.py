@@ -17,14 +17,13 @@ from bosh_middleware.django import BOSHPrebindMiddleware
 from django_app import accounts, views
 from django_app.helpers import (
     PAGE_HEADERS,
-    REQUEST_KINDS,
     Account,
     RecordingCore,
     assert_live,
     injected,
     page_of,
 )
-from support.bosh_check import CountingCredentials
+from support.bosh_check import REQUEST_KINDS, CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("acores")]

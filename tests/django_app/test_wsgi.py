@@ -12,7 +12,6 @@ from django.test import Client
 from django_app import accounts, views
 from django_app.helpers import (
     PAGE_HEADERS,
-    REQUEST_KINDS,
     Account,
     RecordingCore,
     assert_dead,
@@ -20,7 +19,7 @@ from django_app.helpers import (
     injected,
     page_of,
 )
-from support.bosh_check import CountingCredentials
+from support.bosh_check import REQUEST_KINDS, CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = pytest.mark.django_db(transaction=True)

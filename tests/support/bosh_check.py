@@ -534,3 +534,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             return False
         time.sleep(interval)
     return True
+
+
+#: How the same HTML view is asked for: by the browser's address bar, or by a script.
+REQUEST_KINDS: dict[str, dict[str, str]] = {
+    "navigation": {
+        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+        "image/webp,image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7",
+        "Sec-Fetch-Dest": "document",
+    },
+    "fetch": {"Accept": "*/*", "Sec-Fetch-Dest": "empty"},
+    "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
+    "json-client": {"Accept": "application/json"},
+}
