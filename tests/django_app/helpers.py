@@ -146,3 +146,22 @@ def assert_dead(service_url: str, sid: str, rid: int) -> None:
         service_url, content=body, timeout=10, headers={"Content-Type": "text/xml; charset=utf-8"}
     )
     assert r.status_code != 200 or etree.fromstring(r.content).get("type") == "terminate", r.text
+
+
+def assert_page_for_request_kind(
+    r: Any, kind: str, alice: Account, bosh: XMPPServer, cores: list[Any], looked_up: Any
+) -> None:
+    """``/page/`` as ``REQUEST_KINDS[kind]`` asked for it: a navigation gets a live session, no-store
+    and one credentials lookup; a script's request gets the view's response untouched (body,
+    length, validators, no Cache-Control), with no prebind started and no lookup."""
+    assert r.status_code == 200
+    if kind == "navigation":
+        found = injected(r.content)
+        assert r["Cache-Control"] == "private, no-store"
+        assert len(cores[0].started) == 1 and len(looked_up.calls) == 1
+        assert_live(bosh.service_url, found.sid, found.rid)
+    else:
+        assert r.content == page_of(alice)
+        assert int(r["Content-Length"]) == len(r.content)
+        assert r["ETag"] == '"page-v1"' and "Expires" in r and "Cache-Control" not in r
+        assert cores[0].started == [] and looked_up.calls == []
