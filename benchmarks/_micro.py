@@ -3,7 +3,12 @@ the same request through the bare app, an empty pass-through wrapper (the floor 
 middleware) and the middleware. No server, no sockets: the difference is the middleware.
 
 The requests are ``_passapps.SCENARIOS``, with the headers the load generator sends (plus Host
-and User-Agent)."""
+and User-Agent).
+
+Paired, not one long loop per app: on a shared VM the speed of the machine drifts by tens of
+per cent within seconds, more than the differences measured here. So short chunks of calls
+(``CHUNK``) through each app are interleaved, and each difference is the median over ``PAIRS``
+of (app chunk - bare chunk), measured back to back: drift cancels within a pair."""
 
 from __future__ import annotations
 
@@ -59,7 +64,35 @@ def _wsgi_apps() -> dict[str, Any]:
     }
 
 
-def asgi_cost(path: str, request_headers: Headers, n: int, reps: int = 5) -> dict[str, float]:
+#: Calls per chunk, and chunks per app: about 0.5 s per app and scenario on a slow VM.
+CHUNK = 200
+PAIRS = 300
+
+
+def _paired(timers: dict[str, Any], pairs: int) -> dict[str, float]:
+    """us per call: the bare app's median chunk, and each other app's as bare + the median of
+    its paired differences."""
+    bare = timers["bare"]
+    chunks: list[float] = []
+    diffs: dict[str, list[float]] = {k: [] for k in timers if k != "bare"}
+    for timer in timers.values():  # warm-up
+        timer()
+    gc.disable()
+    try:
+        for _ in range(pairs):
+            for name in diffs:
+                b = bare()
+                chunks.append(b)
+                diffs[name].append(timers[name]() - b)
+    finally:
+        gc.enable()
+    base = statistics.median(chunks)
+    out = {"bare": base * 1e6}
+    out.update({k: (base + statistics.median(v)) * 1e6 for k, v in diffs.items()})
+    return out
+
+
+def asgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
     headers = [
         (k.lower().encode("latin-1"), v.encode("latin-1"))
         for k, v in (*_BASE_HEADERS, *request_headers)
@@ -83,31 +116,24 @@ def asgi_cost(path: str, request_headers: Headers, n: int, reps: int = 5) -> dic
     async def send(message: Any) -> None:
         return None
 
-    async def loop(app: Any) -> float:
+    async def chunk(app: Any) -> float:
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(CHUNK):
             await app(dict(template), receive, send)
-        return (time.perf_counter() - t0) / n
+        return (time.perf_counter() - t0) / CHUNK
 
-    apps = _asgi_apps()
-
-    async def main() -> dict[str, float]:
-        times: dict[str, list[float]] = {k: [] for k in apps}
-        for app in apps.values():  # warm-up
-            await loop(app)
-        gc.disable()
-        try:
-            for _ in range(reps):
-                for name, app in apps.items():
-                    times[name].append(await loop(app))
-        finally:
-            gc.enable()
-        return {k: statistics.median(v) * 1e6 for k, v in times.items()}
-
-    return asyncio.run(main())
+    loop = asyncio.new_event_loop()
+    try:
+        timers = {
+            name: (lambda app=app: loop.run_until_complete(chunk(app)))
+            for name, app in _asgi_apps().items()
+        }
+        return _paired(timers, pairs)
+    finally:
+        loop.close()
 
 
-def wsgi_cost(path: str, request_headers: Headers, n: int, reps: int = 5) -> dict[str, float]:
+def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
     import io
     import sys
 
@@ -132,26 +158,18 @@ def wsgi_cost(path: str, request_headers: Headers, n: int, reps: int = 5) -> dic
     def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
         return None
 
-    def loop(app: Any) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            result = app(dict(template), start_response)
-            for _chunk in result:
-                pass
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        return (time.perf_counter() - t0) / n
+    def timer(app: Any) -> Any:
+        def run() -> float:
+            t0 = time.perf_counter()
+            for _ in range(CHUNK):
+                result = app(dict(template), start_response)
+                for _chunk in result:
+                    pass
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+            return (time.perf_counter() - t0) / CHUNK
 
-    apps = _wsgi_apps()
-    times: dict[str, list[float]] = {k: [] for k in apps}
-    for app in apps.values():
-        loop(app)
-    gc.disable()
-    try:
-        for _ in range(reps):
-            for name, app in apps.items():
-                times[name].append(loop(app))
-    finally:
-        gc.enable()
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+        return run
+
+    return _paired({k: timer(v) for k, v in _wsgi_apps().items()}, pairs)

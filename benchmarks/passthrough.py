@@ -200,11 +200,11 @@ def run(*, quick: bool = False, **_: object) -> Result:
     # in-process cost: what the middleware adds to one request, without server noise
     from . import _micro
 
-    n = 5000 if quick else 20000
+    pairs = 50 if quick else _micro.PAIRS
     micro_rows = []
     for name, key, path, request_headers in SCENARIOS:
-        a = _micro.asgi_cost(path, request_headers, n)
-        w_ = _micro.wsgi_cost(path, request_headers, n)
+        a = _micro.asgi_cost(path, request_headers, pairs)
+        w_ = _micro.wsgi_cost(path, request_headers, pairs)
         micro_rows.append(
             [
                 name,
@@ -244,8 +244,9 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"
             " browser headers' sends neither Accept nor Sec-Fetch-* (curl, scripts): the"
             " middleware must look at the response's start, the residual cost of inspection.",
-            "Second table: the middleware's own cost per request in process (median of 5 x"
-            f" {n} calls), against the bare app and an empty pass-through wrapper (the floor).",
+            "Second table: the middleware's own cost per request in process, against the bare app"
+            " and an empty pass-through wrapper (the floor): medians of"
+            f" {pairs} back-to-back pairs of {_micro.CHUNK}-call chunks (benchmarks/_micro.py).",
         ],
         data,
     )

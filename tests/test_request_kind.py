@@ -18,7 +18,15 @@ import pytest
 
 from bosh_middleware import asgi, wsgi
 from bosh_middleware.config import MiddlewareConfig
-from bosh_middleware.core import PrebindCore, accepts_html, not_a_page
+from bosh_middleware.core import (
+    NAVIGATION,
+    UNDECIDED,
+    PrebindCore,
+    accepts_html,
+    not_a_page,
+    request_kind,
+)
+from bosh_middleware.core import NOT_A_PAGE as KIND_NOT_A_PAGE
 from support.asgi_recorder import ASGIRecorder, User, html_app, wsgi_environ
 from support.bosh_check import CountingCredentials
 
@@ -176,7 +184,7 @@ def test_not_a_page(case: str) -> None:
 
 
 def test_not_a_page_asks_only_for_the_request_headers_it_declares() -> None:
-    """The ASGI adapter collects only ``REQUEST_HEADERS`` in its one scan of the headers."""
+    """``REQUEST_HEADERS`` are all there is to read: the ASGI and WSGI adapters read just these."""
     from bosh_middleware.core import REQUEST_HEADERS
 
     asked: set[str] = set()
@@ -187,7 +195,20 @@ def test_not_a_page_asks_only_for_the_request_headers_it_declares() -> None:
 
     not_a_page(get)
     PrebindCore.looks_like_page(get)
+    request_kind(get)
     assert asked <= set(REQUEST_HEADERS)
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_request_kind_is_not_a_page_then_looks_like_page(case: str) -> None:
+    """The one-pass answer the ASGI and WSGI adapters use agrees with the two questions."""
+    headers, expected = NOT_A_PAGE[case]
+    get = lower_getter(headers)
+    kind = request_kind(get)
+    if expected:
+        assert kind == KIND_NOT_A_PAGE
+    else:
+        assert kind == (NAVIGATION if PrebindCore.looks_like_page(get) else UNDECIDED)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +235,11 @@ def test_wants_is_the_method_path_check_and_not_a_page(core: PrebindCore, case: 
 PAGE = b"<!doctype html><html><head><title>t</title></head><body>p</body></html>"
 
 
-def raw_scope(headers: list[tuple[str, str]]) -> dict[str, Any]:
-    """An HTTP scope with the header names as the client wrote them (not lower-cased)."""
+def raw_scope(headers: list[tuple[str, str]], lower: bool = False) -> dict[str, Any]:
+    """An HTTP scope with the header names as the client wrote them, or lower-cased as ASGI
+    servers send them (``lower``: the adapter's fast path; mixed case takes the slow one)."""
+    if lower:
+        headers = [(k.lower(), v) for k, v in headers]
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -231,7 +255,7 @@ def raw_scope(headers: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
-async def run_asgi(headers: list[tuple[str, str]]) -> tuple[bytes, bool, int]:
+async def run_asgi(headers: list[tuple[str, str]], lower: bool = False) -> tuple[bytes, bool, int]:
     """(body, did the app get the server's own send?, credentials calls)"""
     counting = CountingCredentials(lambda user: None)
     seen: list[Any] = []
@@ -245,7 +269,7 @@ async def run_asgi(headers: list[tuple[str, str]]) -> tuple[bytes, bool, int]:
     rec = ASGIRecorder()
     send = rec.send
     try:
-        await asyncio.wait_for(mw(raw_scope(headers), rec.receive, send), 10)
+        await asyncio.wait_for(mw(raw_scope(headers, lower), rec.receive, send), 10)
     finally:
         await mw.core.aclose()
     return rec.body, seen == [send] and seen[0] is send, len(counting.calls)
@@ -274,10 +298,11 @@ def run_wsgi(headers: dict[str, str]) -> tuple[bytes, bool, int]:
     return body, seen == [start_response] and seen[0] is start_response, len(counting.calls)
 
 
+@pytest.mark.parametrize("lower", [False, True], ids=["as-sent", "lower-case"])
 @pytest.mark.parametrize("case", list(NOT_A_PAGE))
-async def test_asgi_adapter_agrees(case: str) -> None:
+async def test_asgi_adapter_agrees(case: str, lower: bool) -> None:
     headers, expected = NOT_A_PAGE[case]
-    body, unwrapped, asked = await run_asgi(list(headers.items()))
+    body, unwrapped, asked = await run_asgi(list(headers.items()), lower)
     assert body == PAGE
     assert asked == (0 if expected else 1)
     if expected:  # (a navigation without credentials is not wrapped either)
@@ -292,6 +317,30 @@ def test_wsgi_adapter_agrees(case: str) -> None:
     assert asked == (0 if expected else 1)
     if expected:
         assert unwrapped
+
+
+async def test_asgi_mixed_case_names_are_read_too() -> None:
+    """A server that keeps the client's case (ASGI only recommends lower case), with some names
+    lower-cased: every name is still found (the fast path must not take this request)."""
+    body, unwrapped, asked = await run_asgi([("host", "x"), ("X-Requested-With", "XMLHttpRequest")])
+    assert body == PAGE and unwrapped and asked == 0
+    body, unwrapped, asked = await run_asgi([("accept", "*/*"), ("Sec-Fetch-Dest", "empty")])
+    assert body == PAGE and unwrapped and asked == 0
+
+
+def test_asgi_fast_header_dict_only_when_nothing_is_lost() -> None:
+    """``_as_dict``: the C-built dict is used only for lower-case names that do not repeat."""
+    assert asgi._as_dict([(b"accept", b"a"), (b"host", b"h")]) == {b"accept": b"a", b"host": b"h"}
+    assert asgi._as_dict([(b"Accept", b"a")]) is None
+    assert asgi._as_dict([(b"accept", b"a"), (b"accept", b"b")]) is None
+    assert asgi._as_dict([(bytearray(b"accept"), b"a")]) is None
+    headers_iter = iter([(b"accept", b"a")])
+    assert asgi._as_dict(headers_iter) is None  # no len(): slow path, and not used up
+    assert list(headers_iter) == [(b"accept", b"a")]
+    assert asgi._Headers(iter([(b"Accept", b"a"), (b"accept", b"b")])).get("accept") == "a, b"
+    headers = asgi._Headers([(b"Content-Type", b"text/html"), (b"vary", b"a"), (b"Vary", b"b")])
+    assert headers.get("content-type") == "text/html"
+    assert headers.get("VARY") == "a, b"
 
 
 async def test_asgi_joins_repeated_header_lines() -> None:

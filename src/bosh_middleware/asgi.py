@@ -14,12 +14,15 @@ from asgiref.compatibility import guarantee_single_callable
 
 from .config import MiddlewareConfig
 from .core import (
-    REQUEST_HEADERS,
+    NAVIGATION,
+    NOT_A_PAGE,
     AsyncPending,
     PrebindCore,
     charset_of,
     is_authenticated,
     is_injectable,
+    request_kind,
+    request_kind_of,
 )
 from .credentials import Credentials
 from .inject import Injector
@@ -51,6 +54,36 @@ def scope_nonce(scope: Scope) -> str | None:
     return str(nonce) if nonce else None
 
 
+def _as_dict(raw: Any) -> dict[bytes, bytes] | None:
+    """``raw`` headers as a dict, when that loses nothing: every name is lower-case bytes (as
+    ASGI servers send them, and most apps) and none repeats. Built in C, so it is several times
+    cheaper than a Python loop over the headers, which every logged-in request would pay for.
+    None otherwise (mixed-case names, a repeated field, a bytearray), for the slow path."""
+    try:
+        count = len(raw)  # first: dict() would use up an iterator
+        fast = dict(raw)
+        if len(fast) == count and b"".join(fast).islower():
+            return fast
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _request_kind(raw: Any) -> str:
+    """``request_kind`` of the request's raw headers. In the common case (lower-case names, none
+    repeated) the four values come out of one dict built in C, with no Python call per header
+    or per value: every logged-in request pays for this."""
+    fast = _as_dict(raw)
+    if fast is None:
+        return request_kind(_Headers(raw).get)
+    dest, accept = fast.get(b"sec-fetch-dest"), fast.get(b"accept")
+    return request_kind_of(
+        fast.get(b"hx-request") or fast.get(b"x-requested-with"),
+        None if dest is None else bytes(dest).decode("latin-1"),
+        None if accept is None else bytes(accept).decode("latin-1"),
+    )
+
+
 class _Headers:
     """Case-insensitive read access to raw ASGI headers (some apps send b"Content-Type").
 
@@ -58,24 +91,24 @@ class _Headers:
     e.g. ``Vary: Accept-Encoding`` + ``Vary: Origin`` is merged, not cut down to its first line.
     """
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_fast", "_raw")
 
     def __init__(self, raw: Any) -> None:
-        self._raw = raw or ()
+        # read more than once: an iterator (ASGI only says "iterable") is made a list
+        self._raw = raw if isinstance(raw, (list, tuple)) else list(raw or ())
+        self._fast = _as_dict(self._raw)
 
     def get(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
+        if self._fast is not None:
+            raw = self._fast.get(key)
+            return None if raw is None else bytes(raw).decode("latin-1")
         found = None
         for k, v in self._raw:
-            if k.lower() == key:
+            if bytes(k).lower() == key:
                 value = bytes(v).decode("latin-1")
                 found = value if found is None else f"{found}, {value}"
         return found
-
-
-#: The request headers the middleware reads (PrebindCore.not_a_page / looks_like_page), raw
-#: name -> the name they are asked for by.
-_REQUEST_HEADERS = {name.encode("latin-1"): name for name in REQUEST_HEADERS}
 
 
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
@@ -88,6 +121,21 @@ def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[t
 
 
 class _Responder:
+    __slots__ = (
+        "_send",
+        "core",
+        "credentials",
+        "delivered",
+        "injector",
+        "mw",
+        "passthrough",
+        "pending",
+        "scope",
+        "session",
+        "start",
+        "user",
+    )
+
     def __init__(
         self,
         middleware: BOSHPrebindMiddleware,
@@ -255,17 +303,12 @@ class BOSHPrebindMiddleware:
         if not is_authenticated(user):
             await self.app(scope, receive, send)
             return
-        nav: dict[str, str] = {}
-        for k, v in scope.get("headers") or ():
-            name = _REQUEST_HEADERS.get(bytes(k).lower())
-            if name is not None:
-                value = bytes(v).decode("latin-1")
-                nav[name] = f"{nav[name]}, {value}" if name in nav else value
-        if core.not_a_page(nav.get):
+        kind = _request_kind(scope.get("headers") or ())
+        if kind == NOT_A_PAGE:
             await self.app(scope, receive, send)
             return
         credentials = pending = None
-        if core.looks_like_page(nav.get):
+        if kind == NAVIGATION:
             credentials = await core.credentials_async(user)
             if credentials is None:
                 await self.app(scope, receive, send)

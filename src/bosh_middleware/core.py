@@ -41,6 +41,8 @@ __all__ = [
     "is_injectable",
     "media_type",
     "not_a_page",
+    "request_kind",
+    "request_kind_of",
 ]
 
 log = logging.getLogger("bosh_middleware")
@@ -119,6 +121,10 @@ def accepts_html(accept: str) -> bool | None:
     return xhtml or (weight is not None and weight > 0)
 
 
+#: ``request_kind`` answers.
+NOT_A_PAGE, NAVIGATION, UNDECIDED = "not a page", "navigation", "undecided"
+
+
 def not_a_page(get: HeaderGetter) -> bool:
     """This request cannot be a navigation whose HTML answer a browser shows as a page, so it
     must not get a session: the HTML an XHR or ``fetch()`` gets (an htmx partial, jQuery's
@@ -136,15 +142,33 @@ def not_a_page(get: HeaderGetter) -> bool:
     older browsers) is not judged here: its response is looked at, and an HTML page still gets
     its session.
     """
-    if get("hx-request") or get("x-requested-with"):
-        return True
-    dest = get("sec-fetch-dest")
+    return request_kind(get) == NOT_A_PAGE
+
+
+def request_kind(get: HeaderGetter) -> str:
+    """``NOT_A_PAGE`` (see ``not_a_page``), else ``NAVIGATION`` when the request says it is a
+    browser navigation (see ``PrebindCore.looks_like_page``), else ``UNDECIDED``. One read of
+    each of the four headers: every logged-in request asks this."""
+    return request_kind_of(
+        get("hx-request") or get("x-requested-with"), get("sec-fetch-dest"), get("accept")
+    )
+
+
+def request_kind_of(xhr: object, dest: str | None, accept: str | None) -> str:
+    """``request_kind`` from the values: ``xhr`` is ``HX-Request`` or ``X-Requested-With``
+    (only whether either is non-empty counts), then ``Sec-Fetch-Dest`` and ``Accept``."""
+    if xhr:
+        return NOT_A_PAGE
     if dest:
         dest = dest.strip().lower()
         if dest and dest not in _PAGE_DESTS:
-            return True
-    accept = get("accept")
-    return accept is not None and accepts_html(accept) is False
+            return NOT_A_PAGE
+    if accept is not None and accepts_html(accept) is False:
+        return NOT_A_PAGE
+    if dest == "document":
+        return NAVIGATION
+    accept = (accept or "").lower()
+    return NAVIGATION if "text/html" in accept or "application/xhtml+xml" in accept else UNDECIDED
 
 
 def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:

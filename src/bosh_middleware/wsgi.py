@@ -15,12 +15,14 @@ from typing import Any
 
 from .config import MiddlewareConfig
 from .core import (
-    REQUEST_HEADERS,
+    NAVIGATION,
+    NOT_A_PAGE,
     PrebindCore,
     SyncPending,
     charset_of,
     is_authenticated,
     is_injectable,
+    request_kind_of,
 )
 from .credentials import Credentials
 from .inject import Injector
@@ -55,21 +57,16 @@ def environ_nonce(environ: dict[str, Any]) -> str | None:
     return str(nonce) if nonce else None
 
 
-#: The request headers the middleware reads (PrebindCore.not_a_page / looks_like_page), by the
-#: name they are asked for -> their environ key.
-_ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in REQUEST_HEADERS}
-
-
-def _request_getter(environ: dict[str, Any]) -> Callable[[str], str | None]:
-    """The request headers of ``environ`` by lower-case name, as ``not_a_page`` asks for them
-    (a server joins repeated fields with commas already)."""
-
-    def get(name: str) -> str | None:
-        key = _ENVIRON_KEYS.get(name) or "HTTP_" + name.upper().replace("-", "_")
-        value = environ.get(key)
-        return value if isinstance(value, str) else None
-
-    return get
+def _request_kind(environ: dict[str, Any]) -> str:
+    """``request_kind`` of the request, its four values read straight from the environ (a
+    server joins repeated fields with commas already; a value that is not a str is absent)."""
+    get = environ.get
+    dest, accept = get("HTTP_SEC_FETCH_DEST"), get("HTTP_ACCEPT")
+    return request_kind_of(
+        get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"),
+        dest if isinstance(dest, str) else None,
+        accept if isinstance(accept, str) else None,
+    )
 
 
 def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
@@ -275,15 +272,15 @@ class BOSHPrebindMiddleware:
             return self._endpoint(environ, start_response)
         if not core.wants_path(environ.get("REQUEST_METHOD", "GET"), path):
             return self.app(environ, start_response)
-        get = _request_getter(environ)
-        if core.not_a_page(get):
+        kind = _request_kind(environ)
+        if kind == NOT_A_PAGE:
             return self.app(environ, start_response)
         credentials = pending = user = None
         if self.get_user is not None:
             user = self.get_user(environ)
             if not is_authenticated(user):
                 return self.app(environ, start_response)
-            if core.looks_like_page(get):  # start next to the view
+            if kind == NAVIGATION:  # start next to the view
                 credentials = core.credentials_sync(user)
                 if credentials is None:
                     return self.app(environ, start_response)
