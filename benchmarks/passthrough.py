@@ -2,9 +2,11 @@
 a load generator at fixed concurrency, with and without the middleware.
 
 uvicorn (ASGI; uvloop/httptools when installed) and waitress (WSGI), each started twice (the app
-with and without the middleware), pinned to CPU 0; the load generator (wrk, else
-``_loadgen.py``) pinned to CPU 1, 32 keep-alive connections, fixed duration. Runs alternate
-with/without (order swapped every repetition); the ratio compares the medians.
+with and without the middleware), both pinned to CPU 0; one load generator per server (wrk, else
+``_loadgen.py``), both pinned to CPU 1, 32 keep-alive connections each, fixed duration. The two
+variants are loaded at the same time: the scheduler gives each server half of CPU 0, so their
+throughput ratio is their cost ratio, measured under the same conditions. (Run one after the
+other, the same ratio drifted by up to 30 % between runs on a shared VM.)
 """
 
 from __future__ import annotations
@@ -105,37 +107,100 @@ def _server(kind: str, app: str) -> Iterator[str]:
         log.close()
 
 
-def _load(url: str, headers: list[str], seconds: float) -> tuple[float, int]:
+def _load_cmd(url: str, headers: list[str], seconds: float) -> list[str]:
     if shutil.which("wrk"):
         cmd = [*_pin(1), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s"]
         for h in headers:
             cmd += ["-H", h]
-        cmd.append(url)
-    else:
-        cmd = [
-            *_pin(1),
-            sys.executable,
-            str(Path(__file__).parent / "_loadgen.py"),
-            url,
-            str(CONNECTIONS),
-            str(seconds),
-            *headers,
-        ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"load generator output not understood:\n{out}")
-    return float(m.group(1)), int(bad.group(1)) if bad else 0
+        return [*cmd, url]
+    return [
+        *_pin(1),
+        sys.executable,
+        str(Path(__file__).parent / "_loadgen.py"),
+        url,
+        str(CONNECTIONS),
+        str(seconds),
+        *headers,
+    ]
+
+
+def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[float, int]]:
+    """Load all ``urls`` at the same time, one load generator each; (req/s, non-2xx) each."""
+    procs = [
+        subprocess.Popen(
+            _load_cmd(url, headers, seconds),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for url in urls
+    ]
+    out = []
+    for proc in procs:
+        try:
+            text, _ = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+        bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+        if m is None:
+            raise RuntimeError(f"load generator output not understood:\n{text}")
+        out.append((float(m.group(1)), int(bad.group(1)) if bad else 0))
+    return out
+
+
+def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dict[str, float]]]:
+    """The in-process table, and the middleware's cost per request (us) by scenario and by
+    interface, to predict each server row's ratio."""
+    from . import _micro
+    from ._passapps import SCENARIOS
+
+    rows = []
+    extra: dict[str, dict[str, float]] = {}
+    for name, key, path, request_headers in SCENARIOS:
+        a = _micro.asgi_cost(path, request_headers, pairs)
+        w = _micro.wsgi_cost(path, request_headers, pairs)
+        extra[key] = {"asgi": a["middleware"] - a["bare"], "wsgi": w["middleware"] - w["bare"]}
+        rows.append(
+            [
+                name,
+                f"{a['bare']:.2f}",
+                f"+{a['empty wrapper'] - a['bare']:.2f}",
+                f"+{extra[key]['asgi']:.2f}",
+                f"{w['bare']:.2f}",
+                f"+{w['empty wrapper'] - w['bare']:.2f}",
+                f"+{extra[key]['wsgi']:.2f}",
+            ]
+        )
+        data[f"micro/{key}"] = {"asgi": a, "wsgi": w}
+    table = md_table(
+        [
+            "request (in process, us per request)",
+            "ASGI bare app",
+            "empty wrapper",
+            "middleware",
+            "WSGI bare app",
+            "empty wrapper",
+            "middleware",
+        ],
+        rows,
+    )
+    return table, extra
 
 
 def run(*, quick: bool = False, **_: object) -> Result:
     # The scenarios are defined next to the apps, without importing the middleware here.
+    from . import _micro
     from ._passapps import SCENARIOS
 
-    seconds, reps = (1.0, 1) if quick else (2.0, 3)
+    seconds, reps = (1.0, 2) if quick else (2.0, 5)
+    pairs = 50 if quick else _micro.PAIRS
     rows: list[list[object]] = []
     data: dict[str, object] = {}
+    # in-process cost first: what the middleware adds to one request, without server noise
+    micro, extra = _micro_rows(pairs, data)
     gen = "wrk" if shutil.which("wrk") else "benchmarks/_loadgen.py"
     try:
         import httptools  # noqa: F401
@@ -158,83 +223,69 @@ def run(*, quick: bool = False, **_: object) -> Result:
             for name, key, path, request_headers in SCENARIOS:
                 headers = [f"{k}: {v}" for k, v in request_headers]
                 results: dict[str, list[float]] = {v: [] for v in variants}
+                ratios: list[float] = []
                 errors = 0
                 if not quick:
-                    for url in urls.values():
-                        _load(url + path, headers, 1.0)  # warm-up
-                for rep in range(reps):
-                    order = list(variants[rep % 2 :] + variants[: rep % 2])
-                    for variant in order:
-                        rps, bad = _load(urls[variant] + path, headers, seconds)
+                    _load([u + path for u in urls.values()], headers, 1.0)  # warm-up
+                for _rep in range(reps):
+                    # Both variants at once, from the same core: the scheduler gives each
+                    # server half of it, so the throughput ratio is the cost ratio, and the
+                    # machine's drift (tens of per cent on a shared VM) hits both alike.
+                    both = _load([urls[v] + path for v in variants], headers, seconds)
+                    for variant, (rps, bad) in zip(variants, both, strict=True):
                         results[variant].append(rps)
                         errors += bad
+                    ratios.append(results["with"][-1] / results["without"][-1])
                 wo = median(results["without"])
-                w = median(results["with"])
-                spread = (max(results["without"]) - min(results["without"])) / wo
+                ratio = median(ratios)
+                # what the in-process cost alone predicts: each request takes 0.5/rps s of
+                # CPU 0 (the server has half of it), plus the middleware's microseconds
+                cost = extra[key]["wsgi" if kind == "waitress" else "asgi"]
+                predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
                 rows.append(
                     [
                         label,
                         name,
                         f"{wo:,.0f}",
-                        f"{w:,.0f}",
-                        f"{w / wo:.3f}x",
-                        verdict(w / wo >= 0.98),
-                        f"{spread * 100:.1f} %",
+                        f"{median(results['with']):,.0f}",
+                        f"{ratio:.3f}x",
+                        f"{min(ratios):.2f}-{max(ratios):.2f}",
+                        f"{predicted:.3f}x",
+                        verdict(ratio >= 0.98),
                         errors,
                     ]
                 )
-                data[f"{prefix}/{key}"] = {**results, "ratio": w / wo}
+                data[f"{prefix}/{key}"] = {
+                    **results,
+                    "ratios": ratios,
+                    "ratio": ratio,
+                    "predicted": predicted,
+                }
     table = md_table(
         [
             "server",
             "request",
             "req/s without",
             "req/s with",
-            "ratio",
+            "ratio (median)",
+            "ratios (min-max)",
+            "predicted from in-process cost",
             "target >= 0.98x",
-            "run-to-run spread (without)",
             "non-2xx",
         ],
         rows,
-    )
-    # in-process cost: what the middleware adds to one request, without server noise
-    from . import _micro
-
-    pairs = 50 if quick else _micro.PAIRS
-    micro_rows = []
-    for name, key, path, request_headers in SCENARIOS:
-        a = _micro.asgi_cost(path, request_headers, pairs)
-        w_ = _micro.wsgi_cost(path, request_headers, pairs)
-        micro_rows.append(
-            [
-                name,
-                f"{a['bare']:.2f}",
-                f"+{a['empty wrapper'] - a['bare']:.2f}",
-                f"+{a['middleware'] - a['bare']:.2f}",
-                f"{w_['bare']:.2f}",
-                f"+{w_['empty wrapper'] - w_['bare']:.2f}",
-                f"+{w_['middleware'] - w_['bare']:.2f}",
-            ]
-        )
-        data[f"micro/{key}"] = {"asgi": a, "wsgi": w_}
-    micro = md_table(
-        [
-            "request (in process, us per request)",
-            "ASGI bare app",
-            "empty wrapper",
-            "middleware",
-            "WSGI bare app",
-            "empty wrapper",
-            "middleware",
-        ],
-        micro_rows,
     )
     return Result(
         "5. Pass-through overhead under load",
         [table, micro],
         [
-            f"{gen}, {CONNECTIONS} keep-alive connections, {seconds:g} s per run, {reps} runs per"
-            " variant in rotating order; server pinned to CPU 0, load generator to CPU 1. Medians.",
+            f"{gen}, {CONNECTIONS} keep-alive connections per server, {seconds:g} s per run. Both"
+            " variants run at the same time, both servers pinned to CPU 0 (each gets half of it:"
+            " the req/s are per half core), both load generators to CPU 1. The ratio is the"
+            f" median of {reps} such runs.",
+            "Predicted = 1 / (1 + middleware's in-process cost x 2 x req/s without): what the"
+            " microseconds of the second table alone would cost at that request rate on half a"
+            " core.",
             "Same raw ASGI/WSGI app and auth layer in every variant (benchmarks/_passapps.py); the"
             " only difference is the middleware (exclude_paths=('/static/',)).",
             "The raw apps are as cheap as an app gets (a few us), the worst case for the ratio; the"

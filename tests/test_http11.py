@@ -672,6 +672,70 @@ def test_server_that_never_answers_times_out(serve, pool) -> None:
     assert time.monotonic() - start < 1.3
 
 
+def slow_reader(index: int, sock: socket.socket, server: RawServer) -> None:
+    """Reads each request in small bites with pauses (the client's send buffer fills up and it
+    must wait to send the rest), then answers with the body's length."""
+    while True:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?im)^content-length: *(\d+)\r?$", head)
+        assert match is not None
+        while len(body) < int(match[1]):
+            if server.stopping.wait(0.001):
+                return
+            chunk = sock.recv(65536)
+            assert chunk, "client closed mid-request"
+            body += chunk
+        sock.sendall(ok(b"%d" % len(body)))
+
+
+BIG = 4 * 1024 * 1024  # larger than any socket send buffer: sent in parts
+
+
+def test_a_big_request_is_sent_in_parts_as_the_server_reads(serve, pool) -> None:
+    server = serve(slow_reader)
+    client = pool(server.url)
+    assert client.exchange(b"x" * BIG, timeout=20) == (200, b"%d" % BIG)
+    assert client.exchange(b"y", timeout=5) == (200, b"1")  # and the connection is reusable
+    assert server.connections == 1
+
+
+def test_a_big_request_over_tls(serve, pool, pki, no_env_cas) -> None:
+    server = serve(slow_reader, tls=pki.good)
+    client = pool(server.url, verify=str(pki.ca))
+    assert client.exchange(b"x" * BIG, timeout=20) == (200, b"%d" % BIG)
+    assert server.connections == 1
+
+
+def test_a_server_that_never_reads_times_out(serve, pool) -> None:
+    """The send itself is bounded by the deadline, not only the wait for the answer, and the
+    connection is closed then, its unsent bytes dropped (an asyncio transport's close() would
+    wait for the server to read them, and keep the socket open)."""
+    timed_out = threading.Event()
+
+    def deaf(index: int, sock: socket.socket, server: RawServer) -> None:
+        if not timed_out.wait(SOCKET_TIMEOUT):
+            return
+        sock.settimeout(3.0)  # now drain: the client's end must be gone
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 20):
+                pass
+        server.eof_seen.set()
+
+    server = serve(deaf)
+    client = pool(server.url)
+    start = time.monotonic()
+    unavailable(lambda: client.exchange(b"x" * (4 * BIG), timeout=0.5), "timeout")
+    assert 0.4 < time.monotonic() - start < 1.5
+    timed_out.set()
+    assert server.eof_seen.wait(5.0), "the connection stayed open after the timeout"
+
+
 def test_connection_refused(pool) -> None:
     client = pool(f"http://127.0.0.1:{free_port()}/http-bind")
     error = unavailable(lambda: client.exchange(b"x"), "connection-failed")
@@ -1049,6 +1113,13 @@ def test_wants_builtin_explicit_choices(clean_env) -> None:
     clean_env.setenv("HTTP_PROXY", "http://proxy:3128")
     assert _wants_builtin(HTTP_URL, PrebindOptions(transport="builtin"), None) is True
     assert _wants_builtin(HTTP_URL, AUTO, None) is False
+
+
+def test_auto_picks_httpx_where_poll_is_missing(clean_env) -> None:
+    """Windows has no select.poll(), which the builtin sync pool waits with."""
+    clean_env.setattr(http11, "SUPPORTED", False)
+    assert _wants_builtin(HTTP_URL, AUTO, None) is False
+    assert _wants_builtin(HTTP_URL, PrebindOptions(transport="builtin"), None) is True
 
 
 def test_a_misspelt_transport_fails_when_configured(clean_env) -> None:

@@ -319,6 +319,27 @@ def test_wsgi_adapter_agrees(case: str) -> None:
         assert unwrapped
 
 
+@pytest.mark.parametrize("shape", ["list", "tuple", "iterator", "mixed-case"])
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_asgi_request_kind_fast_paths_agree(case: str, shape: str) -> None:
+    """The ASGI adapter's shortcuts (a C scan for ``sec-fetch-dest: empty``, the C-built dict)
+    answer as ``request_kind`` over a case-insensitive lookup, whatever shape the headers are."""
+    headers, _ = NOT_A_PAGE[case]
+    pairs = [
+        ((k if shape == "mixed-case" else k.lower()).encode("latin-1"), v.encode("latin-1"))
+        for k, v in [("Host", "x"), *headers.items()]
+    ]
+    raw: Any = {"tuple": tuple(pairs), "iterator": iter(pairs)}.get(shape, pairs)
+    assert asgi._request_kind(raw) == request_kind(lower_getter(headers))
+
+
+def test_asgi_fetch_shortcut_wins_over_anything_else() -> None:
+    """``Sec-Fetch-Dest: empty`` on any line makes it no page, as the joined value does."""
+    raw = [(b"sec-fetch-dest", b"document"), (b"sec-fetch-dest", b"empty"), (b"accept", b"*/*")]
+    assert asgi._request_kind(raw) == KIND_NOT_A_PAGE
+    assert request_kind(asgi._Headers(raw).get) == KIND_NOT_A_PAGE
+
+
 async def test_asgi_mixed_case_names_are_read_too() -> None:
     """A server that keeps the client's case (ASGI only recommends lower case), with some names
     lower-cased: every name is still found (the fast path must not take this request)."""

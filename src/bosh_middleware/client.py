@@ -111,6 +111,8 @@ def _wants_builtin(service_url: str, options: PrebindOptions, client: object | N
         return False
     if choice == "builtin":
         return True
+    if not http11.SUPPORTED:
+        return False
     proxies = urllib.request.getproxies_environment()
     scheme, _, rest = service_url.partition("://")
     if not (proxies.get(scheme.lower()) or proxies.get("all")):

@@ -32,7 +32,6 @@ import base64
 import os
 import re
 import select
-import selectors
 import socket
 import ssl
 import threading
@@ -44,7 +43,16 @@ from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ResponseTooLarge, ServiceUnavailable
 
-__all__ = ["AsyncPool", "Origin", "Response", "SyncPool", "origin", "settle", "ssl_context"]
+__all__ = [
+    "SUPPORTED",
+    "AsyncPool",
+    "Origin",
+    "Response",
+    "SyncPool",
+    "origin",
+    "settle",
+    "ssl_context",
+]
 
 _MAX_HEAD = 64 * 1024
 _MAX_IDLE = 128
@@ -60,6 +68,9 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything large
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
 #: %-escapes); anything else (space, controls, non-ASCII) is %-encoded, as httpx does.
 _TARGET_SAFE = "!$&'()*+,;=:@/?%"
+
+#: The sync pool waits with poll(), which Windows lacks: there, "auto" picks httpx.
+SUPPORTED = hasattr(select, "poll")
 
 R = TypeVar("R")
 Response = tuple[int, bytes]  # (status, body)
@@ -406,9 +417,9 @@ class SyncPool:
         try:
             raw = socket.create_connection((o.host, o.port), timeout=timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if o.tls is None:
-                return raw, False
-            return o.tls.wrap_socket(raw, server_hostname=o.host), False  # closes raw on error
+            sock = raw if o.tls is None else o.tls.wrap_socket(raw, server_hostname=o.host)
+            sock.setblocking(False)  # from now on, deadlines are kept by _wait (see _send)
+            return sock, False
         except OSError as exc:
             if raw is not None:
                 raw.close()
@@ -439,8 +450,7 @@ class SyncPool:
                 sock, reused = self._acquire(_left(deadline))
                 parser = _Parser(limit)
                 try:
-                    sock.settimeout(_left(deadline))  # a reused socket has a stale timeout
-                    sock.sendall(self.origin.request(body))
+                    _send(sock, self.origin.request(body), deadline)
                     _read(sock, parser, deadline)
                 except _RETRYABLE as exc:
                     sock.close()
@@ -473,7 +483,8 @@ class SyncPool:
             socks: list[socket.socket] = []
             parsers: list[_Parser] = []
             results: list[Response | None] = [None] * len(bodies)
-            sel = selectors.DefaultSelector()
+            poller = select.poll()  # no selector object: no epoll fd to make and close
+            index: dict[int, int] = {}
             try:
                 for i, body in enumerate(bodies):
                     if i and stagger:
@@ -481,16 +492,23 @@ class SyncPool:
                     sock, _ = self._acquire(_left(deadline))
                     socks.append(sock)
                     parsers.append(_Parser(limit))
-                    sock.settimeout(_left(deadline))
-                    sock.sendall(self.origin.request(body))
-                    sel.register(sock, selectors.EVENT_READ, i)
+                    _send(sock, self.origin.request(body), deadline)
+                    poller.register(sock, select.POLLIN)
+                    index[sock.fileno()] = i
                 pending = set(range(len(bodies)))
                 while pending:
-                    for key, _ in sel.select(_left(deadline)):
-                        i = key.data
-                        # readable is not a whole TLS record: recv may still block, so bound it
-                        socks[i].settimeout(_left(deadline))
-                        chunk = _recv_all(socks[i])
+                    events = poller.poll(_left(deadline) * 1000)
+                    if not events:
+                        raise TimeoutError
+                    for fd, _ in events:
+                        i = index[fd]
+                        try:
+                            chunk = _recv_all(socks[i])
+                        except (BlockingIOError, ssl.SSLWantReadError):
+                            continue  # readable, but not a whole TLS record yet
+                        except ssl.SSLWantWriteError:
+                            _wait(socks[i], select.POLLOUT, deadline)
+                            continue
                         if chunk:
                             parsers[i].feed(chunk)
                         else:
@@ -500,12 +518,11 @@ class SyncPool:
                                 raise _http_error("BOSH server closed the connection") from None
                         if parsers[i].done:
                             results[i] = (parsers[i].status, bytes(parsers[i].body))
-                            sel.unregister(socks[i])
+                            poller.unregister(socks[i])
                             pending.discard(i)
                     if settles is not None and settles([r for r in results if r is not None]):
                         break
             finally:
-                sel.close()
                 for sock, parser in zip(socks, parsers, strict=False):
                     self._finish(sock, parser)
             return results
@@ -517,8 +534,32 @@ class SyncPool:
             sock.close()  # unusable, or a request the server still holds: closing drops it
 
 
+def _wait(sock: socket.socket, event: int, deadline: float) -> None:
+    """Until ``sock`` is ready for ``event`` (or has failed: the next call says how), at most
+    until ``deadline``. The sockets are non-blocking and this is their only wait: one poll()
+    per wait, where a socket with a timeout would cost an ioctl and a poll() per call."""
+    poller = select.poll()
+    poller.register(sock, event)
+    if not poller.poll(_left(deadline) * 1000):
+        raise TimeoutError
+
+
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            _wait(sock, select.POLLOUT, deadline)
+            continue
+        except ssl.SSLWantReadError:  # TLS wants the peer's bytes first (renegotiation)
+            _wait(sock, select.POLLIN, deadline)
+            continue
+        view = view[sent:]
+
+
 def _recv_all(sock: socket.socket) -> bytes:
-    """What is readable now, including what TLS has already decrypted: the selector cannot see
+    """What is readable now, including what TLS has already decrypted: poll() cannot see
     bytes buffered inside an SSL object, and would wait for more that may never come."""
     chunk = sock.recv(65536)
     if chunk and isinstance(sock, ssl.SSLSocket):
@@ -529,8 +570,15 @@ def _recv_all(sock: socket.socket) -> bytes:
 
 def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
     while not parser.done:
-        sock.settimeout(_left(deadline))
-        chunk = sock.recv(65536)
+        # wait first: an answer is never back within the microseconds since the send
+        _wait(sock, select.POLLIN, deadline)
+        try:
+            chunk = _recv_all(sock)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            continue  # readable, but not a whole TLS record yet
+        except ssl.SSLWantWriteError:
+            _wait(sock, select.POLLOUT, deadline)
+            continue
         if not chunk:
             parser.eof()
             return
@@ -551,6 +599,12 @@ def _unusable(conn: _Conn) -> bool:
         return True
     sock = writer.get_extra_info("socket")
     return sock is not None and _readable(sock)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close now, dropping unsent bytes: ``close()`` would wait for a server that does not read
+    to take them first, and keep the socket open meanwhile (until garbage collection)."""
+    writer.transport.abort()
 
 
 class AsyncPool:
@@ -627,7 +681,7 @@ class AsyncPool:
                     break
                 parser.feed(chunk)
         except BaseException:
-            writer.close()
+            _abort(writer)
             raise
         if parser.keep_alive and not parser.leftover():
             self._release(conn)
@@ -661,7 +715,7 @@ class AsyncPool:
                 await conn[1].drain()
         except BaseException:
             for _, writer in conns:
-                writer.close()
+                _abort(writer)
             raise
         tasks = [asyncio.ensure_future(self._read(c, _Parser(limit))) for c in conns]
         try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import secrets
 from collections.abc import Callable, Generator, Sequence
@@ -128,6 +129,7 @@ def initial_rid() -> int:
     return 2**32 + secrets.randbelow(2**44)
 
 
+@functools.lru_cache(maxsize=64)  # asked for every prebind, of the one or two URLs there are
 def is_secure_transport(url: str) -> bool:
     """HTTPS, or plain HTTP that never leaves the machine."""
     parts = urlsplit(url)
@@ -224,17 +226,27 @@ class _Conversation:
         self._parsed[id(response)] = (response, parsed)
         return parsed
 
-    def _request(self, label: str, body: bytes, *, best_effort: bool = False) -> BOSHRequest:
-        req = BOSHRequest(rid=self.rid, body=body, label=label, best_effort=best_effort)
+    def _request(
+        self,
+        label: str,
+        body: bytes,
+        *,
+        best_effort: bool = False,
+        settles: Callable[[list[BOSHResponse]], bool] | None = None,
+    ) -> BOSHRequest:
+        req = BOSHRequest(self.rid, body, label, best_effort, settles)
         self.rid += 1
         return req
 
-    def _build(self, label: str, payload: str) -> BOSHRequest:
+    def _build(
+        self, label: str, payload: str, settles: Callable[[list[BOSHResponse]], bool] | None
+    ) -> BOSHRequest:
         assert self.sid is not None
         if payload == _RESTART:
             body = b.restart_body(rid=self.rid, sid=self.sid, to=self.to, lang=self.options.lang)
-            return self._request("restart", body)
-        return self._request(label, b.request_body(rid=self.rid, sid=self.sid, payload=payload))
+            return self._request("restart", body, settles=settles)
+        body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
+        return self._request(label, body, settles=settles)
 
     def terminate_request(self) -> BOSHRequest:
         assert self.sid is not None
@@ -312,10 +324,8 @@ class _Conversation:
         pending = list(steps)
         while pending:
             batch_steps, pending = pending[: self.window], pending[self.window :]
-            batch = [self._build(label, payload) for label, payload in batch_steps]
-            if len(batch) > 1:
-                settles = self._settles(needs)
-                batch = [dataclasses.replace(r, settles=settles) for r in batch]
+            settles = self._settles(needs) if len(batch_steps) > 1 else None
+            batch = [self._build(label, payload, settles) for label, payload in batch_steps]
             responses = yield batch
             if len(responses) != len(batch):
                 raise ProtocolError("driver returned the wrong number of responses")
