@@ -1115,6 +1115,33 @@ def test_wants_builtin_explicit_choices(clean_env) -> None:
     assert _wants_builtin(HTTP_URL, AUTO, None) is False
 
 
+def test_the_stagger_grows_after_a_redone_prebind_and_eases_back() -> None:
+    from bosh_middleware.client import _MAX_STAGGER, _PIPELINE_STAGGER
+    from bosh_middleware.session import PrebindSession
+
+    def session(retried: bool) -> PrebindSession:
+        return PrebindSession(jid="a@b/c", sid="s", rid=1, service_url=HTTP_URL, retried=retried)
+
+    p = Prebinder(HTTP_URL)
+    a = AsyncPrebinder(HTTP_URL)
+    try:
+        for client in (p, a):
+            assert client.stagger == _PIPELINE_STAGGER
+            client._learn(session(retried=True))
+            assert client.stagger == 2 * _PIPELINE_STAGGER
+            for _ in range(10):
+                client._learn(session(retried=True))
+            assert client.stagger == _MAX_STAGGER  # bounded
+            client._learn(session(retried=False))
+            assert client.stagger == pytest.approx(0.9 * _MAX_STAGGER)
+            for _ in range(100):
+                client._learn(session(retried=False))
+            assert client.stagger == _PIPELINE_STAGGER  # back to the floor, not below
+        assert Prebinder(HTTP_URL).stagger == _PIPELINE_STAGGER  # per client
+    finally:
+        p.close()
+
+
 def test_auto_picks_httpx_where_poll_is_missing(clean_env) -> None:
     """Windows has no select.poll(), which the builtin sync pool waits with."""
     clean_env.setattr(http11, "SUPPORTED", False)

@@ -59,6 +59,8 @@ _CLEANUP_TIMEOUT = 2.0
 #: prebinds here (the flow then falls back to a sequential prebind, correct but slower); with
 #: 0.5 ms, in none of 460. It costs 0.5 ms against the round trip the pipelining saves.
 _PIPELINE_STAGGER = 0.0005
+#: How far the stagger grows for a server that keeps letting the second request overtake.
+_MAX_STAGGER = 0.008
 
 
 def _options(options: PrebindOptions | None, overrides: dict[str, Any]) -> PrebindOptions:
@@ -174,6 +176,21 @@ class _Base:
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
         return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
 
+    #: The pause between a pipelined batch's requests (see ``_PIPELINE_STAGGER``), learnt per
+    #: client: a busy or slow server (one core, debug logging) can still take the second
+    #: request first, and each time it does a whole prebind is redone. So it doubles after a
+    #: prebind that had to be redone, up to ``_MAX_STAGGER``, and eases back 10 % per prebind
+    #: that was not, down to ``_PIPELINE_STAGGER``.
+    stagger = _PIPELINE_STAGGER
+
+    def _learn(self, session: PrebindSession) -> PrebindSession:
+        if session.retried:
+            self.stagger = min(self.stagger * 2, _MAX_STAGGER)
+            log.debug("pipelined requests overtook each other: stagger now %.4f s", self.stagger)
+        elif self.stagger > _PIPELINE_STAGGER:
+            self.stagger = max(self.stagger * 0.9, _PIPELINE_STAGGER)
+        return session
+
 
 class Prebinder(_Base):
     """Synchronous prebinder; thread-safe; make one per process and reuse it.
@@ -216,7 +233,7 @@ class Prebinder(_Base):
         if len(batch) == 1:
             return [BOSHResponse(*self._builtin.exchange(batch[0].body, timeout, limit))]
         results = self._builtin.batch(
-            [r.body for r in batch], timeout, limit, _settles(batch), _PIPELINE_STAGGER
+            [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
         return [BOSHResponse(*r) if r is not None else None for r in results]
 
@@ -274,7 +291,9 @@ class Prebinder(_Base):
         # blocking httpx.Client read cannot be interrupted from another thread. So pipelined
         # batches go through the async sender on a private event loop, where cancelling a
         # request closes its connection.
-        return self._loop().run(self._batcher()._send_batch(batch))
+        batcher = self._batcher()
+        batcher.stagger = self.stagger  # learnt here, by prebind()
+        return self._loop().run(batcher._send_batch(batch))
 
     def _loop(self) -> _LoopThread:
         if self._closed:
@@ -310,7 +329,7 @@ class Prebinder(_Base):
 
     def prebind(self, credentials: Credentials, *, rid: int | None = None) -> PrebindSession:
         proto = self._protocol(credentials, rid)
-        session = self.run(proto.flow())
+        session = self._learn(self.run(proto.flow()))
         log.debug(
             "prebound %s sid=%s in %d round trips", session.jid, session.sid, session.round_trips
         )
@@ -387,7 +406,7 @@ class AsyncPrebinder(_Base):
         if len(batch) == 1:
             return [BOSHResponse(*await pool.exchange(batch[0].body, timeout, limit))]
         results = await pool.batch(
-            [r.body for r in batch], timeout, limit, _settles(batch), _PIPELINE_STAGGER
+            [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
         return [BOSHResponse(*r) if r is not None else None for r in results]
 
@@ -453,7 +472,7 @@ class AsyncPrebinder(_Base):
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if len(tasks) < len(batch):
-                await asyncio.sleep(_PIPELINE_STAGGER)
+                await asyncio.sleep(self.stagger)
         return await http11.settle(tasks, batch[0].settles)
 
     async def run(self, flow: Flow[T]) -> T:
@@ -472,7 +491,7 @@ class AsyncPrebinder(_Base):
     async def prebind(self, credentials: Credentials, *, rid: int | None = None) -> PrebindSession:
         proto = self._protocol(credentials, rid)
         try:
-            session = await self.run(proto.flow())
+            session = self._learn(await self.run(proto.flow()))
         except asyncio.CancelledError:
             # Cancelled from outside mid-flow (a deadline): do not orphan a half-made session.
             cleanup = proto.abort_request()

@@ -615,7 +615,7 @@ class AsyncPool:
         self._idle: list[_Conn] = []
 
     async def _acquire(self) -> tuple[_Conn, bool]:
-        """As ``SyncPool._acquire``; the caller's ``wait_for`` bounds the connect."""
+        """As ``SyncPool._acquire``; the caller's ``asyncio.timeout`` bounds the connect."""
         while self._idle:
             conn = self._idle.pop()
             if not _unusable(conn):
@@ -649,7 +649,8 @@ class AsyncPool:
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
         """As ``SyncPool.exchange``; cancelling it closes its connection."""
         with _errors(self.origin.url):
-            return await asyncio.wait_for(self._exchange(body, limit), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                return await self._exchange(body, limit)
 
     async def _exchange(self, body: bytes, limit: int) -> Response:
         for _attempt in range(2):
@@ -699,7 +700,8 @@ class AsyncPool:
     ) -> list[Response | None]:
         """As ``SyncPool.batch``."""
         with _errors(self.origin.url):
-            return await asyncio.wait_for(self._batch(bodies, limit, settles, stagger), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._batch(bodies, limit, settles, stagger)
 
     async def _batch(
         self, bodies: Sequence[bytes], limit: int, settles: Settles | None, stagger: float
