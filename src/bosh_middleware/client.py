@@ -291,9 +291,10 @@ class Prebinder(_Base):
         # blocking httpx.Client read cannot be interrupted from another thread. So pipelined
         # batches go through the async sender on a private event loop, where cancelling a
         # request closes its connection.
+        loop = self._loop()  # first: a new loop thread drops the batcher of the old one
         batcher = self._batcher()
         batcher.stagger = self.stagger  # learnt here, by prebind()
-        return self._loop().run(batcher._send_batch(batch))
+        return loop.run(batcher._send_batch(batch))
 
     def _loop(self) -> _LoopThread:
         if self._closed:
