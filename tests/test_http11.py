@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import os
 import re
 import shutil
 import socket
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -734,6 +736,62 @@ def test_a_server_that_never_reads_times_out(serve, pool) -> None:
     assert 0.4 < time.monotonic() - start < 1.5
     timed_out.set()
     assert server.eof_seen.wait(5.0), "the connection stayed open after the timeout"
+
+
+def test_a_host_name_is_looked_up_and_connected(serve, pool) -> None:
+    server = serve(serve_keepalive)
+    client = pool(f"http://localhost:{server.port}/http-bind")
+    assert client.exchange(b"x") == (200, b"0:x")
+
+
+def test_a_dns_lookup_that_hangs_is_a_timeout(monkeypatch) -> None:
+    """The sync pool's lookup is bounded by the exchange's deadline (the C resolver is not):
+    a DNS server that does not answer must not hold the page for its own timeouts."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def hanging(host: Any, *args: Any) -> Any:
+        if host == "dns-hangs.example" and not (len(args) > 4 and args[4]):  # not numeric-only
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "gave up")
+        return real(host, *args)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    pool = http11.SyncPool(http11.origin("http://dns-hangs.example:5280/http-bind", {}, True))
+    start = time.monotonic()
+    try:
+        error = unavailable(lambda: pool.exchange(b"x", 0.5, LIMIT), "timeout")
+        assert 0.4 < time.monotonic() - start < 1.5
+        assert "dns-hangs.example" in str(error) or "timed out" in str(error)
+    finally:
+        release.set()
+
+
+def test_a_dns_lookup_that_fails_is_connection_failed() -> None:
+    pool = http11.SyncPool(http11.origin("http://no-such-host.invalid:5280/b", {}, True))
+    unavailable(lambda: pool.exchange(b"x", 5.0, LIMIT), "connection-failed")
+
+
+def test_lookups_work_in_a_forked_child(serve) -> None:
+    """The lookup threads do not survive fork(): the child makes its own pool of them (a
+    pre-forking server such as gunicorn --preload forks after the app has been used)."""
+    server = serve(serve_keepalive)
+    assert http11._resolve("localhost", server.port, 5.0)  # the parent's pool exists now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork() with threads
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            pool = http11.SyncPool(http11.origin(f"http://localhost:{server.port}/b", {}, True))
+            code = 0 if pool.exchange(b"child", 3.0, LIMIT) == (200, b"%d:child" % 0) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        assert time.monotonic() < deadline, "the forked child hangs"
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_connection_refused(pool) -> None:

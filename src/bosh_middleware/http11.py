@@ -13,8 +13,8 @@ own machinery (httpx + httpcore + h11 + anyio: ~300 us per request; this: ~15 us
   connection is not an option: ejabberd 23.01 reads a second pipelined request into the body
   of the first and answers 400.)
 * Responses are framed by Content-Length, chunked coding or connection close, and read under a
-  size limit and one deadline per exchange (connect, TLS handshake, send and read included).
-  Framing is parsed strictly, since a lenient parser is how a hostile or broken server
+  size limit and one deadline per exchange (DNS lookup, connect, TLS handshake, send and read
+  included). Framing is parsed strictly, since a lenient parser is how a hostile or broken server
   desynchronises a keep-alive connection: a response that is not exactly one well-framed
   HTTP/1.x message is an ``http-error``, never a guess.
 * https uses ``verify`` as httpx (0.25-0.28) does: True: ``$SSL_CERT_FILE``, else
@@ -37,6 +37,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
@@ -387,6 +388,52 @@ def _readable(sock: Any) -> bool:
         return True
 
 
+_resolver: ThreadPoolExecutor | None = None
+_resolver_pid = 0
+_resolver_lock = threading.Lock()
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+    """``getaddrinfo`` within ``timeout``. The C resolver takes no timeout: with a DNS server
+    that does not answer it blocks for its own (5 s per try and server by default), and the
+    page with it. So a name is looked up on a small thread pool (one per process: threads do
+    not survive fork()), and a lookup that overruns is left to finish there. An IP address
+    needs no lookup."""
+    global _resolver, _resolver_pid
+    try:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    with _resolver_lock:
+        if _resolver is None or _resolver_pid != os.getpid():
+            _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bosh-dns")
+            _resolver_pid = os.getpid()
+        resolver = _resolver
+    future = resolver.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()  # if it has not started yet
+        raise TimeoutError(f"DNS lookup of {host} took over {timeout:.2f} s") from None
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """``socket.create_connection`` with the lookup bounded too, and one deadline for all."""
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in _resolve(host, port, _left(deadline)):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise
+            errors.append(exc)
+    raise errors[0] if errors else OSError(f"{host} has no address")
+
+
 class SyncPool:
     """Idle keep-alive sockets to one origin; thread-safe; not inherited across fork()."""
 
@@ -415,7 +462,7 @@ class SyncPool:
         o = self.origin
         raw: socket.socket | None = None
         try:
-            raw = socket.create_connection((o.host, o.port), timeout=timeout)
+            raw = _connect(o.host, o.port, time.monotonic() + timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = raw if o.tls is None else o.tls.wrap_socket(raw, server_hostname=o.host)
             sock.setblocking(False)  # from now on, deadlines are kept by _wait (see _send)

@@ -107,6 +107,19 @@ class _ClosingIterator:
 class _Exchange:
     """One request's state."""
 
+    __slots__ = (
+        "_start_response",
+        "core",
+        "credentials",
+        "environ",
+        "held",
+        "mode",
+        "mw",
+        "pending",
+        "user",
+        "written",
+    )
+
     def __init__(
         self,
         mw: BOSHPrebindMiddleware,
@@ -258,6 +271,8 @@ class BOSHPrebindMiddleware:
         self.get_user = get_user
         self.get_nonce = get_nonce
         self.serve_endpoint = serve_endpoint
+        self._endpoint_path = self.config.endpoint_path  # (None when there is no endpoint)
+        self._exclude = tuple(self.config.exclude_paths)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # Every request passes here: the cheapest checks first (path and method, then the
@@ -268,9 +283,11 @@ class BOSHPrebindMiddleware:
         # ``start_response``: nothing to inspect, and no orphan session for HTML a script fetched.
         core = self.core
         path = environ.get("PATH_INFO", "")
-        if self.serve_endpoint and self.get_user is not None and core.is_endpoint(path):
+        if path == self._endpoint_path and self.serve_endpoint and self.get_user is not None:
             return self._endpoint(environ, start_response)
-        if not core.wants_path(environ.get("REQUEST_METHOD", "GET"), path):
+        # core.wants_path, inlined (every request runs this)
+        exclude = self._exclude
+        if environ.get("REQUEST_METHOD", "GET") != "GET" or (exclude and path.startswith(exclude)):
             return self.app(environ, start_response)
         kind = _request_kind(environ)
         if kind == NOT_A_PAGE:
