@@ -195,7 +195,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
     from . import _micro
     from ._passapps import SCENARIOS
 
-    seconds, reps = (1.0, 2) if quick else (2.0, 5)
+    seconds, reps = (1.0, 2) if quick else (2.0, 7)
     pairs = 50 if quick else _micro.PAIRS
     rows: list[list[object]] = []
     data: dict[str, object] = {}
@@ -216,42 +216,52 @@ def run(*, quick: bool = False, **_: object) -> Result:
     ]
     if quick:  # the smoke run keeps one ASGI and one WSGI server
         servers = [servers[0], servers[2]]
-    variants = ("without", "with")
     for label, kind, prefix in servers:
         with contextlib.ExitStack() as stack:
-            urls = {v: stack.enter_context(_server(kind, f"{prefix}_{v}")) for v in variants}
-            for name, key, path, request_headers in SCENARIOS:
+            urls = {
+                "without": stack.enter_context(_server(kind, f"{prefix}_without")),
+                "with": stack.enter_context(_server(kind, f"{prefix}_with")),
+                # a second copy of the app without the middleware: the control pair
+                "control": stack.enter_context(_server(kind, f"{prefix}_without")),
+            }
+            cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in SCENARIOS]
+            # the method's own error: the same app against itself (JSON API, logged in)
+            name, key, path, hdrs = SCENARIOS[1]
+            cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
+            for name, key, path, request_headers, other in cases:
                 headers = [f"{k}: {v}" for k, v in request_headers]
-                results: dict[str, list[float]] = {v: [] for v in variants}
+                pair = ("without", other)
+                results: dict[str, list[float]] = {v: [] for v in pair}
                 ratios: list[float] = []
                 errors = 0
                 if not quick:
-                    _load([u + path for u in urls.values()], headers, 1.0)  # warm-up
+                    _load([urls[v] + path for v in pair], headers, 1.0)  # warm-up
                 for _rep in range(reps):
-                    # Both variants at once, from the same core: the scheduler gives each
-                    # server half of it, so the throughput ratio is the cost ratio, and the
-                    # machine's drift (tens of per cent on a shared VM) hits both alike.
-                    both = _load([urls[v] + path for v in variants], headers, seconds)
-                    for variant, (rps, bad) in zip(variants, both, strict=True):
+                    # Both at once, from the same core: the scheduler gives each server half
+                    # of it, so the throughput ratio is the cost ratio, and the machine's
+                    # drift (tens of per cent on a shared VM) hits both alike.
+                    both = _load([urls[v] + path for v in pair], headers, seconds)
+                    for variant, (rps, bad) in zip(pair, both, strict=True):
                         results[variant].append(rps)
                         errors += bad
-                    ratios.append(results["with"][-1] / results["without"][-1])
+                    ratios.append(results[other][-1] / results["without"][-1])
                 wo = median(results["without"])
                 ratio = median(ratios)
                 # what the in-process cost alone predicts: each request takes 0.5/rps s of
                 # CPU 0 (the server has half of it), plus the middleware's microseconds
-                cost = extra[key]["wsgi" if kind == "waitress" else "asgi"]
+                api = "wsgi" if kind == "waitress" else "asgi"
+                cost = 0.0 if other == "control" else extra[key][api]
                 predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
                 rows.append(
                     [
                         label,
                         name,
                         f"{wo:,.0f}",
-                        f"{median(results['with']):,.0f}",
+                        f"{median(results[other]):,.0f}",
                         f"{ratio:.3f}x",
                         f"{min(ratios):.2f}-{max(ratios):.2f}",
                         f"{predicted:.3f}x",
-                        verdict(ratio >= 0.98),
+                        "-" if other == "control" else verdict(ratio >= 0.98),
                         errors,
                     ]
                 )
@@ -282,7 +292,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
             f"{gen}, {CONNECTIONS} keep-alive connections per server, {seconds:g} s per run. Both"
             " variants run at the same time, both servers pinned to CPU 0 (each gets half of it:"
             " the req/s are per half core), both load generators to CPU 1. The ratio is the"
-            f" median of {reps} such runs.",
+            f" median of {reps} such runs. The control rows load two copies of the app without"
+            " the middleware the same way: how far from 1.00x the method itself strays.",
             "Predicted = 1 / (1 + middleware's in-process cost x 2 x req/s without): what the"
             " microseconds of the second table alone would cost at that request rate on half a"
             " core.",

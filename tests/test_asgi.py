@@ -549,3 +549,51 @@ async def test_endpoint_405_for_post(make_mw: Any) -> None:
     assert r.status_code == 405
     assert r.headers["allow"] == "GET"
     assert spy.calls == []
+
+
+# --- the response-start pre-filter ---------------------------------------------------------
+
+CONTENT_TYPES = [
+    "text/html",
+    "text/html; charset=utf-8",
+    "TEXT/HTML;charset=ISO-8859-1",
+    " text/html ",
+    "application/xhtml+xml",
+    "Application/XHTML+XML; charset=utf-8",
+    "application/json",
+    "text/plain",
+    "text/htmlx",
+    "image/svg+xml",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", [b"content-type", b"Content-Type", b"CONTENT-TYPE"])
+@pytest.mark.parametrize("ctype", CONTENT_TYPES)
+def test_html_prefilter_never_hides_a_page(name: bytes, ctype: str) -> None:
+    """``_may_be_html`` lets the responder skip ``is_injectable`` for most responses: it must
+    say True for every Content-Type that ``is_injectable`` takes for a page."""
+    from bosh_middleware.asgi import _may_be_html
+    from bosh_middleware.core import is_injectable
+
+    raw = [(b"content-length", b"10"), (name, ctype.encode("latin-1"))]
+    page = is_injectable("GET", 200, {"content-type": ctype}.get)
+    if page:
+        assert _may_be_html(raw)
+    assert _may_be_html(raw) is ("html" in ctype.lower())
+    assert not _may_be_html([(b"content-length", b"10")])
+
+
+async def test_response_headers_given_as_an_iterator_are_read_whole(make_mw: Any) -> None:
+    """ASGI only says "iterable": a generator of headers is read more than once on the way
+    (the pre-filter, then the full check and the rewrite), so it is made a list first."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = ((k, v) for k, v in [(b"content-type", b"text/html"), (b"x-app", b"1")])
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": PAGE})
+
+    mw, spy = make_mw(app)
+    rec = await run(mw)
+    assert page_vars(rec.body) is not None and len(spy.sessions) == 1
+    assert rec.header("x-app") == "1"

@@ -120,6 +120,17 @@ class _Headers:
         return found
 
 
+def _may_be_html(raw: Any) -> bool:
+    """False when no ``Content-Type`` line so much as mentions html: then the response is no
+    page (``is_injectable`` wants text/html or application/xhtml+xml), settled by one short
+    loop over the response's few headers. A logged-in request that did not say what it wants
+    (a script, curl) pays this for every response it gets."""
+    for k, v in raw:  # noqa: SIM110 - a plain loop: any() would make a generator per response
+        if bytes(k).lower() == b"content-type" and b"html" in bytes(v).lower():
+            return True
+    return False
+
+
 def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[tuple[bytes, bytes]]:
     drop = {n.lower().encode("latin-1") for n, _ in sets} | {
         n.lower().encode("latin-1") for n in removes
@@ -194,8 +205,13 @@ class _Responder:
             return
         kind = message["type"]
         if kind == "http.response.start" and self.start is None and self.injector is None:
-            headers = _Headers(message.get("headers"))
-            if not is_injectable(self.scope["method"], message["status"], headers.get):
+            raw = message.get("headers") or ()
+            if not isinstance(raw, (list, tuple)):  # read more than once from here on
+                raw = message["headers"] = list(raw)
+            headers = _Headers(raw) if _may_be_html(raw) else None
+            if headers is None or not is_injectable(
+                self.scope["method"], message["status"], headers.get
+            ):
                 self.passthrough = True
                 self.cleanup()
                 await self._send(message)
