@@ -772,19 +772,20 @@ def test_a_dns_lookup_that_fails_is_connection_failed() -> None:
     unavailable(lambda: pool.exchange(b"x", 5.0, LIMIT), "connection-failed")
 
 
-def test_lookups_work_in_a_forked_child(serve) -> None:
-    """The lookup threads do not survive fork(): the child makes its own pool of them (a
-    pre-forking server such as gunicorn --preload forks after the app has been used)."""
+def test_a_forked_child_makes_its_own_connections_and_lookups(serve) -> None:
+    """After fork() the child must not use the parent's idle sockets (both would read the same
+    connection) nor its lookup threads (they do not survive fork; a pre-forking server such as
+    gunicorn --preload forks after the app has been used)."""
     server = serve(serve_keepalive)
-    assert http11._resolve("localhost", server.port, 5.0)  # the parent's pool exists now
+    pool = http11.SyncPool(http11.origin(f"http://localhost:{server.port}/b", {}, True))
+    assert pool.exchange(b"parent", 3.0, LIMIT) == (200, b"0:parent")  # connection 0 is idle
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork() with threads
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            pool = http11.SyncPool(http11.origin(f"http://localhost:{server.port}/b", {}, True))
-            code = 0 if pool.exchange(b"child", 3.0, LIMIT) == (200, b"%d:child" % 0) else 2
+            code = 0 if pool.exchange(b"child", 3.0, LIMIT) == (200, b"1:child") else 2
         finally:
             os._exit(code)
     deadline = time.monotonic() + 10
@@ -792,6 +793,8 @@ def test_lookups_work_in_a_forked_child(serve) -> None:
         assert time.monotonic() < deadline, "the forked child hangs"
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert pool.exchange(b"again", 3.0, LIMIT) == (200, b"0:again")  # the parent's is intact
+    pool.close()
 
 
 def test_connection_refused(pool) -> None:

@@ -388,6 +388,19 @@ def _readable(sock: Any) -> bool:
         return True
 
 
+#: fork()s this process has gone through, as its child: a pool made before one holds the
+#: parent's sockets. (Counted, not read with getpid(): that would be two syscalls a request.)
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_forked)
+
 _resolver: ThreadPoolExecutor | None = None
 _resolver_pid = 0
 _resolver_lock = threading.Lock()
@@ -441,17 +454,17 @@ class SyncPool:
         self.origin = origin
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._forks = _forks
 
     def _acquire(self, timeout: float) -> tuple[socket.socket, bool]:
         """An idle connection (reused=True) or a new one, connected within ``timeout``.
         Any failure to connect (refused, DNS, TLS handshake or certificate) is
         ``connection-failed``, as httpx's ConnectError is; running out of time is a timeout."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._forks != _forks:
                 # The parent's sockets: not ours to use. Closing our copy of the descriptor
                 # does not close the parent's connection.
-                idle, self._idle, self._pid = self._idle, [], os.getpid()
+                idle, self._idle, self._forks = self._idle, [], _forks
                 for sock in idle:
                     sock.close()
             while self._idle:
@@ -476,7 +489,7 @@ class SyncPool:
 
     def _release(self, sock: socket.socket) -> None:
         with self._lock:
-            if len(self._idle) < _MAX_IDLE and self._pid == os.getpid():
+            if len(self._idle) < _MAX_IDLE and self._forks == _forks:
                 self._idle.append(sock)
                 return
         sock.close()
