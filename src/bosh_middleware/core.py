@@ -165,10 +165,16 @@ def request_kind_of(xhr: object, dest: str | None, accept: str | None) -> str:
             return NOT_A_PAGE
     if accept is not None and accepts_html(accept) is False:
         return NOT_A_PAGE
+    return NAVIGATION if _says_navigation(dest or "", accept) else UNDECIDED
+
+
+def _says_navigation(dest: str, accept: str | None) -> bool:
+    """``Sec-Fetch-Dest: document`` (``dest`` lower-cased by the caller), or an ``Accept`` that
+    names HTML: what ``request_kind`` and ``looks_like_page`` both call a navigation."""
     if dest == "document":
-        return NAVIGATION
+        return True
     accept = (accept or "").lower()
-    return NAVIGATION if "text/html" in accept or "application/xhtml+xml" in accept else UNDECIDED
+    return "text/html" in accept or "application/xhtml+xml" in accept
 
 
 def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
@@ -371,10 +377,7 @@ class PrebindCore:
         """A browser navigation: worth starting the prebind before the view has answered.
         (Asked only of requests ``not_a_page`` let through; a request that is neither, such as
         curl's ``Accept: */*``, is prebound only once its response turns out to be a page.)"""
-        if (get("sec-fetch-dest") or "").lower() == "document":
-            return True
-        accept = (get("accept") or "").lower()
-        return "text/html" in accept or "application/xhtml+xml" in accept
+        return _says_navigation((get("sec-fetch-dest") or "").lower(), get("accept"))
 
     def is_endpoint(self, path: str) -> bool:
         return self.config.endpoint_path is not None and path == self.config.endpoint_path
