@@ -873,3 +873,37 @@ def test_bad_credentials_for_scram_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         _prebind(server, Credentials(JID, "bad\u0007password"))
     _assert_terminated_last(server)
+
+
+def test_each_answer_is_parsed_once_though_drivers_wrap_it_anew(monkeypatch) -> None:
+    """The transports call ``settles`` as each answer of a pipelined batch arrives, wrapping
+    the same bytes in a new ``BOSHResponse`` each time (and once more for the flow): the XML
+    must still be parsed once per answer, not once per look at it."""
+    from bosh_middleware import body as body_module
+
+    parsed: list[bytes] = []
+    real = body_module.parse_body
+
+    def counting(data: bytes, *, max_size: int) -> body_module.ParsedBody:
+        parsed.append(data)
+        return real(data, max_size=max_size)
+
+    monkeypatch.setattr(body_module, "parse_body", counting)
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    flow = _proto().flow()
+    answers: list[bytes] = []
+    try:
+        batch = next(flow)
+        while True:
+            got = [server.answer(req) for req in batch]
+            answers += [r.body for r in got]
+            settles = batch[0].settles
+            for i in range(1, len(got) + 1):  # as each arrives, in new wrappers every time
+                if settles is not None:
+                    settles([BOSHResponse(r.status_code, r.body) for r in got[:i]])
+            batch = flow.send([BOSHResponse(r.status_code, r.body) for r in got])
+    except StopIteration as stop:
+        session = stop.value
+    assert session.jid.startswith(JID + "/")
+    assert len(answers) == 5  # create, auth, auth-response, restart, bind
+    assert parsed == answers  # each once, in order

@@ -9,7 +9,6 @@ size cap, and any DTD at all is refused (RFC 6120 forbids them in XMPP).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 from lxml import etree
 
@@ -82,21 +81,37 @@ def terminate_body(*, rid: int, sid: str) -> bytes:
     ).encode()
 
 
-@dataclass
 class ParsedBody:
-    attrs: dict[str, str]
-    children: list[etree._Element] = field(default_factory=list)
+    """A parsed ``<body/>``: its element children, and its attributes read on demand (only the
+    session creation response needs them all; the others are asked for ``type`` at most)."""
+
+    __slots__ = ("_attrs", "children", "root")
+
+    def __init__(self, root: etree._Element) -> None:
+        self.root = root
+        self.children: list[etree._Element] = [c for c in root if isinstance(c.tag, str)]
+        self._attrs: dict[str, str] | None = None
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        if self._attrs is None:
+            self._attrs = {str(k): str(v) for k, v in self.root.attrib.items()}
+        return self._attrs
+
+    def get(self, name: str) -> str | None:
+        value = self.root.get(name)
+        return None if value is None else str(value)
 
     @property
     def type(self) -> str | None:
-        return self.attrs.get("type")
+        return self.get("type")
 
     @property
     def condition(self) -> str | None:
-        return self.attrs.get("condition")
+        return self.get("condition")
 
     def int_attr(self, name: str) -> int | None:
-        value = self.attrs.get(name)
+        value = self.get(name)
         if value is None:
             return None
         try:
@@ -142,5 +157,4 @@ def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
         raise ProtocolError(f"BOSH response could not be parsed: {exc}") from None
     if root.tag != _BODY_TAG:
         raise ProtocolError(f"BOSH response root is {str(root.tag)[:80]!r}, not <body/>")
-    attrs = {str(k): str(v) for k, v in root.attrib.items()}
-    return ParsedBody(attrs=attrs, children=[c for c in root if isinstance(c.tag, str)])
+    return ParsedBody(root)

@@ -65,6 +65,10 @@ _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
 #: The only fields that matter here: the framing and whether the connection can be reused.
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+#: Those fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name, value).
+_FRAMING_LINES = re.compile(
+    rb"^(content-length|transfer-encoding|connection):([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE
+)
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
 #: %-escapes); anything else (space, controls, non-ASCII) is %-encoded, as httpx does.
@@ -257,8 +261,7 @@ class _Parser:
         block = bytes(self._buf[: end + 2])  # the status line and header lines, each with CRLF
         del self._buf[: end + 4]
         first = block.find(b"\r\n") + 2  # where the header lines start (block ends with CRLF)
-        lines = block[:-2].split(b"\r\n")
-        status = _STATUS_LINE.fullmatch(lines[0])
+        status = _STATUS_LINE.fullmatch(block, 0, first - 2)
         if status is None:  # also a head that starts with header lines (no status line)
             raise _http_error("malformed HTTP status line")
         http11, self.status = status[1] != b"0", int(status[2])
@@ -268,14 +271,11 @@ class _Parser:
             return
         fields: list[tuple[bytes, bytes]] = []
         if _FIELD_LINES.fullmatch(block, first):
-            # every line well-formed (the usual case): only the framing fields are read
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.lower()
-                if name in _FRAMING_FIELDS:
-                    fields.append((name, value))
+            # every line well-formed (the usual case): only the framing fields are read, and
+            # found in C rather than by a Python loop over every line
+            fields = [(n.lower(), v) for n, v in _FRAMING_LINES.findall(block, first)]
         else:
-            for line in lines[1:]:
+            for line in block[first:-2].split(b"\r\n"):
                 if line[:1] in (b" ", b"\t") and fields:  # obs-fold: a continuation, read as SP
                     name, value = fields[-1]
                     fields[-1] = (name, value + b" " + line.strip(b" \t"))

@@ -214,16 +214,19 @@ class _Conversation:
         self.polls = 0
         #: Requests of pipelined batches that the server kept open (see ``_HeldRequest``).
         self.held = 0
-        #: Responses of the current batch already parsed by ``settles`` (id -> (response, body)).
-        self._parsed: dict[int, tuple[BOSHResponse, b.ParsedBody]] = {}
+        #: Bodies of the current batch already parsed by ``settles``: id(bytes) -> (bytes, parsed).
+        self._parsed: dict[int, tuple[bytes, b.ParsedBody]] = {}
 
     def _parse(self, response: BOSHResponse) -> b.ParsedBody:
-        """Parse once per batch: ``settles`` and ``_absorb`` both need the same responses."""
-        hit = self._parsed.get(id(response))
-        if hit is not None and hit[0] is response:
+        """Parse once per batch: ``settles`` (each time an answer arrives) and ``_absorb`` all
+        need the same answers. Keyed by the body, not the response: a driver may wrap one
+        body in a new ``BOSHResponse`` for every call."""
+        data = response.body
+        hit = self._parsed.get(id(data))
+        if hit is not None and hit[0] is data:
             return hit[1]
-        parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
-        self._parsed[id(response)] = (response, parsed)
+        parsed = b.parse_body(data, max_size=self.options.max_response_size)
+        self._parsed[id(data)] = (data, parsed)
         return parsed
 
     def _request(
