@@ -226,6 +226,62 @@ async def test_html_view_gets_a_session_only_when_navigated_to(
         assert spy.calls == [] and looked_up.calls == []
 
 
+class _MethodUser:
+    """``is_authenticated`` as a method (old Flask-Login, hand-written user classes)."""
+
+    def __init__(self, username: str, ok: bool) -> None:
+        self.username, self._ok = username, ok
+
+    def is_authenticated(self) -> bool:
+        return self._ok
+
+
+class _TruthyUser:
+    """No ``is_authenticated`` at all: the user's truth decides."""
+
+    def __init__(self, username: str, ok: bool) -> None:
+        self.username, self._ok = username, ok
+
+    def __bool__(self) -> bool:
+        return self._ok
+
+
+#: user -> logged in? Every shape ``is_authenticated`` reads, since the middleware reads the
+#: usual one (a plain True/False attribute) without calling it.
+USER_SHAPES: dict[str, tuple[Any, bool]] = {
+    "attribute-true": (User("alice"), True),
+    "attribute-false": (User("alice", is_authenticated=False), False),
+    "method-true": (_MethodUser("alice", True), True),
+    "method-false": (_MethodUser("alice", False), False),
+    "truthy": (_TruthyUser("alice", True), True),
+    "falsy": (_TruthyUser("alice", False), False),
+    "none": (None, False),
+}
+
+
+@pytest.mark.parametrize("via", ["scope", "get_user"])
+@pytest.mark.parametrize("shape", list(USER_SHAPES))
+async def test_who_counts_as_logged_in(
+    make_mw: Any, alice: tuple[str, str], shape: str, via: str
+) -> None:
+    user, logged_in = USER_SHAPES[shape]
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    looked_up = CountingCredentials(StaticCredentials({"alice": alice}))
+    if via == "scope":
+        mw, spy = make_mw(app, credentials=looked_up)
+        rec = await run(mw, user=user)
+    else:  # the scope's "user" is not what counts then
+        mw, spy = make_mw(app, credentials=looked_up, get_user=lambda scope: user)
+        rec = await run(mw, user=None if logged_in else ALICE)
+    await drain_async(mw.core)
+    if logged_in:
+        (session,) = spy.sessions
+        assert rec.body == inject(PAGE, mw.core.snippet(session))
+    else:
+        assert rec.messages == app.sent
+        assert spy.calls == [] and looked_up.calls == []
+
+
 @pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])
 async def test_no_page_request_reaches_the_app_unwrapped(make_mw: Any, kind: str) -> None:
     """The fast path: the app is called with the server's own ``receive`` and ``send``."""

@@ -186,6 +186,42 @@ REQUEST_CASES: dict[str, dict[str, Any]] = {
 }
 
 
+class _FlagUser:
+    def __init__(self, username: str, ok: bool) -> None:
+        self.username, self.is_authenticated = username, ok
+
+
+#: what get_user returns -> logged in? (REMOTE_USER strings are read without a call)
+USER_SHAPES: dict[str, tuple[Any, bool]] = {
+    "name": ("alice", True),
+    "empty-name": ("", False),
+    "none": (None, False),
+    "flag-true": (_FlagUser("alice", True), True),
+    "flag-false": (_FlagUser("alice", False), False),
+}
+
+
+@pytest.mark.parametrize("shape", list(USER_SHAPES))
+def test_who_counts_as_logged_in(make_mw: Any, alice: tuple[str, str], shape: str) -> None:
+    user, logged_in = USER_SHAPES[shape]
+    looked_up = CountingCredentials(StaticCredentials({"alice": alice}))
+    mw, spy = make_mw(html_app(), credentials=looked_up, get_user=lambda environ: user)
+    r = get(mw, user=None)
+    assert spy.wait_idle()
+    if logged_in:
+        (session,) = spy.sessions
+        assert r.body == inject(PAGE, mw.core.snippet(session))
+    else:
+        assert r.body == PAGE
+        assert spy.calls == [] and looked_up.calls == []
+
+
+def test_empty_remote_user_is_nobody(make_mw: Any) -> None:
+    mw, spy = make_mw(html_app())
+    r = get(mw, user="")
+    assert r.body == PAGE and spy.calls == []
+
+
 @pytest.mark.parametrize("case", list(REQUEST_CASES))
 def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any, case: str) -> None:
     headers = [*HTML, ("Content-Length", str(len(PAGE)))]

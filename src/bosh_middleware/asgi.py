@@ -16,6 +16,7 @@ from .config import MiddlewareConfig
 from .core import (
     NAVIGATION,
     NOT_A_PAGE,
+    UNDECIDED,
     AsyncPending,
     PrebindCore,
     charset_of,
@@ -82,12 +83,20 @@ def _request_kind(raw: Any) -> str:
     with no Python call per header or per value."""
     if type(raw) is list and _FETCH in raw:  # (``in`` would use up an iterator)
         return NOT_A_PAGE
+    return _kind_of_headers(raw)
+
+
+def _kind_of_headers(raw: Any) -> str:
+    """``_request_kind`` once the ``_FETCH`` scan has found nothing."""
     fast = _as_dict(raw)
     if fast is None:
         return request_kind(_Headers(raw).get)
     dest, accept = fast.get(b"sec-fetch-dest"), fast.get(b"accept")
+    xhr = fast.get(b"hx-request") or fast.get(b"x-requested-with")
+    if dest is None and accept is None and not xhr:
+        return UNDECIDED  # said nothing (a script, curl): what request_kind_of answers
     return request_kind_of(
-        fast.get(b"hx-request") or fast.get(b"x-requested-with"),
+        xhr,
         None if dest is None else bytes(dest).decode("latin-1"),
         None if accept is None else bytes(accept).decode("latin-1"),
     )
@@ -125,8 +134,9 @@ def _may_be_html(raw: Any) -> bool:
     page (``is_injectable`` wants text/html or application/xhtml+xml), settled by one short
     loop over the response's few headers. A logged-in request that did not say what it wants
     (a script, curl) pays this for every response it gets."""
-    for k, v in raw:  # noqa: SIM110 - a plain loop: any() would make a generator per response
-        if bytes(k).lower() == b"content-type" and b"html" in bytes(v).lower():
+    for k, v in raw:
+        # len() first: most lines are settled without a call that makes a new object
+        if len(k) == 12 and bytes(k).lower() == b"content-type" and b"html" in bytes(v).lower():
             return True
     return False
 
@@ -190,7 +200,8 @@ class _Responder:
     def cleanup(self) -> None:
         if self.pending is not None:
             self.pending.discard()
-        self._drop_session()
+        if self.session is not None:
+            self._drop_session()
 
     def _drop_session(self) -> None:
         """A session obtained but never sent (the app failed, or sent something we pass on
@@ -274,6 +285,43 @@ class _Responder:
         await self._send(message)
 
 
+class _Sniffer:
+    """The ``send`` of a request that did not say what it wants (a script, curl, a test
+    client): a ``_Responder`` (and with it the prebind) only once the response's start says
+    HTML; anything else goes through as it comes. Most such responses are JSON or files, and
+    this keeps what they pay to one look at their Content-Type."""
+
+    __slots__ = ("_send", "mw", "responder", "scope", "user")
+
+    def __init__(self, mw: BOSHPrebindMiddleware, scope: Scope, send: Send, user: Any) -> None:
+        self.mw: BOSHPrebindMiddleware | None = mw  # None once the response is known no page
+        self.scope = scope
+        self._send = send
+        self.user = user
+        self.responder: _Responder | None = None
+
+    async def send(self, message: Message) -> None:
+        if self.mw is None:
+            await self._send(message)
+            return
+        responder = self.responder
+        if responder is not None:
+            await responder.send(message)
+            return
+        if message["type"] == "http.response.start":
+            raw = message.get("headers") or ()
+            if not isinstance(raw, (list, tuple)):  # read more than once from here on
+                raw = message["headers"] = list(raw)
+            if _may_be_html(raw):
+                self.responder = responder = _Responder(
+                    self.mw, self.scope, self._send, None, None, self.user
+                )
+                await responder.send(message)
+                return
+            self.mw = None
+        await self._send(message)
+
+
 class BOSHPrebindMiddleware:
     """Prebind an XMPP session for authenticated users' HTML pages.
 
@@ -329,21 +377,35 @@ class BOSHPrebindMiddleware:
         if scope["method"] != "GET" or (exclude and path.startswith(exclude)):
             await self.app(scope, receive, send)
             return
-        user = self.get_user(scope)
-        if user is None or not is_authenticated(user):
+        get_user = self.get_user
+        user = scope.get("user") if get_user is scope_user else get_user(scope)
+        # is_authenticated, with the usual answer (a plain True/False, as Starlette's and
+        # Django's users give) read without a call
+        flag = getattr(user, "is_authenticated", None)
+        if flag is not True and (flag is False or user is None or not is_authenticated(user)):
             await self.app(scope, receive, send)
             return
-        kind = _request_kind(scope.get("headers") or ())
+        raw = scope.get("headers") or ()
+        if type(raw) is list and _FETCH in raw:  # _request_kind's first test, inlined
+            await self.app(scope, receive, send)
+            return
+        kind = _kind_of_headers(raw)
         if kind == NOT_A_PAGE:
             await self.app(scope, receive, send)
             return
-        credentials = pending = None
-        if kind == NAVIGATION:
-            credentials = await core.credentials_async(user)
-            if credentials is None:
-                await self.app(scope, receive, send)
-                return
-            pending = core.start_async(credentials)  # now, next to the view
+        if kind != NAVIGATION:  # undecided: the response's start will say
+            sniffer = _Sniffer(self, scope, send, user)
+            try:
+                await self.app(scope, receive, sniffer.send)
+            finally:
+                if sniffer.responder is not None:
+                    sniffer.responder.cleanup()
+            return
+        credentials = await core.credentials_async(user)
+        if credentials is None:
+            await self.app(scope, receive, send)
+            return
+        pending = core.start_async(credentials)  # now, next to the view
         responder = _Responder(self, scope, send, credentials, pending, user)
         try:
             await self.app(scope, receive, responder.send)

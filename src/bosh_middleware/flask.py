@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
     ) from exc
 
 from .config import MiddlewareConfig
-from .core import PrebindCore, is_injectable
+from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable, request_kind
 from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
@@ -121,14 +121,23 @@ def _state() -> _State:
     return state
 
 
-def _wanted(core: PrebindCore) -> bool:
-    path = request.path
-    return not core.is_endpoint(path) and core.wants(request.method, path, request.headers.get)
+def _kind(core: PrebindCore) -> str:
+    """This request's ``request_kind`` (not a page, too, for the endpoint and for paths and
+    methods that never are): both hooks ask, and the headers are read once."""
+    kind: str | None = g.get("_bosh_kind")
+    if kind is None:
+        path = request.path
+        if core.is_endpoint(path) or not core.wants_path(request.method, path):
+            kind = NOT_A_PAGE
+        else:
+            kind = request_kind(request.headers.get)
+        g._bosh_kind = kind
+    return kind
 
 
 def _before_request() -> None:
     state = _state()
-    if not _wanted(state.core) or not state.core.looks_like_page(request.headers.get):
+    if _kind(state.core) != NAVIGATION:
         return
     user = g._bosh_user = state.get_user()
     credentials = state.core.credentials_sync(user)
@@ -143,7 +152,7 @@ def _after_request(response: Response) -> Response:
     state = _state()
     if not (
         is_injectable(request.method, response.status_code, response.headers.get)
-        and _wanted(state.core)
+        and _kind(state.core) != NOT_A_PAGE
     ):
         return response  # the WSGI middleware discards a started prebind
     environ = request.environ

@@ -17,6 +17,7 @@ from .config import MiddlewareConfig
 from .core import (
     NAVIGATION,
     NOT_A_PAGE,
+    UNDECIDED,
     PrebindCore,
     SyncPending,
     charset_of,
@@ -61,12 +62,27 @@ def _request_kind(environ: dict[str, Any]) -> str:
     """``request_kind`` of the request, its four values read straight from the environ (a
     server joins repeated fields with commas already; a value that is not a str is absent)."""
     get = environ.get
-    dest, accept = get("HTTP_SEC_FETCH_DEST"), get("HTTP_ACCEPT")
+    dest = get("HTTP_SEC_FETCH_DEST")
+    if dest == "empty":  # every browser's fetch()/XHR: no page, whatever else it says
+        return NOT_A_PAGE
+    accept = get("HTTP_ACCEPT")
+    xhr = get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH")
+    if dest is None and accept is None and not xhr:
+        return UNDECIDED  # said nothing (a script, curl): what request_kind_of answers
     return request_kind_of(
-        get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"),
+        xhr,
         dest if isinstance(dest, str) else None,
         accept if isinstance(accept, str) else None,
     )
+
+
+def _may_be_html(headers: list[tuple[str, str]]) -> bool:
+    """False when no ``Content-Type`` line so much as mentions html: the response is no page,
+    settled without ``is_injectable`` (see the ASGI adapter's twin)."""
+    for k, v in headers:
+        if len(k) == 12 and k.lower() == "content-type" and "html" in v.lower():
+            return True
+    return False
 
 
 def _getter(headers: list[tuple[str, str]]) -> Callable[[str], str | None]:
@@ -148,6 +164,10 @@ class _Exchange:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], object]:
+        if exc_info is None and self.mode == "undecided" and not _may_be_html(headers):
+            self.mode = "pass"  # no page: nothing to rewrite, and no session for it
+            self.discard()
+            return self._start_response(status, headers)
         code = int(status.split(None, 1)[0])
         if self.credentials is None and self.user is not None:
             if exc_info is None and is_injectable(
@@ -276,7 +296,7 @@ class BOSHPrebindMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # Every request passes here: the cheapest checks first (path and method, then the
-        # request headers: dict lookups, then the user), and ``credentials()`` only for a
+        # user, then the request headers: dict lookups), and ``credentials()`` only for a
         # navigation (to start the prebind next to the view) or once the response turns out to
         # be a page that will carry a session. A request that says it is no navigation
         # (``not_a_page``: fetch/XHR, htmx, a JSON client) goes to the app with the server's own
@@ -289,19 +309,25 @@ class BOSHPrebindMiddleware:
         exclude = self._exclude
         if environ.get("REQUEST_METHOD", "GET") != "GET" or (exclude and path.startswith(exclude)):
             return self.app(environ, start_response)
+        get_user, user = self.get_user, None
+        if get_user is not None:
+            user = (
+                environ.get("REMOTE_USER") or None
+                if get_user is environ_user
+                else get_user(environ)
+            )
+            # (REMOTE_USER, a non-empty str, is a user: no call needed for it)
+            if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
+                return self.app(environ, start_response)
         kind = _request_kind(environ)
         if kind == NOT_A_PAGE:
             return self.app(environ, start_response)
-        credentials = pending = user = None
-        if self.get_user is not None:
-            user = self.get_user(environ)
-            if not is_authenticated(user):
+        credentials = pending = None
+        if get_user is not None and kind == NAVIGATION:  # start next to the view
+            credentials = core.credentials_sync(user)
+            if credentials is None:
                 return self.app(environ, start_response)
-            if kind == NAVIGATION:  # start next to the view
-                credentials = core.credentials_sync(user)
-                if credentials is None:
-                    return self.app(environ, start_response)
-                pending = core.start_sync(credentials)
+            pending = core.start_sync(credentials)
         exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)

@@ -18,7 +18,14 @@ from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from ..config import MiddlewareConfig
-from ..core import PrebindCore, is_authenticated, is_injectable
+from ..core import (
+    NAVIGATION,
+    NOT_A_PAGE,
+    PrebindCore,
+    is_authenticated,
+    is_injectable,
+    request_kind,
+)
 from ..inject import Injector
 from ..session import PrebindSession
 from ._compat import csp_nonce
@@ -92,10 +99,12 @@ class BOSHPrebindMiddleware:
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*core.endpoint_sync(_user(request)))
-        if not core.wants(request.method or "", path, get):
+        # One read of the request headers (not_a_page, then navigation or not).
+        kind = request_kind(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        if kind == NOT_A_PAGE:
             return self.get_response(request)
         # Reading the user touches the session (Vary: Cookie): only early for navigations.
-        navigation = core.looks_like_page(get)
+        navigation = kind == NAVIGATION
         credentials = core.credentials_sync(_user(request)) if navigation else None
         if navigation and credentials is None:
             return self.get_response(request)
@@ -122,9 +131,10 @@ class BOSHPrebindMiddleware:
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*await core.endpoint_async(await _auser(request)))
-        if not core.wants(request.method or "", path, get):
+        kind = request_kind(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        if kind == NOT_A_PAGE:
             return await self.get_response(request)
-        navigation = core.looks_like_page(get)
+        navigation = kind == NAVIGATION
         credentials = await core.credentials_async(await _auser(request)) if navigation else None
         if navigation and credentials is None:
             return await self.get_response(request)
