@@ -13,6 +13,7 @@ of (app chunk - bare chunk), measured back to back: drift cancels within a pair.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import statistics
 import time
@@ -173,3 +174,81 @@ def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[s
         return run
 
     return _paired({k: timer(v) for k, v in _wsgi_apps().items()}, pairs)
+
+
+def _bytecodes(run: Any) -> int:
+    """Python bytecode instructions executed by ``run()``: unlike time, the same on every
+    machine and every run, so a change of a few instructions shows where timing cannot."""
+    import sys
+
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        run()
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+def asgi_bytecodes(path: str, request_headers: Headers) -> dict[str, int]:
+    """Bytecodes per request, by app (see ``_bytecodes``); the scope as in ``asgi_cost``."""
+    headers = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in (*_BASE_HEADERS, *request_headers)
+    ]
+    template = {"type": "http", "method": "GET", "path": path, "query_string": b""}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    def one(app: Any) -> int:
+        coro = app({**template, "headers": list(headers)}, receive, send)
+
+        def run() -> None:
+            with contextlib.suppress(StopIteration):
+                coro.send(None)  # nothing here ever suspends: one step runs it all
+
+        return _bytecodes(run)
+
+    return {name: one(app) for name, app in _asgi_apps().items()}
+
+
+def wsgi_bytecodes(path: str, request_headers: Headers) -> dict[str, int]:
+    import io
+
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "wsgi.input": io.BytesIO(),
+    }
+    for k, v in (*_BASE_HEADERS, *request_headers):
+        environ["HTTP_" + k.upper().replace("-", "_")] = v
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
+    def one(app: Any) -> int:
+        def run() -> None:
+            result = app(dict(environ), start_response)
+            for _chunk in result:
+                pass
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+        return _bytecodes(run)
+
+    return {name: one(app) for name, app in _wsgi_apps().items()}

@@ -162,6 +162,8 @@ def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dic
     for name, key, path, request_headers in SCENARIOS:
         a = _micro.asgi_cost(path, request_headers, pairs)
         w = _micro.wsgi_cost(path, request_headers, pairs)
+        ab = _micro.asgi_bytecodes(path, request_headers)
+        wb = _micro.wsgi_bytecodes(path, request_headers)
         extra[key] = {"asgi": a["middleware"] - a["bare"], "wsgi": w["middleware"] - w["bare"]}
         rows.append(
             [
@@ -169,21 +171,25 @@ def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dic
                 f"{a['bare']:.2f}",
                 f"+{a['empty wrapper'] - a['bare']:.2f}",
                 f"+{extra[key]['asgi']:.2f}",
+                f"+{ab['middleware'] - ab['bare']} ({ab['empty wrapper'] - ab['bare']})",
                 f"{w['bare']:.2f}",
                 f"+{w['empty wrapper'] - w['bare']:.2f}",
                 f"+{extra[key]['wsgi']:.2f}",
+                f"+{wb['middleware'] - wb['bare']} ({wb['empty wrapper'] - wb['bare']})",
             ]
         )
-        data[f"micro/{key}"] = {"asgi": a, "wsgi": w}
+        data[f"micro/{key}"] = {"asgi": a, "wsgi": w, "asgi_bytecodes": ab, "wsgi_bytecodes": wb}
     table = md_table(
         [
             "request (in process, us per request)",
             "ASGI bare app",
             "empty wrapper",
             "middleware",
+            "bytecodes: middleware (empty wrapper)",
             "WSGI bare app",
             "empty wrapper",
             "middleware",
+            "bytecodes: middleware (empty wrapper)",
         ],
         rows,
     )
@@ -308,7 +314,10 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " middleware must look at the response's start, the residual cost of inspection.",
             "Second table: the middleware's own cost per request in process, against the bare app"
             " and an empty pass-through wrapper (the floor): medians of"
-            f" {pairs} back-to-back pairs of {_micro.CHUNK}-call chunks (benchmarks/_micro.py).",
+            f" {pairs} back-to-back pairs of {_micro.CHUNK}-call chunks (benchmarks/_micro.py)."
+            " The bytecodes columns count the Python instructions one request executes beyond"
+            " the bare app's (sys.settrace): exact and the same on every run, where the"
+            " microseconds drift with the machine.",
         ],
         data,
     )

@@ -197,6 +197,69 @@ def test_parser_is_not_done_before_the_last_byte(bytewise: bool) -> None:
         assert parser.done
 
 
+#: Prosody's answer to a BOSH request, as it comes: what the one-pass path is for.
+PROSODY_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Headers: Content-Type\r\n"
+    b"Access-Control-Max-Age: 7200\r\nContent-Length: 7\r\nConnection: Keep-Alive\r\n"
+    b"Date: Mon, 30 Nov 2026 11:03:59 GMT\r\nContent-Type: text/xml; charset=utf-8\r\n"
+    b"Access-Control-Allow-Origin: *\r\n\r\n<body/>"
+)
+#: Heads near the one-pass path's edges: each must come out exactly as the general parser
+#: (fed byte by byte) has it, whether the one-pass path takes it or leaves it.
+EDGES = {
+    "prosody": PROSODY_ANSWER,
+    "with-the-next-response": PROSODY_ANSWER + b"HTTP/1.1 200 OK\r\n",
+    "short-body": PROSODY_ANSWER[:-1],
+    "lower-case-names": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok",
+    "spaces": b"HTTP/1.1 200 OK\r\nContent-Length:   2 \t\r\n\r\nok",
+    "no-reason": b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    "connection-close": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    "connection-list": b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok",
+    "length-twice-same": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "length-twice-different": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    "length-list": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    "length-signed": b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+    "length-over-limit": b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\nok",
+    "length-absurd": b"HTTP/1.1 200 OK\r\nContent-Length: 1234567890123456789012\r\n\r\n",
+    "no-length": b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\nok",
+    "chunked": CHUNKED,
+    "chunked-and-length": WELL_FORMED["chunked-and-content-length"][0],
+    "http10": b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+    "status-204": b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\nok",
+    "status-304": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 2\r\n\r\n",
+    "status-100-first": b"HTTP/1.1 100 Continue\r\n\r\n" + PROSODY_ANSWER,
+    "status-101": b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\n\r\n",
+    "status-503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown",
+    "bad-header-line": b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 2\r\n\r\nok",
+    "obs-fold": WELL_FORMED["obs-fold-header"][0],
+    "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "length-in-a-value": b"HTTP/1.1 200 OK\r\nX-A: Content-Length: 9\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+def _outcome(data: bytes, *, bytewise: bool) -> Any:
+    try:
+        p = parse(data, bytewise=bytewise, limit=1 << 20)
+    except Exception as exc:  # the outcome compared is the error's kind
+        return type(exc).__name__, getattr(exc, "condition", None)
+    return p.done, p.status, bytes(p.body), p.keep_alive, p.leftover()
+
+
+@pytest.mark.parametrize("case", list(EDGES))
+def test_one_pass_path_agrees_with_the_general_parser(case: str) -> None:
+    data = EDGES[case]
+    assert _outcome(data, bytewise=False) == _outcome(data, bytewise=True)
+
+
+def test_one_pass_path_takes_the_usual_answer() -> None:
+    """Prosody's answers take the one-pass path (else it would quietly cost what it saves)."""
+    for data in (PROSODY_ANSWER, EDGES["with-the-next-response"], EDGES["lower-case-names"]):
+        parser = http11._Parser(LIMIT)
+        assert parser._whole(data) and parser.done, data
+    for case in ("short-body", "connection-close", "chunked", "http10", "length-twice-same"):
+        assert not http11._Parser(LIMIT)._whole(EDGES[case]), case
+
+
 def http_error(fn: Callable[[], object]) -> ServiceUnavailable:
     with pytest.raises(ServiceUnavailable) as info:
         fn()

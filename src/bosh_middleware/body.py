@@ -9,6 +9,7 @@ size cap, and any DTD at all is refused (RFC 6120 forbids them in XMPP).
 from __future__ import annotations
 
 import threading
+from typing import cast
 
 from lxml import etree
 
@@ -95,7 +96,8 @@ class ParsedBody:
     @property
     def attrs(self) -> dict[str, str]:
         if self._attrs is None:
-            self._attrs = {str(k): str(v) for k, v in self.root.attrib.items()}
+            # (name, value) pairs made in C; lxml gives str for both (its stubs allow bytes)
+            self._attrs = dict(cast("list[tuple[str, str]]", self.root.items()))
         return self._attrs
 
     def get(self, name: str) -> str | None:

@@ -65,6 +65,12 @@ _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
 #: The only fields that matter here: the framing and whether the connection can be reused.
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+#: The status line and header lines of an HTTP/1.1 head, every line well-formed (as
+#: ``_STATUS_LINE`` and ``_FIELD_LINES`` want them), through its empty line: ``_Parser._whole``.
+_SIMPLE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([0-9]{3})(?:[ \t][^\r\n]*)?\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n"
+)
 #: Those fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name, value).
 _FRAMING_LINES = re.compile(
     rb"^(content-length|transfer-encoding|connection):([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE
@@ -205,6 +211,8 @@ class _Parser:
         return bytes(self._buf)
 
     def feed(self, data: bytes) -> None:
+        if self._framing == "head" and not self._buf and data and self._whole(data):
+            return
         if data:
             self.got = True
             self._buf += data
@@ -225,6 +233,36 @@ class _Parser:
                 self._buf.clear()
             if (self._framing, self._chunk, len(self._buf)) == before and not self.done:
                 return
+
+    def _whole(self, data: bytes) -> bool:
+        """The usual answer, in full in one read: HTTP/1.1, a well-formed head whose framing is
+        one plain Content-Length (and maybe ``Connection: keep-alive``), and all of its body.
+        Taken in one pass; anything else (or anything odd) is left to the general parser, with
+        nothing consumed, which reaches the same result or the same error the long way."""
+        head = _SIMPLE_HEAD.match(data)
+        if head is None or head.end() > _MAX_HEAD:
+            return False
+        status = int(head[1])
+        length = -1
+        # (the three names differ in length: Content-Length 14, Connection 10, T-E 17)
+        for name, value in _FRAMING_LINES.findall(data, head.start(2), head.end(2)):
+            value = value.strip(b" \t")
+            if len(name) == 14 and length < 0 and value.isdigit() and len(value) < 19:
+                length = int(value)
+            elif len(name) != 10 or value.lower() != b"keep-alive":
+                return False  # chunked, close, a repeated or odd length ...
+        start = head.end()
+        end = start + length
+        if length < 0 or length > self._limit or len(data) < end or not 200 <= status < 600:
+            return False
+        if status in (204, 304):
+            return False
+        self.got = self.done = self.keep_alive = True
+        self.status = status
+        self.body += memoryview(data)[start:end]
+        if end < len(data):
+            self._buf += memoryview(data)[end:]
+        return True
 
     def eof(self) -> None:
         if self.done:

@@ -30,14 +30,15 @@ correct always, and as fast as the pipelined form in the usual, in-order case.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import dataclasses
 import functools
 import ipaddress
 import secrets
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -85,8 +86,11 @@ _SESSION = f"{{{b.NS_SESSION}}}session"
 _RESTART = "\x00restart"  # marker in a step list: "a stream restart request goes here"
 
 
-@dataclass(frozen=True)
-class BOSHRequest:
+class BOSHRequest(NamedTuple):
+    """One request of a flow. (A named tuple, like ``BOSHResponse``: immutable, and made
+    without a Python ``__init__``, which a frozen dataclass runs for each of a prebind's
+    requests and answers.)"""
+
     rid: int
     body: bytes
     #: What the request does (``create``, ``auth``, ``bind`` ...): for logs; bodies are never
@@ -99,11 +103,10 @@ class BOSHRequest:
     #: the rest (answering ``None`` for them). With hold=1 a server may put every answer into one
     #: response and keep the other request open with nothing to say (Prosody does when the
     #: second request overtakes the first); that request is not waited for.
-    settles: Callable[[list[BOSHResponse]], bool] | None = field(default=None, compare=False)
+    settles: Callable[[list[BOSHResponse]], bool] | None = None
 
 
-@dataclass(frozen=True)
-class BOSHResponse:
+class BOSHResponse(NamedTuple):
     status_code: int
     body: bytes
 
@@ -178,7 +181,10 @@ def choose_mechanism(
 
 
 def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname
+    """The local name of an element's tag (``{ns}name`` -> ``name``): what QName says, without
+    making one."""
+    tag = str(el.tag)
+    return tag[tag.rfind("}") + 1 :]
 
 
 def _condition(el: etree._Element) -> str | None:
@@ -186,6 +192,10 @@ def _condition(el: etree._Element) -> str | None:
         if isinstance(child.tag, str) and _local(child) != "text":
             return _local(child)
     return None
+
+
+def _b64encode(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _b64decode(text: str | None) -> bytes:
@@ -357,9 +367,18 @@ class _Conversation:
                 if parsed.type == "terminate":
                     return True
                 children += parsed.children
-            if any(c.tag in (_FAILURE, _STREAM_ERROR) for c in children):
-                return True
-            return bool(needs) and all(any(need(c) for c in children) for need in needs)
+            for child in children:  # (loops: generators here cost more than the checks)
+                if child.tag == _FAILURE or child.tag == _STREAM_ERROR:
+                    return True
+            if not needs:
+                return False
+            for need in needs:
+                for child in children:
+                    if need(child):
+                        break
+                else:
+                    return False
+            return True
 
         return settles
 
@@ -482,7 +501,7 @@ class PrebindProtocol:
                 scram = ScramClient(mech, creds.localpart, creds.password or "")
             except ValueError as exc:
                 raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
-            first = base64.b64encode(scram.client_first()).decode()
+            first = _b64encode(scram.client_first())
             yield from conv.exchange([("auth", self._auth(mech, first))])
             answer = yield from conv.wait_for(
                 _tag_in(_CHALLENGE, _SUCCESS, _FAILURE), "a SASL answer"
@@ -490,11 +509,11 @@ class PrebindProtocol:
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
-            final = base64.b64encode(scram.client_final(_b64decode(answer.text))).decode()
+            final = _b64encode(scram.client_final(_b64decode(answer.text)))
             last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{final}</response>")
         elif mech == "PLAIN":
             token = f"\0{creds.localpart}\0{creds.password}".encode()
-            last = ("auth", self._auth(mech, base64.b64encode(token).decode()))
+            last = ("auth", self._auth(mech, _b64encode(token)))
         else:  # ANONYMOUS
             last = ("auth", self._auth(mech, ""))
 
