@@ -178,32 +178,21 @@ class _Parser:
     bounded: the head and each chunk-size or trailer line by 64 KiB, the body by ``limit``
     (a declared Content-Length or chunk size over it is refused before its bytes are read)."""
 
-    __slots__ = (
-        "_buf",
-        "_chunk",
-        "_framing",
-        "_limit",
-        "_remaining",
-        "_scan",
-        "body",
-        "done",
-        "got",
-        "keep_alive",
-        "status",
-    )
+    # Defaults as class attributes (no __slots__): a new parser sets three attributes, not
+    # eleven, and one is made for every request.
+    _framing = "head"  # head | length | chunked | close
+    _remaining = 0  # length: body bytes left; chunked: trailer bytes allowed
+    _chunk = -1  # chunked: -1 = size line next, -2 = trailers, n >= 0 = bytes left
+    _scan = 0  # where to resume looking for a line end: a trickled head stays O(n)
+    status = 0
+    keep_alive = False
+    done = False
+    got = False
 
     def __init__(self, limit: int, leftover: bytes = b"") -> None:
         self._limit = limit
         self._buf = bytearray()
-        self._framing = "head"  # head | length | chunked | close
-        self._remaining = 0  # length: body bytes left; chunked: trailer bytes allowed
-        self._chunk = -1  # chunked: -1 = size line next, -2 = trailers, n >= 0 = bytes left
-        self._scan = 0  # where to resume looking for a line end: a trickled head stays O(n)
         self.body = bytearray()
-        self.status = 0
-        self.keep_alive = False
-        self.done = False
-        self.got = False
         if leftover:
             self.feed(leftover)
 
@@ -684,25 +673,99 @@ def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
 
 
 # --- async ---------------------------------------------------------------------------------------
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection whose bytes go straight into the current exchange's
+    ``_Parser``: no StreamReader between the socket and the parser, and one future per
+    exchange, set when the answer is complete or has failed."""
 
+    __slots__ = ("dead", "parser", "transport", "waiter")
 
-def _unusable(conn: _Conn) -> bool:
-    """An idle connection the server closed, or sent bytes on (e.g. a 408 before closing: those
-    would be read as the answer to the next request). ``at_eof()`` is False while bytes are
-    buffered, so the buffer is looked at too, and so is the socket: bytes or a FIN that the
-    event loop has not read yet (it has not run since they came) are not in the buffer."""
-    reader, writer = conn
-    if reader.at_eof() or writer.is_closing() or getattr(reader, "_buffer", None):
-        return True
-    sock = writer.get_extra_info("socket")
-    return sock is not None and _readable(sock)
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser: _Parser | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        #: closed, at EOF, or sent bytes while idle (e.g. a 408 before closing, which would
+        #: be read as the answer to the next request): never to be reused
+        self.dead = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Close now, dropping unsent bytes: ``close()`` would wait for a server that does not read
-    to take them first, and keep the socket open meanwhile (until garbage collection)."""
-    writer.transport.abort()
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None or parser.done:
+            self.dead = True
+            return
+        try:
+            parser.feed(data)
+        except Exception as exc:  # handed to the exchange that waits for this answer
+            self._settle(exc)
+            return
+        if parser.done:
+            self._settle(None)
+
+    def eof_received(self) -> bool | None:
+        self.dead = True
+        self._ended()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        if exc is not None:
+            self._settle(exc)
+        else:
+            self._ended()
+
+    def _ended(self) -> None:
+        """The server closed its side: a close-delimited answer is complete, anything else
+        that is not is stale (nothing came back) or cut short (see ``_Parser.eof``)."""
+        parser = self.parser
+        if parser is None or parser.done:
+            return
+        try:
+            parser.eof()
+        except Exception as exc:  # handed to the exchange that waits for this answer
+            self._settle(exc)
+            return
+        self._settle(None)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def send(self, request: bytes, limit: int) -> _Parser:
+        """Start an exchange: its parser is in place before the request leaves, so no byte
+        of the answer can come before it."""
+        assert self.transport is not None
+        parser = self.parser = _Parser(limit)
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return parser
+
+    def usable(self) -> bool:
+        """Idle, open and quiet: bytes or a FIN that the event loop has not read yet (it has
+        not run since they came) are looked for on the socket itself."""
+        transport = self.transport
+        if self.dead or transport is None or transport.is_closing():
+            return False
+        sock = transport.get_extra_info("socket")
+        return sock is None or not _readable(sock)
+
+    def abort(self) -> None:
+        """Close now, dropping unsent bytes: ``close()`` would wait for a server that does not
+        read to take them first, and keep the socket open meanwhile."""
+        self.dead = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.dead = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class AsyncPool:
@@ -716,33 +779,34 @@ class AsyncPool:
         """As ``SyncPool._acquire``; the caller's ``asyncio.timeout`` bounds the connect."""
         while self._idle:
             conn = self._idle.pop()
-            if not _unusable(conn):
+            if conn.usable():
                 return conn, True
-            conn[1].close()
+            conn.close()
         o = self.origin
         try:
-            reader, writer = await asyncio.open_connection(
-                o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None, limit=2**20
+            transport, conn = await asyncio.get_running_loop().create_connection(
+                _Conn, o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None
             )
         except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise
             raise _connect_failed(o.url, exc) from None
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return (reader, writer), False
+        return conn, False
 
     def _release(self, conn: _Conn) -> None:
-        if len(self._idle) < _MAX_IDLE and not conn[1].is_closing():
+        # (no look at the socket here: that is done once, when it is taken again)
+        if len(self._idle) < _MAX_IDLE and not conn.dead:
             self._idle.append(conn)
         else:
-            conn[1].close()
+            conn.close()
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
-        for _, writer in idle:
-            writer.close()
+        for conn in idle:
+            conn.close()
 
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
         """As ``SyncPool.exchange``; cancelling it closes its connection."""
@@ -753,9 +817,9 @@ class AsyncPool:
     async def _exchange(self, body: bytes, limit: int) -> Response:
         for _attempt in range(2):
             conn, reused = await self._acquire()
-            parser = _Parser(limit)
+            parser = conn.send(self.origin.request(body), limit)
             try:
-                return await self._read(conn, parser, self.origin.request(body))
+                return await self._answer(conn)
             except _RETRYABLE as exc:
                 if reused and not parser.got:
                     self.close()  # as in SyncPool.exchange
@@ -765,27 +829,22 @@ class AsyncPool:
                 raise
         raise _http_error("BOSH server keeps closing connections")
 
-    async def _read(self, conn: _Conn, parser: _Parser, request: bytes = b"") -> Response:
-        """Send ``request`` (if not yet sent) and read the answer; the connection is closed on
-        any error and on cancellation (so the server drops a request it holds)."""
-        reader, writer = conn
+    async def _answer(self, conn: _Conn) -> Response:
+        """The answer to the request ``conn`` has sent; the connection is closed on any error
+        and on cancellation (so the server drops a request it holds), else kept if it can
+        serve another."""
+        parser, waiter = conn.parser, conn.waiter
+        assert parser is not None and waiter is not None
         try:
-            if request:
-                writer.write(request)
-            await writer.drain()
-            while not parser.done:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    parser.eof()
-                    break
-                parser.feed(chunk)
+            await waiter
         except BaseException:
-            _abort(writer)
+            conn.abort()
             raise
+        conn.parser = conn.waiter = None
         if parser.keep_alive and not parser.leftover():
             self._release(conn)
         else:
-            writer.close()
+            conn.close()
         return parser.status, bytes(parser.body)
 
     async def batch(
@@ -810,14 +869,13 @@ class AsyncPool:
                 if i and stagger:
                     await asyncio.sleep(stagger)
                 conn, _ = await self._acquire()
-                conns.append(conn)  # before writing: a failed write must still close it
-                conn[1].write(self.origin.request(body))
-                await conn[1].drain()
+                conns.append(conn)  # before sending: a failed send must still close it
+                conn.send(self.origin.request(body), limit)
         except BaseException:
-            for _, writer in conns:
-                _abort(writer)
+            for conn in conns:
+                conn.abort()
             raise
-        tasks = [asyncio.ensure_future(self._read(c, _Parser(limit))) for c in conns]
+        tasks = [asyncio.ensure_future(self._answer(c)) for c in conns]
         try:
             return await settle(tasks, settles)
         except _Stale:
