@@ -903,6 +903,50 @@ def test_batch_closes_the_held_request_once_settled(serve, pool) -> None:
     assert server.connections == 2
 
 
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_batch_sends_again_what_a_stale_reused_connection_dropped(serve, pool, how) -> None:
+    """The race ``exchange`` survives (the server closes an idle connection just as a request
+    goes out on it) must not fail a pipelined batch either: that request is sent again, once,
+    on a new connection, and every answer still comes back."""
+
+    def drop_second(index: int, sock: socket.socket, server: RawServer) -> None:
+        if index:
+            return serve_keepalive(index, sock, server)
+        first = read_request(sock)
+        assert first is not None
+        server.requests.append(first)
+        sock.sendall(ok(b"0:" + body_of(first)))
+        second = read_request(sock)  # read, then dropped unanswered
+        assert second is not None
+        server.requests.append(second)
+        if how == "rst":
+            rst_close(sock)
+
+    server = serve(drop_second)
+    client = pool(server.url)
+    assert client.exchange(b"warm") == (200, b"0:warm")  # now idle in the pool
+    results = client.batch([b"a", b"b"], settles=None)
+    assert [r is not None and r[0] for r in results] == [200, 200]
+    assert [r[1].split(b":", 1)[1] for r in results if r is not None] == [b"a", b"b"]
+    assert all(not r[1].startswith(b"0:") for r in results if r is not None)
+    assert server.connections == 3  # the dropped one, one for b, one for a sent again
+    assert sorted(body_of(r) for r in server.requests) == [b"a", b"a", b"b", b"warm"]
+
+
+def test_batch_does_not_send_again_on_a_fresh_connection(serve, pool) -> None:
+    def drop(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        assert request is not None
+        server.requests.append(request)
+        if body_of(request) != b"drop":
+            sock.sendall(ok(b"answer"))
+
+    server = serve(drop)
+    client = pool(server.url)
+    unavailable(lambda: client.batch([b"drop", b"b"], settles=None), "http-error")
+    assert [body_of(r) for r in server.requests].count(b"drop") == 1
+
+
 def test_batch_reads_every_answer_without_settles(serve, pool) -> None:
     server = serve(hold_or_answer)
     client = pool(server.url)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import select
@@ -564,24 +565,51 @@ class SyncPool:
     ) -> list[Response | None]:
         """POST each body on its own connection, in order, ``stagger`` s apart, and read the
         answers until ``settles`` says they are enough; a request the server still holds is
-        closed (so the server drops it) and answers ``None``. ``timeout`` bounds it all."""
+        closed (so the server drops it) and answers ``None``. ``timeout`` bounds it all. As in
+        ``exchange``, a request on a reused connection that the server closed before any byte
+        of the answer is sent again, once, on a new connection."""
         with _errors(self.origin.url):
             deadline = time.monotonic() + timeout
             socks: list[socket.socket] = []
             parsers: list[_Parser] = []
+            reused: list[bool] = []
             results: list[Response | None] = [None] * len(bodies)
             poller = select.poll()  # no selector object: no epoll fd to make and close
             index: dict[int, int] = {}
-            try:
-                for i, body in enumerate(bodies):
-                    if i and stagger:
-                        time.sleep(stagger)
-                    sock, _ = self._acquire(_left(deadline))
+
+            def start(i: int) -> None:
+                sock, again = self._acquire(_left(deadline))
+                if i == len(socks):
                     socks.append(sock)
                     parsers.append(_Parser(limit))
-                    _send(sock, self.origin.request(body), deadline)
-                    poller.register(sock, select.POLLIN)
-                    index[sock.fileno()] = i
+                    reused.append(again)
+                else:  # sent again: the stale connection is already closed
+                    socks[i], parsers[i], reused[i] = sock, _Parser(limit), False
+                try:
+                    _send(sock, self.origin.request(bodies[i]), deadline)
+                except ConnectionError:
+                    if not reused[i]:
+                        raise
+                    restart(i)
+                    return
+                poller.register(sock, select.POLLIN)
+                index[sock.fileno()] = i
+
+            def restart(i: int) -> None:
+                old = socks[i]
+                index.pop(old.fileno(), None)
+                with contextlib.suppress(KeyError, ValueError):
+                    poller.unregister(old)
+                old.close()
+                self.close()  # its idle siblings are as stale (see close())
+                reused[i] = False
+                start(i)
+
+            try:
+                for i in range(len(bodies)):
+                    if i and stagger:
+                        time.sleep(stagger)
+                    start(i)
                 pending = set(range(len(bodies)))
                 while pending:
                     events = poller.poll(_left(deadline) * 1000)
@@ -596,12 +624,20 @@ class SyncPool:
                         except ssl.SSLWantWriteError:
                             _wait(socks[i], select.POLLOUT, deadline)
                             continue
+                        except ConnectionError:
+                            if reused[i] and not parsers[i].got:
+                                restart(i)
+                                continue
+                            raise
                         if chunk:
                             parsers[i].feed(chunk)
                         else:
                             try:
                                 parsers[i].eof()
                             except _Stale:
+                                if reused[i]:
+                                    restart(i)
+                                    continue
                                 raise _http_error("BOSH server closed the connection") from None
                         if parsers[i].done:
                             results[i] = (parsers[i].status, bytes(parsers[i].body))
@@ -678,9 +714,10 @@ class _Conn(asyncio.Protocol):
     ``_Parser``: no StreamReader between the socket and the parser, and one future per
     exchange, set when the answer is complete or has failed."""
 
-    __slots__ = ("dead", "parser", "transport", "waiter")
+    __slots__ = ("dead", "parser", "reused", "transport", "waiter")
 
     def __init__(self) -> None:
+        self.reused = False  # taken from the pool (not new) for the current exchange
         self.transport: asyncio.Transport | None = None
         self.parser: _Parser | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -780,6 +817,7 @@ class AsyncPool:
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
+                conn.reused = True
                 return conn, True
             conn.close()
         o = self.origin
@@ -829,6 +867,20 @@ class AsyncPool:
                 raise
         raise _http_error("BOSH server keeps closing connections")
 
+    async def _answer_again(self, conn: _Conn, request: bytes, limit: int) -> Response:
+        """``_answer``; as in ``exchange``, a request on a reused connection that the server
+        closed before any byte of the answer is sent again, once, on a new connection."""
+        parser, reused = conn.parser, conn.reused
+        try:
+            return await self._answer(conn)
+        except _RETRYABLE:
+            if not reused or parser is None or parser.got:
+                raise
+        self.close()  # its idle siblings are as stale
+        conn, _ = await self._acquire()
+        conn.send(request, limit)
+        return await self._answer(conn)
+
     async def _answer(self, conn: _Conn) -> Response:
         """The answer to the request ``conn`` has sent; the connection is closed on any error
         and on cancellation (so the server drops a request it holds), else kept if it can
@@ -875,7 +927,10 @@ class AsyncPool:
             for conn in conns:
                 conn.abort()
             raise
-        tasks = [asyncio.ensure_future(self._answer(c)) for c in conns]
+        tasks = [
+            asyncio.ensure_future(self._answer_again(c, self.origin.request(b), limit))
+            for c, b in zip(conns, bodies, strict=True)
+        ]
         try:
             return await settle(tasks, settles)
         except _Stale:
