@@ -658,9 +658,12 @@ def test_idle_connection_with_unsolicited_bytes_is_not_reused(serve, pool, loop_
     server.eof_seen.set()
 
 
-@pytest.mark.parametrize("how", ["fin", "rst"])
-def test_reused_connection_closed_without_answer_is_retried_once(serve, pool, how) -> None:
-    def drop_second(index: int, sock: socket.socket, server: RawServer) -> None:
+def drop_second(how: str) -> Handler:
+    """A server whose first connection answers one request, then reads the next and closes
+    (``how``: FIN or RST) without answering: an idle keep-alive connection the server closed
+    just as a request went out on it. Later connections answer everything."""
+
+    def handler(index: int, sock: socket.socket, server: RawServer) -> None:
         if index:
             return serve_keepalive(index, sock, server)
         first = read_request(sock)
@@ -673,7 +676,12 @@ def test_reused_connection_closed_without_answer_is_retried_once(serve, pool, ho
         if how == "rst":
             rst_close(sock)
 
-    server = serve(drop_second)
+    return handler
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_reused_connection_closed_without_answer_is_retried_once(serve, pool, how) -> None:
+    server = serve(drop_second(how))
     client = pool(server.url)
     assert client.exchange(b"first") == (200, b"0:first")
     assert client.exchange(b"second") == (200, b"1:second")  # on a new connection
@@ -909,20 +917,7 @@ def test_batch_sends_again_what_a_stale_reused_connection_dropped(serve, pool, h
     goes out on it) must not fail a pipelined batch either: that request is sent again, once,
     on a new connection, and every answer still comes back."""
 
-    def drop_second(index: int, sock: socket.socket, server: RawServer) -> None:
-        if index:
-            return serve_keepalive(index, sock, server)
-        first = read_request(sock)
-        assert first is not None
-        server.requests.append(first)
-        sock.sendall(ok(b"0:" + body_of(first)))
-        second = read_request(sock)  # read, then dropped unanswered
-        assert second is not None
-        server.requests.append(second)
-        if how == "rst":
-            rst_close(sock)
-
-    server = serve(drop_second)
+    server = serve(drop_second(how))
     client = pool(server.url)
     assert client.exchange(b"warm") == (200, b"0:warm")  # now idle in the pool
     results = client.batch([b"a", b"b"], settles=None)
