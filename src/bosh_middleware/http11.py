@@ -602,8 +602,7 @@ class SyncPool:
                     poller.unregister(old)
                 old.close()
                 self.close()  # its idle siblings are as stale (see close())
-                reused[i] = False
-                start(i)
+                start(i)  # (on a new connection: not reused)
 
             try:
                 for i in range(len(bodies)):
@@ -853,23 +852,18 @@ class AsyncPool:
                 return await self._exchange(body, limit)
 
     async def _exchange(self, body: bytes, limit: int) -> Response:
-        for _attempt in range(2):
-            conn, reused = await self._acquire()
-            parser = conn.send(self.origin.request(body), limit)
-            try:
-                return await self._answer(conn)
-            except _RETRYABLE as exc:
-                if reused and not parser.got:
-                    self.close()  # as in SyncPool.exchange
-                    continue
-                if isinstance(exc, _Stale):
-                    raise _http_error("BOSH server closed the connection") from None
-                raise
-        raise _http_error("BOSH server keeps closing connections")
+        request = self.origin.request(body)
+        conn, _ = await self._acquire()
+        conn.send(request, limit)
+        try:
+            return await self._answer_again(conn, request, limit)
+        except _Stale:
+            raise _http_error("BOSH server closed the connection") from None
 
     async def _answer_again(self, conn: _Conn, request: bytes, limit: int) -> Response:
-        """``_answer``; as in ``exchange``, a request on a reused connection that the server
-        closed before any byte of the answer is sent again, once, on a new connection."""
+        """``_answer``, for ``exchange`` and ``batch`` alike: as in ``SyncPool.exchange``, a
+        request on a reused connection that the server closed before any byte of the answer
+        is sent again, once, on a new connection."""
         parser, reused = conn.parser, conn.reused
         try:
             return await self._answer(conn)
@@ -915,21 +909,22 @@ class AsyncPool:
     async def _batch(
         self, bodies: Sequence[bytes], limit: int, settles: Settles | None, stagger: float
     ) -> list[Response | None]:
+        requests = [self.origin.request(body) for body in bodies]
         conns: list[_Conn] = []
         try:
-            for i, body in enumerate(bodies):
+            for i, request in enumerate(requests):
                 if i and stagger:
                     await asyncio.sleep(stagger)
                 conn, _ = await self._acquire()
                 conns.append(conn)  # before sending: a failed send must still close it
-                conn.send(self.origin.request(body), limit)
+                conn.send(request, limit)
         except BaseException:
             for conn in conns:
                 conn.abort()
             raise
         tasks = [
-            asyncio.ensure_future(self._answer_again(c, self.origin.request(b), limit))
-            for c, b in zip(conns, bodies, strict=True)
+            asyncio.ensure_future(self._answer_again(c, r, limit))
+            for c, r in zip(conns, requests, strict=True)
         ]
         try:
             return await settle(tasks, settles)
