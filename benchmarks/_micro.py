@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import statistics
+import sys
 import time
 from typing import Any
 
 from ._passapps import _asgi_auth, _inner, _wsgi_auth, _wsgi_inner, credentials
+from ._util import Bytecodes
 
 Headers = tuple[tuple[str, str], ...]
 _BASE_HEADERS = (("Host", "127.0.0.1:8000"), ("User-Agent", "wrk"))
@@ -93,12 +96,9 @@ def _paired(timers: dict[str, Any], pairs: int) -> dict[str, float]:
     return out
 
 
-def asgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
-    headers = [
-        (k.lower().encode("latin-1"), v.encode("latin-1"))
-        for k, v in (*_BASE_HEADERS, *request_headers)
-    ]
-    template = {
+def _asgi_scope(path: str, request_headers: Headers) -> dict[str, Any]:
+    """The scope of a GET with the load generator's headers (copy it per call)."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -108,37 +108,24 @@ def asgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[s
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": headers,
+        "headers": [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in (*_BASE_HEADERS, *request_headers)
+        ],
     }
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: Any) -> None:
-        return None
-
-    async def chunk(app: Any) -> float:
-        t0 = time.perf_counter()
-        for _ in range(CHUNK):
-            await app(dict(template), receive, send)
-        return (time.perf_counter() - t0) / CHUNK
-
-    loop = asyncio.new_event_loop()
-    try:
-        timers = {
-            name: (lambda app=app: loop.run_until_complete(chunk(app)))
-            for name, app in _asgi_apps().items()
-        }
-        return _paired(timers, pairs)
-    finally:
-        loop.close()
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
-def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
-    import io
-    import sys
+async def _send(message: Any) -> None:
+    return None
 
-    template = {
+
+def _wsgi_environ(path: str, request_headers: Headers) -> dict[str, Any]:
+    """The environ of the same GET (copy it per call)."""
+    environ: dict[str, Any] = {
         "REQUEST_METHOD": "GET",
         "PATH_INFO": path,
         "QUERY_STRING": "",
@@ -154,21 +141,52 @@ def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[s
         "wsgi.run_once": False,
     }
     for k, v in (*_BASE_HEADERS, *request_headers):
-        template["HTTP_" + k.upper().replace("-", "_")] = v
+        environ["HTTP_" + k.upper().replace("-", "_")] = v
+    return environ
 
-    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-        return None
+
+def _start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+    return None
+
+
+def _wsgi_request(app: Any, environ: dict[str, Any]) -> None:
+    """One request through ``app``, as a server runs it: the body read, ``close()`` called."""
+    result = app(dict(environ), _start_response)
+    for _chunk in result:
+        pass
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
+def asgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
+    scope = _asgi_scope(path, request_headers)
+
+    async def chunk(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(CHUNK):
+            await app(dict(scope), _receive, _send)
+        return (time.perf_counter() - t0) / CHUNK
+
+    loop = asyncio.new_event_loop()
+    try:
+        timers = {
+            name: (lambda app=app: loop.run_until_complete(chunk(app)))
+            for name, app in _asgi_apps().items()
+        }
+        return _paired(timers, pairs)
+    finally:
+        loop.close()
+
+
+def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[str, float]:
+    environ = _wsgi_environ(path, request_headers)
 
     def timer(app: Any) -> Any:
         def run() -> float:
             t0 = time.perf_counter()
             for _ in range(CHUNK):
-                result = app(dict(template), start_response)
-                for _chunk in result:
-                    pass
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
+                _wsgi_request(app, environ)
             return (time.perf_counter() - t0) / CHUNK
 
         return run
@@ -176,79 +194,26 @@ def wsgi_cost(path: str, request_headers: Headers, pairs: int = PAIRS) -> dict[s
     return _paired({k: timer(v) for k, v in _wsgi_apps().items()}, pairs)
 
 
-def _bytecodes(run: Any) -> int:
-    """Python bytecode instructions executed by ``run()``: unlike time, the same on every
-    machine and every run, so a change of a few instructions shows where timing cannot."""
-    import sys
-
-    count = 0
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal count
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            count += 1
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        run()
-    finally:
-        sys.settrace(previous)
-    return count
-
-
 def asgi_bytecodes(path: str, request_headers: Headers) -> dict[str, int]:
-    """Bytecodes per request, by app (see ``_bytecodes``); the scope as in ``asgi_cost``."""
-    headers = [
-        (k.lower().encode("latin-1"), v.encode("latin-1"))
-        for k, v in (*_BASE_HEADERS, *request_headers)
-    ]
-    template = {"type": "http", "method": "GET", "path": path, "query_string": b""}
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        return None
+    """Bytecodes per request, by app (see ``_util.Bytecodes``), for the ``asgi_cost`` request."""
+    scope = _asgi_scope(path, request_headers)
 
     def one(app: Any) -> int:
-        coro = app({**template, "headers": list(headers)}, receive, send)
-
-        def run() -> None:
-            with contextlib.suppress(StopIteration):
-                coro.send(None)  # nothing here ever suspends: one step runs it all
-
-        return _bytecodes(run)
+        coro = app(dict(scope), _receive, _send)
+        with contextlib.suppress(StopIteration), Bytecodes() as counts:
+            coro.send(None)  # nothing here ever suspends: one step runs it all
+        return counts.total()
 
     return {name: one(app) for name, app in _asgi_apps().items()}
 
 
 def wsgi_bytecodes(path: str, request_headers: Headers) -> dict[str, int]:
-    import io
-
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "wsgi.input": io.BytesIO(),
-    }
-    for k, v in (*_BASE_HEADERS, *request_headers):
-        environ["HTTP_" + k.upper().replace("-", "_")] = v
-
-    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-        return None
+    """As ``asgi_bytecodes``, for the ``wsgi_cost`` request."""
+    environ = _wsgi_environ(path, request_headers)
 
     def one(app: Any) -> int:
-        def run() -> None:
-            result = app(dict(environ), start_response)
-            for _chunk in result:
-                pass
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-
-        return _bytecodes(run)
+        with Bytecodes() as counts:
+            _wsgi_request(app, environ)
+        return counts.total()
 
     return {name: one(app) for name, app in _wsgi_apps().items()}

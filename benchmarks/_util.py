@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -12,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from lxml import etree
@@ -66,6 +68,31 @@ class Result:
             out += [t, ""]
         out += [f"- {n}" for n in self.notes]
         return "\n".join(out).rstrip() + "\n"
+
+
+class Bytecodes:
+    """Counts the Python bytecode instructions executed while on (``sys.settrace`` opcode
+    events), by ``key(filename)`` of the code running them. Unlike times, the counts are the
+    same on every machine and every run. (The trace function's own work is not traced.)"""
+
+    def __init__(self, key: Callable[[str], str] = lambda filename: "all") -> None:
+        self.key = key
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._previous: Any = None
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            self.counts[self.key(frame.f_code.co_filename)] += 1
+        return self._trace
+
+    def __enter__(self) -> collections.Counter[str]:
+        self._previous = sys.gettrace()
+        sys.settrace(self._trace)
+        return self.counts
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._previous)
 
 
 def verdict(ok: bool) -> str:

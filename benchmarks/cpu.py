@@ -13,10 +13,8 @@ import asyncio
 import collections
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
@@ -25,7 +23,7 @@ from bosh_middleware.protocol import BOSHRequest, BOSHResponse
 from bosh_middleware.scram import clear_cache
 
 from ._impls import SyncImpl, async_prebinder
-from ._util import Result, acheck_live, check_live, md_table, prosody, verdict
+from ._util import Bytecodes, Result, acheck_live, check_live, md_table, prosody, verdict
 
 BLOCK = 25  # prebinds between terminations
 
@@ -197,26 +195,6 @@ def _where(filename: str) -> str:
     return "asyncio" if f"{os.sep}asyncio{os.sep}" in filename else "other stdlib"
 
 
-class _Tracer:
-    """Counts the bytecodes executed while on, by where they run (see ``_where``)."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def _trace(self, frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            self.counts[_where(frame.f_code.co_filename)] += 1
-        return self._trace
-
-    def __enter__(self) -> collections.Counter[str]:
-        sys.settrace(self._trace)
-        return self.counts
-
-    def __exit__(self, *exc: object) -> None:
-        sys.settrace(None)
-
-
 def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, object]) -> str:
     samples: dict[str, list[collections.Counter[str]]] = {"sync": [], "async": []}
     p = Prebinder(url, mechanisms=[mech])
@@ -224,7 +202,7 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
         for _ in range(5):
             p.terminate(p.prebind(creds))
         for _ in range(5):
-            with _Tracer() as counts:
+            with Bytecodes(_where) as counts:
                 session = p.prebind(creds)
             samples["sync"].append(counts)
             p.terminate(session)
@@ -239,7 +217,7 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
             for _ in range(5):
                 # on while the task runs: the event loop's own turns are counted too
                 task = asyncio.get_running_loop().create_task(ap.prebind(creds))
-                with _Tracer() as counts:
+                with Bytecodes(_where) as counts:
                     session = await task
                 samples["async"].append(counts)
                 await ap.terminate(session)
