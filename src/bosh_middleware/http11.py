@@ -713,10 +713,9 @@ class _Conn(asyncio.Protocol):
     ``_Parser``: no StreamReader between the socket and the parser, and one future per
     exchange, set when the answer is complete or has failed."""
 
-    __slots__ = ("dead", "parser", "reused", "transport", "waiter")
+    __slots__ = ("dead", "parser", "transport", "waiter")
 
     def __init__(self) -> None:
-        self.reused = False  # taken from the pool (not new) for the current exchange
         self.transport: asyncio.Transport | None = None
         self.parser: _Parser | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -816,7 +815,6 @@ class AsyncPool:
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
-                conn.reused = True
                 return conn, True
             conn.close()
         o = self.origin
@@ -853,18 +851,20 @@ class AsyncPool:
 
     async def _exchange(self, body: bytes, limit: int) -> Response:
         request = self.origin.request(body)
-        conn, _ = await self._acquire()
+        conn, reused = await self._acquire()
         conn.send(request, limit)
         try:
-            return await self._answer_again(conn, request, limit)
+            return await self._answer_again(conn, reused, request, limit)
         except _Stale:
             raise _http_error("BOSH server closed the connection") from None
 
-    async def _answer_again(self, conn: _Conn, request: bytes, limit: int) -> Response:
+    async def _answer_again(
+        self, conn: _Conn, reused: bool, request: bytes, limit: int
+    ) -> Response:
         """``_answer``, for ``exchange`` and ``batch`` alike: as in ``SyncPool.exchange``, a
         request on a reused connection that the server closed before any byte of the answer
         is sent again, once, on a new connection."""
-        parser, reused = conn.parser, conn.reused
+        parser = conn.parser
         try:
             return await self._answer(conn)
         except _RETRYABLE:
@@ -910,21 +910,20 @@ class AsyncPool:
         self, bodies: Sequence[bytes], limit: int, settles: Settles | None, stagger: float
     ) -> list[Response | None]:
         requests = [self.origin.request(body) for body in bodies]
-        conns: list[_Conn] = []
+        conns: list[tuple[_Conn, bool]] = []  # (connection, reused)
         try:
             for i, request in enumerate(requests):
                 if i and stagger:
                     await asyncio.sleep(stagger)
-                conn, _ = await self._acquire()
-                conns.append(conn)  # before sending: a failed send must still close it
-                conn.send(request, limit)
+                conns.append(await self._acquire())  # before sending: a failed send must close it
+                conns[-1][0].send(request, limit)
         except BaseException:
-            for conn in conns:
+            for conn, _ in conns:
                 conn.abort()
             raise
         tasks = [
-            asyncio.ensure_future(self._answer_again(c, r, limit))
-            for c, r in zip(conns, requests, strict=True)
+            asyncio.ensure_future(self._answer_again(c, reused, r, limit))
+            for (c, reused), r in zip(conns, requests, strict=True)
         ]
         try:
             return await settle(tasks, settles)
