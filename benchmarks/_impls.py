@@ -5,7 +5,9 @@
   the working tree when the benchmark runs), on its default transport (the builtin HTTP/1.1
   client, ``http11.py``);
 * ``httpx``     - the same engine with ``transport="httpx"`` (what it uses behind a proxy or when
-  given an httpx client): the cost of the HTTP client, everything else equal.
+  given an httpx client): the cost of the HTTP client, everything else equal;
+* ``floor``     - benchmarks/floor.py: the engine's wire exchange in as few Python operations as
+  a working client can do it (the CPU section only).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from bosh_middleware import AsyncPrebinder, Credentials, Prebinder, PrebindSessi
 
 from ._wire import WireLog
 from .baseline import BaselinePrebinder
+from .floor import FloorPrebinder
 
 IMPLS = ("baseline", "engine", "httpx")
 ASYNC_IMPLS = ("engine", "httpx")
@@ -32,8 +35,12 @@ class SyncImpl:
         self._baseline: threading.local | None = None
         self._baselines: list[BaselinePrebinder] = []
         self._url, self._mech = url, mechanism or "SCRAM-SHA-1"
+        self._floor: FloorPrebinder | None = None
         self.prebinder: Prebinder
-        if kind == "baseline":
+        if kind == "floor":
+            self._floor = FloorPrebinder(url, self._mech)
+            self.prebinder = Prebinder(url)  # only to end sessions after the run
+        elif kind == "baseline":
             # One per thread, as one per PHP-FPM/WSGI worker: it keeps the exchange's state.
             self._baseline = threading.local()
             self.prebinder = Prebinder(url)  # only to end sessions after the run
@@ -45,6 +52,8 @@ class SyncImpl:
             raise ValueError(kind)
 
     def prebind(self, credentials: Credentials) -> PrebindSession:
+        if self._floor is not None:
+            return self._floor.prebind(credentials.jid, credentials.password or "")
         if self._baseline is not None:
             b = getattr(self._baseline, "p", None)
             if b is None:
@@ -64,6 +73,8 @@ class SyncImpl:
     def close(self) -> None:
         for b in self._baselines:
             b.close()
+        if self._floor is not None:
+            self._floor.close()
         self.prebinder.close()
 
 

@@ -120,8 +120,8 @@ class _FixedSecrets:
     """The recording's nonces, RID and bind id again on replay (else the replayed SCRAM
     signature and bind result would not match): what ``secrets`` gives the engine."""
 
-    def randbelow(self, n: int) -> int:
-        return n // 3
+    def randbits(self, k: int) -> int:
+        return (1 << k) // 3
 
     def token_hex(self, n: int) -> str:
         return "5a" * n
@@ -173,6 +173,31 @@ def _replay_rows(url: str, mech: str, creds: Credentials, n: int) -> list[list[o
         protocol.secrets, scram.secrets = saved
 
 
+def _against_floor(url: str, mech: str, creds: Credentials, n: int) -> dict[str, float]:
+    """CPU per prebind of the sync engine and of the floor (benchmarks/floor.py), in
+    alternating blocks: the two see the same machine, so their ratio holds when the machine
+    drifts (as it does here, between runs and within one)."""
+    impls = {kind: SyncImpl(kind, url, mech) for kind in ("floor", "engine")}
+    cpu = dict.fromkeys(impls, 0.0)
+    try:
+        for impl in impls.values():
+            for _ in range(10):
+                impl.terminate(impl.prebind(creds))
+        for block in range(0, n, BLOCK):
+            for kind, impl in impls.items():
+                sessions = []
+                for _ in range(min(BLOCK, n - block)):
+                    c0 = time.process_time()
+                    sessions.append(impl.prebind(creds))
+                    cpu[kind] += time.process_time() - c0
+                for s in sessions:
+                    impl.terminate(s)
+    finally:
+        for impl in impls.values():
+            impl.close()
+    return {kind: total / n for kind, total in cpu.items()}
+
+
 try:
     import uvloop  # noqa: F401 - what uvicorn runs on when installed
 
@@ -190,13 +215,24 @@ def _loop_factory(driver: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 def _where(filename: str) -> str:
-    if "bosh_middleware" in filename:
-        return "bosh_middleware"
+    if "bosh_middleware" in filename or filename.endswith(f"benchmarks{os.sep}floor.py"):
+        return "client"
     return "asyncio" if f"{os.sep}asyncio{os.sep}" in filename else "other stdlib"
 
 
 def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, object]) -> str:
-    samples: dict[str, list[collections.Counter[str]]] = {"sync": [], "async": []}
+    samples: dict[str, list[collections.Counter[str]]] = {"floor": [], "sync": [], "async": []}
+    floor = SyncImpl("floor", url, mech)
+    try:
+        for _ in range(5):
+            floor.terminate(floor.prebind(creds))
+        for _ in range(5):
+            with Bytecodes(_where) as counts:
+                session = floor.prebind(creds)
+            samples["floor"].append(counts)
+            floor.terminate(session)
+    finally:
+        floor.close()
     p = Prebinder(url, mechanisms=[mech])
     try:
         for _ in range(5):
@@ -226,14 +262,18 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
 
     asyncio.run(in_loop())
     rows = []
-    for driver, label in (("sync", "sync (Prebinder)"), ("async", "async (AsyncPrebinder)")):
+    for driver, label in (
+        ("floor", "floor (benchmarks/floor.py), sync"),
+        ("sync", "sync (Prebinder)"),
+        ("async", "async (AsyncPrebinder)"),
+    ):
         totals = sorted(samples[driver], key=lambda c: c.total())
         mid = totals[len(totals) // 2]
         rows.append(
             [
                 label,
                 f"{mid.total():,}",
-                f"{mid['bosh_middleware']:,}",
+                f"{mid['client']:,}",
                 f"{mid['asyncio']:,}",
                 f"{mid['other stdlib']:,}",
             ]
@@ -243,7 +283,7 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
         [
             "Python bytecodes per warm prebind",
             "total",
-            "in bosh_middleware",
+            "in the client (bosh_middleware or floor.py)",
             "in asyncio",
             "elsewhere (stdlib)",
         ],
@@ -315,7 +355,19 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
                 "wall_s": wall,
             }
         rows += _replay_rows(url, mech, creds, 100 if quick else 500)
+        floor = _against_floor(url, mech, creds, n)
+        data["interleaved"] = {f"{k}_cpu_ms": v * 1000 for k, v in floor.items()}
         counts = _bytecode_rows(url, mech, creds, data)
+    floor_table = md_table(
+        ["sync, alternating blocks of 25", "prebinds", "client CPU / prebind", "vs floor"],
+        [
+            [label, n, f"{floor[kind] * 1000:.3f} ms", f"{floor[kind] / floor['floor']:.2f}x"]
+            for kind, label in (
+                ("floor", "floor (benchmarks/floor.py)"),
+                ("engine", "engine (Prebinder)"),
+            )
+        ],
+    )
     table = md_table(
         [
             "impl",
@@ -332,7 +384,7 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
     )
     return Result(
         "2. Client CPU per prebind",
-        [table, counts],
+        [table, floor_table, counts],
         [
             f"{mech} against Prosody with hashed storage; user+system CPU of this process"
             " (time.process_time) around the prebinds only, divided by their number.",
@@ -343,7 +395,12 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
             " 1 ms slept before each answer as a server makes it wait. The difference between"
             " the two is what idling between the round trips costs the code that runs after"
             " (cold caches), a property of the machine.",
-            "The second table counts the Python bytecode instructions one warm prebind executes"
+            "The second table puts the sync engine next to the floor (benchmarks/floor.py):"
+            " the same requests, stagger, lxml parses and SCRAM arithmetic in as few Python"
+            " operations as a working client can manage (no pool, locks, deadlines, caps or"
+            " error handling). Run in alternating blocks, so the ratio holds where the machine"
+            " drifts; the floor is what any Python prebinder pays here for 5 waits and 5 parses.",
+            "The third table counts the Python bytecode instructions one warm prebind executes"
             " (sys.settrace; the median of 5 real prebinds), split by where they run: exact and"
             " the same on every machine, where the times above drift with it. C code (lxml,"
             " hashing, the sockets) is not in it.",

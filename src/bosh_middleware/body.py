@@ -90,7 +90,7 @@ class ParsedBody:
 
     def __init__(self, root: etree._Element) -> None:
         self.root = root
-        self.children: list[etree._Element] = [c for c in root if isinstance(c.tag, str)]
+        self.children: list[etree._Element] = list(root.iterchildren(etree.Element))  # no PIs
         self._attrs: dict[str, str] | None = None
 
     @property

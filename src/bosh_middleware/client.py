@@ -229,9 +229,11 @@ class Prebinder(_Base):
         assert self._builtin is not None
         if self._closed:
             raise ServiceUnavailable("this Prebinder is closed", condition="closed")
-        timeout, limit = max(self._timeout(r) for r in batch), self.options.max_response_size
+        limit = self.options.max_response_size
         if len(batch) == 1:
-            return [BOSHResponse(*self._builtin.exchange(batch[0].body, timeout, limit))]
+            req = batch[0]
+            return [BOSHResponse(*self._builtin.exchange(req.body, self._timeout(req), limit))]
+        timeout = max(self._timeout(r) for r in batch)
         results = self._builtin.batch(
             [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
@@ -403,9 +405,11 @@ class AsyncPrebinder(_Base):
         pool = self._pools.get(loop)
         if pool is None:
             pool = self._pools[loop] = http11.AsyncPool(self._origin)
-        timeout, limit = max(self._timeout(r) for r in batch), self.options.max_response_size
+        limit = self.options.max_response_size
         if len(batch) == 1:
-            return [BOSHResponse(*await pool.exchange(batch[0].body, timeout, limit))]
+            req = batch[0]
+            return [BOSHResponse(*await pool.exchange(req.body, self._timeout(req), limit))]
+        timeout = max(self._timeout(r) for r in batch)
         results = await pool.batch(
             [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )

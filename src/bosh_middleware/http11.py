@@ -74,7 +74,8 @@ _SIMPLE_HEAD = re.compile(
 )
 #: Those fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name, value).
 _FRAMING_LINES = re.compile(
-    rb"^(content-length|transfer-encoding|connection):([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE
+    rb"^(content-length|transfer-encoding|connection):[ \t]*([^\r\n]*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
 )
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
@@ -230,22 +231,24 @@ class _Parser:
         Taken in one pass; anything else (or anything odd) is left to the general parser, with
         nothing consumed, which reaches the same result or the same error the long way."""
         head = _SIMPLE_HEAD.match(data)
-        if head is None or head.end() > _MAX_HEAD:
+        if head is None:
             return False
-        status = int(head[1])
+        start = head.end()
+        if start > _MAX_HEAD:
+            return False
         length = -1
-        # (the three names differ in length: Content-Length 14, Connection 10, T-E 17)
-        for name, value in _FRAMING_LINES.findall(data, head.start(2), head.end(2)):
-            value = value.strip(b" \t")
+        # (the three names differ in length: Content-Length 14, Connection 10, T-E 17; the
+        # values come without the whitespace around them)
+        for name, value in _FRAMING_LINES.findall(data, head.start(2), start):
             if len(name) == 14 and length < 0 and value.isdigit() and len(value) < 19:
                 length = int(value)
             elif len(name) != 10 or value.lower() != b"keep-alive":
                 return False  # chunked, close, a repeated or odd length ...
-        start = head.end()
         end = start + length
+        status = int(head[1])
         if length < 0 or length > self._limit or len(data) < end or not 200 <= status < 600:
             return False
-        if status in (204, 304):
+        if status == 204 or status == 304:
             return False
         self.got = self.done = self.keep_alive = True
         self.status = status

@@ -8,7 +8,6 @@ repeat login into a handful of HMACs.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -163,7 +162,7 @@ class ScramClient:
         if not nonce.startswith(self._nonce) or len(nonce) <= len(self._nonce):
             raise ProtocolError("SCRAM server nonce does not extend the client nonce")
         try:
-            salt = base64.b64decode(salt_b64, validate=True)
+            salt = binascii.a2b_base64(salt_b64, strict_mode=True)
             iterations = int(iterations_s)
         except (ValueError, TypeError):
             raise ProtocolError("SCRAM salt or iteration count is malformed") from None
@@ -191,7 +190,7 @@ class ScramClient:
                 f"SCRAM server error: {attrs['e']}", condition=attrs["e"] or "not-authorized"
             )
         try:
-            verifier = base64.b64decode(attrs.get("v", ""), validate=True)
+            verifier = binascii.a2b_base64(attrs.get("v", ""), strict_mode=True)
         except ValueError:
             verifier = b""
         if not verifier or not hmac.compare_digest(verifier, self._server_signature):

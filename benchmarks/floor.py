@@ -1,0 +1,166 @@
+"""The floor: the engine's wire exchange with as few Python operations as a working client can
+do it in, for the CPU section to say how far above it the engine is.
+
+Same requests as the engine sends for a warm SCRAM prebind (create | client-first |
+client-final | restart + bind, the last two pipelined on two keep-alive connections with the
+engine's 0.5 ms stagger), and the same C work: lxml parses each answer, ``hmac`` computes the
+proof, the salted password is cached. What it leaves out is everything a library needs and a
+measurement of the floor does not: a pool, locks, fork and staleness checks, deadlines across
+steps, HTTP framing other than one Content-Length, size caps, error conditions, logging,
+mechanism choice, the flow/driver split. It still checks the server's signature and the bind
+result, and its sessions are checked live like the others. Not for use anywhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import socket
+import time
+from urllib.parse import urlsplit
+
+from lxml import etree
+
+from bosh_middleware import PrebindSession
+
+__all__ = ["FloorPrebinder"]
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
+_BOSH = "xmlns='http://jabber.org/protocol/httpbind'"
+_NS = "{urn:ietf:params:xml:ns:xmpp-sasl}"
+_BIND = "{urn:ietf:params:xml:ns:xmpp-bind}"
+_JID = f"{{jabber:client}}iq/{_BIND}bind/{_BIND}jid"
+_STAGGER = 0.0005  # as the engine's _PIPELINE_STAGGER
+
+
+class FloorPrebinder:
+    def __init__(self, service_url: str, mechanism: str = "SCRAM-SHA-1") -> None:
+        if mechanism not in ("SCRAM-SHA-1", "SCRAM-SHA-256"):
+            raise ValueError(mechanism)
+        self.url = service_url
+        self.mechanism = mechanism
+        self._hash = "sha1" if mechanism == "SCRAM-SHA-1" else "sha256"
+        u = urlsplit(service_url)
+        self._addr = (u.hostname or "127.0.0.1", u.port or 80)
+        self._prefix = (
+            f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+            "Content-Type: text/xml; charset=utf-8\r\n"
+        ).encode()
+        self._socks = [self._connect(), self._connect()]
+        self._keys: dict[tuple[str, bytes, int], tuple[bytes, bytes]] = {}
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self._addr, timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+    def _send(self, sock: socket.socket, body: str) -> None:
+        data = body.encode()
+        sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data))
+
+    def _read(self, sock: socket.socket) -> etree._Element:
+        data = sock.recv(65536)
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("closed")
+            data += more
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = _LENGTH.search(head)
+        if match is None or not head.startswith(b"HTTP/1.1 200 "):
+            raise ConnectionError(head[:200])
+        length = int(match[1])
+        while len(body) < length:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("closed")
+            body += more
+        return etree.fromstring(body[:length], _PARSER)
+
+    def _round_trip(self, body: str) -> etree._Element:
+        sock = self._socks[0]
+        self._send(sock, body)
+        return self._read(sock)
+
+    def prebind(self, jid: str, password: str, *, again: bool = True) -> PrebindSession:
+        user, _, domain = jid.partition("@")
+        rid = 2**32 + secrets.randbits(44)
+        root = self._round_trip(
+            f"<body content='text/xml; charset=utf-8' hold='1' rid='{rid}' to='{domain}'"
+            f" ver='1.6' wait='60' xml:lang='en' xmpp:version='1.0' {_BOSH}"
+            " xmlns:xmpp='urn:xmpp:xbosh'/>"
+        )
+        sid = root.get("sid")
+        nonce = secrets.token_urlsafe(18)
+        first_bare = f"n={user},r={nonce}".encode()
+        first = base64.b64encode(b"n,," + first_bare).decode()
+        root = self._round_trip(
+            f"<body rid='{rid + 1}' sid='{sid}' {_BOSH}><auth xmlns='{_NS[1:-1]}'"
+            f" mechanism='{self.mechanism}'>{first}</auth></body>"
+        )
+        server_first = base64.b64decode(root[0].text or "")
+        attrs = dict(part.split(b"=", 1) for part in server_first.split(b","))
+        if not attrs[b"r"].startswith(nonce.encode()):
+            raise ConnectionError("nonce")
+        salt, iterations = base64.b64decode(attrs[b"s"]), int(attrs[b"i"])
+        keys = self._keys.get((password, salt, iterations))
+        if keys is None:
+            salted = hashlib.pbkdf2_hmac(self._hash, password.encode(), salt, iterations)
+            keys = self._keys[(password, salt, iterations)] = (
+                hmac.digest(salted, b"Client Key", self._hash),
+                hmac.digest(salted, b"Server Key", self._hash),
+            )
+        client_key, server_key = keys
+        without_proof = b"c=biws,r=" + attrs[b"r"]
+        message = first_bare + b"," + server_first + b"," + without_proof
+        signature = hmac.digest(hashlib.new(self._hash, client_key).digest(), message, self._hash)
+        proof = (int.from_bytes(client_key) ^ int.from_bytes(signature)).to_bytes(len(signature))
+        final = base64.b64encode(without_proof + b",p=" + base64.b64encode(proof)).decode()
+        root = self._round_trip(
+            f"<body rid='{rid + 2}' sid='{sid}' {_BOSH}>"
+            f"<response xmlns='{_NS[1:-1]}'>{final}</response></body>"
+        )
+        verifier = base64.b64decode(root[0].text or "")
+        expected = b"v=" + base64.b64encode(hmac.digest(server_key, message, self._hash))
+        if root[0].tag != _NS + "success" or not hmac.compare_digest(verifier, expected):
+            raise ConnectionError("server signature")
+        s0, s1 = self._socks
+        self._send(
+            s0,
+            f"<body rid='{rid + 3}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
+            f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'/>",
+        )
+        time.sleep(_STAGGER)
+        self._send(
+            s1,
+            f"<body rid='{rid + 4}' sid='{sid}' {_BOSH}><iq id='bind_1' type='set'"
+            " xmlns='jabber:client'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            f"<resource>floor-{secrets.token_hex(6)}</resource></bind></iq></body>",
+        )
+        if len(self._read(s0)) > 1 and again:
+            # The bind overtook the restart: both answers came on s0 and s1 is held open,
+            # which makes the session unusable (see protocol.py). End it; prebind again.
+            s1.close()
+            self._socks[1] = self._connect()
+            self._round_trip(f"<body rid='{rid + 5}' sid='{sid}' type='terminate' {_BOSH}/>")
+            return self.prebind(jid, password, again=False)
+        bound = self._read(s1).find(_JID)
+        if bound is None or not bound.text:
+            raise ConnectionError("bind")
+        return PrebindSession(
+            jid=bound.text,
+            sid=sid or "",
+            rid=rid + 5,
+            service_url=self.url,
+            mechanism=self.mechanism,
+            round_trips=4,
+            request_count=5,
+        )
