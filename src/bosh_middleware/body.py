@@ -101,16 +101,15 @@ class ParsedBody:
         return self._attrs
 
     def get(self, name: str) -> str | None:
-        value = self.root.get(name)
-        return None if value is None else str(value)
+        return self.root.get(name)
 
     @property
     def type(self) -> str | None:
-        return self.get("type")
+        return self.root.get("type")
 
     @property
     def condition(self) -> str | None:
-        return self.get("condition")
+        return self.root.get("condition")
 
     def int_attr(self, name: str) -> int | None:
         value = self.get(name)

@@ -68,9 +68,22 @@ _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 #: The status line and header lines of an HTTP/1.1 head, every line well-formed (as
 #: ``_STATUS_LINE`` and ``_FIELD_LINES`` want them), through its empty line: ``_Parser._whole``.
+#: Only a final status that may have a body (200-599 but 204 and 304).
 _SIMPLE_HEAD = re.compile(
-    rb"HTTP/1\.1 ([0-9]{3})(?:[ \t][^\r\n]*)?\r\n"
+    rb"HTTP/1\.1 (?!204|304)([2-5][0-9]{2})(?:[ \t][^\r\n]*)?\r\n"
     rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n"
+)
+#: In such a head, the value of each Content-Length line that is plain digits (18 at most) ...
+_LENGTH_LINE = re.compile(
+    rb"^content-length:[ \t]*([0-9]{1,18})[ \t]*\r\n", re.IGNORECASE | re.MULTILINE
+)
+#: ... and any framing line but those and ``Connection: keep-alive`` (chunked, close, an odd
+#: length ...): a head with one is left to the general parser.
+_ODD_FRAMING = re.compile(
+    rb"^(?:transfer-encoding:"
+    rb"|content-length:(?![ \t]*[0-9]{1,18}[ \t]*\r\n)"
+    rb"|connection:(?![ \t]*keep-alive[ \t]*\r\n))",
+    re.IGNORECASE | re.MULTILINE,
 )
 #: Those fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name, value).
 _FRAMING_LINES = re.compile(
@@ -84,6 +97,7 @@ _TARGET_SAFE = "!$&'()*+,;=:@/?%"
 
 #: The sync pool waits with poll(), which Windows lacks: there, "auto" picks httpx.
 SUPPORTED = hasattr(select, "poll")
+_POLLIN_PRI = select.POLLIN | select.POLLPRI if SUPPORTED else 0
 
 R = TypeVar("R")
 Response = tuple[int, bytes]  # (status, body)
@@ -194,7 +208,7 @@ class _Parser:
     def __init__(self, limit: int, leftover: bytes = b"") -> None:
         self._limit = limit
         self._buf = bytearray()
-        self.body = bytearray()
+        self.body: bytes | bytearray = bytearray()  # bytes when taken in one pass
         if leftover:
             self.feed(leftover)
 
@@ -233,26 +247,17 @@ class _Parser:
         head = _SIMPLE_HEAD.match(data)
         if head is None:
             return False
-        start = head.end()
-        if start > _MAX_HEAD:
+        start, fields = head.end(), head.start(2)
+        # framing in C: exactly one plain Content-Length, and no other framing line
+        lengths = _LENGTH_LINE.findall(data, fields, start)
+        if len(lengths) != 1 or start > _MAX_HEAD or _ODD_FRAMING.search(data, fields, start):
             return False
-        length = -1
-        # (the three names differ in length: Content-Length 14, Connection 10, T-E 17; the
-        # values come without the whitespace around them)
-        for name, value in _FRAMING_LINES.findall(data, head.start(2), start):
-            if len(name) == 14 and length < 0 and value.isdigit() and len(value) < 19:
-                length = int(value)
-            elif len(name) != 10 or value.lower() != b"keep-alive":
-                return False  # chunked, close, a repeated or odd length ...
-        end = start + length
-        status = int(head[1])
-        if length < 0 or length > self._limit or len(data) < end or not 200 <= status < 600:
-            return False
-        if status == 204 or status == 304:
+        end = start + int(lengths[0])
+        if end - start > self._limit or len(data) < end:
             return False
         self.got = self.done = self.keep_alive = True
-        self.status = status
-        self.body += memoryview(data)[start:end]
+        self.status = int(head[1])
+        self.body = data[start:end]
         if end < len(data):
             self._buf += memoryview(data)[end:]
         return True
@@ -413,7 +418,7 @@ def _readable(sock: Any) -> bool:
         return True
     try:
         poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLPRI)
+        poller.register(sock, _POLLIN_PRI)
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
@@ -487,26 +492,31 @@ class SyncPool:
         self._lock = threading.Lock()
         self._forks = _forks
 
-    def _acquire(self, timeout: float) -> tuple[socket.socket, bool]:
-        """An idle connection (reused=True) or a new one, connected within ``timeout``.
+    def _acquire(self, deadline: float) -> tuple[socket.socket, bool]:
+        """An idle connection (reused=True) or a new one, connected by ``deadline``.
         Any failure to connect (refused, DNS, TLS handshake or certificate) is
         ``connection-failed``, as httpx's ConnectError is; running out of time is a timeout."""
-        with self._lock:
-            if self._forks != _forks:
-                # The parent's sockets: not ours to use. Closing our copy of the descriptor
-                # does not close the parent's connection.
-                idle, self._idle, self._forks = self._idle, [], _forks
-                for sock in idle:
-                    sock.close()
-            while self._idle:
-                sock = self._idle.pop()
-                if not _readable(sock):
-                    return sock, True
-                sock.close()
+        if self._forks != _forks:
+            with self._lock:
+                if self._forks != _forks:
+                    # The parent's sockets: not ours to use. Closing our copy of the
+                    # descriptor does not close the parent's connection.
+                    idle, self._idle, self._forks = self._idle, [], _forks
+                    for sock in idle:
+                        sock.close()
+        idle = self._idle
+        while idle:
+            try:
+                sock = idle.pop()  # atomic (as append in _release): no lock on this path
+            except IndexError:  # another thread took the last one
+                break
+            if not _readable(sock):
+                return sock, True
+            sock.close()
         o = self.origin
         raw: socket.socket | None = None
         try:
-            raw = _connect(o.host, o.port, time.monotonic() + timeout)
+            raw = _connect(o.host, o.port, deadline)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = raw if o.tls is None else o.tls.wrap_socket(raw, server_hostname=o.host)
             sock.setblocking(False)  # from now on, deadlines are kept by _wait (see _send)
@@ -519,11 +529,10 @@ class SyncPool:
             raise _connect_failed(o.url, exc) from None
 
     def _release(self, sock: socket.socket) -> None:
-        with self._lock:
-            if len(self._idle) < _MAX_IDLE and self._forks == _forks:
-                self._idle.append(sock)
-                return
-        sock.close()
+        if len(self._idle) < _MAX_IDLE and self._forks == _forks:
+            self._idle.append(sock)
+        else:
+            sock.close()
 
     def close(self) -> None:
         """Close the idle connections (also what a stale one means for its siblings: the server
@@ -538,7 +547,7 @@ class SyncPool:
         with _errors(self.origin.url):
             deadline = time.monotonic() + timeout
             for _attempt in range(2):
-                sock, reused = self._acquire(_left(deadline))
+                sock, reused = self._acquire(deadline)
                 parser = _Parser(limit)
                 try:
                     _send(sock, self.origin.request(body), deadline)
@@ -581,7 +590,7 @@ class SyncPool:
             index: dict[int, int] = {}
 
             def start(i: int) -> None:
-                sock, again = self._acquire(_left(deadline))
+                sock, again = self._acquire(deadline)
                 if i == len(socks):
                     socks.append(sock)
                     parsers.append(_Parser(limit))
@@ -653,7 +662,7 @@ class SyncPool:
             return results
 
     def _finish(self, sock: socket.socket, parser: _Parser) -> None:
-        if parser.done and parser.keep_alive and not parser.leftover():
+        if parser.done and parser.keep_alive and not parser._buf:  # (no leftover bytes)
             self._release(sock)
         else:
             sock.close()  # unusable, or a request the server still holds: closing drops it
@@ -890,7 +899,7 @@ class AsyncPool:
             conn.abort()
             raise
         conn.parser = conn.waiter = None
-        if parser.keep_alive and not parser.leftover():
+        if parser.keep_alive and not parser._buf:  # (no leftover bytes)
             self._release(conn)
         else:
             conn.close()

@@ -266,13 +266,16 @@ class _Conversation:
             "terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True
         )
 
-    def _absorb(self, response: BOSHResponse) -> b.ParsedBody:
+    def _absorb(self, response: BOSHResponse, batched: bool) -> b.ParsedBody:
         if response.status_code != 200:
             raise ServiceUnavailable(
                 f"BOSH endpoint answered HTTP {response.status_code}",
                 condition=f"http-{response.status_code}",
             )
-        parsed = self._parse(response)
+        if batched:  # ``settles`` may have parsed it already
+            parsed = self._parse(response)
+        else:  # the one answer, parsed here only
+            parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
         self.inbox.extend(parsed.children)
         for child in parsed.children:
             if child.tag == _STREAM_ERROR:
@@ -346,7 +349,7 @@ class _Conversation:
             try:
                 for response in responses:
                     if response is not None:
-                        self._absorb(response)
+                        self._absorb(response, settles is not None)
             finally:
                 self._parsed.clear()
             self.held += responses.count(None)
