@@ -24,6 +24,7 @@ import struct
 import subprocess
 import threading
 import time
+import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -783,6 +784,56 @@ def test_a_big_request_over_tls(serve, pool, pki, no_env_cas) -> None:
     client = pool(server.url, verify=str(pki.ca))
     assert client.exchange(b"x" * BIG, timeout=20) == (200, b"%d" % BIG)
     assert server.connections == 1
+
+
+def serve_big_answers(index: int, sock: socket.socket, server: RawServer) -> None:
+    """Answer each request with ``BIG_ANSWER`` bytes of a pattern, keep-alive: the first
+    half in sends of 1,000 bytes (over TLS, a record each: many fit in one read), the rest in
+    one send (full-size records)."""
+    while (request := read_request(sock)) is not None:
+        server.requests.append(request)
+        answer = ok(big_answer(body_of(request)))
+        half = len(answer) // 2
+        for i in range(0, half, 1000):
+            sock.sendall(answer[i : min(i + 1000, half)])
+        sock.sendall(answer[half:])
+
+
+BIG_ANSWER = 300 * 1024  # many times the async connection's read buffer (http11._READ_SIZE)
+
+
+def big_answer(seed: bytes) -> bytes:
+    return (seed + b"|" + bytes(range(256)) * 2) * (BIG_ANSWER // (len(seed) + 513)) + b"end"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_answers_larger_than_the_read_buffer_arrive_whole(serve, pool, pki, no_env_cas, tls):
+    """The async connection reads into a buffer of its own, and TLS fills it through slices:
+    an answer many times its size comes in many reads, each byte once, in order."""
+    assert BIG_ANSWER > 10 * http11._READ_SIZE
+    server = serve(serve_big_answers, tls=pki.good if tls else None)
+    client = pool(server.url, verify=str(pki.ca))
+    for i in range(3):
+        assert client.exchange(b"r%d" % i, limit=2 * BIG_ANSWER) == (200, big_answer(b"r%d" % i))
+    assert server.connections == 1  # and the connection stays reusable after them
+
+
+def test_reading_an_answer_allocates_no_large_block(serve, pool) -> None:
+    """An asyncio ``Protocol`` gets each read as a new bytes object that asyncio allocates at
+    256 KiB and then trims: above glibc's mmap threshold (128 KiB) that may be an mmap, page
+    faults and a munmap per answer. The pools read at most 64 KiB at a time (the sync one
+    into a new bytes object, the async one into its connection's buffer)."""
+    server = serve(serve_keepalive)
+    client = pool(server.url)
+    client.exchange(b"warm-up")  # connection made, pool and loop set up
+    tracemalloc.start()
+    try:
+        for i in range(5):
+            assert client.exchange(b"%d" % i) == (200, b"0:%d" % i)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 192 * 1024, peak  # a 256 KiB read buffer would show
 
 
 def test_a_server_that_never_reads_times_out(serve, pool) -> None:
