@@ -146,7 +146,7 @@ def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
     """Parse a BOSH response; every way it can be wrong becomes a ``ProtocolError``."""
     if len(data) > max_size:
         raise ResponseTooLarge(f"BOSH response of {len(data)} bytes exceeds {max_size}")
-    if not data.strip():
+    if not data or data.isspace():  # (not strip(): that would copy the body)
         raise ProtocolError("empty BOSH response")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise ProtocolError("BOSH response contains a DTD, which XMPP forbids")

@@ -68,24 +68,26 @@ _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 #: The status line and header lines of an HTTP/1.1 head, every line well-formed (as
 #: ``_STATUS_LINE`` and ``_FIELD_LINES`` want them), through its empty line: ``_Parser._whole``.
-#: Only a final status that may have a body (200-599 but 204 and 304).
+#: Only a final status that may have a body (200-599 but 204 and 304). Possessive: no
+#: backtracking state kept per line.
 _SIMPLE_HEAD = re.compile(
-    rb"HTTP/1\.1 (?!204|304)([2-5][0-9]{2})(?:[ \t][^\r\n]*)?\r\n"
-    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*)\r\n"
+    rb"HTTP/1\.1 (?!204|304)([2-5][0-9]{2})(?:[ \t][^\r\n]*+)?\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]++:[^\r\n]*+\r\n)*+)\r\n"
 )
-#: In such a head, the value of each Content-Length line that is plain digits (18 at most) ...
-_LENGTH_LINE = re.compile(
-    rb"^content-length:[ \t]*([0-9]{1,18})[ \t]*\r\n", re.IGNORECASE | re.MULTILINE
-)
+# In the lowercased header lines of such a head, each with the CRLF before it: every line
+# starts with a literal, which the regex engine finds fast (IGNORECASE and ``^`` would make it
+# try every position).
+#: Each Content-Length line's value, where it is plain digits (18 at most) ...
+_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[ \t]*+([0-9]{1,18})[ \t]*+(?=\r\n)")
 #: ... and any framing line but those and ``Connection: keep-alive`` (chunked, close, an odd
 #: length ...): a head with one is left to the general parser.
 _ODD_FRAMING = re.compile(
-    rb"^(?:transfer-encoding:"
+    rb"\r\n(?:transfer-encoding:"
     rb"|content-length:(?![ \t]*[0-9]{1,18}[ \t]*\r\n)"
-    rb"|connection:(?![ \t]*keep-alive[ \t]*\r\n))",
-    re.IGNORECASE | re.MULTILINE,
+    rb"|connection:(?![ \t]*keep-alive[ \t]*\r\n))"
 )
-#: Those fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name, value).
+#: The framing fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name,
+#: value), for the general parser.
 _FRAMING_LINES = re.compile(
     rb"^(content-length|transfer-encoding|connection):[ \t]*([^\r\n]*?)[ \t]*\r\n",
     re.IGNORECASE | re.MULTILINE,
@@ -247,10 +249,13 @@ class _Parser:
         head = _SIMPLE_HEAD.match(data)
         if head is None:
             return False
-        start, fields = head.end(), head.start(2)
+        start = head.end()
+        if start > _MAX_HEAD:
+            return False
         # framing in C: exactly one plain Content-Length, and no other framing line
-        lengths = _LENGTH_LINE.findall(data, fields, start)
-        if len(lengths) != 1 or start > _MAX_HEAD or _ODD_FRAMING.search(data, fields, start):
+        lines = data[head.start(2) - 2 : start].lower()
+        lengths = _LENGTH_LINE.findall(lines)
+        if len(lengths) != 1 or _ODD_FRAMING.search(lines):
             return False
         end = start + int(lengths[0])
         if end - start > self._limit or len(data) < end:
