@@ -28,7 +28,14 @@ class SyncImpl:
     """``prebind(credentials) -> PrebindSession`` for one implementation; ``prebind_counted``
     also records its HTTP traffic in ``self.wire``."""
 
-    def __init__(self, kind: str, url: str, mechanism: str | None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        url: str,
+        mechanism: str | None,
+        *,
+        floor_class: type[FloorPrebinder] = FloorPrebinder,
+    ) -> None:
         self.kind = kind
         self.wire = WireLog()
         mechs = [mechanism] if mechanism else None
@@ -38,7 +45,7 @@ class SyncImpl:
         self._floor: FloorPrebinder | None = None
         self.prebinder: Prebinder
         if kind == "floor":
-            self._floor = FloorPrebinder(url, self._mech)
+            self._floor = floor_class(url, self._mech)
             self.prebinder = Prebinder(url)  # only to end sessions after the run
         elif kind == "baseline":
             # One per thread, as one per PHP-FPM/WSGI worker: it keeps the exchange's state.

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
 
 import httpx
+from lxml import etree
 
 from bosh_middleware import AsyncPrebinder, Credentials, Prebinder
 from bosh_middleware.protocol import BOSHRequest, BOSHResponse
@@ -24,6 +26,7 @@ from bosh_middleware.scram import clear_cache
 
 from ._impls import SyncImpl, async_prebinder
 from ._util import Bytecodes, Result, acheck_live, check_live, md_table, prosody, verdict
+from .floor import FloorPrebinder
 
 BLOCK = 25  # prebinds between terminations
 
@@ -173,16 +176,58 @@ def _replay_rows(url: str, mech: str, creds: Credentials, n: int) -> list[list[o
         protocol.secrets, scram.secrets = saved
 
 
-def _against_floor(url: str, mech: str, creds: Credentials, n: int) -> dict[str, float]:
-    """CPU per prebind of the sync engine and of the floor (benchmarks/floor.py), in
-    alternating blocks: the two see the same machine, so their ratio holds when the machine
-    drifts (as it does here, between runs and within one)."""
-    impls = {kind: SyncImpl(kind, url, mech) for kind in ("floor", "engine")}
+def _spin(passes: int) -> int:
+    """Python bytecodes that touch next to no code or data: a tight loop."""
+    total = 0
+    for i in range(passes):
+        total += i
+    return total
+
+
+class _SpinningFloor(FloorPrebinder):
+    """The floor, plus ``_spin(spins)`` after each answer: as many bytecodes as the engine's
+    prebind executes, but cheap ones (the same few instructions over and over)."""
+
+    spins = 0
+
+    def _read(self, sock: socket.socket) -> etree._Element:
+        root = super()._read(sock)
+        _spin(self.spins)
+        return root
+
+
+def _spins_to_match(extra: int) -> int:
+    """Passes of ``_spin`` per answer (5 answers a prebind) that make ``extra`` bytecodes."""
+    with Bytecodes() as counts:
+        _spin(1000)
+    per_pass = counts.total() / 1000
+    return max(0, round(extra / 5 / per_pass))
+
+
+def _against_floor(
+    url: str, mech: str, creds: Credentials, n: int, spins: int
+) -> dict[str, tuple[float, int]]:
+    """CPU per prebind of the floor (benchmarks/floor.py), the floor spinning up to the
+    engine's bytecode count, and the sync engine, in alternating blocks: they see the same
+    machine, so their ratios hold when it drifts (as it does here, between runs and within
+    one). With the bytecodes one prebind of each executes (the median of 5)."""
+    _SpinningFloor.spins = spins
+    impls = {
+        "floor": SyncImpl("floor", url, mech),
+        "spinning": SyncImpl("floor", url, mech, floor_class=_SpinningFloor),
+        "engine": SyncImpl("engine", url, mech),
+    }
     cpu = dict.fromkeys(impls, 0.0)
+    counted: dict[str, list[int]] = {kind: [] for kind in impls}
     try:
-        for impl in impls.values():
+        for kind, impl in impls.items():
             for _ in range(10):
                 impl.terminate(impl.prebind(creds))
+            for _ in range(5):
+                with Bytecodes() as counts:
+                    session = impl.prebind(creds)
+                counted[kind].append(counts.total())
+                impl.terminate(session)
         for block in range(0, n, BLOCK):
             for kind, impl in impls.items():
                 sessions = []
@@ -195,7 +240,7 @@ def _against_floor(url: str, mech: str, creds: Credentials, n: int) -> dict[str,
     finally:
         for impl in impls.values():
             impl.close()
-    return {kind: total / n for kind, total in cpu.items()}
+    return {kind: (cpu[kind] / n, statistics.median(counted[kind])) for kind in impls}
 
 
 try:
@@ -220,7 +265,9 @@ def _where(filename: str) -> str:
     return "asyncio" if f"{os.sep}asyncio{os.sep}" in filename else "other stdlib"
 
 
-def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, object]) -> str:
+def _bytecode_rows(
+    url: str, mech: str, creds: Credentials, data: dict[str, object]
+) -> tuple[str, dict[str, int]]:
     samples: dict[str, list[collections.Counter[str]]] = {"floor": [], "sync": [], "async": []}
     floor = SyncImpl("floor", url, mech)
     try:
@@ -262,6 +309,7 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
 
     asyncio.run(in_loop())
     rows = []
+    per_driver: dict[str, int] = {}
     for driver, label in (
         ("floor", "floor (benchmarks/floor.py), sync"),
         ("sync", "sync (Prebinder)"),
@@ -279,7 +327,8 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
             ]
         )
         data[f"bytecodes/{driver}"] = dict(mid)
-    return md_table(
+        per_driver[driver] = mid.total()
+    table = md_table(
         [
             "Python bytecodes per warm prebind",
             "total",
@@ -289,6 +338,7 @@ def _bytecode_rows(url: str, mech: str, creds: Credentials, data: dict[str, obje
         ],
         rows,
     )
+    return table, per_driver
 
 
 def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
@@ -355,16 +405,27 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
                 "wall_s": wall,
             }
         rows += _replay_rows(url, mech, creds, 100 if quick else 500)
-        floor = _against_floor(url, mech, creds, n)
-        data["interleaved"] = {f"{k}_cpu_ms": v * 1000 for k, v in floor.items()}
-        counts = _bytecode_rows(url, mech, creds, data)
+        counts, totals = _bytecode_rows(url, mech, creds, data)
+        spins = _spins_to_match(totals["sync"] - totals["floor"])
+        floor = _against_floor(url, mech, creds, n, spins)
+        data["interleaved"] = {
+            kind: {"cpu_ms": per * 1000, "bytecodes": ops} for kind, (per, ops) in floor.items()
+        }
+    base = floor["floor"][0]
     floor_table = md_table(
-        ["sync, alternating blocks of 25", "prebinds", "client CPU / prebind", "vs floor"],
         [
-            [label, n, f"{floor[kind] * 1000:.3f} ms", f"{floor[kind] / floor['floor']:.2f}x"]
-            for kind, label in (
-                ("floor", "floor (benchmarks/floor.py)"),
-                ("engine", "engine (Prebinder)"),
+            "sync, alternating blocks of 25",
+            "prebinds",
+            "bytecodes / prebind",
+            "client CPU / prebind",
+            "vs floor",
+        ],
+        [
+            [label, n, f"{ops:,.0f}", f"{per * 1000:.3f} ms", f"{per / base:.2f}x"]
+            for (per, ops), label in (
+                (floor["floor"], "floor (benchmarks/floor.py)"),
+                (floor["spinning"], "floor + a tight loop up to the engine's bytecodes"),
+                (floor["engine"], "engine (Prebinder)"),
             )
         ],
     )
@@ -398,8 +459,12 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
             "The second table puts the sync engine next to the floor (benchmarks/floor.py):"
             " the same requests, stagger, lxml parses and SCRAM arithmetic in as few Python"
             " operations as a working client can manage (no pool, locks, deadlines, caps or"
-            " error handling). Run in alternating blocks, so the ratio holds where the machine"
-            " drifts; the floor is what any Python prebinder pays here for 5 waits and 5 parses.",
+            " error handling); and next to the floor plus a tight loop after each answer that"
+            " brings it to the engine's bytecode count. Run in alternating blocks, so the"
+            " ratios hold where the machine drifts. The floor is what any Python prebinder"
+            " pays here for 5 waits, 5 sends and 5 parses; the loop row shows what the"
+            " engine's extra bytecodes would cost if they were the same few instructions"
+            " over and over, rather than many functions each run once after a wait.",
             "The third table counts the Python bytecode instructions one warm prebind executes"
             " (sys.settrace; the median of 5 real prebinds), split by where they run: exact and"
             " the same on every machine, where the times above drift with it. C code (lxml,"
