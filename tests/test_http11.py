@@ -662,6 +662,40 @@ def test_keep_alive_reuses_one_connection(serve, pool) -> None:
     assert server.connections == 1
 
 
+def test_threads_share_the_sync_pool_while_it_is_closed(serve) -> None:
+    """Sockets are taken and given back without a lock: a socket is either handed out or
+    closed by ``close()`` (as a stale retry does), never both, and every exchange answers."""
+    server = serve(serve_keepalive)
+    sync = http11.SyncPool(http11.origin(server.url, {}, True))
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def work(n: int) -> None:
+        try:
+            for i in range(60):
+                status, body = sync.exchange(b"%d-%d" % (n, i), 5.0, LIMIT)
+                assert status == 200 and body.endswith(b":%d-%d" % (n, i)), body
+        except BaseException as exc:
+            failures.append(exc)
+
+    def closer() -> None:
+        while not done.wait(0.0005):
+            sync.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    closing = threading.Thread(target=closer)
+    closing.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    done.set()
+    closing.join(timeout=5)
+    sync.close()
+    assert not failures, failures[:3]
+    assert len(server.requests) == 6 * 60
+
+
 def test_connection_the_server_closed_while_idle_is_replaced(serve, pool) -> None:
     def one_per_connection(index: int, sock: socket.socket, server: RawServer) -> None:
         request = read_request(sock)

@@ -542,9 +542,14 @@ class SyncPool:
     def close(self) -> None:
         """Close the idle connections (also what a stale one means for its siblings: the server
         restarted or timed them out, so the retry must not pick another of them)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for sock in idle:
+        # One pop at a time, as _acquire takes them: a socket is either closed here or taken
+        # there, never both (swapping the list would let _acquire take one being closed).
+        idle = self._idle
+        for _ in range(len(idle)):  # (those given back meanwhile are new: they may stay)
+            try:
+                sock = idle.pop()
+            except IndexError:
+                break
             sock.close()
 
     def exchange(self, body: bytes, timeout: float, limit: int) -> Response:
