@@ -813,6 +813,26 @@ def test_trickling_server_times_out_on_the_deadline(serve, pool) -> None:
     assert 0.4 < time.monotonic() - start < 1.5
 
 
+def serve_slow_when_asked(index: int, sock: socket.socket, server: RawServer) -> None:
+    """As ``serve_keepalive``, but a request whose body starts with ``slow`` is answered
+    after 0.4 s."""
+    while (request := read_request(sock)) is not None:
+        server.requests.append(request)
+        if body_of(request).startswith(b"slow") and server.stopping.wait(0.4):
+            return
+        sock.sendall(ok(b"%d:%s" % (index, body_of(request))))
+
+
+def test_a_finished_exchange_leaves_no_deadline_behind(serve, pool) -> None:
+    """The async connection keeps the exchange's deadline as a timer of its own: once the
+    answer is in, the timer is gone, and cannot fail the next exchange on the connection."""
+    server = serve(serve_slow_when_asked)
+    client = pool(server.url)
+    assert client.exchange(b"quick", timeout=0.2) == (200, b"0:quick")
+    assert client.exchange(b"slow", timeout=5.0) == (200, b"0:slow")  # past 0.2 s: still fine
+    assert server.connections == 1
+
+
 def test_server_that_never_answers_times_out(serve, pool) -> None:
     def silent(index: int, sock: socket.socket, server: RawServer) -> None:
         assert read_request(sock) is not None

@@ -745,7 +745,7 @@ class _Conn(asyncio.BufferedProtocol):
     mremap and a munmap for every answer (0.3-0.4 ms of CPU per prebind on a VM here),
     depending only on what the process freed before."""
 
-    __slots__ = ("_loop", "_view", "dead", "parser", "transport", "waiter")
+    __slots__ = ("_loop", "_timer", "_view", "dead", "parser", "transport", "waiter")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -758,6 +758,8 @@ class _Conn(asyncio.BufferedProtocol):
         self._view = memoryview(bytearray(_READ_SIZE))
         # made by the loop it runs on (asking for it again costs a getpid() syscall each time)
         self._loop = asyncio.get_running_loop()
+        #: the current exchange's deadline, if it has one here (see ``send``)
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -807,6 +809,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._settle(None)
 
     def _settle(self, exc: BaseException | None) -> None:
+        self._stop_timer()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             if exc is None:
@@ -814,14 +817,28 @@ class _Conn(asyncio.BufferedProtocol):
             else:
                 waiter.set_exception(exc)
 
-    def send(self, request: bytes, limit: int) -> _Parser:
+    def send(self, request: bytes, limit: int, deadline: float | None = None) -> _Parser:
         """Start an exchange: its parser is in place before the request leaves, so no byte
-        of the answer can come before it."""
+        of the answer can come before it. With a ``deadline`` (the loop's clock), the answer
+        fails with TimeoutError then: one timer on this connection, where an
+        ``asyncio.timeout`` around the exchange would cost a context manager, a timer and a
+        task lookup per request."""
         assert self.transport is not None
         parser = self.parser = _Parser(limit)
         self.waiter = self._loop.create_future()
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._expire)
         self.transport.write(request)
         return parser
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._settle(TimeoutError())
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def usable(self) -> bool:
         """Idle, open and quiet: bytes or a FIN that the event loop has not read yet (it has
@@ -836,11 +853,13 @@ class _Conn(asyncio.BufferedProtocol):
         """Close now, dropping unsent bytes: ``close()`` would wait for a server that does not
         read to take them first, and keep the socket open meanwhile."""
         self.dead = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
         self.dead = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -852,8 +871,9 @@ class AsyncPool:
         self.origin = origin
         self._idle: list[_Conn] = []
 
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        """As ``SyncPool._acquire``; the caller's ``asyncio.timeout`` bounds the connect."""
+    async def _acquire(self, deadline: float | None = None) -> tuple[_Conn, bool]:
+        """As ``SyncPool._acquire``. A connect is bounded by ``deadline`` (the loop's clock),
+        or else by the caller's ``asyncio.timeout``."""
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
@@ -861,9 +881,10 @@ class AsyncPool:
             conn.close()
         o = self.origin
         try:
-            transport, conn = await asyncio.get_running_loop().create_connection(
-                _Conn, o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None
-            )
+            async with asyncio.timeout_at(deadline):
+                transport, conn = await asyncio.get_running_loop().create_connection(
+                    _Conn, o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None
+                )
         except OSError as exc:
             if isinstance(exc, TimeoutError):
                 raise
@@ -886,22 +907,20 @@ class AsyncPool:
             conn.close()
 
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
-        """As ``SyncPool.exchange``; cancelling it closes its connection."""
+        """As ``SyncPool.exchange``; cancelling it closes its connection. ``timeout`` bounds
+        it all: a connect by ``asyncio.timeout_at``, the answer by the connection's timer."""
         with _errors(self.origin.url):
-            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
-                return await self._exchange(body, limit)
-
-    async def _exchange(self, body: bytes, limit: int) -> Response:
-        request = self.origin.request(body)
-        conn, reused = await self._acquire()
-        conn.send(request, limit)
-        try:
-            return await self._answer_again(conn, reused, request, limit)
-        except _Stale:
-            raise _http_error("BOSH server closed the connection") from None
+            deadline = asyncio.get_running_loop().time() + timeout
+            request = self.origin.request(body)
+            conn, reused = await self._acquire(deadline)
+            conn.send(request, limit, deadline)
+            try:
+                return await self._answer_again(conn, reused, request, limit, deadline)
+            except _Stale:
+                raise _http_error("BOSH server closed the connection") from None
 
     async def _answer_again(
-        self, conn: _Conn, reused: bool, request: bytes, limit: int
+        self, conn: _Conn, reused: bool, request: bytes, limit: int, deadline: float | None = None
     ) -> Response:
         """``_answer``, for ``exchange`` and ``batch`` alike: as in ``SyncPool.exchange``, a
         request on a reused connection that the server closed before any byte of the answer
@@ -913,8 +932,8 @@ class AsyncPool:
             if not reused or parser is None or parser.got:
                 raise
         self.close()  # its idle siblings are as stale
-        conn, _ = await self._acquire()
-        conn.send(request, limit)
+        conn, _ = await self._acquire(deadline)
+        conn.send(request, limit, deadline)
         return await self._answer(conn)
 
     async def _answer(self, conn: _Conn) -> Response:
