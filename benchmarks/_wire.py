@@ -167,14 +167,15 @@ def _install_http11() -> None:
     sync_exchange, async_exchange = http11.SyncPool.exchange, http11.AsyncPool.exchange
     sync_batch, async_batch = http11.SyncPool.batch, http11.AsyncPool.batch
 
-    def s_acquire(self: http11.SyncPool, timeout: float) -> Any:
-        conn = sync_acquire(self, timeout)
+    # (*args: whatever the pools take, so that a change of signature there cannot break this)
+    def s_acquire(self: http11.SyncPool, *args: Any) -> Any:
+        conn = sync_acquire(self, *args)
         if _active is not None and not conn[1]:
             _active.connected()
         return conn
 
-    async def a_acquire(self: http11.AsyncPool) -> Any:
-        conn = await async_acquire(self)
+    async def a_acquire(self: http11.AsyncPool, *args: Any) -> Any:
+        conn = await async_acquire(self, *args)
         if _active is not None and not conn[1]:
             _active.connected()
         return conn

@@ -1,0 +1,76 @@
+"""The benchmarks' own plumbing, against the real Prosody: benchmarks/ is not shipped, but its
+numbers are published, and it wraps the engine's private pool methods to count what goes on
+the wire. A change of those methods' signatures broke a full benchmark run once, well after
+the test-suite had passed; this runs that path (and the floor) in a few seconds instead.
+
+In a subprocess: the wire counters patch ``http11`` for the whole process they run in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support.xmpp_servers import XMPPServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import asyncio, json, sys
+from benchmarks._impls import SyncImpl, async_prebinder
+from benchmarks._wire import WireLog
+from bosh_middleware import Credentials
+
+url, jid, password = sys.argv[1:4]
+creds = Credentials(jid, password)
+out = {}
+for kind in ("engine", "floor"):
+    impl = SyncImpl(kind, url, "SCRAM-SHA-1")
+    try:
+        impl.terminate(impl.prebind(creds))  # warm: connections made, SCRAM keys cached
+        session = impl.prebind_counted(creds)
+        out[kind] = [*impl.wire.snapshot(), session.request_count, session.retried]
+        impl.terminate(session)
+    finally:
+        impl.close()
+
+async def run_async():
+    p = async_prebinder("engine", url, "SCRAM-SHA-1")
+    log = WireLog()
+    try:
+        await p.terminate(await p.prebind(creds))
+        with log.active():
+            session = await p.prebind(creds)
+        await p.terminate(session)
+        return [*log.snapshot(), session.request_count, session.retried]
+    finally:
+        await p.aclose()
+
+out["async engine"] = asyncio.run(run_async())
+print(json.dumps(out))
+"""
+
+
+def test_wire_counters_and_floor_run_against_prosody(prosody: XMPPServer) -> None:
+    jid, password = prosody.new_user("bench")
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, prosody.service_url, jid, password],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for kind in ("engine", "async engine"):
+        requests, round_trips, connects, counted_by_engine, retried = out[kind]
+        # what the wrappers saw on the wire is what the engine says it sent
+        assert requests == counted_by_engine, (kind, out[kind])
+        if not retried:  # (a bind that overtook the restart redoes the prebind)
+            assert (requests, round_trips, connects) == (5, 4, 0), (kind, out[kind])
+    # the floor sends no request through the engine's pools: nothing counted, and it bound
+    assert out["floor"][:3] == [0, 0, 0], out["floor"]
+    assert out["floor"][3] == 5
