@@ -34,7 +34,7 @@ _BOSH = "xmlns='http://jabber.org/protocol/httpbind'"
 _NS = "{urn:ietf:params:xml:ns:xmpp-sasl}"
 _BIND = "{urn:ietf:params:xml:ns:xmpp-bind}"
 _JID = f"{{jabber:client}}iq/{_BIND}bind/{_BIND}jid"
-_STAGGER = 0.0005  # as the engine's _PIPELINE_STAGGER
+_STAGGER, _MAX_STAGGER = 0.0005, 0.008  # as the engine's _PIPELINE_STAGGER, _MAX_STAGGER
 
 
 class FloorPrebinder:
@@ -52,6 +52,7 @@ class FloorPrebinder:
         ).encode()
         self._socks = [self._connect(), self._connect()]
         self._keys: dict[tuple[str, bytes, int], tuple[bytes, bytes]] = {}
+        self._stagger = _STAGGER  # learnt as the engine learns it (see client.py)
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection(self._addr, timeout=10)
@@ -90,7 +91,20 @@ class FloorPrebinder:
         self._send(sock, body)
         return self._read(sock)
 
-    def prebind(self, jid: str, password: str, *, again: bool = True) -> PrebindSession:
+    def prebind(self, jid: str, password: str) -> PrebindSession:
+        # The bind overtakes the restart now and then on a busy server: both answers then
+        # come on the first connection and the second is held open, which makes the session
+        # unusable (see protocol.py). As the engine does, end it, prebind again, and double
+        # the stagger; ease it back 10 % a prebind that went in order.
+        for _ in range(5):
+            session = self._attempt(jid, password)
+            if session is not None:
+                self._stagger = max(self._stagger * 0.9, _STAGGER)
+                return session
+            self._stagger = min(self._stagger * 2, _MAX_STAGGER)
+        raise ConnectionError("the bind kept overtaking the restart")
+
+    def _attempt(self, jid: str, password: str) -> PrebindSession | None:
         user, _, domain = jid.partition("@")
         rid = 2**32 + secrets.randbits(44)
         root = self._round_trip(
@@ -138,20 +152,18 @@ class FloorPrebinder:
             f"<body rid='{rid + 3}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
             f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'/>",
         )
-        time.sleep(_STAGGER)
+        time.sleep(self._stagger)
         self._send(
             s1,
             f"<body rid='{rid + 4}' sid='{sid}' {_BOSH}><iq id='bind_1' type='set'"
             " xmlns='jabber:client'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
             f"<resource>floor-{secrets.token_hex(6)}</resource></bind></iq></body>",
         )
-        if len(self._read(s0)) > 1 and again:
-            # The bind overtook the restart: both answers came on s0 and s1 is held open,
-            # which makes the session unusable (see protocol.py). End it; prebind again.
+        if len(self._read(s0)) > 1:  # features and the bind result: overtaken
             s1.close()
             self._socks[1] = self._connect()
             self._round_trip(f"<body rid='{rid + 5}' sid='{sid}' type='terminate' {_BOSH}/>")
-            return self.prebind(jid, password, again=False)
+            return None
         bound = self._read(s1).find(_JID)
         if bound is None or not bound.text:
             raise ConnectionError("bind")
