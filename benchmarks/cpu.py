@@ -204,30 +204,45 @@ def _spins_to_match(extra: int) -> int:
     return max(0, round(extra / 5 / per_pass))
 
 
+def _sample_bytecodes(impl: SyncImpl, creds: Credentials) -> collections.Counter[str]:
+    """The bytecodes of one warm prebind of ``impl`` by ``_where``: the median of 5, after 5
+    uncounted ones."""
+    for _ in range(5):
+        impl.terminate(impl.prebind(creds))
+    samples = []
+    for _ in range(5):
+        with Bytecodes(_where) as counts:
+            session = impl.prebind(creds)
+        samples.append(counts)
+        impl.terminate(session)
+    return _median(samples)
+
+
+def _median(samples: list[collections.Counter[str]]) -> collections.Counter[str]:
+    return sorted(samples, key=lambda c: c.total())[len(samples) // 2]
+
+
 def _against_floor(
-    url: str, mech: str, creds: Credentials, n: int, spins: int
+    url: str, mech: str, creds: Credentials, n: int, ops: dict[str, int]
 ) -> dict[str, tuple[float, int]]:
     """CPU per prebind of the floor (benchmarks/floor.py), the floor spinning up to the
     engine's bytecode count, and the sync engine, in alternating blocks: they see the same
     machine, so their ratios hold when it drifts (as it does here, between runs and within
-    one). With the bytecodes one prebind of each executes (the median of 5)."""
-    _SpinningFloor.spins = spins
+    one). With the bytecodes one prebind of each executes: ``ops`` has the floor's and the
+    engine's (from the bytecode table), the spinning floor's is counted here."""
+    _SpinningFloor.spins = _spins_to_match(ops["engine"] - ops["floor"])
     impls = {
         "floor": SyncImpl("floor", url, mech),
         "spinning": SyncImpl("floor", url, mech, floor_class=_SpinningFloor),
         "engine": SyncImpl("engine", url, mech),
     }
     cpu = dict.fromkeys(impls, 0.0)
-    counted: dict[str, list[int]] = {kind: [] for kind in impls}
+    ops = dict(ops)
     try:
-        for kind, impl in impls.items():
+        ops["spinning"] = _sample_bytecodes(impls["spinning"], creds).total()
+        for impl in impls.values():
             for _ in range(10):
                 impl.terminate(impl.prebind(creds))
-            for _ in range(5):
-                with Bytecodes() as counts:
-                    session = impl.prebind(creds)
-                counted[kind].append(counts.total())
-                impl.terminate(session)
         for block in range(0, n, BLOCK):
             for kind, impl in impls.items():
                 sessions = []
@@ -240,7 +255,7 @@ def _against_floor(
     finally:
         for impl in impls.values():
             impl.close()
-    return {kind: (cpu[kind] / n, statistics.median(counted[kind])) for kind in impls}
+    return {kind: (cpu[kind] / n, ops[kind]) for kind in impls}
 
 
 try:
@@ -268,29 +283,14 @@ def _where(filename: str) -> str:
 def _bytecode_rows(
     url: str, mech: str, creds: Credentials, data: dict[str, object]
 ) -> tuple[str, dict[str, int]]:
-    samples: dict[str, list[collections.Counter[str]]] = {"floor": [], "sync": [], "async": []}
-    floor = SyncImpl("floor", url, mech)
-    try:
-        for _ in range(5):
-            floor.terminate(floor.prebind(creds))
-        for _ in range(5):
-            with Bytecodes(_where) as counts:
-                session = floor.prebind(creds)
-            samples["floor"].append(counts)
-            floor.terminate(session)
-    finally:
-        floor.close()
-    p = Prebinder(url, mechanisms=[mech])
-    try:
-        for _ in range(5):
-            p.terminate(p.prebind(creds))
-        for _ in range(5):
-            with Bytecodes(_where) as counts:
-                session = p.prebind(creds)
-            samples["sync"].append(counts)
-            p.terminate(session)
-    finally:
-        p.close()
+    medians: dict[str, collections.Counter[str]] = {}
+    for driver, kind in (("floor", "floor"), ("sync", "engine")):
+        impl = SyncImpl(kind, url, mech)
+        try:
+            medians[driver] = _sample_bytecodes(impl, creds)
+        finally:
+            impl.close()
+    samples: list[collections.Counter[str]] = []
 
     async def in_loop() -> None:
         ap = AsyncPrebinder(url, mechanisms=[mech])
@@ -302,12 +302,13 @@ def _bytecode_rows(
                 task = asyncio.get_running_loop().create_task(ap.prebind(creds))
                 with Bytecodes(_where) as counts:
                     session = await task
-                samples["async"].append(counts)
+                samples.append(counts)
                 await ap.terminate(session)
         finally:
             await ap.aclose()
 
     asyncio.run(in_loop())
+    medians["async"] = _median(samples)
     rows = []
     per_driver: dict[str, int] = {}
     for driver, label in (
@@ -315,8 +316,7 @@ def _bytecode_rows(
         ("sync", "sync (Prebinder)"),
         ("async", "async (AsyncPrebinder)"),
     ):
-        totals = sorted(samples[driver], key=lambda c: c.total())
-        mid = totals[len(totals) // 2]
+        mid = medians[driver]
         rows.append(
             [
                 label,
@@ -406,8 +406,8 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
             }
         rows += _replay_rows(url, mech, creds, 100 if quick else 500)
         counts, totals = _bytecode_rows(url, mech, creds, data)
-        spins = _spins_to_match(totals["sync"] - totals["floor"])
-        floor = _against_floor(url, mech, creds, n, spins)
+        ops = {"floor": totals["floor"], "engine": totals["sync"]}
+        floor = _against_floor(url, mech, creds, n, ops)
         data["interleaved"] = {
             kind: {"cpu_ms": per * 1000, "bytecodes": ops} for kind, (per, ops) in floor.items()
         }
