@@ -87,10 +87,9 @@ _ODD_FRAMING = re.compile(
     rb"|connection:(?![ \t]*keep-alive[ \t]*\r\n))"
 )
 #: The framing fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name,
-#: value), for the general parser.
+#: value), for the general parser (which strips each value's items itself).
 _FRAMING_LINES = re.compile(
-    rb"^(content-length|transfer-encoding|connection):[ \t]*([^\r\n]*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
+    rb"^(content-length|transfer-encoding|connection):([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE
 )
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
