@@ -717,6 +717,28 @@ def test_connection_the_server_closed_while_idle_is_replaced(serve, pool) -> Non
 
 
 @pytest.mark.parametrize("loop_running", [True, False])
+def test_a_connection_closed_just_after_its_answer_is_replaced(serve, pool, loop_running) -> None:
+    """The server closes right after answering and the next request goes out at once: whether
+    the FIN is seen before the send or the send fails, the request is answered, once, on a
+    new connection."""
+
+    def one_per_connection(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        assert request is not None
+        server.requests.append(request)
+        sock.sendall(ok(b"%d" % index))  # says keep-alive, then closes
+
+    server = serve(one_per_connection)
+    client = pool(server.url)
+    for i, body in enumerate([b"a", b"b", b"c"]):
+        assert client.exchange(body) == (200, b"%d" % i)
+        server.wait_finished(i + 1)
+        client.idle(0.001, loop_running=loop_running)
+    assert server.connections == 3
+    assert [body_of(r) for r in server.requests] == [b"a", b"b", b"c"]  # each answered once
+
+
+@pytest.mark.parametrize("loop_running", [True, False])
 def test_idle_connection_with_unsolicited_bytes_is_not_reused(serve, pool, loop_running) -> None:
     """A server that writes a 408 on an idle connection before closing it: those bytes are not
     the answer to the next request."""

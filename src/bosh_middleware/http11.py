@@ -555,12 +555,12 @@ class SyncPool:
         """POST ``body``; ``timeout`` bounds the whole exchange, connecting included."""
         with _errors(self.origin.url):
             deadline = time.monotonic() + timeout
+            request = self.origin.request(body)
             for _attempt in range(2):
                 sock, reused = self._acquire(deadline)
                 parser = _Parser(limit)
                 try:
-                    _send(sock, self.origin.request(body), deadline)
-                    _read(sock, parser, deadline)
+                    _round_trip(sock, request, parser, deadline)
                 except _RETRYABLE as exc:
                     sock.close()
                     if reused and not parser.got:
@@ -687,7 +687,7 @@ def _wait(sock: socket.socket, event: int, deadline: float) -> None:
         raise TimeoutError
 
 
-def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+def _send(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -711,10 +711,22 @@ def _recv_all(sock: socket.socket) -> bytes:
     return chunk
 
 
-def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
+def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: float) -> None:
+    """Send ``request`` and read its answer into ``parser``. The usual exchange is one send(),
+    one wait and one recv(): they are made here directly, with one poll object for every wait,
+    and ``_send`` and ``_wait`` only take over when the socket is not ready at once."""
+    try:
+        sent = sock.send(request)
+    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        sent = 0
+    if sent < len(request):
+        _send(sock, memoryview(request)[sent:], deadline)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
     while not parser.done:
         # wait first: an answer is never back within the microseconds since the send
-        _wait(sock, select.POLLIN, deadline)
+        if not poller.poll(_left(deadline) * 1000):
+            raise TimeoutError
         try:
             chunk = _recv_all(sock)
         except (BlockingIOError, ssl.SSLWantReadError):
