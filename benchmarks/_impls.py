@@ -7,7 +7,8 @@
 * ``httpx``     - the same engine with ``transport="httpx"`` (what it uses behind a proxy or when
   given an httpx client): the cost of the HTTP client, everything else equal;
 * ``floor``     - benchmarks/floor.py: the engine's wire exchange in as few Python operations as
-  a working client can do it (the CPU section only).
+  a working client can do it (the CPU section only);
+* ``floor-io``  - the engine over the floor's I/O instead of its transport (the CPU section only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bosh_middleware import AsyncPrebinder, Credentials, Prebinder, PrebindSessi
 
 from ._wire import WireLog
 from .baseline import BaselinePrebinder
-from .floor import FloorPrebinder
+from .floor import FloorIOPrebinder, FloorPrebinder
 
 IMPLS = ("baseline", "engine", "httpx")
 ASYNC_IMPLS = ("engine", "httpx")
@@ -53,6 +54,8 @@ class SyncImpl:
             self.prebinder = Prebinder(url)  # only to end sessions after the run
         elif kind == "engine":
             self.prebinder = Prebinder(url, mechanisms=mechs)
+        elif kind == "floor-io":
+            self.prebinder = FloorIOPrebinder(url, self._mech)
         elif kind == "httpx":
             self.prebinder = Prebinder(url, mechanisms=mechs, transport="httpx")
         else:

@@ -9,6 +9,11 @@ measurement of the floor does not: a pool, locks, fork and staleness checks, dea
 steps, HTTP framing other than one Content-Length, size caps, error conditions, logging,
 mechanism choice, the flow/driver split. It still checks the server's signature and the bind
 result, and its sessions are checked live like the others. Not for use anywhere else.
+
+``FloorIOPrebinder`` is the shipped engine (its flows, SCRAM, XML checks and driver loop)
+over the floor's I/O instead of ``http11``: the same two sockets, the same one-Content-Length
+read. Between the floor and the engine, it says which half of the difference is the
+transport (pool, deadlines, strict HTTP framing) and which the protocol layers.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from bosh_middleware import PrebindSession
+from bosh_middleware import Prebinder, PrebindSession
+from bosh_middleware.protocol import BOSHRequest, BOSHResponse
 
-__all__ = ["FloorPrebinder"]
+__all__ = ["FloorIOPrebinder", "FloorPrebinder"]
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
@@ -37,6 +43,42 @@ _JID = f"{{jabber:client}}iq/{_BIND}bind/{_BIND}jid"
 _STAGGER, _MAX_STAGGER = 0.0005, 0.008  # as the engine's _PIPELINE_STAGGER, _MAX_STAGGER
 
 
+def _origin(service_url: str) -> tuple[tuple[str, int], bytes]:
+    """(host, port), and each request's head up to its Content-Length."""
+    u = urlsplit(service_url)
+    prefix = (
+        f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: text/xml; charset=utf-8\r\n"
+    ).encode()
+    return (u.hostname or "127.0.0.1", u.port or 80), prefix
+
+
+def _connect(addr: tuple[str, int]) -> socket.socket:
+    sock = socket.create_connection(addr, timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _read_body(sock: socket.socket) -> bytes:
+    """One answer's body: HTTP/1.1 200 with a Content-Length, nothing else handled."""
+    data = sock.recv(65536)
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed")
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = _LENGTH.search(head)
+    if match is None or not head.startswith(b"HTTP/1.1 200 "):
+        raise ConnectionError(head[:200])
+    length = int(match[1])
+    while len(body) < length:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("closed")
+        body += more
+    return body[:length]
+
+
 class FloorPrebinder:
     def __init__(self, service_url: str, mechanism: str = "SCRAM-SHA-1") -> None:
         if mechanism not in ("SCRAM-SHA-1", "SCRAM-SHA-256"):
@@ -44,20 +86,13 @@ class FloorPrebinder:
         self.url = service_url
         self.mechanism = mechanism
         self._hash = "sha1" if mechanism == "SCRAM-SHA-1" else "sha256"
-        u = urlsplit(service_url)
-        self._addr = (u.hostname or "127.0.0.1", u.port or 80)
-        self._prefix = (
-            f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
-            "Content-Type: text/xml; charset=utf-8\r\n"
-        ).encode()
+        self._addr, self._prefix = _origin(service_url)
         self._socks = [self._connect(), self._connect()]
         self._keys: dict[tuple[str, bytes, int], tuple[bytes, bytes]] = {}
         self._stagger = _STAGGER  # learnt as the engine learns it (see client.py)
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection(self._addr, timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return _connect(self._addr)
 
     def close(self) -> None:
         for sock in self._socks:
@@ -68,23 +103,7 @@ class FloorPrebinder:
         sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data))
 
     def _read(self, sock: socket.socket) -> etree._Element:
-        data = sock.recv(65536)
-        while b"\r\n\r\n" not in data:
-            more = sock.recv(65536)
-            if not more:
-                raise ConnectionError("closed")
-            data += more
-        head, _, body = data.partition(b"\r\n\r\n")
-        match = _LENGTH.search(head)
-        if match is None or not head.startswith(b"HTTP/1.1 200 "):
-            raise ConnectionError(head[:200])
-        length = int(match[1])
-        while len(body) < length:
-            more = sock.recv(65536)
-            if not more:
-                raise ConnectionError("closed")
-            body += more
-        return etree.fromstring(body[:length], _PARSER)
+        return etree.fromstring(_read_body(sock), _PARSER)
 
     def _round_trip(self, body: str) -> etree._Element:
         sock = self._socks[0]
@@ -176,3 +195,35 @@ class FloorPrebinder:
             round_trips=4,
             request_count=5,
         )
+
+
+class FloorIOPrebinder(Prebinder):
+    """The engine's flows and driver over the floor's two sockets (see the module's doc)."""
+
+    def __init__(self, service_url: str, mechanism: str = "SCRAM-SHA-1") -> None:
+        super().__init__(service_url, mechanisms=[mechanism])
+        self._addr, self._prefix = _origin(service_url)
+        self._socks = [_connect(self._addr), _connect(self._addr)]
+
+    def _post(self, sock: socket.socket, body: bytes) -> None:
+        sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(body), body))
+
+    def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        s0, s1 = self._socks
+        self._post(s0, batch[0].body)
+        if len(batch) == 1:
+            return [BOSHResponse(200, _read_body(s0))]
+        time.sleep(self.stagger)
+        self._post(s1, batch[1].body)
+        first = BOSHResponse(200, _read_body(s0))
+        settles = batch[0].settles
+        if settles is not None and settles([first]):  # overtaken: the second one is held
+            s1.close()
+            self._socks[1] = _connect(self._addr)
+            return [first, None]
+        return [first, BOSHResponse(200, _read_body(s1))]
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        super().close()

@@ -26,7 +26,7 @@ from bosh_middleware import Credentials
 url, jid, password = sys.argv[1:4]
 creds = Credentials(jid, password)
 out = {}
-for kind in ("engine", "floor"):
+for kind in ("engine", "floor", "floor-io"):
     impl = SyncImpl(kind, url, "SCRAM-SHA-1")
     try:
         impl.terminate(impl.prebind(creds))  # warm: connections made, SCRAM keys cached
@@ -84,7 +84,9 @@ def test_wire_counters_and_floor_run_against_prosody(prosody: XMPPServer) -> Non
         assert requests == counted_by_engine, (kind, out[kind])
         if not retried:  # (a bind that overtook the restart redoes the prebind)
             assert (requests, round_trips, connects) == (5, 4, 0), (kind, out[kind])
-    # the floor sends no request through the engine's pools: nothing counted, and it bound
-    assert out["floor"][:3] == [0, 0, 0], out["floor"]
-    assert out["floor"][3] == 5
+    # the floor, and the engine over the floor's I/O, send no request through the engine's
+    # pools: nothing counted, and they bound
+    for kind in ("floor", "floor-io"):
+        assert out[kind][:3] == [0, 0, 0], (kind, out[kind])
+        assert out[kind][3] == 5, (kind, out[kind])
     assert out["floor, no stagger"] == [30, 30]
