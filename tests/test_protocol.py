@@ -778,6 +778,30 @@ def test_bad_create_payloads(payload: bytes) -> None:
         _prebind(server)
 
 
+def test_parsed_body_children_are_its_elements_only() -> None:
+    """Comments and processing instructions between the children are not children (the
+    parser drops them); a CDATA section passes the DTD check, which looks for ``<!`` first."""
+    from bosh_middleware.body import parse_body
+
+    parsed = parse_body(
+        (
+            f"<body xmlns='{HB}' sid='s1' type='terminate' condition='gone' requests='2'>"
+            "<!-- a comment --><a xmlns='x'/><?pi data?>text<b xmlns='x'><![CDATA[<&>]]></b>"
+            "</body>"
+        ).encode(),
+        max_size=10_000,
+    )
+    assert [el.tag for el in parsed.children] == ["{x}a", "{x}b"]
+    assert parsed.children[1].text == "<&>"
+    assert parsed.root.tag == f"{{{HB}}}body"
+    assert (parsed.type, parsed.condition, parsed.get("sid")) == ("terminate", "gone", "s1")
+    assert parsed.int_attr("requests") == 2 and parsed.int_attr("hold") is None
+    assert parsed.attrs == {"sid": "s1", "type": "terminate", "condition": "gone", "requests": "2"}
+    for dtd in (b"<!DOCTYPE body>", b"<!ENTITY x 'y'>"):
+        with pytest.raises(ProtocolError, match="DTD"):
+            parse_body(dtd + f"<body xmlns='{HB}'/>".encode(), max_size=10_000)
+
+
 def test_non_integer_requests_attribute() -> None:
     server = ScriptedServer()
     server.override["create"] = BOSHResponse(

@@ -313,11 +313,12 @@ class _Conversation:
         if parsed.type == "terminate":
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
-        sid = parsed.attrs.get("sid")
+        attrs = parsed.attrs
+        sid = attrs.get("sid")
         if not sid:
             raise ProtocolError("BOSH session creation response has no sid")
         self.sid = sid
-        self.attrs = parsed.attrs
+        self.attrs = attrs
         requests = parsed.int_attr("requests") or 1
         self.window = max(1, min(requests, o.max_in_flight)) if o.pipeline else 1
         self.inbox.extend(parsed.children)
