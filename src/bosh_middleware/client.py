@@ -50,6 +50,10 @@ __all__ = ["AsyncPrebinder", "Prebinder", "aprebind", "prebind"]
 
 log = logging.getLogger("bosh_middleware")
 T = TypeVar("T")
+#: ``tuple.__new__``: a transport's (status, body) becomes a ``BOSHResponse`` in C, without the
+#: named tuple's Python ``__new__`` (one Python call less per answer, each run right after a
+#: wait, when calls are what costs; see docs/benchmarks.md).
+_new = tuple.__new__
 
 _HEADERS = {"Content-Type": "text/xml; charset=utf-8", "Accept": "text/xml, */*;q=0.1"}
 _LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
@@ -131,12 +135,12 @@ def _settles(batch: list[BOSHRequest]) -> Callable[[list[http11.Response]], bool
     settles = batch[0].settles if len(batch) > 1 else None
     if settles is None:
         return None
-    return lambda answers: settles([BOSHResponse(*a) for a in answers])
+    return lambda answers: settles([_new(BOSHResponse, a) for a in answers])
 
 
 def _log_batch(batch: list[BOSHRequest]) -> None:
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
+    """(Called only when debug logging is on: its callers ask first.)"""
+    log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
 
 
 class _LoopThread:
@@ -164,14 +168,11 @@ class _Base:
         self.service_url = service_url
         self.options = options
         self._headers = {**_HEADERS, **options.headers}
+        #: a request's timeout, by its ``best_effort``: a cleanup waits _CLEANUP_TIMEOUT at most
+        self._timeouts = (options.timeout, min(_CLEANUP_TIMEOUT, options.timeout))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.service_url}>"
-
-    def _timeout(self, req: BOSHRequest) -> float:
-        return (
-            min(_CLEANUP_TIMEOUT, self.options.timeout) if req.best_effort else self.options.timeout
-        )
 
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
         return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
@@ -232,12 +233,17 @@ class Prebinder(_Base):
         limit = self.options.max_response_size
         if len(batch) == 1:
             req = batch[0]
-            return [BOSHResponse(*self._builtin.exchange(req.body, self._timeout(req), limit))]
-        timeout = max(self._timeout(r) for r in batch)
+            return [
+                _new(
+                    BOSHResponse,
+                    self._builtin.exchange(req.body, self._timeouts[req.best_effort], limit),
+                )
+            ]
+        timeout = max(self._timeouts[r.best_effort] for r in batch)
         results = self._builtin.batch(
             [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
-        return [BOSHResponse(*r) if r is not None else None for r in results]
+        return [None if r is None else _new(BOSHResponse, r) for r in results]
 
     def _http(self) -> httpx.Client:
         if self._closed:
@@ -256,7 +262,7 @@ class Prebinder(_Base):
             assert answer is not None
             return answer
         limit = self.options.max_response_size
-        timeout = self._timeout(req)
+        timeout = self._timeouts[req.best_effort]
         deadline = time.monotonic() + timeout
         with (
             _transport_errors(self.service_url),
@@ -283,10 +289,12 @@ class Prebinder(_Base):
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         if self._builtin is not None:
-            _log_batch(batch)
+            if log.isEnabledFor(logging.DEBUG):
+                _log_batch(batch)
             return self._builtin_send(batch)
         if len(batch) == 1:
-            _log_batch(batch)
+            if log.isEnabledFor(logging.DEBUG):
+                _log_batch(batch)
             return [self._send(batch[0])]
         # A pipelined batch may end with a request the server holds open; it must be closed,
         # not abandoned (the server would put the browser's first answers on it), and a
@@ -408,12 +416,17 @@ class AsyncPrebinder(_Base):
         limit = self.options.max_response_size
         if len(batch) == 1:
             req = batch[0]
-            return [BOSHResponse(*await pool.exchange(req.body, self._timeout(req), limit))]
-        timeout = max(self._timeout(r) for r in batch)
+            return [
+                _new(
+                    BOSHResponse,
+                    await pool.exchange(req.body, self._timeouts[req.best_effort], limit),
+                )
+            ]
+        timeout = max(self._timeouts[r.best_effort] for r in batch)
         results = await pool.batch(
             [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
-        return [BOSHResponse(*r) if r is not None else None for r in results]
+        return [None if r is None else _new(BOSHResponse, r) for r in results]
 
     def _http(self) -> httpx.AsyncClient:
         if self._given_client is not None:
@@ -439,7 +452,7 @@ class AsyncPrebinder(_Base):
                     sent.set()
 
             extensions["trace"] = trace
-        timeout = self._timeout(req)
+        timeout = self._timeouts[req.best_effort]
         with _transport_errors(self.service_url):
             # asyncio.timeout makes the per-request timeout a deadline (httpx's is per read).
             async with (
@@ -462,7 +475,8 @@ class AsyncPrebinder(_Base):
                 return BOSHResponse(response.status_code, bytes(data))
 
     async def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
-        _log_batch(batch)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_batch(batch)
         if self._origin is not None:
             return await self._builtin_send(batch)
         if len(batch) == 1:

@@ -553,7 +553,7 @@ class SyncPool:
 
     def exchange(self, body: bytes, timeout: float, limit: int) -> Response:
         """POST ``body``; ``timeout`` bounds the whole exchange, connecting included."""
-        with _errors(self.origin.url):
+        try:
             deadline = time.monotonic() + timeout
             request = self.origin.request(body)
             for _attempt in range(2):
@@ -572,9 +572,14 @@ class SyncPool:
                 except BaseException:
                     sock.close()
                     raise
-                self._finish(sock, parser)
+                if parser.keep_alive and not parser._buf:  # (done; no leftover bytes)
+                    self._release(sock)
+                else:
+                    sock.close()
                 return parser.status, bytes(parser.body)
             raise _http_error("BOSH server keeps closing connections")
+        except OSError as exc:  # (ServiceUnavailable is no OSError)
+            raise _unavailable(exc, self.origin.url) from None
 
     def batch(
         self,
@@ -589,7 +594,7 @@ class SyncPool:
         closed (so the server drops it) and answers ``None``. ``timeout`` bounds it all. As in
         ``exchange``, a request on a reused connection that the server closed before any byte
         of the answer is sent again, once, on a new connection."""
-        with _errors(self.origin.url):
+        try:
             deadline = time.monotonic() + timeout
             socks: list[socket.socket] = []
             parsers: list[_Parser] = []
@@ -669,6 +674,8 @@ class SyncPool:
                 for sock, parser in zip(socks, parsers, strict=False):
                     self._finish(sock, parser)
             return results
+        except OSError as exc:  # (ServiceUnavailable is no OSError)
+            raise _unavailable(exc, self.origin.url) from None
 
     def _finish(self, sock: socket.socket, parser: _Parser) -> None:
         if parser.done and parser.keep_alive and not parser._buf:  # (no leftover bytes)
@@ -714,7 +721,8 @@ def _recv_all(sock: socket.socket) -> bytes:
 def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: float) -> None:
     """Send ``request`` and read its answer into ``parser``. The usual exchange is one send(),
     one wait and one recv(): they are made here directly, with one poll object for every wait,
-    and ``_send`` and ``_wait`` only take over when the socket is not ready at once."""
+    and ``_send`` and ``_wait`` only take over when the socket is not ready at once. (Each
+    Python call spared here counts: this runs right after a wait, see docs/benchmarks.md.)"""
     try:
         sent = sock.send(request)
     except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -725,7 +733,8 @@ def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: 
     poller.register(sock, select.POLLIN)
     while not parser.done:
         # wait first: an answer is never back within the microseconds since the send
-        if not poller.poll(_left(deadline) * 1000):
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError
         try:
             chunk = _recv_all(sock)
@@ -737,7 +746,9 @@ def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: 
         if not chunk:
             parser.eof()
             return
-        parser.feed(chunk)
+        # the first bytes: the one-pass parse straight away (what ``feed`` would try first)
+        if parser.got or not parser._whole(chunk):
+            parser.feed(chunk)
 
 
 # --- async ---------------------------------------------------------------------------------------
@@ -920,7 +931,7 @@ class AsyncPool:
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
         """As ``SyncPool.exchange``; cancelling it closes its connection. ``timeout`` bounds
         it all: a connect by ``asyncio.timeout_at``, the answer by the connection's timer."""
-        with _errors(self.origin.url):
+        try:
             deadline = asyncio.get_running_loop().time() + timeout
             request = self.origin.request(body)
             conn, reused = await self._acquire(deadline)
@@ -929,6 +940,8 @@ class AsyncPool:
                 return await self._answer_again(conn, reused, request, limit, deadline)
             except _Stale:
                 raise _http_error("BOSH server closed the connection") from None
+        except OSError as exc:  # (ServiceUnavailable is no OSError)
+            raise _unavailable(exc, self.origin.url) from None
 
     async def _answer_again(
         self, conn: _Conn, reused: bool, request: bytes, limit: int, deadline: float | None = None
@@ -974,9 +987,11 @@ class AsyncPool:
         stagger: float,
     ) -> list[Response | None]:
         """As ``SyncPool.batch``."""
-        with _errors(self.origin.url):
+        try:
             async with asyncio.timeout(timeout):
                 return await self._batch(bodies, limit, settles, stagger)
+        except OSError as exc:  # (ServiceUnavailable is no OSError)
+            raise _unavailable(exc, self.origin.url) from None
 
     async def _batch(
         self, bodies: Sequence[bytes], limit: int, settles: Settles | None, stagger: float
@@ -1032,28 +1047,15 @@ async def settle(
     return results
 
 
-class _errors:
-    """Socket, TLS and timeout errors -> ServiceUnavailable with the conditions httpx's get."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
-        if exc is None or isinstance(exc, ServiceUnavailable):
-            return
-        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            raise ServiceUnavailable(
-                f"BOSH request to {self.url} timed out", condition="timeout"
-            ) from None
-        if isinstance(exc, (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)):
-            raise ServiceUnavailable(
-                f"cannot connect to {self.url}: {exc}", condition="connection-failed"
-            ) from None
-        if isinstance(exc, (OSError, ssl.SSLError)):
-            raise ServiceUnavailable(
-                f"BOSH request to {self.url} failed: {type(exc).__name__}: {exc}",
-                condition="http-error",
-            ) from None
+def _unavailable(exc: OSError, url: str) -> ServiceUnavailable:
+    """A socket, TLS or timeout error as ServiceUnavailable, with the conditions httpx's get.
+    (Each pool method catches ``OSError`` (TLS errors and timeouts are OSErrors too) and raises
+    this ``from None``: a ``try`` costs nothing until something fails, where a context manager
+    was three Python calls for every exchange.)"""
+    if isinstance(exc, TimeoutError):  # (asyncio.TimeoutError is TimeoutError)
+        return ServiceUnavailable(f"BOSH request to {url} timed out", condition="timeout")
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)):
+        return ServiceUnavailable(f"cannot connect to {url}: {exc}", condition="connection-failed")
+    return ServiceUnavailable(
+        f"BOSH request to {url} failed: {type(exc).__name__}: {exc}", condition="http-error"
+    )

@@ -112,6 +112,9 @@ class BOSHResponse(NamedTuple):
 
 Flow = Generator[list[BOSHRequest], list["BOSHResponse | None"], T]
 
+#: ``tuple.__new__``: a ``BOSHRequest`` made in C, without the named tuple's Python ``__new__``.
+_new = tuple.__new__
+
 
 @dataclass(frozen=True)
 class ServerInfo:
@@ -246,7 +249,7 @@ class _Conversation:
         best_effort: bool = False,
         settles: Callable[[list[BOSHResponse]], bool] | None = None,
     ) -> BOSHRequest:
-        req = BOSHRequest(self.rid, body, label, best_effort, settles)
+        req = _new(BOSHRequest, (self.rid, body, label, best_effort, settles))
         self.rid += 1
         return req
 
@@ -254,11 +257,14 @@ class _Conversation:
         self, label: str, payload: str, settles: Callable[[list[BOSHResponse]], bool] | None
     ) -> BOSHRequest:
         assert self.sid is not None
+        rid = self.rid
         if payload == _RESTART:
-            body = b.restart_body(rid=self.rid, sid=self.sid, to=self.to, lang=self.options.lang)
-            return self._request("restart", body, settles=settles)
-        body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
-        return self._request(label, body, settles=settles)
+            label = "restart"
+            body = b.restart_body(rid=rid, sid=self.sid, to=self.to, lang=self.options.lang)
+        else:
+            body = b.request_body(rid=rid, sid=self.sid, payload=payload)
+        self.rid = rid + 1
+        return _new(BOSHRequest, (rid, body, label, False, settles))  # (_request, inlined)
 
     def terminate_request(self) -> BOSHRequest:
         assert self.sid is not None
@@ -281,7 +287,7 @@ class _Conversation:
             if child.tag == _STREAM_ERROR:
                 cond = _condition(child) or "undefined-condition"
                 raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
-        if parsed.type == "terminate":
+        if parsed.root.get("type") == "terminate":
             for child in parsed.children:
                 if child.tag == _FAILURE:
                     cond = _condition(child) or "not-authorized"
@@ -310,7 +316,7 @@ class _Conversation:
                 condition=f"http-{response.status_code}",
             )
         parsed = b.parse_body(response.body, max_size=o.max_response_size)
-        if parsed.type == "terminate":
+        if parsed.root.get("type") == "terminate":
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs
@@ -341,7 +347,9 @@ class _Conversation:
         while pending:
             batch_steps, pending = pending[: self.window], pending[self.window :]
             settles = self._settles(needs) if len(batch_steps) > 1 else None
-            batch = [self._build(label, payload, settles) for label, payload in batch_steps]
+            batch = []  # (a loop: a list comprehension is one more call in Python 3.11)
+            for label, payload in batch_steps:
+                batch.append(self._build(label, payload, settles))
             responses = yield batch
             if len(responses) != len(batch):
                 raise ProtocolError("driver returned the wrong number of responses")
@@ -367,7 +375,7 @@ class _Conversation:
                     parsed = self._parse(response)
                 except BOSHError:
                     return True
-                if parsed.type == "terminate":
+                if parsed.root.get("type") == "terminate":
                     return True
                 children += parsed.children
             for child in children:  # (loops: generators here cost more than the checks)
@@ -385,11 +393,16 @@ class _Conversation:
 
         return settles
 
-    def wait_for(self, match: Callable[[etree._Element], bool], what: str) -> Flow[etree._Element]:
-        """The first received element that matches, polling (bounded) until it comes."""
+    def wait_for(
+        self, match: frozenset[str] | Callable[[etree._Element], bool], what: str
+    ) -> Flow[etree._Element]:
+        """The first received element that matches (its tag is one of ``match``, or
+        ``match(el)`` is true), polling (bounded) until it comes. Tags are looked up without a
+        call per element."""
+        tags = match if type(match) is frozenset else None
         while True:
             for i, el in enumerate(self.inbox):
-                if match(el):
+                if (el.tag in tags) if tags is not None else match(el):  # type: ignore[operator]
                     del self.inbox[i]
                     return el
             if self.polls >= self.options.max_polls:
@@ -401,6 +414,11 @@ class _Conversation:
 def _tag_in(*tags: str) -> Callable[[etree._Element], bool]:
     wanted = set(tags)
     return lambda el: el.tag in wanted
+
+
+#: What ``wait_for`` looks for most: tags, matched without a call per element.
+_IS_FEATURES = frozenset({_FEATURES})
+_IS_SASL_ANSWER = frozenset({_CHALLENGE, _SUCCESS, _FAILURE})
 
 
 def _iq_result(iq_id: str) -> Callable[[etree._Element], bool]:
@@ -489,11 +507,12 @@ class PrebindProtocol:
     def _run(self) -> Flow[PrebindSession]:
         conv, creds, opts = self._conv, self.credentials, self.options
         yield from conv.create()
-        features = yield from conv.wait_for(_tag_in(_FEATURES), "stream features")
+        features = yield from conv.wait_for(_IS_FEATURES, "stream features")
         mech = choose_mechanism(_mechanisms(features), creds, opts, secure=self.secure)
 
-        resource = creds.resource or f"{opts.resource_prefix}-{secrets.token_hex(6)}"
-        bind_id = f"bind_{secrets.token_hex(4)}"
+        drawn = secrets.token_hex(10)  # one draw: 12 hex digits for the resource, 8 for the id
+        resource = creds.resource or f"{opts.resource_prefix}-{drawn[:12]}"
+        bind_id = f"bind_{drawn[12:]}"
         bind_iq = (
             f"<iq id='{bind_id}' type='set' xmlns='{b.NS_CLIENT}'><bind xmlns='{b.NS_BIND}'>"
             f"<resource>{b.escape(resource)}</resource></bind></iq>"
@@ -506,9 +525,7 @@ class PrebindProtocol:
                 raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
             first = _b64encode(scram.client_first())
             yield from conv.exchange([("auth", self._auth(mech, first))])
-            answer = yield from conv.wait_for(
-                _tag_in(_CHALLENGE, _SUCCESS, _FAILURE), "a SASL answer"
-            )
+            answer = yield from conv.wait_for(_IS_SASL_ANSWER, "a SASL answer")
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
@@ -524,7 +541,7 @@ class PrebindProtocol:
         # Prosody, when the restart overtakes it on another connection (and nothing orders two
         # TCP connections), defers the restart and then drops its xmpp:restart.
         yield from conv.exchange([last])
-        answer = yield from conv.wait_for(_tag_in(_SUCCESS, _FAILURE, _CHALLENGE), "SASL success")
+        answer = yield from conv.wait_for(_IS_SASL_ANSWER, "SASL success")
         self._raise_if_failure(answer)
         if answer.tag == _CHALLENGE:
             raise ProtocolError(
@@ -541,9 +558,7 @@ class PrebindProtocol:
         )
         if conv.held:
             raise _HeldRequest
-        bound_features = yield from conv.wait_for(
-            _tag_in(_FEATURES), "stream features after restart"
-        )
+        bound_features = yield from conv.wait_for(_IS_FEATURES, "stream features after restart")
         result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
         jid = self._bound_jid(result)
 
@@ -612,7 +627,7 @@ def probe_flow(domain: str, options: PrebindOptions, *, rid: int | None = None) 
     error: BOSHError | None = None
     info: ServerInfo | None = None
     try:
-        features = yield from conv.wait_for(_tag_in(_FEATURES), "stream features")
+        features = yield from conv.wait_for(_IS_FEATURES, "stream features")
         info = ServerInfo(
             attrs=dict(conv.attrs),
             mechanisms=_mechanisms(features),
