@@ -167,7 +167,7 @@ def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
     if b"<!" in data and (b"<!DOCTYPE" in data or b"<!ENTITY" in data):  # (one scan, usually)
         raise ProtocolError("BOSH response contains a DTD, which XMPP forbids")
     try:
-        root = etree.fromstring(data, getattr(_local, "parser", None) or _parser())
+        root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
         raise ProtocolError(f"BOSH response is not well-formed XML: {exc}") from None
     except ValueError as exc:  # e.g. unicode string with an encoding declaration

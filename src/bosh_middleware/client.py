@@ -139,8 +139,8 @@ def _settles(batch: list[BOSHRequest]) -> Callable[[list[http11.Response]], bool
 
 
 def _log_batch(batch: list[BOSHRequest]) -> None:
-    """(Called only when debug logging is on: its callers ask first.)"""
-    log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("bosh send %s", ", ".join(f"{r.label}(rid={r.rid})" for r in batch))
 
 
 class _LoopThread:
@@ -289,12 +289,10 @@ class Prebinder(_Base):
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         if self._builtin is not None:
-            if log.isEnabledFor(logging.DEBUG):
-                _log_batch(batch)
+            _log_batch(batch)
             return self._builtin_send(batch)
         if len(batch) == 1:
-            if log.isEnabledFor(logging.DEBUG):
-                _log_batch(batch)
+            _log_batch(batch)
             return [self._send(batch[0])]
         # A pipelined batch may end with a request the server holds open; it must be closed,
         # not abandoned (the server would put the browser's first answers on it), and a
@@ -475,8 +473,7 @@ class AsyncPrebinder(_Base):
                 return BOSHResponse(response.status_code, bytes(data))
 
     async def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
-        if log.isEnabledFor(logging.DEBUG):
-            _log_batch(batch)
+        _log_batch(batch)
         if self._origin is not None:
             return await self._builtin_send(batch)
         if len(batch) == 1:

@@ -572,10 +572,7 @@ class SyncPool:
                 except BaseException:
                     sock.close()
                     raise
-                if parser.keep_alive and not parser._buf:  # (done; no leftover bytes)
-                    self._release(sock)
-                else:
-                    sock.close()
+                self._finish(sock, parser)
                 return parser.status, bytes(parser.body)
             raise _http_error("BOSH server keeps closing connections")
         except OSError as exc:  # (ServiceUnavailable is no OSError)
@@ -694,7 +691,7 @@ def _wait(sock: socket.socket, event: int, deadline: float) -> None:
         raise TimeoutError
 
 
-def _send(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -720,21 +717,14 @@ def _recv_all(sock: socket.socket) -> bytes:
 
 def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: float) -> None:
     """Send ``request`` and read its answer into ``parser``. The usual exchange is one send(),
-    one wait and one recv(): they are made here directly, with one poll object for every wait,
-    and ``_send`` and ``_wait`` only take over when the socket is not ready at once. (Each
-    Python call spared here counts: this runs right after a wait, see docs/benchmarks.md.)"""
-    try:
-        sent = sock.send(request)
-    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-        sent = 0
-    if sent < len(request):
-        _send(sock, memoryview(request)[sent:], deadline)
+    one wait and one recv(): one poll object serves every wait of the read, where ``_wait``
+    would make one per wait."""
+    _send(sock, request, deadline)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     while not parser.done:
         # wait first: an answer is never back within the microseconds since the send
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
+        if not poller.poll(_left(deadline) * 1000):
             raise TimeoutError
         try:
             chunk = _recv_all(sock)
@@ -746,9 +736,7 @@ def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: 
         if not chunk:
             parser.eof()
             return
-        # the first bytes: the one-pass parse straight away (what ``feed`` would try first)
-        if parser.got or not parser._whole(chunk):
-            parser.feed(chunk)
+        parser.feed(chunk)
 
 
 # --- async ---------------------------------------------------------------------------------------

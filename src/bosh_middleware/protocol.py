@@ -257,14 +257,11 @@ class _Conversation:
         self, label: str, payload: str, settles: Callable[[list[BOSHResponse]], bool] | None
     ) -> BOSHRequest:
         assert self.sid is not None
-        rid = self.rid
         if payload == _RESTART:
-            label = "restart"
-            body = b.restart_body(rid=rid, sid=self.sid, to=self.to, lang=self.options.lang)
-        else:
-            body = b.request_body(rid=rid, sid=self.sid, payload=payload)
-        self.rid = rid + 1
-        return _new(BOSHRequest, (rid, body, label, False, settles))  # (_request, inlined)
+            body = b.restart_body(rid=self.rid, sid=self.sid, to=self.to, lang=self.options.lang)
+            return self._request("restart", body, settles=settles)
+        body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
+        return self._request(label, body, settles=settles)
 
     def terminate_request(self) -> BOSHRequest:
         assert self.sid is not None
@@ -287,7 +284,7 @@ class _Conversation:
             if child.tag == _STREAM_ERROR:
                 cond = _condition(child) or "undefined-condition"
                 raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
-        if parsed.root.get("type") == "terminate":
+        if parsed.type == "terminate":
             for child in parsed.children:
                 if child.tag == _FAILURE:
                     cond = _condition(child) or "not-authorized"
@@ -316,7 +313,7 @@ class _Conversation:
                 condition=f"http-{response.status_code}",
             )
         parsed = b.parse_body(response.body, max_size=o.max_response_size)
-        if parsed.root.get("type") == "terminate":
+        if parsed.type == "terminate":
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs
@@ -375,7 +372,7 @@ class _Conversation:
                     parsed = self._parse(response)
                 except BOSHError:
                     return True
-                if parsed.root.get("type") == "terminate":
+                if parsed.type == "terminate":
                     return True
                 children += parsed.children
             for child in children:  # (loops: generators here cost more than the checks)
