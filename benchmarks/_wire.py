@@ -164,8 +164,8 @@ def _install_http11() -> None:
     from bosh_middleware import http11
 
     sync_acquire, async_acquire = http11.SyncPool._acquire, http11.AsyncPool._acquire
-    sync_exchange, async_exchange = http11.SyncPool.exchange, http11.AsyncPool.exchange
-    sync_batch, async_batch = http11.SyncPool.batch, http11.AsyncPool.batch
+    sync_exchange, sync_batch = http11.SyncPool.exchange, http11.SyncPool.batch
+    async_start = http11.AsyncPool.start  # (its exchange and batch run through it too)
 
     # (*args: whatever the pools take, so that a change of signature there cannot break this)
     def s_acquire(self: http11.SyncPool, *args: Any) -> Any:
@@ -187,13 +187,6 @@ def _install_http11() -> None:
             rec.end = time.perf_counter()
         return result
 
-    async def a_exchange(self: http11.AsyncPool, *args: Any) -> Any:
-        rec = _active.begin() if _active is not None else None
-        result = await async_exchange(self, *args)
-        if rec is not None:
-            rec.end = time.perf_counter()
-        return result
-
     def s_batch(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
         recs = [_active.begin() for _ in bodies] if _active is not None else []
         results = sync_batch(self, bodies, *args)
@@ -201,16 +194,21 @@ def _install_http11() -> None:
             _answered(recs, results)
         return results
 
-    async def a_batch(self: http11.AsyncPool, bodies: Any, *args: Any) -> Any:
-        recs = [_active.begin() for _ in bodies] if _active is not None else []
-        results = await async_batch(self, bodies, *args)
-        if recs:
-            _answered(recs, results)
-        return results
+    def a_start(self: http11.AsyncPool, bodies: Any, *args: Any) -> Any:
+        if _active is None:
+            return async_start(self, bodies, *args)
+        recs = [_active.begin() for _ in bodies]
+        *rest, done = args
+
+        def counted(answers: Any, exc: Any) -> None:
+            if answers is not None:
+                _answered(recs, answers)
+            done(answers, exc)
+
+        return async_start(self, bodies, *rest, counted)
 
     http11.SyncPool._acquire = s_acquire  # type: ignore[method-assign]
     http11.AsyncPool._acquire = a_acquire  # type: ignore[method-assign]
     http11.SyncPool.exchange = s_exchange  # type: ignore[method-assign]
-    http11.AsyncPool.exchange = a_exchange  # type: ignore[method-assign]
     http11.SyncPool.batch = s_batch  # type: ignore[method-assign]
-    http11.AsyncPool.batch = a_batch  # type: ignore[method-assign]
+    http11.AsyncPool.start = a_start  # type: ignore[method-assign]

@@ -431,3 +431,37 @@ def test_held_request_session_is_replaced_by_a_sequential_prebind(fake, prebind)
     first_terminate = labels.index("terminate")
     assert labels[first_terminate + 1] == "create"
     assert labels[first_terminate + 1 :] == ["create", "auth", "restart", "bind"]
+
+
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+def test_cancelled_async_prebind_closes_its_request_and_ends_the_session(fake, transport) -> None:
+    """An ASGI server cancels a prebind whose page no longer waits for it (a deadline, a client
+    gone): the request the server holds is closed, promptly, and the half-made session is
+    terminated, not left to time out."""
+    closed = threading.Event()
+
+    def hold(ctx: Exchange) -> None:
+        ctx.sock.settimeout(5.0)
+        try:
+            if ctx.sock.recv(1) == b"":
+                closed.set()
+        except OSError:
+            pass
+
+    srv = fake(at_label("bind", hold))
+
+    async def go() -> float:
+        async with AsyncPrebinder(srv.url, timeout=10.0, transport=transport) as p:
+            task = asyncio.ensure_future(p.prebind(CREDS))
+            assert await asyncio.to_thread(srv.wait_for_label, "bind"), srv.labels
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        elapsed = pool.submit(lambda: asyncio.run(go())).result(timeout=30)
+    assert elapsed < 0.5
+    assert closed.wait(3.0), "the held bind request's connection was not closed"
+    assert srv.wait_for_label("terminate"), srv.labels

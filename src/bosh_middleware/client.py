@@ -28,7 +28,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -376,6 +376,59 @@ class Prebinder(_Base):
         self.close()
 
 
+class _Drive(Generic[T]):
+    """A flow driven over an ``http11.AsyncPool`` from callbacks: each batch's ``done`` (run by
+    the event loop in the turn that read its last answer) sends the answers into the flow
+    and starts the next batch at once. ``future`` gets the flow's result or error."""
+
+    __slots__ = ("_batch", "_flow", "_pool", "_prebinder", "future")
+
+    def __init__(self, prebinder: AsyncPrebinder, pool: http11.AsyncPool, flow: Flow[T]) -> None:
+        self._prebinder = prebinder
+        self._pool = pool
+        self._flow = flow
+        self._batch: http11._Batch | None = None
+        self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def step(self, answers: list[http11.Response | None] | None, exc: BaseException | None) -> None:
+        """The flow's next batch, after ``answers`` or ``exc`` (neither: its first)."""
+        self._batch = None
+        if self.future.done():  # cancelled by its awaiter meanwhile
+            return
+        flow = self._flow
+        try:
+            if exc is not None:
+                if not isinstance(exc, BOSHError):
+                    raise exc
+                batch = flow.throw(exc)
+            elif answers is None:
+                batch = next(flow)
+            else:
+                batch = flow.send([None if a is None else _new(BOSHResponse, a) for a in answers])
+            _log_batch(batch)
+            p = self._prebinder
+            timeouts = p._timeouts
+            self._batch = self._pool.start(
+                [r.body for r in batch],
+                timeouts[batch[0].best_effort]
+                if len(batch) == 1
+                else max(timeouts[r.best_effort] for r in batch),
+                p.options.max_response_size,
+                _settles(batch),
+                p.stagger,
+                self.step,
+            )
+        except StopIteration as stop:
+            self.future.set_result(stop.value)
+        except BaseException as error:  # (a flow's own errors, and bugs: the awaiter's)
+            self.future.set_exception(error)
+
+    def cancel(self) -> None:
+        if self._batch is not None:
+            self._batch.cancel()
+            self._batch = None
+
+
 class AsyncPrebinder(_Base):
     """Asynchronous prebinder: its connection pool (builtin or ``httpx.AsyncClient``) is per event
     loop, since connections must not be shared across loops."""
@@ -405,12 +458,16 @@ class AsyncPrebinder(_Base):
             weakref.WeakKeyDictionary()
         )
 
-    async def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+    def _pool(self) -> http11.AsyncPool:
         assert self._origin is not None
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
         if pool is None:
             pool = self._pools[loop] = http11.AsyncPool(self._origin)
+        return pool
+
+    async def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        pool = self._pool()
         limit = self.options.max_response_size
         if len(batch) == 1:
             req = batch[0]
@@ -492,6 +549,17 @@ class AsyncPrebinder(_Base):
         return await http11.settle(tasks, batch[0].settles)
 
     async def run(self, flow: Flow[T]) -> T:
+        """Drive any flow of ``protocol.py`` to its result. Over the builtin transport each
+        batch is started from the callback that completes the one before (``_Drive``): a
+        prebind is one future to await, not one per answer."""
+        if self._origin is not None:
+            drive = _Drive(self, self._pool(), flow)
+            drive.step(None, None)
+            try:
+                return await drive.future
+            except BaseException:
+                drive.cancel()
+                raise
         try:
             batch = next(flow)
             while True:
@@ -538,13 +606,19 @@ class AsyncPrebinder(_Base):
         return await self.run(probe_flow(domain, self.options))
 
     async def aclose(self) -> None:
-        """Close the client of the running loop (call at shutdown, e.g. ASGI lifespan)."""
-        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        """Close the client of the running loop (call at shutdown, e.g. ASGI lifespan), once
+        the terminate requests of prebinds cancelled mid-flow are done (each is bounded by
+        ``_CLEANUP_TIMEOUT``): else a session they were to end is left to time out."""
+        loop = asyncio.get_running_loop()
+        cleanups = [task for task in self._cleanup if task.get_loop() is loop]
+        if cleanups:
+            await asyncio.wait(cleanups, timeout=_CLEANUP_TIMEOUT)
+        pool = self._pools.pop(loop, None)
         if pool is not None:
             pool.close()
         if self._given_client is not None:
             return
-        client = self._clients.pop(asyncio.get_running_loop(), None)
+        client = self._clients.pop(loop, None)
         if client is not None:
             await client.aclose()
 

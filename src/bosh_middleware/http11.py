@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
@@ -746,8 +747,10 @@ _READ_SIZE = 16 * 1024
 
 class _Conn(asyncio.BufferedProtocol):
     """One keep-alive connection whose bytes go straight into the current exchange's
-    ``_Parser``: no StreamReader between the socket and the parser, and one future per
-    exchange, set when the answer is complete or has failed.
+    ``_Parser``: no StreamReader between the socket and the parser, and no future either. The
+    exchange's ``callback`` is called from the loop's read callback once the answer is
+    complete or has failed, so the next request of a prebind goes out in the same turn of the
+    loop (see ``_Batch``).
 
     Buffered: the socket is read into this connection's own buffer. A plain ``Protocol``
     gets a new bytes object from each read, which asyncio allocates at 256 KiB before
@@ -755,21 +758,17 @@ class _Conn(asyncio.BufferedProtocol):
     mremap and a munmap for every answer (0.3-0.4 ms of CPU per prebind on a VM here),
     depending only on what the process freed before."""
 
-    __slots__ = ("_loop", "_timer", "_view", "dead", "parser", "transport", "waiter")
+    __slots__ = ("_view", "callback", "dead", "parser", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser: _Parser | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.callback: Callable[[_Conn, BaseException | None], None] | None = None
         #: closed, at EOF, or sent bytes while idle (e.g. a 408 before closing, which would
         #: be read as the answer to the next request): never to be reused
         self.dead = False
         # a view, not the bytearray: the TLS layer fills it through slices of what it gets
         self._view = memoryview(bytearray(_READ_SIZE))
-        # made by the loop it runs on (asking for it again costs a getpid() syscall each time)
-        self._loop = asyncio.get_running_loop()
-        #: the current exchange's deadline, if it has one here (see ``send``)
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -819,36 +818,20 @@ class _Conn(asyncio.BufferedProtocol):
         self._settle(None)
 
     def _settle(self, exc: BaseException | None) -> None:
-        self._stop_timer()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if exc is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(exc)
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            callback(self, exc)
 
-    def send(self, request: bytes, limit: int, deadline: float | None = None) -> _Parser:
-        """Start an exchange: its parser is in place before the request leaves, so no byte
-        of the answer can come before it. With a ``deadline`` (the loop's clock), the answer
-        fails with TimeoutError then: one timer on this connection, where an
-        ``asyncio.timeout`` around the exchange would cost a context manager, a timer and a
-        task lookup per request."""
+    def send(
+        self, request: bytes, limit: int, callback: Callable[[_Conn, BaseException | None], None]
+    ) -> None:
+        """Start an exchange: its parser and callback are in place before the request leaves,
+        so no byte of the answer can come before them."""
         assert self.transport is not None
-        parser = self.parser = _Parser(limit)
-        self.waiter = self._loop.create_future()
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._expire)
+        self.parser = _Parser(limit)
+        self.callback = callback
         self.transport.write(request)
-        return parser
-
-    def _expire(self) -> None:
-        self._timer = None
-        self._settle(TimeoutError())
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def usable(self) -> bool:
         """Idle, open and quiet: bytes or a FIN that the event loop has not read yet (it has
@@ -863,15 +846,211 @@ class _Conn(asyncio.BufferedProtocol):
         """Close now, dropping unsent bytes: ``close()`` would wait for a server that does not
         read to take them first, and keep the socket open meanwhile."""
         self.dead = True
-        self._stop_timer()
+        self.callback = None
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
         self.dead = True
-        self._stop_timer()
+        self.callback = None
         if self.transport is not None:
             self.transport.close()
+
+
+#: ``_Batch``'s ``done``: (answers, None) or (None, the error as ``ServiceUnavailable`` ...).
+Done = Callable[[list[Response | None] | None, BaseException | None], None]
+
+
+class _Batch:
+    """One exchange or one pipelined batch, run from callbacks: the connections' (an answer
+    is complete) and the loop's (the stagger, the pool's watchdog). ``done`` is called once, from
+    one of them, never from ``start``.
+
+    No task and no future per request: an answer that completes the batch is handed to
+    ``done`` in the loop turn that read it, where awaiting a future costs a second turn and
+    the resumption of every coroutine frame between the task and the future, on each of a
+    prebind's five answers (see docs/benchmarks.md). A new connection is the exception: it is
+    made by a task (``create_connection`` is a coroutine), which then goes on as the others."""
+
+    __slots__ = (
+        "_conns",
+        "_done",
+        "_limit",
+        "_loop",
+        "_next",
+        "_over",
+        "_pending",
+        "_pool",
+        "_requests",
+        "_results",
+        "_retried",
+        "_reused",
+        "_settles",
+        "_stagger",
+        "_tasks",
+        "_unsent",
+        "deadline",
+    )
+
+    def __init__(
+        self,
+        pool: AsyncPool,
+        bodies: Sequence[bytes],
+        timeout: float,
+        limit: int,
+        settles: Settles | None,
+        stagger: float,
+        done: Done,
+    ) -> None:
+        self._pool = pool
+        self._loop = loop = asyncio.get_running_loop()
+        self._requests = [pool.origin.request(body) for body in bodies]
+        n = len(bodies)
+        self._conns: list[_Conn | None] = [None] * n
+        self._reused = [False] * n
+        self._retried = [False] * n
+        self._results: list[Response | None] = [None] * n
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending = n
+        self._unsent = n
+        self._limit = limit
+        self._settles = settles
+        self._stagger = stagger
+        self._done = done
+        self._over = False
+        self._next: asyncio.TimerHandle | None = None
+        #: on the loop's clock: every connect, send and answer of the batch is bounded by it
+        self.deadline = loop.time() + timeout
+
+    def start(self) -> _Batch:
+        self._pool._watch(self)
+        try:
+            self._start(0)
+        except BaseException as exc:  # (never ``done`` from here: see the class)
+            self._loop.call_soon(self._fail, exc)
+        return self
+
+    def cancel(self) -> None:
+        """From the caller, which no longer waits for ``done``: every request still open is
+        closed, so the server drops it."""
+        if not self._over:
+            self._over = True
+            self._clean_up()
+
+    def _start(self, i: int) -> None:
+        conn = self._pool._take()
+        if conn is None:
+            self._tasks.append(self._loop.create_task(self._connect(i)))
+        else:
+            self._send(i, conn, True)
+
+    def _start_later(self, i: int) -> None:
+        self._next = None
+        try:
+            self._start(i)
+        except BaseException as exc:
+            self._fail(exc)
+
+    async def _connect(self, i: int) -> None:
+        try:
+            conn, reused = await self._pool._acquire(self.deadline)
+            if self._over:
+                conn.close()
+                return
+            self._send(i, conn, reused)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _send(self, i: int, conn: _Conn, reused: bool) -> None:
+        """Request ``i`` on ``conn``, then the next one, ``stagger`` s later: in order on the
+        wire (the next one is started only once this one is sent)."""
+        self._conns[i] = conn
+        self._reused[i] = reused
+        conn.send(self._requests[i], self._limit, self._answered)
+        if self._retried[i]:
+            return
+        self._unsent -= 1
+        if self._unsent:
+            if self._stagger:
+                self._next = self._loop.call_later(self._stagger, self._start_later, i + 1)
+            else:
+                self._start(i + 1)
+        elif self._pending < len(self._requests):  # (never within ``start``: no answer yet)
+            self._maybe_end()
+
+    def _answered(self, conn: _Conn, exc: BaseException | None) -> None:
+        i = self._conns.index(conn)
+        parser = conn.parser
+        assert parser is not None
+        if exc is not None:
+            # As in ``SyncPool.exchange``: a request on a reused connection that the server
+            # closed before any byte of the answer is sent again, once, on a new connection.
+            if isinstance(exc, _RETRYABLE) and self._reused[i] and not parser.got:
+                conn.abort()
+                self._conns[i] = None
+                self._retried[i] = True
+                self._reused[i] = False
+                self._pool.close()  # its idle siblings are as stale
+                self._tasks.append(self._loop.create_task(self._connect(i)))
+                return
+            self._fail(exc)
+            return
+        self._conns[i] = None
+        conn.parser = None
+        if parser.keep_alive and not parser._buf:  # (no leftover bytes)
+            self._pool._release(conn)
+        else:
+            conn.close()
+        self._results[i] = (parser.status, bytes(parser.body))
+        self._pending -= 1
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """Done once every answer is in, or once ``settles`` says the answers in are enough,
+        but never before every request is sent: a BOSH server that never saw a RID would
+        wait for it, where one it saw and lost the connection of has moved past it."""
+        if self._unsent or (
+            self._pending
+            and (
+                self._settles is None
+                or not self._settles([r for r in self._results if r is not None])
+            )
+        ):
+            return
+        self._over = True
+        self._clean_up()
+        self._done(self._results, None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._over:
+            return
+        self._over = True
+        self._clean_up()
+        if isinstance(exc, _Stale):
+            exc = _http_error("BOSH server closed the connection")
+        elif isinstance(exc, OSError):  # (ServiceUnavailable is no OSError)
+            exc = _unavailable(exc, self._pool.origin.url)
+        self._done(None, exc)
+
+    def _clean_up(self) -> None:
+        """Stop the timers and tasks, and close every connection that still has a request
+        open: a request the server still holds after the batch settled (it drops it then),
+        or all of them after a failure."""
+        self._pool._running.discard(self)
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        for task in self._tasks:
+            task.cancel()
+        for i, conn in enumerate(self._conns):
+            if conn is not None:
+                self._conns[i] = None
+                conn.abort()
+
+
+_deadline = attrgetter("deadline")
 
 
 class AsyncPool:
@@ -880,15 +1059,49 @@ class AsyncPool:
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self._idle: list[_Conn] = []
+        #: the batches under way, and one timer for all their deadlines (``_watch``)
+        self._running: set[_Batch] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_at = float("inf")
+
+    def _watch(self, batch: _Batch) -> None:
+        """Fail ``batch`` with a timeout at its deadline. One timer serves every batch: it is
+        set for the earliest deadline it knows of, and when it goes off it fails the batches
+        that are due and is set again for the earliest of the rest. A batch's deadline is
+        seconds away and its answers come in milliseconds, so the timer is set again about
+        once per timeout, where a timer per batch is made and cancelled on every request."""
+        self._running.add(batch)
+        if batch.deadline < self._watch_at:  # (the first batch, or a shorter timeout)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watch_at = batch.deadline
+            self._watchdog = asyncio.get_running_loop().call_at(batch.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._watchdog = None
+        self._watch_at = float("inf")
+        now = asyncio.get_running_loop().time()
+        for batch in [b for b in self._running if b.deadline <= now]:
+            batch._fail(TimeoutError())  # (which takes it out of _running)
+        if self._running:
+            self._watch(min(self._running, key=_deadline))
+
+    def _take(self) -> _Conn | None:
+        """An idle connection that can be reused, if there is one."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn
+            conn.close()
+        return None
 
     async def _acquire(self, deadline: float | None = None) -> tuple[_Conn, bool]:
         """As ``SyncPool._acquire``. A connect is bounded by ``deadline`` (the loop's clock),
         or else by the caller's ``asyncio.timeout``."""
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.usable():
-                return conn, True
-            conn.close()
+        conn = self._take()
+        if conn is not None:
+            return conn, True
         o = self.origin
         try:
             async with asyncio.timeout_at(deadline):
@@ -916,55 +1129,26 @@ class AsyncPool:
         for conn in idle:
             conn.close()
 
+    def start(
+        self,
+        bodies: Sequence[bytes],
+        timeout: float,
+        limit: int,
+        settles: Settles | None,
+        stagger: float,
+        done: Done,
+    ) -> _Batch:
+        """``batch`` without a coroutine: ``done(answers, None)`` or ``done(None, error)`` is
+        called later, from the event loop, once. ``cancel()`` on what this returns closes
+        what is still open, and ``done`` is then not called. The async driver runs a whole
+        prebind this way, each batch started from the ``done`` of the one before."""
+        return _Batch(self, bodies, timeout, limit, settles, stagger, done).start()
+
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
-        """As ``SyncPool.exchange``; cancelling it closes its connection. ``timeout`` bounds
-        it all: a connect by ``asyncio.timeout_at``, the answer by the connection's timer."""
-        try:
-            deadline = asyncio.get_running_loop().time() + timeout
-            request = self.origin.request(body)
-            conn, reused = await self._acquire(deadline)
-            conn.send(request, limit, deadline)
-            try:
-                return await self._answer_again(conn, reused, request, limit, deadline)
-            except _Stale:
-                raise _http_error("BOSH server closed the connection") from None
-        except OSError as exc:  # (ServiceUnavailable is no OSError)
-            raise _unavailable(exc, self.origin.url) from None
-
-    async def _answer_again(
-        self, conn: _Conn, reused: bool, request: bytes, limit: int, deadline: float | None = None
-    ) -> Response:
-        """``_answer``, for ``exchange`` and ``batch`` alike: as in ``SyncPool.exchange``, a
-        request on a reused connection that the server closed before any byte of the answer
-        is sent again, once, on a new connection."""
-        parser = conn.parser
-        try:
-            return await self._answer(conn)
-        except _RETRYABLE:
-            if not reused or parser is None or parser.got:
-                raise
-        self.close()  # its idle siblings are as stale
-        conn, _ = await self._acquire(deadline)
-        conn.send(request, limit, deadline)
-        return await self._answer(conn)
-
-    async def _answer(self, conn: _Conn) -> Response:
-        """The answer to the request ``conn`` has sent; the connection is closed on any error
-        and on cancellation (so the server drops a request it holds), else kept if it can
-        serve another."""
-        parser, waiter = conn.parser, conn.waiter
-        assert parser is not None and waiter is not None
-        try:
-            await waiter
-        except BaseException:
-            conn.abort()
-            raise
-        conn.parser = conn.waiter = None
-        if parser.keep_alive and not parser._buf:  # (no leftover bytes)
-            self._release(conn)
-        else:
-            conn.close()
-        return parser.status, bytes(parser.body)
+        """As ``SyncPool.exchange``; cancelling it closes its connection."""
+        (answer,) = await self.batch((body,), timeout, limit, None, 0.0)
+        assert answer is not None
+        return answer
 
     async def batch(
         self,
@@ -974,36 +1158,23 @@ class AsyncPool:
         settles: Settles | None,
         stagger: float,
     ) -> list[Response | None]:
-        """As ``SyncPool.batch``."""
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._batch(bodies, limit, settles, stagger)
-        except OSError as exc:  # (ServiceUnavailable is no OSError)
-            raise _unavailable(exc, self.origin.url) from None
+        """As ``SyncPool.batch``; cancelling it closes its connections."""
+        future: asyncio.Future[list[Response | None]] = asyncio.get_running_loop().create_future()
 
-    async def _batch(
-        self, bodies: Sequence[bytes], limit: int, settles: Settles | None, stagger: float
-    ) -> list[Response | None]:
-        requests = [self.origin.request(body) for body in bodies]
-        conns: list[tuple[_Conn, bool]] = []  # (connection, reused)
+        def done(answers: list[Response | None] | None, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(answers)  # type: ignore[arg-type]
+
+        batch = self.start(bodies, timeout, limit, settles, stagger, done)
         try:
-            for i, request in enumerate(requests):
-                if i and stagger:
-                    await asyncio.sleep(stagger)
-                conns.append(await self._acquire())  # before sending: a failed send must close it
-                conns[-1][0].send(request, limit)
+            return await future
         except BaseException:
-            for conn, _ in conns:
-                conn.abort()
+            batch.cancel()
             raise
-        tasks = [
-            asyncio.ensure_future(self._answer_again(c, reused, r, limit))
-            for (c, reused), r in zip(conns, requests, strict=True)
-        ]
-        try:
-            return await settle(tasks, settles)
-        except _Stale:
-            raise _http_error("BOSH server closed the connection") from None
 
 
 async def settle(
