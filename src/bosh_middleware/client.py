@@ -388,7 +388,7 @@ class _Drive(Generic[T]):
         self._pool = pool
         self._flow = flow
         self._batch: http11._Batch | None = None
-        self.future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[T] = pool.loop().create_future()
 
     def step(self, answers: list[http11.Response | None] | None, exc: BaseException | None) -> None:
         """The flow's next batch, after ``answers`` or ``exc`` (neither: its first)."""

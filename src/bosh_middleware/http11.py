@@ -903,7 +903,7 @@ class _Batch:
         done: Done,
     ) -> None:
         self._pool = pool
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = loop = pool.loop()
         self._requests = [pool.origin.request(body) for body in bodies]
         n = len(bodies)
         self._conns: list[_Conn | None] = [None] * n
@@ -1059,10 +1059,20 @@ class AsyncPool:
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self._idle: list[_Conn] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: the batches under way, and one timer for all their deadlines (``_watch``)
         self._running: set[_Batch] = set()
         self._watchdog: asyncio.TimerHandle | None = None
         self._watch_at = float("inf")
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this pool's connections belong to: the running one, when first
+        asked. (Kept: on Python 3.11 each ``asyncio.get_running_loop()`` is a ``getpid()``
+        syscall, and a prebind would ask six times.)"""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _watch(self, batch: _Batch) -> None:
         """Fail ``batch`` with a timeout at its deadline. One timer serves every batch: it is
@@ -1075,12 +1085,12 @@ class AsyncPool:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self._watch_at = batch.deadline
-            self._watchdog = asyncio.get_running_loop().call_at(batch.deadline, self._expire)
+            self._watchdog = self.loop().call_at(batch.deadline, self._expire)
 
     def _expire(self) -> None:
         self._watchdog = None
         self._watch_at = float("inf")
-        now = asyncio.get_running_loop().time()
+        now = self.loop().time()
         for batch in [b for b in self._running if b.deadline <= now]:
             batch._fail(TimeoutError())  # (which takes it out of _running)
         if self._running:
@@ -1105,7 +1115,7 @@ class AsyncPool:
         o = self.origin
         try:
             async with asyncio.timeout_at(deadline):
-                transport, conn = await asyncio.get_running_loop().create_connection(
+                transport, conn = await self.loop().create_connection(
                     _Conn, o.host, o.port, ssl=o.tls, server_hostname=o.host if o.tls else None
                 )
         except OSError as exc:
@@ -1159,7 +1169,7 @@ class AsyncPool:
         stagger: float,
     ) -> list[Response | None]:
         """As ``SyncPool.batch``; cancelling it closes its connections."""
-        future: asyncio.Future[list[Response | None]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Response | None]] = self.loop().create_future()
 
         def done(answers: list[Response | None] | None, exc: BaseException | None) -> None:
             if future.done():
