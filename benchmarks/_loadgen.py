@@ -42,6 +42,7 @@ async def main(url: str, conns: int, seconds: float, headers: list[str]) -> None
         )
     )
     elapsed = time.monotonic() - t0
+    print(f"{counts[0]} requests in {elapsed:.2f}s")
     print(f"Requests/sec: {counts[0] / elapsed:.2f}")
     if counts[1]:
         print(f"Non-2xx or 3xx responses: {counts[1]}")

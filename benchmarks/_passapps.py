@@ -111,7 +111,19 @@ def _asgi_auth(app: Any) -> Any:
     return auth
 
 
+class _Empty:
+    """The least an ASGI middleware class can be: one more ``await`` around the app. Served as
+    the pass-through section's *floor* rows: what any middleware costs there at all."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 asgi_without = _asgi_auth(_inner)
+asgi_empty = _asgi_auth(_Empty(_inner))
 asgi_with = _asgi_auth(
     ASGIMiddleware(
         _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
@@ -137,7 +149,18 @@ def _wsgi_auth(app: Any) -> Any:
     return auth
 
 
+class _EmptyWSGI:
+    """As ``_Empty``, for WSGI: one more call around the app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
 wsgi_without = _wsgi_auth(_wsgi_inner)
+wsgi_empty = _wsgi_auth(_EmptyWSGI(_wsgi_inner))
 wsgi_with = _wsgi_auth(
     WSGIMiddleware(
         _wsgi_inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
@@ -163,6 +186,10 @@ def _starlette_inner() -> Any:
 
 def starlette_without() -> Any:
     return _asgi_auth(_starlette_inner())
+
+
+def starlette_empty() -> Any:
+    return _asgi_auth(_Empty(_starlette_inner()))
 
 
 def starlette_with() -> Any:

@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._util import Result, md_table, median, verdict
@@ -42,8 +43,24 @@ def _pin(cpu: int) -> list[str]:
     )
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time (ns) of every thread of process ``pid`` so far (/proc schedstat: exact to the
+    nanosecond, where /proc/<pid>/stat counts 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+@dataclass
+class _Server:
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def _server(kind: str, app: str) -> Iterator[str]:
+def _server(kind: str, app: str) -> Iterator[_Server]:
     port = _free_port()
     env = {
         **os.environ,
@@ -96,7 +113,7 @@ def _server(kind: str, app: str) -> Iterator[str]:
                     err = log.read().decode(errors="replace")
                     raise RuntimeError(f"{kind} did not start: {err[-2000:]}") from None
                 time.sleep(0.1)
-        yield url
+        yield _Server(url, proc.pid)  # (taskset execs the server: the same process)
     finally:
         proc.terminate()
         try:
@@ -124,8 +141,9 @@ def _load_cmd(url: str, headers: list[str], seconds: float) -> list[str]:
     ]
 
 
-def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[float, int]]:
-    """Load all ``urls`` at the same time, one load generator each; (req/s, non-2xx) each."""
+def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[float, int, int]]:
+    """Load all ``urls`` at the same time, one load generator each, started in the order
+    given; (req/s, non-2xx, requests) each."""
     procs = [
         subprocess.Popen(
             _load_cmd(url, headers, seconds),
@@ -144,10 +162,11 @@ def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[flo
             proc.communicate()
             raise
         m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+        n = re.search(r"(\d+) requests in ", text)
         bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-        if m is None:
+        if m is None or n is None:
             raise RuntimeError(f"load generator output not understood:\n{text}")
-        out.append((float(m.group(1)), int(bad.group(1)) if bad else 0))
+        out.append((float(m.group(1)), int(bad.group(1)) if bad else 0, int(n.group(1))))
     return out
 
 
@@ -164,7 +183,12 @@ def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dic
         w = _micro.wsgi_cost(path, request_headers, pairs)
         ab = _micro.asgi_bytecodes(path, request_headers)
         wb = _micro.wsgi_bytecodes(path, request_headers)
-        extra[key] = {"asgi": a["middleware"] - a["bare"], "wsgi": w["middleware"] - w["bare"]}
+        extra[key] = {
+            "asgi": a["middleware"] - a["bare"],
+            "wsgi": w["middleware"] - w["bare"],
+            "asgi-floor": a["empty wrapper"] - a["bare"],
+            "wsgi-floor": w["empty wrapper"] - w["bare"],
+        }
         rows.append(
             [
                 name,
@@ -224,39 +248,57 @@ def run(*, quick: bool = False, **_: object) -> Result:
         servers = [servers[0], servers[2]]
     for label, kind, prefix in servers:
         with contextlib.ExitStack() as stack:
-            urls = {
+            servers_ = {
                 "without": stack.enter_context(_server(kind, f"{prefix}_without")),
                 "with": stack.enter_context(_server(kind, f"{prefix}_with")),
                 # a second copy of the app without the middleware: the control pair
                 "control": stack.enter_context(_server(kind, f"{prefix}_without")),
+                # an empty middleware class around the app: the floor of any middleware
+                "floor": stack.enter_context(_server(kind, f"{prefix}_empty")),
             }
             cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in SCENARIOS]
             # the method's own error: the same app against itself (JSON API, logged in)
             name, key, path, hdrs = SCENARIOS[1]
             cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
+            cases.append((f"floor: {name}, an empty middleware", "floor", path, hdrs, "floor"))
             for name, key, path, request_headers, other in cases:
                 headers = [f"{k}: {v}" for k, v in request_headers]
                 pair = ("without", other)
                 results: dict[str, list[float]] = {v: [] for v in pair}
+                cpu = dict.fromkeys(pair, 0)  # server CPU (ns) and requests, over all runs
+                served = dict.fromkeys(pair, 0)
                 ratios: list[float] = []
                 errors = 0
                 if not quick:
-                    _load([urls[v] + path for v in pair], headers, 1.0)  # warm-up
-                for _rep in range(reps):
+                    _load([servers_[v].url + path for v in pair], headers, 1.0)  # warm-up
+                for rep in range(reps):
                     # Both at once, from the same core: the scheduler gives each server half
                     # of it, so the throughput ratio is the cost ratio, and the machine's
-                    # drift (tens of per cent on a shared VM) hits both alike.
-                    both = _load([urls[v] + path for v in pair], headers, seconds)
-                    for variant, (rps, bad) in zip(pair, both, strict=True):
+                    # drift (tens of per cent on a shared VM) hits both alike. Whose load
+                    # generator starts first alternates, so that neither has that edge.
+                    order = pair if rep % 2 == 0 else pair[::-1]
+                    before = {v: _cpu_ns(servers_[v].pid) for v in order}
+                    both = _load([servers_[v].url + path for v in order], headers, seconds)
+                    for variant, (rps, bad, n) in zip(order, both, strict=True):
                         results[variant].append(rps)
                         errors += bad
+                        cpu[variant] += _cpu_ns(servers_[variant].pid) - before[variant]
+                        served[variant] += n
                     ratios.append(results[other][-1] / results["without"][-1])
                 wo = median(results["without"])
                 ratio = median(ratios)
+                # the servers' own CPU per request: the cost ratio, whoever's load generator
+                # got more of its core
+                per = {v: cpu[v] / max(served[v], 1) / 1e3 for v in pair}
                 # what the in-process cost alone predicts: each request takes 0.5/rps s of
                 # CPU 0 (the server has half of it), plus the middleware's microseconds
                 api = "wsgi" if kind == "waitress" else "asgi"
-                cost = 0.0 if other == "control" else extra[key][api]
+                if other == "with":
+                    cost = extra[key][api]
+                elif other == "floor":  # the empty wrapper of the in-process table
+                    cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
+                else:
+                    cost = 0.0
                 predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
                 rows.append(
                     [
@@ -266,8 +308,10 @@ def run(*, quick: bool = False, **_: object) -> Result:
                         f"{median(results[other]):,.0f}",
                         f"{ratio:.3f}x",
                         f"{min(ratios):.2f}-{max(ratios):.2f}",
+                        f"{per['without']:.1f} / {per[other]:.1f} us"
+                        f" ({per['without'] / per[other]:.3f}x)",
                         f"{predicted:.3f}x",
-                        "-" if other == "control" else verdict(ratio >= 0.98),
+                        verdict(ratio >= 0.98) if other == "with" else "-",
                         errors,
                     ]
                 )
@@ -275,6 +319,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
                     **results,
                     "ratios": ratios,
                     "ratio": ratio,
+                    "server_cpu_us_per_request": per,
                     "predicted": predicted,
                 }
     table = md_table(
@@ -285,6 +330,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
             "req/s with",
             "ratio (median)",
             "ratios (min-max)",
+            "server CPU per request: without / with (ratio)",
             "predicted from in-process cost",
             "target >= 0.98x",
             "non-2xx",
@@ -298,8 +344,15 @@ def run(*, quick: bool = False, **_: object) -> Result:
             f"{gen}, {CONNECTIONS} keep-alive connections per server, {seconds:g} s per run. Both"
             " variants run at the same time, both servers pinned to CPU 0 (each gets half of it:"
             " the req/s are per half core), both load generators to CPU 1. The ratio is the"
-            f" median of {reps} such runs. The control rows load two copies of the app without"
-            " the middleware the same way: how far from 1.00x the method itself strays.",
+            f" median of {reps} such runs; whose load generator starts first alternates. The"
+            " control rows load two copies of the app without the middleware the same way: how"
+            " far from 1.00x the method itself strays. The floor rows load the app wrapped in an"
+            " empty middleware class (one more await, or call, per request; _passapps._Empty):"
+            " what any middleware at all costs there.",
+            "Server CPU per request: each server process's CPU time (all threads, /proc"
+            " schedstat) over all runs, divided by the requests it served; the ratio"
+            " (without / with) is the throughput ratio a fully loaded server would have, free"
+            " of how the two load generators shared their core.",
             "Predicted = 1 / (1 + middleware's in-process cost x 2 x req/s without): what the"
             " microseconds of the second table alone would cost at that request rate on half a"
             " core.",

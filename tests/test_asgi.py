@@ -638,6 +638,10 @@ def test_html_prefilter_never_hides_a_page(name: bytes, ctype: str) -> None:
         assert _may_be_html(raw)
     assert _may_be_html(raw) is ("html" in ctype.lower())
     assert not _may_be_html([(b"content-length", b"10")])
+    # html elsewhere than in the Content-Type does not make a page; bytes-like values count
+    link = (b"link", b"</help.html>; rel=help")
+    assert _may_be_html([link, (name, ctype.encode("latin-1"))]) is ("html" in ctype.lower())
+    assert _may_be_html([(name, bytearray(ctype.encode("latin-1")))]) is ("html" in ctype.lower())
 
 
 async def test_response_headers_given_as_an_iterator_are_read_whole(make_mw: Any) -> None:

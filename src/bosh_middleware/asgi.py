@@ -8,6 +8,7 @@ passed through as it comes, unbuffered.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from operator import itemgetter
 from typing import Any
 
 from asgiref.compatibility import guarantee_single_callable
@@ -129,11 +130,20 @@ class _Headers:
         return found
 
 
+_value = itemgetter(1)
+
+
 def _may_be_html(raw: Any) -> bool:
     """False when no ``Content-Type`` line so much as mentions html: then the response is no
-    page (``is_injectable`` wants text/html or application/xhtml+xml), settled by one short
-    loop over the response's few headers. A logged-in request that did not say what it wants
-    (a script, curl) pays this for every response it gets."""
+    page (``is_injectable`` wants text/html or application/xhtml+xml). A logged-in request
+    that did not say what it wants (a script, curl) pays this for every response it gets, so
+    the usual answer comes from C: no header value mentions html at all. Only when one does
+    is each line looked at."""
+    try:
+        if b"html" not in b"\n".join(map(_value, raw)).lower():
+            return False
+    except TypeError:  # a value that is not bytes-like: the loop says what to make of it
+        pass
     for k, v in raw:
         # len() first: most lines are settled without a call that makes a new object
         if len(k) == 12 and bytes(k).lower() == b"content-type" and b"html" in bytes(v).lower():
@@ -366,7 +376,6 @@ class BOSHPrebindMiddleware:
                 receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
-        core = self.core
         path = scope.get("path", "")
         if path == self._endpoint_path:  # (None when there is no endpoint)
             await self._endpoint(scope, send)
@@ -401,6 +410,7 @@ class BOSHPrebindMiddleware:
                 if sniffer.responder is not None:
                     sniffer.responder.cleanup()
             return
+        core = self.core
         credentials = await core.credentials_async(user)
         if credentials is None:
             await self.app(scope, receive, send)
