@@ -1,12 +1,14 @@
 """5. Pass-through overhead: requests the middleware does not touch, through real servers under
 a load generator at fixed concurrency, with and without the middleware.
 
-uvicorn (ASGI; uvloop/httptools when installed) and waitress (WSGI), each started twice (the app
-with and without the middleware), both pinned to CPU 0; one load generator per server (wrk, else
-``_loadgen.py``), both pinned to CPU 1, 32 keep-alive connections each, fixed duration. The two
-variants are loaded at the same time: the scheduler gives each server half of CPU 0, so their
-throughput ratio is their cost ratio, measured under the same conditions. (Run one after the
-other, the same ratio drifted by up to 30 % between runs on a shared VM.)
+uvicorn (ASGI; uvloop/httptools when installed) and waitress (WSGI), started twice for each row
+(the app with and without the middleware), both pinned to CPU 0; one load generator per server
+(wrk, else ``_loadgen.py``), both pinned to CPU 1, 32 keep-alive connections each, fixed
+duration. The two variants are loaded at the same time: the scheduler gives each server about
+half of CPU 0, so their throughput ratio is close to their cost ratio, measured under the same
+conditions. (Run one after the other, the same ratio drifted by up to 30 % between runs on a
+shared VM.) Each server's own CPU time per request is read too: the cost ratio itself, however
+the scheduler happened to share the core.
 """
 
 from __future__ import annotations
@@ -170,6 +172,57 @@ def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[flo
     return out
 
 
+#: The app each variant serves (benchmarks/_passapps.py: ``<prefix>_<app>``).
+_APPS = {"without": "without", "with": "with", "control": "without", "floor": "empty"}
+
+
+def _pair(
+    kind: str,
+    prefix: str,
+    other: str,
+    path: str,
+    headers: list[str],
+    seconds: float,
+    reps: int,
+    quick: bool,
+) -> tuple[dict[str, list[float]], list[float], int, dict[str, float]]:
+    """One row: the app without the middleware and ``other``, each in a server of its own
+    started for this row, loaded together ``reps`` times. Fresh servers for every row: a
+    server that has served a few million requests costs 2-5 % more per request than a new
+    one (measured: the reference server of the earlier layout, which served every row,
+    against copies of itself started later), and the two of a pair must have the same
+    past. Returns the req/s of each, the ratios, non-2xx answers, and each server's CPU
+    per request (us)."""
+    pair = ("without", other)
+    with contextlib.ExitStack() as stack:
+        servers = {v: stack.enter_context(_server(kind, f"{prefix}_{_APPS[v]}")) for v in pair}
+        results: dict[str, list[float]] = {v: [] for v in pair}
+        cpu = dict.fromkeys(pair, 0)  # server CPU (ns) and requests, over all runs
+        served = dict.fromkeys(pair, 0)
+        ratios: list[float] = []
+        errors = 0
+        if not quick:
+            _load([servers[v].url + path for v in pair], headers, 1.0)  # warm-up
+        for rep in range(reps):
+            # Both at once, from the same core: the scheduler gives each server half of it,
+            # so the throughput ratio is the cost ratio, and the machine's drift (tens of per
+            # cent on a shared VM) hits both alike. Whose load generator starts first
+            # alternates, so that neither has that edge.
+            order = pair if rep % 2 == 0 else pair[::-1]
+            before = {v: _cpu_ns(servers[v].pid) for v in order}
+            both = _load([servers[v].url + path for v in order], headers, seconds)
+            for variant, (rps, bad, n) in zip(order, both, strict=True):
+                results[variant].append(rps)
+                errors += bad
+                cpu[variant] += _cpu_ns(servers[variant].pid) - before[variant]
+                served[variant] += n
+            ratios.append(results[other][-1] / results["without"][-1])
+    # the servers' own CPU per request: the cost ratio, whoever's load generator got more
+    # of its core
+    per = {v: cpu[v] / max(served[v], 1) / 1e3 for v in pair}
+    return results, ratios, errors, per
+
+
 def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dict[str, float]]]:
     """The in-process table, and the middleware's cost per request (us) by scenario and by
     interface, to predict each server row's ratio."""
@@ -247,81 +300,50 @@ def run(*, quick: bool = False, **_: object) -> Result:
     if quick:  # the smoke run keeps one ASGI and one WSGI server
         servers = [servers[0], servers[2]]
     for label, kind, prefix in servers:
-        with contextlib.ExitStack() as stack:
-            servers_ = {
-                "without": stack.enter_context(_server(kind, f"{prefix}_without")),
-                "with": stack.enter_context(_server(kind, f"{prefix}_with")),
-                # a second copy of the app without the middleware: the control pair
-                "control": stack.enter_context(_server(kind, f"{prefix}_without")),
-                # an empty middleware class around the app: the floor of any middleware
-                "floor": stack.enter_context(_server(kind, f"{prefix}_empty")),
+        cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in SCENARIOS]
+        # the method's own error: the same app against itself (JSON API, logged in)
+        name, key, path, hdrs = SCENARIOS[1]
+        cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
+        cases.append((f"floor: {name}, an empty middleware", "floor", path, hdrs, "floor"))
+        for name, key, path, request_headers, other in cases:
+            headers = [f"{k}: {v}" for k, v in request_headers]
+            results, ratios, errors, per = _pair(
+                kind, prefix, other, path, headers, seconds, reps, quick
+            )
+            wo = median(results["without"])
+            ratio = median(ratios)
+            # what the in-process cost alone predicts: each request takes 0.5/rps s of
+            # CPU 0 (the server has half of it), plus the middleware's microseconds
+            api = "wsgi" if kind == "waitress" else "asgi"
+            if other == "with":
+                cost = extra[key][api]
+            elif other == "floor":  # the empty wrapper of the in-process table
+                cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
+            else:
+                cost = 0.0
+            predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{wo:,.0f}",
+                    f"{median(results[other]):,.0f}",
+                    f"{ratio:.3f}x",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    f"{per['without']:.1f} / {per[other]:.1f} us"
+                    f" ({per['without'] / per[other]:.3f}x)",
+                    f"{predicted:.3f}x",
+                    verdict(ratio >= 0.98) if other == "with" else "-",
+                    errors,
+                ]
+            )
+            data[f"{prefix}/{key}"] = {
+                **results,
+                "ratios": ratios,
+                "ratio": ratio,
+                "server_cpu_us_per_request": per,
+                "predicted": predicted,
             }
-            cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in SCENARIOS]
-            # the method's own error: the same app against itself (JSON API, logged in)
-            name, key, path, hdrs = SCENARIOS[1]
-            cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
-            cases.append((f"floor: {name}, an empty middleware", "floor", path, hdrs, "floor"))
-            for name, key, path, request_headers, other in cases:
-                headers = [f"{k}: {v}" for k, v in request_headers]
-                pair = ("without", other)
-                results: dict[str, list[float]] = {v: [] for v in pair}
-                cpu = dict.fromkeys(pair, 0)  # server CPU (ns) and requests, over all runs
-                served = dict.fromkeys(pair, 0)
-                ratios: list[float] = []
-                errors = 0
-                if not quick:
-                    _load([servers_[v].url + path for v in pair], headers, 1.0)  # warm-up
-                for rep in range(reps):
-                    # Both at once, from the same core: the scheduler gives each server half
-                    # of it, so the throughput ratio is the cost ratio, and the machine's
-                    # drift (tens of per cent on a shared VM) hits both alike. Whose load
-                    # generator starts first alternates, so that neither has that edge.
-                    order = pair if rep % 2 == 0 else pair[::-1]
-                    before = {v: _cpu_ns(servers_[v].pid) for v in order}
-                    both = _load([servers_[v].url + path for v in order], headers, seconds)
-                    for variant, (rps, bad, n) in zip(order, both, strict=True):
-                        results[variant].append(rps)
-                        errors += bad
-                        cpu[variant] += _cpu_ns(servers_[variant].pid) - before[variant]
-                        served[variant] += n
-                    ratios.append(results[other][-1] / results["without"][-1])
-                wo = median(results["without"])
-                ratio = median(ratios)
-                # the servers' own CPU per request: the cost ratio, whoever's load generator
-                # got more of its core
-                per = {v: cpu[v] / max(served[v], 1) / 1e3 for v in pair}
-                # what the in-process cost alone predicts: each request takes 0.5/rps s of
-                # CPU 0 (the server has half of it), plus the middleware's microseconds
-                api = "wsgi" if kind == "waitress" else "asgi"
-                if other == "with":
-                    cost = extra[key][api]
-                elif other == "floor":  # the empty wrapper of the in-process table
-                    cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
-                else:
-                    cost = 0.0
-                predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
-                rows.append(
-                    [
-                        label,
-                        name,
-                        f"{wo:,.0f}",
-                        f"{median(results[other]):,.0f}",
-                        f"{ratio:.3f}x",
-                        f"{min(ratios):.2f}-{max(ratios):.2f}",
-                        f"{per['without']:.1f} / {per[other]:.1f} us"
-                        f" ({per['without'] / per[other]:.3f}x)",
-                        f"{predicted:.3f}x",
-                        verdict(ratio >= 0.98) if other == "with" else "-",
-                        errors,
-                    ]
-                )
-                data[f"{prefix}/{key}"] = {
-                    **results,
-                    "ratios": ratios,
-                    "ratio": ratio,
-                    "server_cpu_us_per_request": per,
-                    "predicted": predicted,
-                }
     table = md_table(
         [
             "server",
@@ -341,9 +363,11 @@ def run(*, quick: bool = False, **_: object) -> Result:
         "5. Pass-through overhead under load",
         [table, micro],
         [
-            f"{gen}, {CONNECTIONS} keep-alive connections per server, {seconds:g} s per run. Both"
-            " variants run at the same time, both servers pinned to CPU 0 (each gets half of it:"
-            " the req/s are per half core), both load generators to CPU 1. The ratio is the"
+            f"{gen}, {CONNECTIONS} keep-alive connections per server, {seconds:g} s per run. Each"
+            " row starts its own two servers (a server that has served millions of requests costs"
+            " more per request than a new one). Both variants run at the same time, both servers"
+            " pinned to CPU 0 (each gets half of it: the req/s are per half core), both load"
+            " generators to CPU 1. The ratio is the"
             f" median of {reps} such runs; whose load generator starts first alternates. The"
             " control rows load two copies of the app without the middleware the same way: how"
             " far from 1.00x the method itself strays. The floor rows load the app wrapped in an"
