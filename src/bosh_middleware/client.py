@@ -376,6 +376,12 @@ class Prebinder(_Base):
         self.close()
 
 
+def _one_batch(batch: list[BOSHRequest]) -> Flow[list[BOSHResponse | None]]:
+    """A flow of one batch, whose result is its answers: a lone request (a cleanup's
+    terminate) or batch goes through ``_Drive`` as a whole prebind does."""
+    return (yield batch)
+
+
 class _Drive(Generic[T]):
     """A flow driven over an ``http11.AsyncPool`` from callbacks: each batch's ``done`` (run by
     the event loop in the turn that read its last answer) sends the answers into the flow
@@ -466,23 +472,6 @@ class AsyncPrebinder(_Base):
             pool = self._pools[loop] = http11.AsyncPool(self._origin)
         return pool
 
-    async def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
-        pool = self._pool()
-        limit = self.options.max_response_size
-        if len(batch) == 1:
-            req = batch[0]
-            return [
-                _new(
-                    BOSHResponse,
-                    await pool.exchange(req.body, self._timeouts[req.best_effort], limit),
-                )
-            ]
-        timeout = max(self._timeouts[r.best_effort] for r in batch)
-        results = await pool.batch(
-            [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
-        )
-        return [None if r is None else _new(BOSHResponse, r) for r in results]
-
     def _http(self) -> httpx.AsyncClient:
         if self._given_client is not None:
             return self._given_client
@@ -495,7 +484,7 @@ class AsyncPrebinder(_Base):
 
     async def _send(self, req: BOSHRequest, sent: asyncio.Event | None = None) -> BOSHResponse:
         if self._origin is not None:
-            (answer,) = await self._builtin_send([req])
+            (answer,) = await self.run(_one_batch([req]))
             assert answer is not None
             return answer
         limit = self.options.max_response_size
@@ -530,9 +519,9 @@ class AsyncPrebinder(_Base):
                 return BOSHResponse(response.status_code, bytes(data))
 
     async def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        if self._origin is not None:  # (logged by _Drive.step)
+            return await self.run(_one_batch(batch))
         _log_batch(batch)
-        if self._origin is not None:
-            return await self._builtin_send(batch)
         if len(batch) == 1:
             return [await self._send(batch[0])]
         # In RID order on the wire, as in Prebinder._send_batch.

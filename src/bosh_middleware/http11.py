@@ -1155,7 +1155,9 @@ class AsyncPool:
         return _Batch(self, bodies, timeout, limit, settles, stagger, done).start()
 
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
-        """As ``SyncPool.exchange``; cancelling it closes its connection."""
+        """As ``SyncPool.exchange``; cancelling it closes its connection. (The drivers use
+        ``start``; this and ``batch`` are the pool's awaitable face, as the sync pool has
+        it, through which the transport tests drive both pools alike.)"""
         (answer,) = await self.batch((body,), timeout, limit, None, 0.0)
         assert answer is not None
         return answer
@@ -1193,8 +1195,8 @@ async def settle(
     """The answers of a pipelined batch's requests (``tasks``, in RID order), collected until
     ``settles`` says they are enough. A request the server still holds after that is cancelled,
     which closes its connection so that the server drops it, and waited for: the session must
-    not be handed out while a request of it is open. Its answer is ``None``. Used by both
-    transports' async batches."""
+    not be handed out while a request of it is open. Its answer is ``None``. Used by the httpx
+    transport's async batches (the builtin one settles in ``_Batch``)."""
     results: list[R | None] = [None] * len(tasks)
     waiting = {task: i for i, task in enumerate(tasks)}
     try:
