@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._util import Result, md_table, median, verdict
+from ._util import Result, cpu_ns, md_table, median, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 32
@@ -43,16 +43,6 @@ def _pin(cpu: int) -> list[str]:
     return (
         ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
     )
-
-
-def _cpu_ns(pid: int) -> int:
-    """CPU time (ns) of every thread of process ``pid`` so far (/proc schedstat: exact to the
-    nanosecond, where /proc/<pid>/stat counts 10 ms ticks)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that just ended
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
 
 
 @dataclass
@@ -209,12 +199,12 @@ def _pair(
             # cent on a shared VM) hits both alike. Whose load generator starts first
             # alternates, so that neither has that edge.
             order = pair if rep % 2 == 0 else pair[::-1]
-            before = {v: _cpu_ns(servers[v].pid) for v in order}
+            before = {v: cpu_ns(servers[v].pid) for v in order}
             both = _load([servers[v].url + path for v in order], headers, seconds)
             for variant, (rps, bad, n) in zip(order, both, strict=True):
                 results[variant].append(rps)
                 errors += bad
-                cpu[variant] += _cpu_ns(servers[variant].pid) - before[variant]
+                cpu[variant] += cpu_ns(servers[variant].pid) - before[variant]
                 served[variant] += n
             ratios.append(results[other][-1] / results["without"][-1])
     # the servers' own CPU per request: the cost ratio, whoever's load generator got more

@@ -59,12 +59,15 @@ def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XMPPServer]:
 def prosody_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., XMPPServer]]:
-    """``factory(secure=False) -> XMPPServer``: a fresh private Prosody per call."""
+    """``factory(secure=False, password_hash="SHA-1") -> XMPPServer``: a fresh private
+    Prosody per call."""
     _need("prosody")
     started: list[XMPPServer] = []
 
-    def factory(*, secure: bool = False) -> XMPPServer:
-        srv = start_prosody(tmp_path_factory.mktemp("prosody-private"), secure=secure)
+    def factory(*, secure: bool = False, password_hash: str = "SHA-1") -> XMPPServer:
+        srv = start_prosody(
+            tmp_path_factory.mktemp("prosody-private"), secure=secure, password_hash=password_hash
+        )
         started.append(srv)
         return srv
 

@@ -28,6 +28,7 @@ from bosh_middleware import (
     Prebinder,
     PrebindSession,
     ServiceUnavailable,
+    scram,
 )
 from support.fake_bosh import FakeBOSH, forward_to
 from support.xmpp_servers import XMPPServer
@@ -298,6 +299,35 @@ def test_prosody_pipelining_is_the_usual_path(prosody_secure, mech) -> None:
             trips.append(s.round_trips)
             p.terminate(s)
     assert trips.count(want) >= 6, trips
+
+
+def test_scram_sha256_against_hashed_storage_uses_the_key_cache(
+    prosody_factory, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prosody's hashed store keeps keys for one hash (``password_hash``); set to SHA-256, that
+    is the one mechanism it offers, with a stable salt: after the first login the client
+    derives nothing (no PBKDF2), as with SCRAM-SHA-1, and every session is attachable."""
+    srv = prosody_factory(password_hash="SHA-256")
+    assert offered(srv) == ["SCRAM-SHA-256"]
+    jid, password = srv.new_user()
+    derived: list[str] = []
+    real = scram.hashlib.pbkdf2_hmac
+
+    def counting(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        derived.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", counting)
+    scram.clear_cache()
+    try:
+        for expected in (["sha256"], ["sha256"]):
+            session = run_prebind(driver, srv.service_url, Credentials(jid, password))
+            assert session.mechanism == "SCRAM-SHA-256"
+            assert derived == expected  # one derivation, on the first login only
+            check_round_trips(srv, session, pipeline=True)
+            assert_attachable(session)
+    finally:
+        scram.clear_cache()
 
 
 @pytest.mark.ejabberd

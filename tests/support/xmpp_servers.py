@@ -364,6 +364,8 @@ modules_disabled = {{ "s2s"; "s2s_bidi"; "s2s_auth_certs"; "offline" }}
 
 storage = "internal"
 authentication = "{auth}"
+-- internal_hashed: which SCRAM hash the stored keys are for (the one mechanism it offers)
+password_hash = "{password_hash}"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = false
 consider_bosh_secure = {secure}
@@ -408,8 +410,14 @@ class ProsodyServer(XMPPServer):
         return f"{username}@{self.domain}"
 
 
-def start_prosody(workdir: Path, *, secure: bool = False) -> XMPPServer:
-    """Start a private Prosody 0.12 in ``workdir`` (created if needed)."""
+def start_prosody(
+    workdir: Path, *, secure: bool = False, password_hash: str = "SHA-1"
+) -> XMPPServer:
+    """Start a private Prosody 0.12 in ``workdir`` (created if needed).
+
+    ``secure``: plain password store and BOSH treated as secure (PLAIN, SCRAM-SHA-1 and
+    SCRAM-SHA-256 offered, every SCRAM login salted afresh); otherwise hashed storage, whose
+    one SCRAM mechanism is ``password_hash``'s (stable salt: a client can cache its keys)."""
     workdir = Path(workdir).resolve()
     for sub in ("data", "certs"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -427,6 +435,7 @@ def start_prosody(workdir: Path, *, secure: bool = False) -> XMPPServer:
             anon_domain=anon_domain,
             auth="internal_plain" if secure else "internal_hashed",
             secure="true" if secure else "false",
+            password_hash=password_hash,
         )
     )
     run_as = "prosody" if os.geteuid() == 0 else None
