@@ -299,7 +299,10 @@ class _Sniffer:
     """The ``send`` of a request that did not say what it wants (a script, curl, a test
     client): a ``_Responder`` (and with it the prebind) only once the response's start says
     HTML; anything else goes through as it comes. Most such responses are JSON or files, and
-    this keeps what they pay to one look at their Content-Type."""
+    this keeps what they pay to one look at their Content-Type.
+
+    ``send`` is a plain function that returns the awaitable to await (the server's ``send``,
+    or the responder's), which is all ASGI asks of it: no coroutine of its own per message."""
 
     __slots__ = ("_send", "mw", "responder", "scope", "user")
 
@@ -310,14 +313,12 @@ class _Sniffer:
         self.user = user
         self.responder: _Responder | None = None
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
         if self.mw is None:
-            await self._send(message)
-            return
+            return self._send(message)
         responder = self.responder
         if responder is not None:
-            await responder.send(message)
-            return
+            return responder.send(message)
         if message["type"] == "http.response.start":
             raw = message.get("headers") or ()
             if not isinstance(raw, (list, tuple)):  # read more than once from here on
@@ -326,10 +327,9 @@ class _Sniffer:
                 self.responder = responder = _Responder(
                     self.mw, self.scope, self._send, None, None, self.user
                 )
-                await responder.send(message)
-                return
+                return responder.send(message)
             self.mw = None
-        await self._send(message)
+        return self._send(message)
 
 
 class BOSHPrebindMiddleware:
