@@ -1546,3 +1546,80 @@ def test_drivers_pick_the_transport(clean_env) -> None:
     with Prebinder(HTTP_URL) as p:
         assert p._builtin is None
     assert AsyncPrebinder(HTTP_URL)._origin is None
+
+
+# ==========================================================================================
+# The stagger on every event loop
+# ==========================================================================================
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop  # a test dependency: uvicorn[standard] runs ASGI apps on it
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_the_stagger_never_goes_off_early(kind: str) -> None:
+    """uvloop rounds a timer to whole milliseconds, so a 0.5 ms ``call_later`` runs in the
+    next turn; the stagger's timer and sleep must still wait at least their delay."""
+    loop = new_loop(kind)
+
+    async def timer() -> float:
+        fired: asyncio.Future[float] = loop.create_future()
+        t0 = time.perf_counter()
+        http11.call_later_not_sooner(loop, 0.0005, lambda: fired.set_result(time.perf_counter()))
+        return await fired - t0
+
+    async def sleep() -> float:
+        t0 = time.perf_counter()
+        await http11.sleep_not_sooner(0.0005)
+        return time.perf_counter() - t0
+
+    try:
+        for measure in (timer, sleep):
+            waited = [loop.run_until_complete(measure()) for _ in range(20)]
+            assert min(waited) >= 0.00045, (measure.__name__, waited)
+            assert max(waited) < 1.0  # (a loaded machine, not a timer set for seconds)
+        # a cancelled one never runs, whichever handle it became
+        ran: list[int] = []
+        http11.call_later_not_sooner(loop, 0.0005, ran.append, 1).cancel()
+        loop.run_until_complete(asyncio.sleep(0.005))
+        assert ran == []
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_pipelined_batch_is_staggered_on_every_loop(
+    serve, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second request of a batch leaves ``stagger`` after the first (on uvloop it went out
+    in the same loop turn, and Prosody then often took the bind before the restart)."""
+    server = serve(serve_keepalive)
+    sent: list[float] = []
+    real_send = http11._Conn.send
+
+    def timed_send(self, request, limit, callback):  # type: ignore[no-untyped-def]
+        sent.append(time.perf_counter())
+        real_send(self, request, limit, callback)
+
+    monkeypatch.setattr(http11._Conn, "send", timed_send)
+    pool = http11.AsyncPool(http11.origin(server.url, {}, True))
+    loop = new_loop(kind)
+    try:
+        gaps = []
+        for _ in range(10):
+            sent.clear()
+            answers = loop.run_until_complete(pool.batch([b"a", b"b"], 3.0, LIMIT, None, 0.0005))
+            assert [a[1].partition(b":")[2] if a else None for a in answers] == [b"a", b"b"]
+            gaps.append(sent[1] - sent[0])
+        assert min(gaps) >= 0.00045, gaps
+    finally:
+        pool.close()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()

@@ -534,7 +534,7 @@ class AsyncPrebinder(_Base):
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if len(tasks) < len(batch):
-                await asyncio.sleep(self.stagger)
+                await http11.sleep_not_sooner(self.stagger)
         return await http11.settle(tasks, batch[0].settles)
 
     async def run(self, flow: Flow[T]) -> T:

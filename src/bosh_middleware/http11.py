@@ -745,6 +745,68 @@ def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: 
 _READ_SIZE = 16 * 1024
 
 
+def call_later_not_sooner(
+    loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[..., object], *args: Any
+) -> asyncio.Handle | _NotSooner:
+    """``loop.call_later`` that does not go off before ``delay``, even on uvloop.
+
+    libuv keeps timers in whole milliseconds, and uvloop rounds the delay to the nearest one:
+    a 0.5 ms stagger becomes 0, and the callback runs in the loop's next turn. Sent that soon,
+    the pipelined bind overtook its restart at Prosody in 12 % of prebinds, and each of those
+    was redone one request at a time. uvloop hands back a plain ``Handle`` (no ``when()``) when
+    it has rounded a delay away; such a delay is kept by ``_NotSooner`` instead."""
+    handle = loop.call_later(delay, callback, *args)
+    if delay > 0 and not hasattr(handle, "when"):
+        handle.cancel()
+        return _NotSooner(loop, delay, callback, args)
+    return handle
+
+
+class _NotSooner:
+    """A timer for less than a millisecond on uvloop: its shortest timer (1 ms) can still go
+    off early, since libuv counts from the time it read at the start of the loop's turn, so
+    the clock is checked when it does, and the timer set again if it is early."""
+
+    __slots__ = ("_args", "_callback", "_due", "_handle", "_loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
+        self._loop, self._callback, self._args = loop, callback, args
+        self._due = time.monotonic() + delay
+        self._handle = loop.call_later(0.001, self._fire)
+
+    def _fire(self) -> None:
+        if time.monotonic() < self._due:
+            self._handle = self._loop.call_later(0.001, self._fire)
+            return
+        self._callback(*self._args)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def sleep_not_sooner(delay: float) -> None:
+    """``asyncio.sleep(delay)`` that does not end early on uvloop (see
+    ``call_later_not_sooner``)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    handle = call_later_not_sooner(loop, delay, _wake, future)
+    try:
+        await future
+    finally:
+        handle.cancel()
+
+
 class _Conn(asyncio.BufferedProtocol):
     """One keep-alive connection whose bytes go straight into the current exchange's
     ``_Parser``: no StreamReader between the socket and the parser, and no future either. The
@@ -918,7 +980,7 @@ class _Batch:
         self._stagger = stagger
         self._done = done
         self._over = False
-        self._next: asyncio.TimerHandle | None = None
+        self._next: asyncio.Handle | _NotSooner | None = None
         #: on the loop's clock: every connect, send and answer of the batch is bounded by it
         self.deadline = loop.time() + timeout
 
@@ -974,7 +1036,9 @@ class _Batch:
         self._unsent -= 1
         if self._unsent:
             if self._stagger:
-                self._next = self._loop.call_later(self._stagger, self._start_later, i + 1)
+                self._next = call_later_not_sooner(
+                    self._loop, self._stagger, self._start_later, i + 1
+                )
             else:
                 self._start(i + 1)
         elif self._pending < len(self._requests):  # (never within ``start``: no answer yet)
