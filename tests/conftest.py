@@ -78,6 +78,25 @@ def prosody_factory(
             srv.stop()
 
 
+@pytest.fixture
+def pbkdf2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, int]]:
+    """Counts the PBKDF2 derivations scram.py performs (it calls hashlib.pbkdf2_hmac), as
+    (hash name, salt, iterations): what the salted-password cache is to spare."""
+    import hashlib
+
+    from bosh_middleware import scram
+
+    calls: list[tuple[str, bytes, int]] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name, password, salt, iterations, dklen=None):  # type: ignore[no-untyped-def]
+        calls.append((name, salt, iterations))
+        return real(name, password, salt, iterations, dklen)
+
+    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", counting)
+    return calls
+
+
 # ===========================================================================
 # (end of XMPP server fixtures)
 # ===========================================================================

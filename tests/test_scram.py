@@ -4,11 +4,9 @@ protect against a lying or hostile server, the salted-password cache and SASLpre
 from __future__ import annotations
 
 import base64
-import hashlib
 
 import pytest
 
-from bosh_middleware import scram
 from bosh_middleware.errors import AuthenticationFailed, ProtocolError
 from bosh_middleware.scram import MAX_ITERATIONS, ScramClient, clear_cache, saslprep
 
@@ -45,20 +43,6 @@ def _empty_cache():
     clear_cache()
     yield
     clear_cache()
-
-
-@pytest.fixture
-def pbkdf2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, int]]:
-    """Counts the PBKDF2 derivations scram.py performs (it calls hashlib.pbkdf2_hmac)."""
-    calls: list[tuple[str, bytes, int]] = []
-    real = hashlib.pbkdf2_hmac
-
-    def counting(name, password, salt, iterations, dklen=None):  # type: ignore[no-untyped-def]
-        calls.append((name, salt, iterations))
-        return real(name, password, salt, iterations, dklen)
-
-    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", counting)
-    return calls
 
 
 def _client(mech: str, password: str = "pencil", user: str = "user") -> ScramClient:
