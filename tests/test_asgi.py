@@ -27,6 +27,7 @@ from support.asgi_recorder import (
     html_app,
     http_scope,
 )
+from support.asgi_servers import SERVERS, serve
 from support.bosh_check import (
     REQUEST_KINDS,
     CountingCredentials,
@@ -203,6 +204,52 @@ async def test_request_that_cannot_carry_a_session_is_not_prebound(make_mw: Any,
     assert rec.messages == app.sent
 
 
+#: Settled before the app is called; "no-xmpp-account" needs ``credentials()`` awaited first.
+LEFT_ALONE = [case for case in REQUEST_CASES if case != "no-xmpp-account"]
+
+
+@pytest.mark.parametrize("case", LEFT_ALONE)
+async def test_a_request_left_alone_is_the_apps_own_coroutine(make_mw: Any, case: str) -> None:
+    """Calling the middleware hands back the app's coroutine itself: nothing of the middleware
+    runs once the app has such a request (no coroutine of its own, no wrapped ``send``), which
+    is what keeps most requests' cost down to a few checks."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app, exclude_paths=("/static/",))
+    kw = dict(REQUEST_CASES[case])
+    rec = ASGIRecorder()
+    scope = http_scope(
+        kw.get("path", "/"),
+        method=kw.get("method", "GET"),
+        headers=kw.get("headers", NAV),
+        user=kw.get("user", ALICE),
+    )
+    awaitable = mw(scope, rec.receive, rec.send)
+    assert awaitable.cr_code is app.__code__
+    await awaitable
+    assert rec.messages == app.sent
+    assert spy.calls == []
+
+
+async def test_a_page_is_not_the_apps_own_coroutine(make_mw: Any) -> None:
+    """The contrast: a navigation and a request that said nothing run inside the middleware's
+    own coroutine, which hands the app a ``send`` of its own."""
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(send)
+        await html_app(PAGE)(scope, receive, send)
+
+    mw, spy = make_mw(app)
+    for headers in (NAV, {}):
+        rec = ASGIRecorder()
+        awaitable = mw(http_scope("/", headers=headers, user=ALICE), rec.receive, rec.send)
+        assert awaitable.cr_code is not app.__code__
+        await awaitable
+        assert seen[-1] != rec.send
+        assert page_vars(rec.body) is not None
+    assert len(spy.sessions) == 2
+
+
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))
 async def test_html_view_gets_a_session_only_when_navigated_to(
     make_mw: Any, alice: tuple[str, str], kind: str
@@ -364,6 +411,79 @@ async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:
     assert rec.chunks == chunks and rec.body_count == 3
     assert rec.header("content-type") == "application/json"
     assert await spy.await_terminated(1)  # the speculative session was ended
+
+
+# ------------------------------------------------------------------------------------------
+# served by real ASGI servers
+# ------------------------------------------------------------------------------------------
+
+
+def _x_user(scope: dict[str, Any]) -> User | None:
+    """The user, when the middleware is the outermost app (no auth layer around it)."""
+    for k, v in scope.get("headers") or ():
+        if k == b"x-user":
+            return User(v.decode())
+    return None
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_asgi_servers_take_it_for_an_asgi3_app(
+    server: str, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """The middleware as the app a server loads: uvicorn and hypercorn choose ASGI 3 by looking
+    at it (hypercorn's choice is ASGI or WSGI, by ``inspect.iscoroutinefunction``), run its
+    lifespan, and serve a page with a session and the requests it leaves alone."""
+    lifespan: list[str] = []
+    page = html_app(PAGE)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                lifespan.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await page(scope, receive, send)
+
+    mw = BOSHPrebindMiddleware(
+        app,
+        service_url=prosody.service_url,
+        credentials=StaticCredentials({"alice": alice}),
+        get_user=_x_user,
+    )
+    spy = PrebindSpy.on(mw.core, sync=False)
+    closed: list[bool] = []
+    aclose = mw.core.aclose
+
+    async def spied_aclose() -> None:
+        closed.append(True)
+        await aclose()
+
+    mw.core.aclose = spied_aclose  # type: ignore[method-assign]
+    fetch = {"accept": "application/json", "sec-fetch-dest": "empty", "x-user": "alice"}
+    try:
+        with serve(server, mw) as base, httpx.Client(base_url=base, timeout=10) as client:
+            navigation = client.get("/", headers={**NAV, "x-user": "alice"})
+            anonymous = client.get("/", headers=NAV)
+            api = client.get("/", headers=fetch)
+            (session,) = spy.sessions
+            assert is_live(prosody.service_url, session)
+        assert navigation.status_code == 200
+        assert page_vars(navigation.content) == {
+            "BOSH_JID": session.jid,
+            "BOSH_SID": session.sid,
+            "BOSH_RID": session.rid,
+        }
+        assert navigation.headers["cache-control"] == "private, no-store"
+        assert anonymous.content == api.content == PAGE
+        assert "cache-control" not in anonymous.headers and "cache-control" not in api.headers
+        assert lifespan == ["lifespan.startup", "lifespan.shutdown"]
+        assert closed == [True]  # the shutdown went through the middleware's own receive
+    finally:
+        end_sessions(prosody.service_url, spy.sessions)
 
 
 # ------------------------------------------------------------------------------------------

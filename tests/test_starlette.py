@@ -13,11 +13,10 @@ The documented set-up is one line, added *before* the authentication middleware 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
@@ -52,8 +50,9 @@ from flask_app.checks import (
     page,
     page_session,
 )
+from support.asgi_servers import serve
 from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy
-from support.xmpp_servers import XMPPServer, free_port
+from support.xmpp_servers import XMPPServer
 
 # FastAPI is tested where it is installed (the tox "fastapi" env, which sets
 # BOSH_TEST_REQUIRE=fastapi so that a missing FastAPI fails there instead of going untested);
@@ -371,31 +370,10 @@ if HAVE_FASTAPI:  # collected only where FastAPI is installed (see HAVE_FASTAPI)
 
 
 @pytest.fixture
-def uvicorn_app(tmp_path: Path) -> Iterator[Any]:
+def uvicorn_app() -> Iterator[Any]:
     """``serve(app) -> base URL``: uvicorn in a thread, with lifespan; stopped at test end."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def serve(app: Any) -> str:
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=port, lifespan="on", ws="none", log_level="warning"
-            )
-        )
-        thread = threading.Thread(target=server.run, name=f"uvicorn:{port}")
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive()
+    with contextlib.ExitStack() as stack:
+        yield lambda app: stack.enter_context(serve("uvicorn", app))
 
 
 @pytest.mark.browser
