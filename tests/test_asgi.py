@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -248,6 +249,20 @@ async def test_a_page_is_not_the_apps_own_coroutine(make_mw: Any) -> None:
         assert seen[-1] != rec.send
         assert page_vars(rec.body) is not None
     assert len(spy.sessions) == 2
+
+
+async def test_what_servers_inspect_is_a_coroutine_function_that_serves_the_same(
+    make_mw: Any,
+) -> None:
+    """``app.__call__``, which servers inspect to pick the interface, is an ``async def`` on
+    every Python version (no marker needed), and awaiting it serves what calling the app does."""
+    mw, spy = make_mw(html_app(PAGE))
+    assert inspect.iscoroutinefunction(mw.__call__)
+    assert not inspect.iscoroutinefunction(type(mw).__call__)  # the fast path calls this one
+    rec = ASGIRecorder()
+    await mw.__call__(http_scope("/", headers=NAV, user=ALICE), rec.receive, rec.send)
+    (session,) = spy.sessions
+    assert rec.body == inject(PAGE, mw.core.snippet(session))
 
 
 @pytest.mark.parametrize("kind", list(REQUEST_KINDS))
