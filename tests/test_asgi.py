@@ -25,6 +25,7 @@ from support.asgi_recorder import (
     User,
     chunked_app,
     header_auth,
+    header_user,
     html_app,
     http_scope,
 )
@@ -433,14 +434,6 @@ async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _x_user(scope: dict[str, Any]) -> User | None:
-    """The user, when the middleware is the outermost app (no auth layer around it)."""
-    for k, v in scope.get("headers") or ():
-        if k == b"x-user":
-            return User(v.decode())
-    return None
-
-
 @pytest.mark.parametrize("server", SERVERS)
 def test_asgi_servers_take_it_for_an_asgi3_app(
     server: str, prosody: XMPPServer, alice: tuple[str, str]
@@ -467,7 +460,7 @@ def test_asgi_servers_take_it_for_an_asgi3_app(
         app,
         service_url=prosody.service_url,
         credentials=StaticCredentials({"alice": alice}),
-        get_user=_x_user,
+        get_user=header_user,  # the outermost app: no auth layer around it
     )
     spy = PrebindSpy.on(mw.core, sync=False)
     closed: list[bool] = []

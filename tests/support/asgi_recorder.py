@@ -208,14 +208,23 @@ def chunked_app(
     return app
 
 
+def header_user(scope: dict[str, Any]) -> User | None:
+    """Test-only auth: the user named by an ``X-User`` header (the last one), if any."""
+    user = None
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"x-user":
+            user = User(v.decode())
+    return user
+
+
 def header_auth(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """Test-only auth: ``X-User: alice`` sets ``scope["user"]`` (for httpx.ASGITransport)."""
+    """``header_user`` as ``scope["user"]``, for an app under httpx.ASGITransport."""
 
     async def wrapped(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for k, v in scope.get("headers", []):
-                if k.lower() == b"x-user":
-                    scope = {**scope, "user": User(v.decode())}
+            user = header_user(scope)
+            if user is not None:
+                scope = {**scope, "user": user}
         await app(scope, receive, send)
 
     return wrapped

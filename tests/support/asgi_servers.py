@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
+from support.bosh_check import port_is_closed, wait_until
 from support.xmpp_servers import free_port
 
 #: The servers ``serve`` can start.
 SERVERS = ("uvicorn", "hypercorn")
-
-
-def _wait_for_port(port: int, thread: threading.Thread, name: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert thread.is_alive(), f"{name} stopped while starting"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        assert time.monotonic() < deadline, f"{name} did not start in {timeout} s"
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -41,10 +30,8 @@ def _uvicorn(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}")
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        wait_until(lambda: server.started or not thread.is_alive(), 10, 0.02)
+        assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -71,9 +58,11 @@ def _hypercorn(app: Any) -> Iterator[str]:
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), name=f"hypercorn:{port}")
     thread.start()
+    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_port(port, thread, "hypercorn")
-        yield f"http://127.0.0.1:{port}"
+        wait_until(lambda: not (thread.is_alive() and port_is_closed(url)), 10, 0.02)
+        assert thread.is_alive() and not port_is_closed(url), "hypercorn did not start"
+        yield url
     finally:
         if stopping:
             loop, stop = stopping[0]
