@@ -168,7 +168,10 @@ wsgi_with = _wsgi_auth(
 )
 
 
-def _starlette_inner() -> Any:
+def _starlette_app(*middleware: Any) -> Any:
+    """The routes as a Starlette app, with ``middleware`` in its own stack, where
+    ``app.add_middleware`` puts it (inside Starlette's error handling); the auth layer wraps
+    it all, as ``AuthenticationMiddleware`` must wrap the adapter."""
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
@@ -181,21 +184,28 @@ def _starlette_inner() -> Any:
 
         return Route(path, endpoint)
 
-    return Starlette(routes=[route(p) for p in ROUTES])
+    return _asgi_auth(Starlette(routes=[route(p) for p in ROUTES], middleware=list(middleware)))
 
 
 def starlette_without() -> Any:
-    return _asgi_auth(_starlette_inner())
+    return _starlette_app()
 
 
 def starlette_empty() -> Any:
-    return _asgi_auth(_Empty(_starlette_inner()))
+    from starlette.middleware import Middleware
+
+    return _starlette_app(Middleware(_Empty))
 
 
 def starlette_with() -> Any:
-    return _asgi_auth(
-        ASGIMiddleware(
-            _starlette_inner(),
+    """The Starlette adapter (bosh_middleware.starlette), added as its docs say."""
+    from starlette.middleware import Middleware
+
+    from bosh_middleware.starlette import BOSHPrebindMiddleware
+
+    return _starlette_app(
+        Middleware(
+            BOSHPrebindMiddleware,
             service_url=SERVICE_URL,
             credentials=credentials,
             exclude_paths=("/static/",),

@@ -373,7 +373,9 @@ def run(*, quick: bool = False, **_: object) -> Result:
             "Same raw ASGI/WSGI app and auth layer in every variant (benchmarks/_passapps.py); the"
             " only difference is the middleware (exclude_paths=('/static/',)).",
             "The raw apps are as cheap as an app gets (a few us), the worst case for the ratio; the"
-            " Starlette rows serve the same routes through a framework, as most apps do.",
+            " Starlette rows serve the same routes through a framework, as most apps do, with the"
+            " Starlette adapter (bosh_middleware.starlette) in Starlette's own middleware stack,"
+            " where app.add_middleware puts it.",
             "Logged in = an X-User header (the auth layer). 'JSON API (logged in)' sends what a"
             " browser's fetch() sends (Accept: application/json, Sec-Fetch-Dest: empty,"
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"

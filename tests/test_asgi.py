@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bosh_middleware.asgi import BOSHPrebindMiddleware
+from bosh_middleware.asgi import BOSHPrebindMiddleware, scope_user
 from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
 from support.asgi_recorder import (
@@ -343,6 +344,65 @@ async def test_who_counts_as_logged_in(
     else:
         assert rec.messages == app.sent
         assert spy.calls == [] and looked_up.calls == []
+
+
+async def test_get_user_set_after_construction_is_the_one_asked(
+    make_mw: Any, alice: tuple[str, str]
+) -> None:
+    """``get_user`` is read once per request through a lookup made when it is set; setting the
+    attribute later must still change who is asked (and the default must come back)."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app)
+    asked: list[Any] = []
+
+    def nobody(scope: Any) -> Any:
+        asked.append(scope["path"])
+        return None
+
+    mw.get_user = nobody
+    rec = await run(mw, "/one", user=ALICE)
+    assert asked == ["/one"] and rec.messages == app.sent and spy.calls == []
+    mw.get_user = scope_user
+    rec = await run(mw, "/two", user=ALICE)
+    await drain_async(mw.core)
+    assert asked == ["/one"] and mw.get_user is scope_user
+    (session,) = spy.sessions
+    assert rec.body == inject(PAGE, mw.core.snippet(session))
+
+
+@pytest.mark.parametrize("path", ["/bosh/prebinder", "/bosh/prebind/x", "/static", "/Static/a"])
+async def test_paths_that_only_look_like_the_endpoint_or_an_excluded_prefix_are_pages(
+    make_mw: Any, path: str
+) -> None:
+    """The endpoint is one exact path and ``exclude_paths`` are prefixes: a page next to them
+    is a page like any other."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app, exclude_paths=("/static/",))
+    rec = await run(mw, path)
+    await drain_async(mw.core)
+    (session,) = spy.sessions
+    assert rec.body == inject(PAGE, mw.core.snippet(session))
+
+
+@pytest.mark.parametrize("endpoint", [None, "/static/bosh"])
+async def test_excluded_paths_without_or_around_the_endpoint(
+    make_mw: Any, endpoint: str | None
+) -> None:
+    """No endpoint at all, or the endpoint inside an excluded prefix: the endpoint still
+    answers, and the rest of the prefix is left alone."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app, exclude_paths=("/static/",), endpoint_path=endpoint)
+    excluded = await run(mw, "/static/page.html")
+    assert excluded.messages == app.sent and spy.calls == []
+    if endpoint is not None:
+        rec = await run(mw, endpoint)
+        assert rec.messages[0]["status"] == 200
+        assert set(json.loads(rec.body)) == {"jid", "sid", "rid"}
+    else:
+        rec = await run(mw, "/bosh/prebind")  # the default endpoint's path: a page now
+        await drain_async(mw.core)
+        (session,) = spy.sessions
+        assert rec.body == inject(PAGE, mw.core.snippet(session))
 
 
 @pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])

@@ -3,6 +3,7 @@ including the PEP 3333 corners: lazy start_response, write(), close(), exc_info.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -255,6 +256,37 @@ def test_html_view_gets_a_session_only_when_navigated_to(
         assert (r.status, r.headers, r.body) == ("200 OK", headers, PAGE)
         assert r.iterable is app.result
         assert spy.calls == [] and looked_up.calls == []
+
+
+@pytest.mark.parametrize("path", ["/bosh/prebinder", "/bosh/prebind/x", "/static", "/Static/a"])
+def test_paths_that_only_look_like_the_endpoint_or_an_excluded_prefix_are_pages(
+    make_mw: Any, path: str
+) -> None:
+    """The endpoint is one exact path and ``exclude_paths`` are prefixes: a page next to them
+    is a page like any other."""
+    headers = [*HTML, ("Content-Length", str(len(PAGE)))]
+    mw, spy = make_mw(fixed_app("200 OK", headers, [PAGE]), exclude_paths=("/static/",))
+    r = get(mw, path)
+    (session,) = spy.sessions
+    assert r.body == inject(PAGE, mw.core.snippet(session))
+
+
+@pytest.mark.parametrize("endpoint", [None, "/static/bosh"])
+def test_excluded_paths_without_or_around_the_endpoint(make_mw: Any, endpoint: str | None) -> None:
+    """No endpoint at all, or the endpoint inside an excluded prefix: the endpoint still
+    answers, and the rest of the prefix is left alone."""
+    headers = [*HTML, ("Content-Length", str(len(PAGE)))]
+    app = fixed_app("200 OK", headers, [PAGE])
+    mw, spy = make_mw(app, exclude_paths=("/static/",), endpoint_path=endpoint)
+    excluded = get(mw, "/static/page.html")
+    assert excluded.iterable is app.result and spy.calls == []
+    if endpoint is not None:
+        r = get(mw, endpoint)
+        assert r.code == 200 and set(json.loads(r.body)) == {"jid", "sid", "rid"}
+    else:
+        r = get(mw, "/bosh/prebind")  # the default endpoint's path: a page now
+        (session,) = spy.sessions
+        assert r.body == inject(PAGE, mw.core.snippet(session))
 
 
 @pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])

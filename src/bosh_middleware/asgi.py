@@ -8,7 +8,7 @@ passed through as it comes, unbuffered.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from typing import Any
 
 from asgiref.compatibility import guarantee_single_callable
@@ -45,6 +45,11 @@ NONCE_SCOPE_KEY = "csp_nonce"
 def scope_user(scope: Scope) -> Any:
     """Starlette's ``AuthenticationMiddleware`` puts the user here (read it without asserting)."""
     return scope.get("user")
+
+
+#: ``scope_user`` as the middleware runs it on every request: ``scope.get("user")`` called from C,
+#: with no Python frame of its own.
+_SCOPE_USER = methodcaller("get", "user")
 
 
 def scope_nonce(scope: Scope) -> str | None:
@@ -361,7 +366,10 @@ class BOSHPrebindMiddleware:
         self.core = PrebindCore(config)
         self._endpoint_path = config.endpoint_path
         self._exclude = tuple(config.exclude_paths)
-        self.get_user = get_user
+        # the prefixes of every path the middleware treats apart: one ``startswith`` in C
+        # tells the usual request from them
+        self._apart = tuple(p for p in (config.endpoint_path, *self._exclude) if p)
+        self.get_user = get_user  # (sets ``_user_of`` too)
         self.get_nonce = get_nonce
         # Calling the app runs the class's plain ``__call__``; looking it up as an attribute
         # finds this coroutine function first, which is what servers ask when they choose
@@ -389,19 +397,18 @@ class BOSHPrebindMiddleware:
                 receive = self._lifespan_receive(receive)
             return self.app(scope, receive, send)
         path = scope["path"]  # (``path`` and ``headers`` are required keys of an HTTP scope)
-        if path == self._endpoint_path:  # (None when there is no endpoint)
-            return self._endpoint(scope, send)
-        # core.wants_path and is_authenticated, inlined: at 20-30 us a request (a raw app on
-        # uvicorn) each call here is a visible part of the whole.
-        exclude = self._exclude
-        if scope["method"] != "GET" or (exclude and path.startswith(exclude)):
+        if path.startswith(self._apart):  # core.wants_path, inlined
+            if path == self._endpoint_path:
+                return self._endpoint(scope, send)
+            if path.startswith(self._exclude):
+                return self.app(scope, receive, send)
+        if scope["method"] != "GET":
             return self.app(scope, receive, send)
-        get_user = self.get_user
-        user = scope.get("user") if get_user is scope_user else get_user(scope)
-        # is_authenticated, with the usual answer (a plain True/False, as Starlette's and
-        # Django's users give) read without a call
+        user = self._user_of(scope)
+        # is_authenticated, inlined: the usual answer (a plain True/False, as Starlette's and
+        # Django's users give) is read without a Python call
         flag = getattr(user, "is_authenticated", None)
-        if flag is not True and (flag is False or user is None or not is_authenticated(user)):
+        if flag is not True and (flag is False or not self._authenticated(user, scope)):
             return self.app(scope, receive, send)
         raw = scope["headers"]
         if type(raw) is list and _FETCH in raw:  # _request_kind's first test, inlined
@@ -412,6 +419,22 @@ class BOSHPrebindMiddleware:
         if kind != NAVIGATION:  # undecided: the response's start will say
             return self._sniffed(scope, receive, send, user)
         return self._navigation(scope, receive, send, user)
+
+    @property
+    def get_user(self) -> Callable[[Scope], Any]:
+        return self._get_user
+
+    @get_user.setter
+    def get_user(self, get_user: Callable[[Scope], Any]) -> None:
+        self._get_user = get_user
+        # what ``__call__`` runs for every request: the default without a Python frame
+        self._user_of = _SCOPE_USER if get_user is scope_user else get_user
+
+    def _authenticated(self, user: Any, scope: Scope) -> bool:
+        """``is_authenticated(user)`` for a user whose ``is_authenticated`` is no plain bool
+        (a method, a missing attribute, no user at all). Subclasses hook here what they want
+        to say about such requests: requests with a plain answer never get here."""
+        return is_authenticated(user)
 
     async def _acall(self, scope: Scope, receive: Receive, send: Send) -> None:
         """What ``app.__call__`` is on an instance: the same as calling the app, as an

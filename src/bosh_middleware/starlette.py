@@ -31,16 +31,16 @@ class BOSHPrebindMiddleware(asgi.BOSHPrebindMiddleware):
 
     def __init__(self, app: Any, **kwargs: Any) -> None:
         self._warned = False
-        kwargs.setdefault("get_user", self._scope_user)
         kwargs.setdefault("get_nonce", asgi.scope_nonce)
         super().__init__(app, **kwargs)
 
-    def _scope_user(self, scope: asgi.Scope) -> Any:
-        if "user" not in scope and not self._warned:
+    def _authenticated(self, user: Any, scope: asgi.Scope) -> bool:
+        # (only requests whose user is no plain True/False get here: never Starlette's own)
+        if user is None and not self._warned and "user" not in scope:
             self._warned = True
             log.warning(
                 "BOSHPrebindMiddleware sees no scope['user']: AuthenticationMiddleware must wrap "
                 "it (call app.add_middleware(BOSHPrebindMiddleware, ...) before "
                 "app.add_middleware(AuthenticationMiddleware, ...)); no session is prebound"
             )
-        return scope.get("user")
+        return super()._authenticated(user, scope)
