@@ -11,7 +11,10 @@ middleware marks requests carrying ``X-User`` as logged in (``scope["user"]`` /
   cors``: the middleware can tell from the request that no page will carry a session) and with
   no browser headers at all (as curl or a script would: the middleware has to look at the
   response's start before it lets it through, the residual cost of response inspection);
-* ``/``              - an HTML page for an anonymous user.
+* ``/``              - an HTML page for an anonymous user;
+* ``/static/files/app.js`` - the Starlette app only: the same JavaScript as a file on disk
+  (benchmarks/static/), served by Starlette's ``StaticFiles``, as a Starlette app serves its
+  static files (``STARLETTE_SCENARIOS``).
 
 ``SCENARIOS`` lists them once for the load generator (benchmarks/passthrough.py) and the
 in-process table (benchmarks/_micro.py).
@@ -22,6 +25,7 @@ in-process table (benchmarks/_micro.py).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from bosh_middleware import Credentials
@@ -54,6 +58,17 @@ SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
     ("JSON API (logged in, no browser headers)", "json-bare", "/api/items", LOGGED_IN),
     ("HTML page (anonymous)", "html-anonymous", "/", ()),
 ]
+
+#: Served by the Starlette app alone (its ``StaticFiles``); the same row names and keys.
+STARLETTE_SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
+    (
+        "static file, Starlette's StaticFiles (logged in, excluded path)",
+        "staticfiles",
+        "/static/files/app.js",
+        LOGGED_IN,
+    ),
+]
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 ROUTES = {
     "/static/app.js": (b"application/javascript", JS),
@@ -174,7 +189,8 @@ def _starlette_app(*middleware: Any) -> Any:
     it all, as ``AuthenticationMiddleware`` must wrap the adapter."""
     from starlette.applications import Starlette
     from starlette.responses import Response
-    from starlette.routing import Route
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
 
     def route(path: str) -> Route:
         ctype, body = ROUTES[path]
@@ -184,7 +200,9 @@ def _starlette_app(*middleware: Any) -> Any:
 
         return Route(path, endpoint)
 
-    return _asgi_auth(Starlette(routes=[route(p) for p in ROUTES], middleware=list(middleware)))
+    routes = [route(p) for p in ROUTES]
+    routes.append(Mount("/static/files", StaticFiles(directory=STATIC_DIR)))
+    return _asgi_auth(Starlette(routes=routes, middleware=list(middleware)))
 
 
 def starlette_without() -> Any:

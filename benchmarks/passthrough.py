@@ -266,7 +266,7 @@ def _micro_rows(pairs: int, data: dict[str, object]) -> tuple[str, dict[str, dic
 def run(*, quick: bool = False, **_: object) -> Result:
     # The scenarios are defined next to the apps, without importing the middleware here.
     from . import _micro
-    from ._passapps import SCENARIOS
+    from ._passapps import SCENARIOS, STARLETTE_SCENARIOS
 
     seconds, reps = (1.0, 2) if quick else (2.0, 7)
     pairs = 50 if quick else _micro.PAIRS
@@ -290,7 +290,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
     if quick:  # the smoke run keeps one ASGI and one WSGI server
         servers = [servers[0], servers[2]]
     for label, kind, prefix in servers:
-        cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in SCENARIOS]
+        scenarios = [*SCENARIOS, *(STARLETTE_SCENARIOS if prefix == "starlette" else [])]
+        cases = [(name, key, path, hdrs, "with") for name, key, path, hdrs in scenarios]
         # the method's own error: the same app against itself (JSON API, logged in)
         name, key, path, hdrs = SCENARIOS[1]
         cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
@@ -305,8 +306,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
             # what the in-process cost alone predicts: each request takes 0.5/rps s of
             # CPU 0 (the server has half of it), plus the middleware's microseconds
             api = "wsgi" if kind == "waitress" else "asgi"
-            if other == "with":
-                cost = extra[key][api]
+            if other == "with":  # (StaticFiles: the in-process cost of the excluded path)
+                cost = extra["static" if key == "staticfiles" else key][api]
             elif other == "floor":  # the empty wrapper of the in-process table
                 cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
             else:
@@ -375,7 +376,9 @@ def run(*, quick: bool = False, **_: object) -> Result:
             "The raw apps are as cheap as an app gets (a few us), the worst case for the ratio; the"
             " Starlette rows serve the same routes through a framework, as most apps do, with the"
             " Starlette adapter (bosh_middleware.starlette) in Starlette's own middleware stack,"
-            " where app.add_middleware puts it.",
+            " where app.add_middleware puts it. Their extra StaticFiles row serves the same"
+            " JavaScript from a file on disk (benchmarks/static/), as a Starlette app serves its"
+            " static files.",
             "Logged in = an X-User header (the auth layer). 'JSON API (logged in)' sends what a"
             " browser's fetch() sends (Accept: application/json, Sec-Fetch-Dest: empty,"
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"
