@@ -349,8 +349,9 @@ async def test_who_counts_as_logged_in(
 async def test_get_user_set_after_construction_is_the_one_asked(
     make_mw: Any, alice: tuple[str, str]
 ) -> None:
-    """``get_user`` is read once per request through a lookup made when it is set; setting the
-    attribute later must still change who is asked (and the default must come back)."""
+    """Each request reads the user through a flag kept for the default ``get_user``, set when
+    ``get_user`` is: setting the attribute after construction must still change who is asked,
+    and setting the default again must bring back ``scope["user"]``."""
     app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
     mw, spy = make_mw(app)
     asked: list[Any] = []
