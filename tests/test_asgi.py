@@ -346,6 +346,28 @@ async def test_who_counts_as_logged_in(
         assert spy.calls == [] and looked_up.calls == []
 
 
+async def test_a_copy_serves_its_own_requests_through_its_dunder_call(make_mw: Any) -> None:
+    """``copy.copy`` of the middleware: what servers look up as ``app.__call__`` must be the
+    copy's own, not the original's (which the copied instance dict would otherwise hold)."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app)
+    twin = copy.copy(mw)
+    asked: list[str] = []
+
+    def nobody(scope: Any) -> Any:
+        asked.append(scope["path"])
+        return None
+
+    twin.get_user = nobody
+    assert inspect.iscoroutinefunction(twin.__call__)
+    rec = ASGIRecorder()
+    await twin.__call__(http_scope("/twin", headers=NAV, user=ALICE), rec.receive, rec.send)
+    assert asked == ["/twin"] and rec.messages == app.sent and spy.calls == []
+    rec = await run(mw, "/original")  # the original still reads scope["user"]
+    await drain_async(mw.core)
+    assert asked == ["/twin"] and len(spy.sessions) == 1
+
+
 async def test_get_user_set_after_construction_is_the_one_asked(
     make_mw: Any, alice: tuple[str, str]
 ) -> None:

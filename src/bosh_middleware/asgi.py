@@ -430,6 +430,17 @@ class BOSHPrebindMiddleware:
         to say about such requests: requests with a plain answer never get here."""
         return is_authenticated(user)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ``copy.copy`` (and deepcopy) copy the instance's dict: the ``__call__`` there is the
+        # original's bound ``_acall``, which would serve a copy's requests with the original.
+        state = self.__dict__.copy()
+        state.pop("__call__", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__call__ = self._acall  # type: ignore[method-assign]
+
     async def _acall(self, scope: Scope, receive: Receive, send: Send) -> None:
         """What ``app.__call__`` is on an instance: the same as calling the app, as an
         ``async def``, for servers that pick the interface with
