@@ -224,11 +224,6 @@ class Prosody:
         """Prosody's CPU time so far, exact (see ``cpu_ns``)."""
         return cpu_ns(self.pid)
 
-    def cpu_seconds(self) -> float:
-        """user + system CPU time of the Prosody process so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def users(self, n: int) -> list[tuple[str, str]]:
         """``n`` distinct registered accounts (prosodyctl, a few at a time)."""
         missing = n - len(self._users)

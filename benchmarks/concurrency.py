@@ -42,11 +42,11 @@ class _Wave:
 
 def _measure(srv: Prosody, go: Callable[[_Wave], None]) -> _Wave:
     wave = _Wave()
-    p0, c0, t0 = srv.cpu_seconds(), time.process_time(), time.perf_counter()
+    p0, c0, t0 = srv.cpu_ns() / 1e9, time.process_time(), time.perf_counter()
     go(wave)
     wave.wall = time.perf_counter() - t0
     wave.cpu = time.process_time() - c0
-    wave.prosody_cpu = srv.cpu_seconds() - p0
+    wave.prosody_cpu = srv.cpu_ns() / 1e9 - p0
     return wave
 
 
