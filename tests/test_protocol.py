@@ -17,6 +17,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from lxml import etree
@@ -800,6 +801,96 @@ def test_parsed_body_children_are_its_elements_only() -> None:
     for dtd in (b"<!DOCTYPE body>", b"<!ENTITY x 'y'>"):
         with pytest.raises(ProtocolError, match="DTD"):
             parse_body(dtd + f"<body xmlns='{HB}'/>".encode(), max_size=10_000)
+
+
+def _hostile_bodies(target: str) -> dict[str, bytes]:
+    """Bodies that name a local file for libxml2 to open, in the shapes that got past the
+    byte scan for ``<!DOCTYPE`` (UTF-16) or that only the parser itself can refuse."""
+    system = f"<!DOCTYPE body SYSTEM '{target}'><body xmlns='{HB}' sid='&secret;'/>"
+    param = (
+        f"<!DOCTYPE body [<!ENTITY % p SYSTEM '{target}'> %p;]><body xmlns='{HB}' sid='&secret;'/>"
+    )
+    decl = "<?xml version='1.0' encoding='UTF-16'?>"
+    return {
+        "utf-16 external subset": (decl + system).encode("utf-16"),
+        "utf-16 parameter entity": (decl + param).encode("utf-16"),
+        "utf-8 external subset": system.encode(),
+        "utf-8 parameter entity": param.encode(),
+    }
+
+
+def test_no_body_makes_the_parser_read_a_local_file(tmp_path: Path) -> None:
+    """A hostile server's DOCTYPE must not get a local file read: neither through
+    ``parse_body`` (a UTF-16 body has no ASCII ``<!DOCTYPE`` for its byte scan) nor through
+    the parser alone, whose ``load_dtd=False`` and ``no_network=True`` do not stop libxml2
+    from opening a ``file:`` external subset or parameter entity."""
+    from bosh_middleware.body import _parser, parse_body
+
+    dtd = tmp_path / "evil.dtd"
+    dtd.write_text("<!ENTITY secret 'FROM-THE-FILE'>")
+    for name, data in _hostile_bodies(dtd.as_uri()).items():
+        with pytest.raises(ProtocolError):
+            parse_body(data, max_size=100_000)
+        if name.startswith("utf-8"):  # the parser alone, without the byte scan before it
+            with pytest.raises(ProtocolError, match="external resource"):
+                etree.fromstring(data, _parser())
+
+
+def test_a_doctype_naming_a_named_pipe_does_not_hang_the_parser(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: a parser that followed the DOCTYPE would
+    hang the prebind past every deadline (and the event loop with it, on the async driver)."""
+    import os
+    import threading
+
+    from bosh_middleware.body import _parser
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def parse() -> None:
+        try:
+            etree.fromstring(_hostile_bodies(fifo.as_uri())["utf-8 external subset"], _parser())
+            outcome.append(None)
+        except BaseException as exc:  # (reported to the test thread)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=parse, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():  # let a parser stuck in open() go before failing
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(5)
+        pytest.fail("the parser opened the named pipe a DOCTYPE named")
+    assert len(outcome) == 1 and isinstance(outcome[0], ProtocolError)
+
+
+def test_bodies_are_read_as_utf8_whatever_they_declare() -> None:
+    """XMPP is UTF-8 (RFC 6120 11.6): a declaration of another encoding is not followed."""
+    from bosh_middleware.body import parse_body
+
+    latin1_declared = f"<?xml version='1.0' encoding='ISO-8859-1'?><body xmlns='{HB}' sid='é'/>"
+    assert parse_body(latin1_declared.encode(), max_size=10_000).get("sid") == "é"
+    bom = b"\xef\xbb\xbf" + f"<body xmlns='{HB}' sid='s'/>".encode()
+    assert parse_body(bom, max_size=10_000).get("sid") == "s"
+    utf16 = f"<?xml version='1.0' encoding='UTF-16'?><body xmlns='{HB}' sid='s'/>"
+    with pytest.raises(ProtocolError, match="well-formed"):
+        parse_body(utf16.encode("utf-16"), max_size=10_000)
+
+
+def test_a_utf16_doctype_from_the_server_never_reaches_the_next_request(tmp_path: Path) -> None:
+    """End to end through the flow: the reviewer's case, where the entity a local file
+    defined came back to the server as the ``sid`` of the next request."""
+    dtd = tmp_path / "evil.dtd"
+    dtd.write_text("<!ENTITY secret 'FROM-THE-FILE'>")
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(
+        200, _hostile_bodies(dtd.as_uri())["utf-16 external subset"]
+    )
+    with pytest.raises(ProtocolError):
+        _prebind(server)
+    assert server.labels() == [["create"]]
 
 
 def test_non_integer_requests_attribute() -> None:

@@ -2,8 +2,9 @@
 
 Requests are built from string templates: they are tiny, their shape is fixed, and a template is
 an order of magnitude cheaper than building a tree. Responses come from an untrusted server, so
-they are parsed by lxml with entity resolution, DTD loading and network access all off, under a
-size cap, and any DTD at all is refused (RFC 6120 forbids them in XMPP).
+they are parsed by lxml as UTF-8 whatever they declare, with entity resolution, DTD loading,
+network and file access all off, under a size cap, and any DTD at all is refused (RFC 6120
+forbids them in XMPP).
 """
 
 from __future__ import annotations
@@ -140,11 +141,25 @@ _new = tuple.__new__
 _local = threading.local()
 
 
+class _RefuseExternal(etree.Resolver):
+    """Refuses every external resource the parser asks for. ``load_dtd=False`` and
+    ``no_network=True`` do not stop libxml2 from opening a local file named by a DOCTYPE's
+    external subset or a parameter entity (a read of any file the web process can read, or a
+    hang on a named pipe); this hook is where libxml2 goes for each of them."""
+
+    def resolve(self, url: str | None, pubid: str | None, context: object) -> None:
+        raise ProtocolError(f"BOSH response asks for an external resource ({str(url)[:80]!r})")
+
+
 def _parser() -> etree.XMLParser:
     # lxml parser objects must not be shared between threads.
     parser: etree.XMLParser | None = getattr(_local, "parser", None)
     if parser is None:
         parser = etree.XMLParser(
+            # XMPP is UTF-8 (RFC 6120 11.6). Fixed here so that a body the server declares in
+            # another encoding is malformed rather than decoded: the DTD check in
+            # ``parse_body`` looks for ASCII bytes, which a UTF-16 body would not contain.
+            encoding="utf-8",
             resolve_entities=False,
             no_network=True,
             load_dtd=False,
@@ -154,6 +169,7 @@ def _parser() -> etree.XMLParser:
             remove_pis=True,
             collect_ids=False,
         )
+        parser.resolvers.add(_RefuseExternal())
         _local.parser = parser
     return parser
 
