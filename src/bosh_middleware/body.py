@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from operator import itemgetter, methodcaller
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from lxml import etree
 
@@ -147,8 +147,10 @@ class _RefuseExternal(etree.Resolver):
     external subset or a parameter entity (a read of any file the web process can read, or a
     hang on a named pipe); this hook is where libxml2 goes for each of them."""
 
-    def resolve(self, url: str | None, pubid: str | None, context: object) -> None:
-        raise ProtocolError(f"BOSH response asks for an external resource ({str(url)[:80]!r})")
+    def resolve(self, system_url: str, public_id: str, context: object = None) -> NoReturn:
+        raise ProtocolError(
+            f"BOSH response asks for an external resource ({str(system_url)[:80]!r})"
+        )
 
 
 def _parser() -> etree.XMLParser:
