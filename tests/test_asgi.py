@@ -428,6 +428,72 @@ async def test_excluded_paths_without_or_around_the_endpoint(
         assert rec.body == inject(PAGE, mw.core.snippet(session))
 
 
+# (root_path, path) as servers and frameworks give them for a request to /chat/<below>:
+# Starlette's Mount and uvicorn's --root-path keep the mount point in ``path``; older servers
+# leave it out.
+MOUNTED = {"in path": ("/chat", "/chat{}"), "out of path": ("/chat", "{}")}
+
+
+@pytest.mark.parametrize("form", sorted(MOUNTED))
+async def test_a_mounted_app_has_its_endpoint_and_exclude_paths_below_the_mount_point(
+    make_mw: Any, form: str
+) -> None:
+    """As ``PATH_INFO`` is for WSGI (and Starlette routes with ``get_route_path``): the same
+    settings work wherever the app is mounted."""
+    root, shape = MOUNTED[form]
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    mw, spy = make_mw(app, exclude_paths=("/static/",))
+    excluded = await run(mw, shape.format("/static/x.html"), root_path=root)
+    assert excluded.messages == app.sent and spy.calls == []
+    endpoint = await run(mw, shape.format("/bosh/prebind"), root_path=root)
+    assert endpoint.messages[0]["status"] == 200
+    assert set(json.loads(endpoint.body)) == {"jid", "sid", "rid"}
+    page = await run(mw, shape.format("/page"), root_path=root)
+    await drain_async(mw.core)
+    assert len(spy.sessions) == 2
+    assert page.body == inject(PAGE, mw.core.snippet(spy.sessions[1]))
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "expected"),
+    [
+        ("", "/a", "/a"),
+        ("/chat", "/chat/a", "/a"),
+        ("/chat", "/chat", ""),
+        ("/chat", "/a", "/a"),  # the mount point left out of the path
+        ("/chat", "/chatroom/a", "/chatroom/a"),  # a longer name, not below the mount point
+    ],
+)
+def test_route_path(root: str, path: str, expected: str) -> None:
+    from bosh_middleware.asgi import route_path
+
+    assert route_path(path, root) == expected
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        {"type": "http.response.early_hint", "links": [b"</style.css>; rel=preload; as=style"]},
+        {"type": "http.response.push", "path": "/style.css", "headers": []},
+        {"type": "http.response.debug", "info": {"template": "page.html"}},
+    ],
+    ids=lambda m: m["type"],
+)
+async def test_messages_before_the_start_do_not_turn_the_injection_off(
+    make_mw: Any, prosody: XMPPServer, before: dict[str, Any]
+) -> None:
+    """Early hints, HTTP/2 pushes and the test client's ``http.response.debug`` (Starlette's
+    TemplateResponse) come before the response's start and say nothing about it."""
+    app = scripted_app([before, *response(200, HTML, PAGE)])
+    mw, spy = make_mw(app)
+    rec = await run(mw)
+    (session,) = spy.sessions
+    assert rec.messages[0] == before
+    assert rec.body == inject(PAGE, mw.core.snippet(session))
+    assert rec.header("cache-control") == "private, no-store"
+    assert await live(prosody, session)
+
+
 @pytest.mark.parametrize("kind", ["fetch", "xhr", "json-client"])
 async def test_no_page_request_reaches_the_app_unwrapped(make_mw: Any, kind: str) -> None:
     """The fast path: the app is called with the server's own ``receive`` and ``send``."""

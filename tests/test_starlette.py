@@ -38,7 +38,7 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from bosh_middleware import StaticCredentials, asgi
 from bosh_middleware.starlette import BOSHPrebindMiddleware
@@ -351,6 +351,36 @@ async def test_endpoint(clients, prosody, account) -> None:
     assert_live(prosody.service_url, r.json())
     anonymous = await (await clients(login=False)).get("/bosh/prebind")
     assert anonymous.status_code == 401 and anonymous.json() == {"error": "not authenticated"}
+
+
+@own_loop
+async def test_an_app_mounted_below_a_path(prosody, account, tmp_path) -> None:
+    """Starlette's ``Mount`` keeps the mount point in ``scope["path"]``: the endpoint and
+    ``exclude_paths`` are below it, as the app's own routes are."""
+    inner = make_app(
+        {"alice": account}, prosody.service_url, tmp_path=tmp_path, exclude_paths=("/file",)
+    )
+    outer = Starlette(routes=[Mount("/chat", app=inner)])
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://x")
+    try:
+        login = await client.post(
+            "/chat/login",
+            content=f"username=alice&password={WEB_PASSWORD}",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert login.status_code == 303, login.text
+        assert_prebound(await client.get("/chat/", headers=NAVIGATION), prosody.service_url)
+        endpoint = await client.get("/chat/bosh/prebind", headers={"Accept": "application/json"})
+        assert endpoint.status_code == 200
+        assert_live(prosody.service_url, endpoint.json())
+        excluded = await client.get("/chat/file.html", headers=NAVIGATION)
+        assert excluded.status_code == 200 and "BOSH_SID" not in excluded.text
+        assert "no-store" not in excluded.headers.get("cache-control", "")
+    finally:
+        await client.aclose()
+        mw = ours(inner)
+        assert mw is not None
+        await aclose_core(mw.core)
 
 
 if HAVE_FASTAPI:  # collected only where FastAPI is installed (see HAVE_FASTAPI)
