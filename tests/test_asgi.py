@@ -686,6 +686,22 @@ async def test_unused_session_is_terminated_at_once(
     assert await dead(prosody, session)
 
 
+async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """The lifespan's shutdown (``core.aclose``) comes while an unused prebind is still
+    running: its session is ended before the engine closes, not left to time out at the
+    server (nor its terminate to die with the loop)."""
+    app = scripted_app(response(200, [("content-type", "application/json")], b"{}"))
+    mw, spy = make_mw(app, spy_delay=0.3)
+    await run(mw)  # a navigation answered with JSON: the prebind started for it is unused
+    assert spy.sessions == [] and spy.in_flight == 1
+    await asyncio.wait_for(mw.core.aclose(), 10)
+    (session,) = spy.sessions
+    assert spy.terminated == [session] and spy.in_flight == 0
+    assert await dead(prosody, session)
+
+
 async def test_session_is_terminated_when_the_app_fails_after_start(
     make_mw: Any, prosody: XMPPServer
 ) -> None:

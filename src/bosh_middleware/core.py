@@ -354,6 +354,19 @@ class PrebindCore:
             self._sync.close()
 
     async def aclose(self) -> None:
+        """Wait for this loop's prebinds in flight and the termination of unused sessions
+        (each discarded prebind, once done, starts one), then close: closed earlier, they
+        would die with the loop and leave their sessions to time out at the server. Bounded
+        by ``timeout`` plus two seconds, the pages' patience and a terminate's."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout + 2.0
+        while True:
+            await asyncio.sleep(0)  # done callbacks first: a discarded prebind's starts a task
+            mine = [t for t in self._tasks if not t.done() and t.get_loop() is loop]
+            remaining = deadline - loop.time()
+            if not mine or remaining <= 0:
+                break
+            await asyncio.wait(mine, timeout=remaining)
         if self._async is not None:
             await self._async.aclose()
 
