@@ -5,6 +5,8 @@ import io
 import time
 from collections.abc import AsyncIterator, Iterator
 
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model, login, logout
 from django.http import (
     FileResponse,
     HttpRequest,
@@ -17,6 +19,12 @@ from django.shortcuts import render
 from django.views.decorators.gzip import gzip_page
 
 from support.browser import script_tags
+
+try:  # Django >= 5.0
+    from django.contrib.auth import alogin as _alogin
+    from django.contrib.auth import alogout as _alogout
+except ImportError:  # Django 4.2
+    _alogin, _alogout = sync_to_async(login), sync_to_async(logout)
 
 #: Set by the browser tests: where the Strophe bundle and the BOSH endpoint are.
 BROWSER = {"static": "", "service": ""}
@@ -112,3 +120,29 @@ def gzipped(request: HttpRequest) -> HttpResponse:
 def browser(request: HttpRequest) -> HttpResponse:
     context = {"service": BROWSER["service"], "scripts": script_tags(BROWSER["static"])}
     return render(request, "browser.html", context)
+
+
+# --- views that log the user out, or someone else in, then answer a page ------------------
+BACKEND = "django.contrib.auth.backends.ModelBackend"
+
+
+def bye(request: HttpRequest) -> HttpResponse:
+    logout(request)
+    return HttpResponse(HEAD + BODY.format(name="logged out", pad=""))
+
+
+async def abye(request: HttpRequest) -> HttpResponse:
+    await _alogout(request)
+    return HttpResponse(HEAD + BODY.format(name="logged out", pad=""))
+
+
+def switch(request: HttpRequest) -> HttpResponse:
+    """Logs ``?to=`` in (as an impersonation or a "log in as" link would)."""
+    login(request, get_user_model().objects.get(username=request.GET["to"]), BACKEND)
+    return page(request)
+
+
+async def aswitch(request: HttpRequest) -> HttpResponse:
+    user = await get_user_model().objects.aget(username=request.GET["to"])
+    await _alogin(request, user, BACKEND)
+    return HttpResponse(HEAD + BODY.format(name=user.get_username(), pad=""))

@@ -2,7 +2,8 @@
 
 Sync and async capable (one instance is one or the other, after its ``get_response``). The
 prebind starts before the view for browser navigations and is awaited after it, so the XMPP
-login overlaps the view; a response that cannot carry the session ends it unused.
+login overlaps the view; a response that cannot carry the session ends it unused, and so does a
+view that logs the user out or someone else in (the user is read again after the view).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.http.response import HttpResponseBase
+from django.utils.functional import SimpleLazyObject, empty
 from django.utils.module_loading import import_string
 
 from ..config import MiddlewareConfig
@@ -63,14 +65,21 @@ def _user(request: HttpRequest) -> Any:
 
 
 async def _auser(request: HttpRequest) -> Any:
-    auser = getattr(request, "auser", None)  # Django >= 5.0's AuthenticationMiddleware
+    """``request.user``, as ``_user`` has it, without touching the database on the event loop.
+
+    Only the lazy object AuthenticationMiddleware sets, still unevaluated, goes through
+    ``request.auser()`` (Django >= 5.0) or a thread: once a middleware or the view has set
+    ``request.user`` (RemoteUserMiddleware, token auth, impersonation, ``alogout()``), it is the
+    user, while ``auser()`` keeps answering whom it loaded first.
+    """
+    user = getattr(request, "user", None)
+    if not (isinstance(user, SimpleLazyObject) and user._wrapped is empty):
+        return user
+    auser = getattr(request, "auser", None)
     if auser is not None:
         return await auser()
-    if not hasattr(request, "user"):
-        return None
 
     def loaded() -> Any:
-        user = request.user
         is_authenticated(user)  # evaluate the lazy object here, off the event loop
         return user
 
@@ -105,7 +114,8 @@ class BOSHPrebindMiddleware:
             return self.get_response(request)
         # Reading the user touches the session (Vary: Cookie): only early for navigations.
         navigation = kind == NAVIGATION
-        credentials = core.credentials_sync(_user(request)) if navigation else None
+        user = _user(request) if navigation else None
+        credentials = core.credentials_sync(user) if navigation else None
         if navigation and credentials is None:
             return self.get_response(request)
         pending = core.start_sync(credentials) if credentials is not None else None
@@ -119,8 +129,13 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             return response
-        if not navigation:
-            credentials = core.credentials_sync(_user(request))
+        after = _user(request)
+        # A navigation's prebind is for whoever was logged in before the view: if the view
+        # logged them out (or someone else in), it must not reach this page, and ends unused.
+        if not navigation or after != user:
+            if pending is not None:
+                pending.discard()
+            credentials = core.credentials_sync(after)
             pending = core.start_sync(credentials) if credentials is not None else None
         session = pending.session() if pending is not None else None
         return self._rewrite(request, response, session) if session is not None else response
@@ -135,7 +150,8 @@ class BOSHPrebindMiddleware:
         if kind == NOT_A_PAGE:
             return await self.get_response(request)
         navigation = kind == NAVIGATION
-        credentials = await core.credentials_async(await _auser(request)) if navigation else None
+        user = await _auser(request) if navigation else None
+        credentials = await core.credentials_async(user) if navigation else None
         if navigation and credentials is None:
             return await self.get_response(request)
         pending = core.start_async(credentials) if credentials is not None else None
@@ -149,8 +165,13 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             return response
-        if not navigation:
-            credentials = await core.credentials_async(await _auser(request))
+        after = await _auser(request)
+        # A navigation's prebind is for whoever was logged in before the view: if the view
+        # logged them out (or someone else in), it must not reach this page, and ends unused.
+        if not navigation or after != user:
+            if pending is not None:
+                pending.discard()
+            credentials = await core.credentials_async(after)
             pending = core.start_async(credentials) if credentials is not None else None
         session = await pending.session() if pending is not None else None
         return self._rewrite(request, response, session) if session is not None else response
