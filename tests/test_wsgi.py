@@ -127,6 +127,46 @@ class ClosingList(list):  # type: ignore[type-arg]
         self.closed += 1
 
 
+class StreamedBody:
+    """A streamed page's iterable: counts ``close()``, may call ``start_response`` only once
+    iterated (lazy, as PEP 3333 allows), and may fail after its chunks (an error mid-stream)."""
+
+    def __init__(
+        self,
+        chunks: list[bytes],
+        *,
+        start: Callable[[], object] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        self.chunks, self.start, self.error = chunks, start, error
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.start is not None:
+            self.start()
+        yield from self.chunks
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def streamed_app(chunks: list[bytes], *, lazy: bool, error: BaseException | None = None) -> Any:
+    """A page streamed from a ``StreamedBody``; ``app.body`` is the iterable it returned."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> StreamedBody:
+        def start() -> None:
+            start_response("200 OK", HTML)
+
+        if not lazy:
+            start()
+        app.body = StreamedBody(chunks, start=start if lazy else None, error=error)  # type: ignore[attr-defined]
+        return app.body  # type: ignore[attr-defined,no-any-return]
+
+    return app
+
+
 # ------------------------------------------------------------------------------------------
 # pages that get a session
 # ------------------------------------------------------------------------------------------
@@ -416,6 +456,33 @@ def test_streamed_page_is_injected_on_the_fly(make_mw: Any) -> None:
     assert headers["ETag"] == 'W/"v1"'
 
 
+def test_streamed_page_yields_once_for_each_chunk_of_the_app(make_mw: Any) -> None:
+    """PEP 3333's block boundaries: a value (b"" at least) for each value the app yields, even
+    when the Injector holds all of a chunk, so that the server is never left waiting on the
+    app's next chunk (a slow query, say) for what came before it."""
+    chunks = [b"<ht", b"ml><head><title>t</title></he", b"ad><body>x</bo", b"dy></html>"]
+    log: list[str] = []
+
+    def gen() -> Iterator[bytes]:
+        for c in chunks:
+            log.append("app")
+            yield c
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", HTML)
+        return gen()
+
+    mw, spy = make_mw(app)
+    result = mw(wsgi_environ("/", headers=NAV, user="alice"), lambda s, h, e=None: None)
+    out = []
+    for chunk in result:
+        log.append("server")
+        out.append(chunk)
+    result.close()
+    assert log[: 2 * len(chunks)] == ["app", "server"] * len(chunks)
+    assert b"".join(out) == inject(b"".join(chunks), mw.core.snippet(spy.sessions[0]))
+
+
 @pytest.mark.parametrize(("etag", "expected"), [('"abc"', 'W/"abc"'), ('W/"abc"', 'W/"abc"')])
 def test_strong_etag_is_weakened(make_mw: Any, etag: str, expected: str) -> None:
     mw, _ = make_mw(html_app(extra=[("ETag", etag)]))
@@ -658,3 +725,89 @@ def test_exc_info_after_headers_sent_reraises(make_mw: Any) -> None:
     mw, _spy = make_mw(app)
     with pytest.raises(ValueError, match="late failure"):
         get(mw)
+
+
+@pytest.mark.parametrize(("mode", "first"), [("script", b"</he"), ("headers", b"")])
+def test_exc_info_mid_stream_before_anything_was_sent_replaces_the_page(
+    make_mw: Any, prosody: XMPPServer, mode: str, first: bytes
+) -> None:
+    """The app's iterable fails after a first chunk the server has not sent (the Injector
+    holds all of it, or it is empty): PEP 3333 lets it replace the response. The error goes out
+    as the app gave it (no bytes of the abandoned page, no snippet), and the session it would
+    have carried is ended."""
+    error_headers = [("Content-Type", "text/plain"), ("Content-Length", "5")]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", HTML)
+
+        def gen() -> Iterator[bytes]:
+            yield first
+            try:
+                raise ValueError("template failed")
+            except ValueError:
+                start_response("500 Internal Server Error", error_headers, sys.exc_info())
+            yield b"error"
+
+        return gen()
+
+    mw, spy = make_mw(app, mode=mode)
+    r = get(mw)
+    assert (r.status, r.headers, r.body) == ("500 Internal Server Error", error_headers, b"error")
+    assert spy.wait_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+
+
+#: The start of a page, long enough that some of it goes out before its </head>.
+HEAD_START = b"<!doctype html><html><head><title>" + b"t" * 100
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("end", ["app-fails", "client-gone"])
+def test_session_of_a_page_cut_short_before_the_snippet_is_terminated(
+    make_mw: Any, prosody: XMPPServer, lazy: bool, end: str
+) -> None:
+    """The page stops after part of it went out but before the snippet did: the app fails
+    mid-stream, or the server closes the iterable early (the client went away). Nobody got the
+    session: it is ended, not left live at the server until it times out."""
+    rest = b"</title></head><body>x</body></html>"
+    if end == "app-fails":
+        app = streamed_app([HEAD_START], lazy=lazy, error=RuntimeError("db error mid-stream"))
+    else:
+        app = streamed_app([HEAD_START, rest], lazy=lazy)
+    mw, spy = make_mw(app)
+    result = mw(wsgi_environ("/", headers=NAV, user="alice"), lambda s, h, e=None: None)
+    it = iter(result)
+    first = next(it)
+    assert first and b"BOSH_SID" not in first
+    if end == "app-fails":
+        with pytest.raises(RuntimeError, match="db error"):
+            next(it)
+    result.close()
+    assert app.body.closed == 1
+    assert spy.wait_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_session_that_went_out_is_kept_when_the_page_fails_later(
+    make_mw: Any, prosody: XMPPServer, lazy: bool
+) -> None:
+    """The other side of ending undelivered sessions: once the server took the snippet, the
+    browser may be attaching to it, whatever happens to the rest of the page."""
+    app = streamed_app([PAGE[:60]], lazy=lazy, error=RuntimeError("late failure"))
+    mw, spy = make_mw(app)
+    result = mw(wsgi_environ("/", headers=NAV, user="alice"), lambda s, h, e=None: None)
+    it = iter(result)
+    assert b"BOSH_SID" in next(it)
+    with pytest.raises(RuntimeError, match="late failure"):
+        next(it)
+    result.close()
+    assert app.body.closed == 1
+    assert spy.wait_idle()
+    (session,) = spy.sessions
+    assert spy.terminated == []
+    assert is_live(prosody.service_url, session)

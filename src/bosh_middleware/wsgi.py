@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -120,6 +121,34 @@ class _ClosingIterator:
             close()
 
 
+class _ExchangeBody(_ClosingIterator):
+    """A body the exchange may still hold a prebind for: closing it (the server does, whether
+    the response completed, failed or the client went away) also ends a session that never
+    reached the client, as the ASGI adapter's ``_Responder.cleanup`` does."""
+
+    def __init__(
+        self, iterator: Iterator[bytes], original: Iterable[bytes], exchange: _Exchange
+    ) -> None:
+        self._it = iterator
+        self._original = original
+        self._exchange = exchange
+
+    def close(self) -> None:
+        try:
+            super().close()  # the app's close(), once
+        finally:
+            self._exchange.cleanup()
+
+
+def _terminate(core: PrebindCore, session: PrebindSession) -> None:
+    """End, off the server's thread, a session that was prebound but will not reach a page.
+    The core's one place for that (its pool, or inline once the pool has shut down) takes a
+    finished prebind, so hand it one."""
+    done: Future[PrebindSession] = Future()
+    done.set_result(session)
+    core._terminate_later_sync(done)
+
+
 class _Exchange:
     """One request's state."""
 
@@ -127,11 +156,14 @@ class _Exchange:
         "_start_response",
         "core",
         "credentials",
+        "delivered",
         "environ",
         "held",
+        "injector",
         "mode",
         "mw",
         "pending",
+        "session",
         "user",
         "written",
     )
@@ -152,14 +184,48 @@ class _Exchange:
         self.credentials = credentials
         self.user = user  # credentials are looked up from it once a page needs them
         self.pending = pending
-        self.mode = "undecided"  # -> "pass" | "held"
+        # -> "pass" | "held" (start held for the rewrite) -> "sent" (rewritten start given to
+        # the server, which sends it with the first non-empty chunk)
+        self.mode = "undecided"
         self.held: tuple[str, list[tuple[str, str]], Any] | None = None
         self.written: list[bytes] = []
+        self.session: PrebindSession | None = None  # claimed for the page, until ended
+        self.delivered = False  # the server took the session (its headers, or the snippet)
+        self.injector: Injector | None = None  # streaming a page; None once replaced
 
     def discard(self) -> None:
         pending = self.pending or self.environ.get(ENVIRON_PENDING)
         if pending is not None:
             pending.discard()
+
+    def cleanup(self) -> None:
+        """The response is over, completed or not: end a prebind that never reached the client
+        (the app failed mid-stream, or the server stopped early because the client went away)
+        rather than leave its session live at the XMPP server until it times out."""
+        if self.mode == "undecided" or self.mode == "held":  # never claimed: end it once done
+            self.discard()
+        session, self.session = self.session, None
+        if session is not None and not self.delivered:
+            _terminate(self.core, session)
+
+    def _replace(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any
+    ) -> Callable[[bytes], object]:
+        """An error response in place of the rewritten page, from the app's iterable (PEP 3333
+        allows it until the headers are sent)."""
+        # A server that has sent the headers re-raises here: the page stands as far as it went,
+        # and closing the body ends the session if the snippet had not gone out yet.
+        write = self._start_response(status, headers, exc_info)
+        # Accepted, so nothing was sent (a server sends the headers with the first non-empty
+        # chunk): the error goes out as the app gave it. No more injection, and the bytes the
+        # Injector held of the abandoned page go with it; the session, in those headers or
+        # that page, reached no one.
+        self.mode = "pass"
+        self.injector = None
+        session, self.session = self.session, None
+        if session is not None:
+            _terminate(self.core, session)
+        return write
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -168,6 +234,8 @@ class _Exchange:
             self.mode = "pass"  # no page: nothing to rewrite, and no session for it
             self.discard()
             return self._start_response(status, headers)
+        if exc_info is not None and self.mode == "sent":
+            return self._replace(status, headers, exc_info)
         code = int(status.split(None, 1)[0])
         if self.credentials is None and self.user is not None:
             if exc_info is None and is_injectable(
@@ -208,10 +276,12 @@ class _Exchange:
                 if self.written
                 else result
             )
+        self.session, self.mode = session, "sent"
         get = _getter(headers)
         if not self.core.rewrites_body:
             sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
             self._start_response(status, _edited(headers, sets, removes), exc_info)
+            self.delivered = True  # in the headers: as the ASGI adapter counts it
             return (
                 _ClosingIterator(itertools.chain(self.written, result), result)
                 if self.written
@@ -232,18 +302,33 @@ class _Exchange:
                 get, session, body_length=len(body), streaming=False
             )
             self._start_response(status, _edited(headers, sets, removes), exc_info)
+            self.delivered = True
             return [body]
         sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
         self._start_response(status, _edited(headers, sets, removes), exc_info)
+        self.injector = injector
+        return _ExchangeBody(self._stream(result), result, self)
 
-        def stream() -> Iterator[bytes]:
+    def _stream(self, result: Iterable[bytes]) -> Iterator[bytes]:
+        try:
             for chunk in itertools.chain(self.written, result):
-                out = injector.feed(chunk)
-                if out:
-                    yield out
-            yield injector.finish()
-
-        return _ClosingIterator(stream(), result)
+                injector = self.injector
+                if injector is None:  # replaced by an error response (exc_info): as given
+                    yield chunk
+                    continue
+                # One value for each of the app's, b"" when the Injector holds it all: PEP
+                # 3333's block boundaries, so that the server is not left waiting on the app's
+                # next chunk for bytes it could have had.
+                yield injector.feed(chunk)
+                # (The server came back for more: it took the chunk, snippet and all.)
+                self.delivered = injector.done
+            if self.injector is not None:
+                yield self.injector.finish()
+                self.delivered = True
+        except BaseException:
+            # The app failed, or the server closed the body early: no waiting for close().
+            self.cleanup()
+            raise
 
     def lazy(self, result: Iterable[bytes]) -> Iterator[bytes]:
         """For apps that call start_response only when iterated (PEP 3333 allows it)."""
@@ -337,11 +422,11 @@ class BOSHPrebindMiddleware:
         if exchange.mode == "pass":
             return result
         if exchange.mode == "undecided":
-            return _ClosingIterator(exchange.lazy(result), result)
+            return _ExchangeBody(exchange.lazy(result), result, exchange)
         try:
             return exchange.rewrite(result)
         except BaseException:
-            exchange.discard()
+            exchange.cleanup()
             raise
 
     def _endpoint(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
