@@ -74,16 +74,16 @@ def missing_prerequisites(framework: str, check: bool) -> list[str]:
         )
     for module in ["bosh_middleware", *FRAMEWORK_MODULES[framework]]:
         if importlib.util.find_spec(module) is None:
-            extra = " flask-login" if module == "flask_login" else ""
             problems.append(
-                f"Python module {module!r} is missing: `pip install -e '.[{framework}]'{extra}`"
+                f"Python module {module!r} is missing: `scripts/setup.sh --demo` installs"
+                " what every --framework needs"
             )
     if check and not os.access(CHROMIUM, os.X_OK):
         problems.append(f"Chromium is missing at {CHROMIUM}: `apt-get install chromium`")
     if check and importlib.util.find_spec("playwright") is None:
         problems.append(
-            "Playwright is missing (`pip install playwright`; it uses "
-            "/usr/bin/chromium: never `playwright install`)"
+            "Playwright is missing (`scripts/setup.sh --demo --check`, or `pip install "
+            "playwright`; it uses /usr/bin/chromium: never `playwright install`)"
         )
     return problems
 
