@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -188,3 +189,25 @@ async def test_endpoint_503_when_server_down(kind: str, make_mw: Any, prosody_fa
     assert json.loads(body) == {"error": "XMPP server unavailable"}
     assert int(headers["retry-after"]) >= 1
     assert headers["cache-control"] == "private, no-store"
+
+
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+async def test_a_password_in_the_service_url_is_not_logged(
+    kind: str, transport: str, make_mw: Any, caplog: Any
+) -> None:
+    """``user:password@`` in the service URL (Basic auth for a proxy in front of the XMPP
+    server) is in the transport's error, which is logged at WARNING: as ``user:***@``."""
+    caplog.set_level(logging.DEBUG)
+    url_password = "S3cret-proxy-pw"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the with block ends
+    url = f"http://proxyuser:{url_password}@127.0.0.1:{port}/http-bind"
+    mw, _ = make_mw(
+        kind, url, {"alice": ("alice@localhost", "pw")}, timeout=TIMEOUT, transport=transport
+    )
+    status, body, headers, _ = await page(kind, mw)
+    assert_unchanged(status, body, headers)
+    assert_logged(caplog, "alice@localhost", "connection-failed", url_password)
+    assert "proxyuser:***@127.0.0.1" in caplog.text

@@ -4,15 +4,18 @@ typed exception, quickly, for the sync ``Prebinder`` and the async ``AsyncPrebin
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import re
 import socket
 import threading
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from bosh_middleware import (
@@ -26,6 +29,7 @@ from bosh_middleware import (
     ResponseTooLarge,
     ServiceUnavailable,
 )
+from bosh_middleware.config import MiddlewareConfig
 from support.fake_bosh import Exchange, FakeBOSH, at_label, xmpp_ok
 
 CREDS = Credentials("alice@localhost", "pw-not-secret-1")
@@ -209,6 +213,52 @@ def test_small_limit_applies_to_ordinary_responses(fake, prebind) -> None:
     _expect(ResponseTooLarge, lambda: prebind(srv.url, max_response_size=100), within=2)
 
 
+def test_compressed_response_is_refused_before_it_is_decoded(fake, prebind) -> None:
+    """Every request asks for identity. A response compressed anyway is refused unread: httpx
+    would decode each network read whole before the size limit saw what it became (here 64 MiB
+    of zeros in 65 kB, under the limit as it comes), and the builtin transport would hand
+    gzip to the XML parser."""
+    co = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(co.compress(zeros) for _ in range(64)) + co.flush()
+    asked: list[str | None] = []
+
+    def compressed(ctx: Exchange) -> None:
+        asked.append(ctx.headers.get("accept-encoding"))
+        ctx.respond(200, bomb, headers={"Content-Encoding": "gzip"})
+
+    srv = fake(compressed)
+    tracemalloc.start()
+    try:
+        err = _expect(
+            ProtocolError, lambda: prebind(srv.url, max_response_size=256 * 1024), within=3
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "Content-Encoding 'gzip'" in str(err), err
+    assert peak < 16 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
+    assert asked == ["identity"]
+
+
+def test_identity_content_encoding_is_accepted(fake, prebind) -> None:
+    """``Content-Encoding: identity`` is no coding at all: a healthy server may say it."""
+
+    def identity(ctx: Exchange) -> None:
+        plain = ctx.respond
+
+        def respond(
+            status: int = 200, body: bytes = b"", content_type: str = "text/xml", headers=None
+        ) -> None:
+            plain(status, body, content_type, {"Content-Encoding": "identity", **(headers or {})})
+
+        ctx.respond = respond  # type: ignore[method-assign]
+        xmpp_ok(ctx)
+
+    srv = fake(identity)
+    assert prebind(srv.url).jid.startswith("alice@localhost/web-")
+
+
 # ------------------------------------------------------------------------------------------
 # not BOSH at all
 # ------------------------------------------------------------------------------------------
@@ -299,6 +349,74 @@ def test_trickling_response_is_bounded_by_the_timeout(fake, prebind) -> None:
     assert err.condition == "timeout"
 
 
+def trickle_head(ctx: Exchange) -> None:
+    """A head one byte every 0.2 s (~10 s for all of it), a body never: no read waits long,
+    so only a deadline over the whole exchange ends it."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Pad: " + b"a" * 20 + b"\r\n"
+    for byte in head:
+        if not ctx.send_raw(bytes([byte])) or ctx.server.stopping.is_set():
+            return
+        ctx.sleep(0.2)
+
+
+def test_trickling_response_head_is_bounded_by_the_timeout(fake, prebind) -> None:
+    """The head too: httpx's timeouts are per read, and the sync httpx transport had nothing
+    else until the head was in (~10 s here, a worker thread held all along)."""
+    srv = fake(trickle_head)
+    err = _expect(ServiceUnavailable, lambda: prebind(srv.url, timeout=TIMEOUT), within=TIMEOUT + 1)
+    assert err.condition == "timeout"
+
+
+def test_sync_httpx_deadlines_are_per_thread(fake) -> None:
+    """The sync httpx transport keeps each exchange's deadline where its reads are, on the
+    thread that waits (no timer, no thread of its own). 32 worker threads wait on a server that
+    trickles its head (timeout 1 s), while 8 others prebind in a loop, with a 5 s timeout,
+    against one that answers each create after 0.3 s; all through one shared httpx.Client.
+    Every trickle must end at its own deadline, and no deadline may cut a healthy prebind
+    short, nor one exchange lift another's. (Only 8: more make FakeBOSH reset an occasional
+    httpx connection, with or without a deadline.)"""
+
+    def slow_create(ctx: Exchange) -> None:
+        ctx.sleep(0.3)
+        xmpp_ok(ctx)
+
+    trickled = fake(trickle_head)
+    slowish = fake(at_label("create", slow_create))
+    client = httpx.Client()
+    stuck = Prebinder(trickled.url, transport="httpx", timeout=TIMEOUT, client=client)
+    healthy = Prebinder(slowish.url, transport="httpx", timeout=5.0, client=client)
+    until = time.monotonic() + 2.5
+
+    def wait_for_trickle() -> tuple[str | None, float]:
+        t0 = time.monotonic()
+        try:
+            stuck.prebind(CREDS)
+        except ServiceUnavailable as exc:
+            return exc.condition, time.monotonic() - t0
+        return "prebound", time.monotonic() - t0
+
+    def prebind_meanwhile() -> int:
+        done = 0
+        while time.monotonic() < until:
+            assert healthy.prebind(CREDS).jid.startswith("alice@localhost/web-")
+            done += 1
+        return done
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            loops = [pool.submit(prebind_meanwhile) for _ in range(8)]
+            trickles = [pool.submit(wait_for_trickle) for _ in range(32)]
+            ends = [f.result(timeout=30) for f in trickles]
+            prebinds = [f.result(timeout=30) for f in loops]
+    finally:
+        stuck.close()
+        healthy.close()
+        client.close()
+    assert all(condition == "timeout" for condition, _ in ends), ends
+    assert max(elapsed for _, elapsed in ends) < TIMEOUT + 1.5, ends
+    assert all(prebinds), prebinds  # (each healthy loop got through, past the trickles' end)
+
+
 def test_connection_dropped_mid_response(fake, prebind) -> None:
     def drop(ctx: Exchange) -> None:
         ctx.head(200, {"Content-Type": "text/xml", "Content-Length": "5000"})
@@ -370,6 +488,50 @@ def test_no_error_leaks_the_password(fake, prebind) -> None:
         import base64
 
         assert base64.b64encode(b"\0alice\0" + CREDS.password.encode()).decode() not in text
+
+
+URL_PASSWORD = "S3cret-url-pw"
+
+
+def _with_password(url: str) -> str:
+    return url.replace("http://", f"http://proxyuser:{URL_PASSWORD}@", 1)
+
+
+def test_a_password_in_the_service_url_is_never_shown(fake, prebind) -> None:
+    """``user:password@`` in the service URL is sent as Basic auth (to a reverse proxy in
+    front of the XMPP server); the errors, which name the URL and which the middleware logs at
+    WARNING, show it as ``user:***@``."""
+    refused = f"http://127.0.0.1:{_closed_port()}/http-bind"
+    slow = fake(lambda ctx: ctx.sleep(TIMEOUT + 4)).url
+    dropped = fake(at_label("create", lambda ctx: ctx.hang_up())).url
+    trickled = fake(trickle_head).url
+    for url in (refused, slow, dropped, trickled):
+        with pytest.raises(ServiceUnavailable) as info:
+            prebind(_with_password(url), timeout=TIMEOUT)
+        text = f"{info.value!r} {info.value}"
+        assert URL_PASSWORD not in text, text
+        assert "proxyuser:***@127.0.0.1" in text, text
+
+
+def test_a_password_in_the_service_url_is_still_sent(fake, prebind) -> None:
+    seen: list[str | None] = []
+
+    def healthy(ctx: Exchange) -> None:
+        seen.append(ctx.headers.get("authorization"))
+        xmpp_ok(ctx)
+
+    prebind(_with_password(fake(healthy).url))
+    expected = "Basic " + base64.b64encode(f"proxyuser:{URL_PASSWORD}".encode()).decode()
+    assert seen and set(seen) == {expected}
+
+
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+def test_a_password_in_the_service_url_is_not_in_a_repr(transport: str) -> None:
+    url = _with_password("http://127.0.0.1:5280/http-bind")
+    with Prebinder(url, transport=transport) as sync:
+        assert repr(sync) == "<Prebinder http://proxyuser:***@127.0.0.1:5280/http-bind>"
+    for obj in (AsyncPrebinder(url, transport=transport), MiddlewareConfig(url, lambda u: None)):
+        assert URL_PASSWORD not in repr(obj) and "proxyuser:***@" in repr(obj), repr(obj)
 
 
 # ------------------------------------------------------------------------------------------

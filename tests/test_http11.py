@@ -33,8 +33,16 @@ from typing import Any
 
 import pytest
 
-from bosh_middleware import AsyncPrebinder, Prebinder, ResponseTooLarge, ServiceUnavailable, http11
+from bosh_middleware import (
+    AsyncPrebinder,
+    Prebinder,
+    ProtocolError,
+    ResponseTooLarge,
+    ServiceUnavailable,
+    http11,
+)
 from bosh_middleware.client import _wants_builtin
+from bosh_middleware.credentials import Credentials
 from bosh_middleware.session import PrebindOptions
 
 LIMIT = 64 * 1024
@@ -236,6 +244,12 @@ EDGES = {
     "obs-fold": WELL_FORMED["obs-fold-header"][0],
     "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
     "length-in-a-value": b"HTTP/1.1 200 OK\r\nX-A: Content-Length: 9\r\nContent-Length: 2\r\n\r\nok",
+    "identity": b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Length: 2\r\n\r\nok",
+    "identity-spaced": b"HTTP/1.1 200 OK\r\ncontent-encoding:IDENTITY \r\nContent-Length: 2\r\n\r\nok",
+    "gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\nok",
+    "identity-then-gzip": (
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: identity, gzip\r\nContent-Length: 2\r\n\r\nok"
+    ),
 }
 
 
@@ -276,6 +290,9 @@ _LINES = [
     b"Date: Mon, 30 Nov 2026 11:03:59 GMT",
     b"X-A: content-length: 9",
     b"Content-Type: text/xml",
+    b"Content-Encoding: identity",
+    b"Content-Encoding: gzip",
+    b"Content-Encodings: gzip",
 ]
 
 
@@ -416,6 +433,23 @@ def test_parser_refuses_a_declared_size_over_the_limit_before_reading_the_body()
     with pytest.raises(ResponseTooLarge):  # a chunk size over the limit: refused as announced
         parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffff\r\n")
     assert bytes(parser.body) == b""
+
+
+@FEEDS
+@pytest.mark.parametrize(
+    "coding", [b"gzip", b"deflate", b"br", b"x-gzip", b"identity, gzip", b"GZIP", b"aes128gcm"]
+)
+def test_parser_refuses_a_content_coding(coding: bytes, bytewise: bool) -> None:
+    """No request asks for one (``Accept-Encoding: identity``): a compressed body would reach
+    the XML parser as garbage, its decoded size unbounded. Refused before the body is read, as
+    the httpx transport refuses it."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: 4\r\n\r\n" % coding
+    with pytest.raises(ProtocolError, match="Content-Encoding") as info:
+        parse(head, bytewise=bytewise)  # (no body byte yet)
+    assert not isinstance(info.value, ServiceUnavailable)
+    for fine in (b"identity", b" Identity ", b""):
+        answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: 2\r\n\r\nok" % fine
+        assert bytes(parse(answer, bytewise=bytewise).body) == b"ok"
 
 
 def test_parser_eof() -> None:
@@ -1212,6 +1246,43 @@ def test_origin_refuses_a_non_http_url(url: str) -> None:
         http11.origin(url, {}, True)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pw@host:5280/http-bind", "http://user:***@host:5280/http-bind"),
+        ("https://user:p%40ss:w@host/b?x=@y#@z", "https://user:***@host/b?x=@y#@z"),
+        ("http://user:p@ss@host/", "http://user:***@host/"),  # as urlsplit: the last @
+        ("http://token@host/", "http://***@host/"),  # a user name alone may be a secret too
+        ("http://user:@host/", "http://user:***@host/"),
+        ("user:pw@host/b", "user:***@host/b"),
+        ("http://host/a@b", "http://host/a@b"),  # an @ in the path is no userinfo
+        ("http://[::1]:5280/b", "http://[::1]:5280/b"),
+        ("http://host", "http://host"),
+        ("", ""),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert http11.redact_url(url) == shown
+
+
+def test_origin_shows_no_password() -> None:
+    """The URL the pool names in its errors, and the repr, are without the password (the
+    request has it, as Basic auth)."""
+    o = http11.origin("http://user:S3cret@127.0.0.1:5280/b", {}, True)
+    assert o.url == "http://user:***@127.0.0.1:5280/b"
+    assert "S3cret" not in repr(o) and base64.b64encode(b"user:S3cret").decode() not in repr(o)
+    assert b"Authorization: Basic " + base64.b64encode(b"user:S3cret") in o.prefix
+    with pytest.raises(ValueError, match="not an http") as info:
+        http11.origin("ftp://user:S3cret@127.0.0.1/b", {}, True)
+    assert "S3cret" not in str(info.value)
+
+
+def test_pool_errors_show_no_password(pool) -> None:
+    client = pool(f"http://user:S3cret@127.0.0.1:{free_port()}/http-bind")
+    error = unavailable(lambda: client.exchange(b"x"), "connection-failed")
+    assert "S3cret" not in str(error) and "user:***@127.0.0.1" in str(error)
+
+
 def test_origin_prefix() -> None:
     o = http11.origin(
         "https://bücher.example/bosh",
@@ -1546,6 +1617,33 @@ def test_drivers_pick_the_transport(clean_env) -> None:
     with Prebinder(HTTP_URL) as p:
         assert p._builtin is None
     assert AsyncPrebinder(HTTP_URL)._origin is None
+
+
+def test_httpx_through_a_proxy_keeps_the_deadline(clean_env, serve) -> None:
+    """A proxy is what "auto" picks httpx for: one that trickles the response head (each read
+    well within httpx's per-read timeout) is held to the exchange's deadline too."""
+
+    def trickling_proxy(index: int, sock: socket.socket, server: RawServer) -> None:
+        request = read_request(sock)
+        if request is None:
+            return
+        server.requests.append(request)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Pad: " + b"a" * 30:
+            if server.stopping.wait(0.2):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    server = serve(trickling_proxy)
+    clean_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    with Prebinder(HTTP_URL, timeout=1.0) as p:
+        assert p._builtin is None
+        start = time.monotonic()
+        unavailable(lambda: p.prebind(Credentials("alice@example.org", "pw")), "timeout")
+        assert time.monotonic() - start < 2.0
+    assert server.requests[0].startswith(b"POST http://xmpp.example.org:5280/http-bind ")
 
 
 # ==========================================================================================

@@ -21,6 +21,7 @@ import httpx
 from .client import Prebinder
 from .credentials import Credentials, derive_password
 from .errors import AuthenticationFailed, BOSHError
+from .http11 import redact_url
 from .protocol import is_secure_transport
 
 __all__ = ["main"]
@@ -89,7 +90,8 @@ def _cors(url: str, timeout: float) -> dict[str, str | None]:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     domain = args.domain or urlsplit(args.service_url).hostname or ""
-    report: dict[str, Any] = {"service_url": args.service_url, "domain": domain}
+    # (printed, and so without the password of a user:password@ in the URL)
+    report: dict[str, Any] = {"service_url": redact_url(args.service_url), "domain": domain}
     warnings: list[str] = []
     started = time.perf_counter()
     try:

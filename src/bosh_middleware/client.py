@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import ssl
 import threading
 import time
 import urllib.request
@@ -30,11 +31,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
+import httpcore
 import httpx
 
 from . import http11
 from .credentials import Credentials
-from .errors import BOSHError, ResponseTooLarge, ServiceUnavailable
+from .errors import BOSHError, ProtocolError, ResponseTooLarge, ServiceUnavailable
 from .protocol import (
     BOSHRequest,
     BOSHResponse,
@@ -55,7 +57,15 @@ T = TypeVar("T")
 #: wait, when calls are what costs; see docs/benchmarks.md).
 _new = tuple.__new__
 
-_HEADERS = {"Content-Type": "text/xml; charset=utf-8", "Accept": "text/xml, */*;q=0.1"}
+#: ``Accept-Encoding: identity``: without it httpx asks for gzip, brotli ..., and decodes a whole
+#: network read before the size limit can be applied to what it became (a 245 kB gzip body is
+#: 240 MB of zeros). A response compressed anyway is refused (``_check_head``), as the builtin
+#: transport refuses it; both send this header.
+_HEADERS = {
+    "Content-Type": "text/xml; charset=utf-8",
+    "Accept": "text/xml, */*;q=0.1",
+    "Accept-Encoding": "identity",
+}
 _LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
 _CLEANUP_TIMEOUT = 2.0
 #: Gap between the requests of a pipelined batch once the previous one is on the wire. Two
@@ -96,10 +106,128 @@ def _transport_errors(url: str) -> Iterator[None]:
         ) from None
 
 
-def _check_length(response: httpx.Response, limit: int) -> None:
+def _check_head(response: httpx.Response, limit: int) -> None:
+    """Refuse, before reading the body, a response that declares more than ``limit`` bytes, or
+    one compressed (only identity is asked for: ``_HEADERS``), as ``http11._Parser`` does. The
+    body is read raw in any case: never decoded, never larger in memory than on the wire."""
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ResponseTooLarge(f"BOSH response declares {declared} bytes, limit is {limit}")
+    coding = response.headers.get("content-encoding")
+    if coding is not None and any(
+        c.strip(" \t").lower() not in ("", "identity") for c in coding.split(",")
+    ):
+        raise ProtocolError(f"BOSH response has Content-Encoding {coding[:40]!r}")
+
+
+class _Deadline(threading.local):
+    """When the sync httpx exchange under way on this thread must be over (``time.monotonic()``),
+    or None. Set by ``Prebinder._send`` around the exchange, read by ``_DeadlineStream``."""
+
+    at: float | None = None
+
+
+_deadline = _Deadline()
+
+
+def _within_deadline(
+    timeout: float | None, expired: type[httpcore.TimeoutException]
+) -> float | None:
+    """An operation's timeout, cut to what is left of this thread's deadline."""
+    at = _deadline.at
+    if at is None:  # not one of our exchanges (a client the caller also uses elsewhere)
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise expired("the BOSH exchange took longer than its timeout")
+    return left if timeout is None or timeout > left else timeout
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """An httpcore connection whose every TLS handshake, write and read (and, made by
+    ``_DeadlineBackend``, its connect) is bounded by what is left of the exchange's deadline.
+
+    httpx's timeouts are per operation: a server that trickles its response head one byte
+    per read timeout keeps a sync ``Client.stream()`` call (and the worker thread in it) from
+    returning for as long as it likes, and no check of ours runs before the head is complete.
+    The async driver bounds the whole exchange with ``asyncio.timeout``; a blocking read has no
+    such thing, and cannot be interrupted from another thread without its socket, which httpx
+    does not show for a pooled connection until the head is in. So each read is given no more
+    than the time left, and none is started after the deadline: a trickle ends at the deadline,
+    on the thread that waits for it, with no thread or timer of its own. (httpcore sets the
+    socket's timeout before every read anyway: this adds a clock read. The DNS lookup within
+    the connect is not bounded: the C resolver takes no timeout.)"""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _within_deadline(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _within_deadline(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, with the connections it makes as ``_DeadlineStream`` s."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _keep_deadlines(client: httpx.Client) -> httpx.Client:
+    """``client`` with each of its connection pools (the direct one and a proxy's: the reason
+    the httpx transport is used) making ``_DeadlineStream`` s. httpx has no public way to give
+    a pool a network backend, hence the private attributes, looked up with care: a transport
+    that has none (``httpx.MockTransport``, a caller's own) is left as it is, and the deadline
+    is then checked between the chunks of the body only. Harmless outside ``Prebinder._send``:
+    ``_deadline`` is unset there."""
+    transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if isinstance(backend, httpcore.NetworkBackend) and not isinstance(
+            backend, _DeadlineBackend
+        ):
+            pool._network_backend = _DeadlineBackend(backend)  # type: ignore[union-attr]
+    return client
 
 
 def _tls(verify: Any) -> Any:
@@ -126,7 +254,10 @@ def _wants_builtin(service_url: str, options: PrebindOptions, client: object | N
     host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
     if urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
         return True
-    log.debug("BOSH requests to %s go through httpx: a proxy is configured", service_url)
+    log.debug(
+        "BOSH requests to %s go through httpx: a proxy is configured",
+        http11.redact_url(service_url),
+    )
     return False
 
 
@@ -166,13 +297,15 @@ class _LoopThread:
 class _Base:
     def __init__(self, service_url: str, options: PrebindOptions) -> None:
         self.service_url = service_url
+        #: ``service_url`` for messages, logs and the repr: without its password
+        self._shown_url = http11.redact_url(service_url)
         self.options = options
         self._headers = {**_HEADERS, **options.headers}
         #: a request's timeout, by its ``best_effort``: a cleanup waits _CLEANUP_TIMEOUT at most
         self._timeouts = (options.timeout, min(_CLEANUP_TIMEOUT, options.timeout))
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.service_url}>"
+        return f"<{type(self).__name__} {self._shown_url}>"
 
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
         return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
@@ -213,7 +346,8 @@ class Prebinder(_Base):
         super().__init__(service_url, _options(options, overrides))
         self._given_client = client
         self._verify = verify
-        self._client: httpx.Client | None = client
+        # (a given client is not otherwise changed: see _keep_deadlines)
+        self._client: httpx.Client | None = None if client is None else _keep_deadlines(client)
         self._pid = os.getpid()
         self._loop_thread: _LoopThread | None = None
         self._loop_pid = os.getpid()
@@ -252,7 +386,9 @@ class Prebinder(_Base):
         if self._client is None or (self._given_client is None and self._pid != os.getpid()):
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
-                    self._client = httpx.Client(limits=_LIMITS, verify=_tls(self._verify))
+                    self._client = _keep_deadlines(
+                        httpx.Client(limits=_LIMITS, verify=_tls(self._verify))
+                    )
                     self._pid = os.getpid()
         return self._client
 
@@ -263,29 +399,36 @@ class Prebinder(_Base):
             return answer
         limit = self.options.max_response_size
         timeout = self._timeouts[req.best_effort]
-        deadline = time.monotonic() + timeout
-        with (
-            _transport_errors(self.service_url),
-            self._http().stream(
-                "POST",
-                self.service_url,
-                content=req.body,
-                headers=self._headers,
-                timeout=timeout,
-            ) as response,
-        ):
-            _check_length(response, limit)
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > limit:
-                    raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
-                if time.monotonic() > deadline:  # a server trickling bytes defeats read timeouts
-                    raise ServiceUnavailable(
-                        f"BOSH response from {self.service_url} took over {timeout} s",
-                        condition="timeout",
-                    )
-            return BOSHResponse(response.status_code, bytes(data))
+        client = self._http()
+        # One deadline for the whole exchange, kept by the connection's reads and writes
+        # (``_DeadlineStream``): httpx's timeout is per read, which a trickle defeats.
+        _deadline.at = deadline = time.monotonic() + timeout
+        try:
+            with (
+                _transport_errors(self._shown_url),
+                client.stream(
+                    "POST",
+                    self.service_url,
+                    content=req.body,
+                    headers=self._headers,
+                    timeout=timeout,
+                ) as response,
+            ):
+                _check_head(response, limit)
+                data = bytearray()
+                for chunk in response.iter_raw():
+                    data += chunk
+                    if len(data) > limit:
+                        raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")
+                    # (for a transport without _DeadlineStream: a caller's client=)
+                    if time.monotonic() > deadline:
+                        raise ServiceUnavailable(
+                            f"BOSH response from {self._shown_url} took over {timeout} s",
+                            condition="timeout",
+                        )
+                return BOSHResponse(response.status_code, bytes(data))
+        finally:
+            _deadline.at = None
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         if self._builtin is not None:
@@ -497,7 +640,7 @@ class AsyncPrebinder(_Base):
 
             extensions["trace"] = trace
         timeout = self._timeouts[req.best_effort]
-        with _transport_errors(self.service_url):
+        with _transport_errors(self._shown_url):
             # asyncio.timeout makes the per-request timeout a deadline (httpx's is per read).
             async with (
                 asyncio.timeout(timeout),
@@ -510,9 +653,9 @@ class AsyncPrebinder(_Base):
                     extensions=extensions,
                 ) as response,
             ):
-                _check_length(response, limit)
+                _check_head(response, limit)
                 data = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     data += chunk
                     if len(data) > limit:
                         raise ResponseTooLarge(f"BOSH response exceeds {limit} bytes")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .credentials import Credentials
+from .http11 import redact_url
 from .inject import script_snippet
 from .session import PrebindOptions
 
@@ -64,6 +65,17 @@ class MiddlewareConfig:
             object.__setattr__(
                 self, "options", dataclasses.replace(self.options, timeout=self.timeout)
             )
+
+    def __repr__(self) -> str:
+        """The dataclass's repr, but with the URLs' passwords redacted: a config ends up in
+        debug pages, error reports and logs."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_url") and isinstance(value, str):
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> MiddlewareConfig:

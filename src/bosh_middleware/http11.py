@@ -39,12 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
-from .errors import ResponseTooLarge, ServiceUnavailable
+from .errors import ProtocolError, ResponseTooLarge, ServiceUnavailable
 
 __all__ = [
     "SUPPORTED",
@@ -53,6 +53,7 @@ __all__ = [
     "Response",
     "SyncPool",
     "origin",
+    "redact_url",
     "settle",
     "ssl_context",
 ]
@@ -65,8 +66,11 @@ _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]
 #: Header lines, each with its CRLF, every one of the ``_FIELD_LINE`` shape: one regex call
 #: validates a whole head (the common case; obs-fold and errors go line by line).
 _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*")
-#: The only fields that matter here: the framing and whether the connection can be reused.
-_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+#: The only fields that matter here: the framing, whether the connection can be reused, and a
+#: content coding (refused: see ``_Parser._head``).
+_FRAMING_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"content-encoding"}
+)
 #: The status line and header lines of an HTTP/1.1 head, every line well-formed (as
 #: ``_STATUS_LINE`` and ``_FIELD_LINES`` want them), through its empty line: ``_Parser._whole``.
 #: Only a final status that may have a body (200-599 but 204 and 304). Possessive: no
@@ -81,16 +85,18 @@ _SIMPLE_HEAD = re.compile(
 #: Each Content-Length line's value, where it is plain digits (18 at most) ...
 _LENGTH_LINE = re.compile(rb"\r\ncontent-length:[ \t]*+([0-9]{1,18})[ \t]*+(?=\r\n)")
 #: ... and any framing line but those and ``Connection: keep-alive`` (chunked, close, an odd
-#: length ...): a head with one is left to the general parser.
+#: length ...), or a content coding but ``identity``: a head with one is left to the general
+#: parser. (``content-`` once: Content-Encoding costs the usual head nothing more to look for.)
 _ODD_FRAMING = re.compile(
     rb"\r\n(?:transfer-encoding:"
-    rb"|content-length:(?![ \t]*[0-9]{1,18}[ \t]*\r\n)"
+    rb"|content-(?:length:(?![ \t]*[0-9]{1,18}[ \t]*\r\n)|encoding:(?![ \t]*identity[ \t]*\r\n))"
     rb"|connection:(?![ \t]*keep-alive[ \t]*\r\n))"
 )
 #: The framing fields' lines in a head that ``_FIELD_LINES`` has found well-formed: (name,
 #: value), for the general parser (which strips each value's items itself).
 _FRAMING_LINES = re.compile(
-    rb"^(content-length|transfer-encoding|connection):([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE
+    rb"^(content-length|transfer-encoding|connection|content-encoding):([^\r\n]*)\r\n",
+    re.IGNORECASE | re.MULTILINE,
 )
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # 16 hex digits: anything larger is absurd
 #: Characters left as they are in the request target (RFC 3986 pchar, "/", "?" and existing
@@ -106,13 +112,38 @@ Response = tuple[int, bytes]  # (status, body)
 Settles = Callable[[list[Response]], bool]
 
 
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown (error messages, log lines, reprs): the password of its
+    userinfo (``user:pw@host``, sent as Basic auth) replaced by ``***``, and a user name alone
+    too (it may be a token). The authority ends where ``urlsplit`` and httpx end it (the first
+    ``/``, ``?`` or ``#``), its userinfo at the last ``@``. Never raises: it is called while
+    reporting other errors, also about URLs that do not parse."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = len(rest)
+    for c in "/?#":
+        i = rest.find(c, 0, end)
+        if i >= 0:
+            end = i
+    userinfo, at, host = rest[:end].rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{shown}@{host}{rest[end:]}"
+
+
 @dataclass(frozen=True)
 class Origin:
+    #: for error messages only, and so with its password redacted (``redact_url``): made once
     url: str
     host: str
     port: int
     tls: ssl.SSLContext | None
-    prefix: bytes  # "POST <target> HTTP/1.1\r\nHost: ...\r\n<headers>\r\n" without Content-Length
+    #: "POST <target> HTTP/1.1\r\nHost: ...\r\n<headers>\r\n" without Content-Length; not in the
+    #: repr, since it has the Authorization header
+    prefix: bytes = field(repr=False)
 
     def request(self, body: bytes) -> bytes:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self.prefix, len(body), body)
@@ -149,7 +180,7 @@ def ssl_context(verify: Any) -> ssl.SSLContext:
 def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
     tls = parts.scheme == "https"
     # %-encode what cannot go on the request line as is (a space would split it)
     target = quote(parts.path or "/", safe=_TARGET_SAFE)
@@ -174,7 +205,8 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
             lines.append(f"{k}: {v}")
     prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
     port = parts.port or (443 if tls else 80)
-    return Origin(url, parts.hostname, port, ssl_context(verify) if tls else None, prefix)
+    tls_context = ssl_context(verify) if tls else None
+    return Origin(redact_url(url), parts.hostname, port, tls_context, prefix)
 
 
 class _Stale(Exception):
@@ -192,7 +224,8 @@ class _Parser:
     Strict where framing is concerned (RFC 9112 section 6): a status line that is not
     ``HTTP/1.x NNN``, a malformed header line, a Content-Length that is not digits or is given
     twice with different values, a transfer coding other than exactly ``chunked``, a chunk size
-    that is not hex, or chunk data not followed by CRLF are errors, not guesses. Bytes are
+    that is not hex, or chunk data not followed by CRLF are errors, not guesses; so is a content
+    coding other than ``identity``, which no request asks for (a ``ProtocolError``). Bytes are
     bounded: the head and each chunk-size or trailer line by 64 KiB, the body by ``limit``
     (a declared Content-Length or chunk size over it is refused before its bytes are read)."""
 
@@ -338,6 +371,12 @@ class _Parser:
                 codings += [c for c in items if c]
             elif name == b"connection":
                 connection.update(items)
+            elif any(c not in (b"", b"identity") for c in items):
+                # Every request asks for identity. A compressed body would reach the XML
+                # parser as garbage, and only its compressed size would be held to the limit
+                # (the httpx transport refuses it too: client.py).
+                coding = value.strip(b" \t")[:40].decode("latin-1")
+                raise ProtocolError(f"BOSH response has Content-Encoding {coding!r}")
         self.keep_alive = b"close" not in connection if http11 else b"keep-alive" in connection
         if self.status in (204, 304):  # never a body, whatever the headers say
             self.done = True
