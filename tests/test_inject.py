@@ -1,27 +1,36 @@
 """Where the session variables go into a page, and that nothing else changes (inject.py).
 
 Placement rule: before the first ``</head>``, else before the last ``</body>``, else at the end;
-ASCII-case-insensitive, up to 32 whitespace characters before ``>``; the same result whatever
-the chunking of a streamed body. Property tests compare with an independent reference.
+ASCII-case-insensitive, up to 32 whitespace characters before ``>``; only end tags count, not
+text in comments, raw-text elements (``<script>``, ``<style>``, ``<title>`` ...) or templates;
+the same result whatever the chunking of a streamed body. Property tests compare with an
+independent reference.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import itertools
 import json
+import logging
 import shutil
 import subprocess
+from typing import Any
 
 import lxml.html
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bosh_middleware.asgi import BOSHPrebindMiddleware as ASGIMiddleware
 from bosh_middleware.config import MiddlewareConfig
 from bosh_middleware.core import PrebindCore
+from bosh_middleware.credentials import Credentials
 from bosh_middleware.inject import Injector, inject, js_literal, script_snippet
 from bosh_middleware.session import PrebindSession
+from bosh_middleware.wsgi import BOSHPrebindMiddleware as WSGIMiddleware
+from support.asgi_recorder import NAV, ASGIRecorder, User, call_wsgi, http_scope, wsgi_environ
 from support.bosh_check import page_vars
 
 SNIPPET = '<script>var BOSH_JID="a@b/c",BOSH_SID="s",BOSH_RID=7;</script>'
@@ -287,6 +296,241 @@ def test_variable_names_must_be_identifiers(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# only end tags count: not text in comments, scripts, styles, titles, templates
+# ------------------------------------------------------------------------------------------
+
+HEAD_DECOYS = {
+    "script string": b'<script>var tpl = "<html><head></head></html>";</script>',
+    "script, upper case": b'<SCRIPT type="module">x = "</HEAD >"</Script >',
+    "comment": b"<!-- layout: </head> is below -->",
+    "comment closed by --!>": b"<!-- </head> --!>",
+    "bogus comment": b"<!x </head>",
+    "processing instruction": b'<?php echo "</head>"; ?>',
+    "style": b"<style>/* </head> */</style>",
+    "title": b"<title>a </head> b</title>",
+    "textarea": b"<textarea></head></textarea>",
+    "noscript": b"<noscript></head></noscript>",
+    "template": b"<template><p></head></p></template>",
+}
+
+
+@pytest.mark.parametrize("decoy", HEAD_DECOYS.values(), ids=HEAD_DECOYS.keys())
+def test_head_close_in_text_is_not_the_place(decoy: bytes) -> None:
+    """Put inside a script string, the snippet's </script> ends the page's script early; in a
+    comment or a title, the variables never exist. The real </head> is the place."""
+    doc = b"<!doctype html><html><head>" + decoy + b"<title>t</title></head><body>x</body></html>"
+    out = inject(doc, SNIPPET)
+    assert inserted_at(doc, out) == doc.rindex(b"</head>")
+    for cut in range(len(doc) + 1):  # the state is kept across chunk edges
+        assert feed_chunks([doc[:cut], doc[cut:]]) == out, cut
+    assert feed_chunks([doc[i : i + 1] for i in range(len(doc))]) == out
+
+
+def test_page_script_with_head_close_in_a_string_stays_whole() -> None:
+    """The reviewer's page, as a browser-like parser sees it."""
+    page_script = 'var tpl = "<html><head></head></html>";'
+    doc = f"<html><head><script>{page_script}</script></head><body>x</body></html>".encode()
+    tree = lxml.html.document_fromstring(inject(doc, SNIPPET))
+    assert [s.text for s in tree.iter("script")] == [page_script, SNIPPET[8:-9]]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<head><!----></head>",
+        b"<head><!--></head>",  # "<!-->" is a whole (empty) comment
+        b"<head><!---></head>",
+        b"<head><!DOCTYPE html></head>",
+        b"<head><scripts></head>",  # another element, not <script>
+        b"<head><script></script ></head>",
+        b"<head><script>a</script/></head>",
+        b"<head><template></template></template></head>",  # a stray </template> changes nothing
+    ],
+)
+def test_head_close_after_a_skipped_part_is_found(doc: bytes) -> None:
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.rindex(b"</head>")
+
+
+def test_body_close_in_a_trailing_comment_is_not_the_place() -> None:
+    doc = b"<html><body><p>x</p></body><!-- old layout: </body> --></html>"
+    assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</body>")
+
+
+def test_unclosed_script_keeps_its_head_close() -> None:
+    """A script never closed holds the rest of the page as text: no place but the end."""
+    doc = b"<html><head><script>var a = '</head></body>';"
+    assert inject(doc, SNIPPET) == doc + S
+
+
+# ------------------------------------------------------------------------------------------
+# streaming: only what may start a tag is held back
+# ------------------------------------------------------------------------------------------
+
+
+def test_text_goes_out_with_its_chunk() -> None:
+    """Progress text streamed before the page ends must not wait for the next chunk."""
+    inj = Injector(SNIPPET)
+    step = b"<html><body><p>Step 1 of 3: loading your account \xe2\x80\xa6</p>\n"
+    assert inj.feed(step) == step
+    assert inj.feed(b"<p>Step 2 <") == b"<p>Step 2 "  # "<" may start </head> or </body>
+    assert inj.feed(b"/p><scr") == b"</p>"  # may be <script>
+    assert inj.feed(b"ipt>var a = '</h") == b"<script>var a = '</h"  # in a script: text
+    assert inj.feed(b"ead>';</scr") == b"ead>';"  # may be </script>
+    assert inj.feed(b"ipt></b") == b"</script>"
+    assert inj.feed(b"ody>") == b""  # a later </body> would win
+    assert inj.feed(b"<!-- -") == b""
+    assert inj.finish() == S + b"</body><!-- -"
+
+
+def test_held_tail_inside_a_comment_or_script() -> None:
+    inj = Injector(SNIPPET)
+    assert inj.feed(b"<head><!-- " + b"x" * 100 + b"--") == b"<head><!-- " + b"x" * 100
+    assert inj.feed(b"!") == b""  # "--!" may still be "--!>"
+    assert inj.feed(b"> <script>" + b"y" * 100 + b"</") == b"--!> <script>" + b"y" * 100
+    assert inj.feed(b"scriptx") == b"</scriptx"
+    assert inj.feed(b"</script></head>") == b"</script>" + S + b"</head>"
+
+
+# ------------------------------------------------------------------------------------------
+# charsets that cannot carry the snippet: the page goes through untouched
+# ------------------------------------------------------------------------------------------
+
+PAGE = b"<!doctype html><html><head><title>t</title></head><body><p>x</p></body></html>"
+
+
+@pytest.mark.parametrize("charset", ["hex", "rot13", "base64", "undefined", "uu"])
+def test_charset_that_is_no_text_encoding_fails_open(
+    charset: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """codecs.lookup() knows these, but str.encode() refuses them (or always fails)."""
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    inj = Injector(SNIPPET, charset=charset)
+    out = inj.feed(PAGE[:20]) + inj.feed(PAGE[20:]) + inj.finish()
+    assert out == PAGE
+    assert not inj.done  # the session did not go out: the adapter ends it
+    assert inj.finish() == b""
+    assert [r.name for r in caplog.records] == ["bosh_middleware"]
+    assert repr(charset) in caplog.text
+
+
+def test_nonce_the_charset_cannot_encode_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    snippet = script_snippet([("A", 1)], nonce="n\u00f6nce\u2603")
+    assert inject(PAGE, snippet, charset="iso-8859-1") == PAGE
+    assert inject(b"", snippet, charset="iso-8859-1") == b""
+    assert "iso-8859-1" in caplog.text
+    # Latin-1 can carry "ö": that nonce goes in.
+    ok = script_snippet([("A", 1)], nonce="n\u00f6nce")
+    assert inject(PAGE, ok, charset="iso-8859-1").count(ok.encode("latin-1")) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# through the middleware (in-process, a ready-made session instead of a prebind)
+# ------------------------------------------------------------------------------------------
+
+SESSION = PrebindSession(
+    jid="alice@example.org/web-1", sid="SID123", rid=42, service_url="http://127.0.0.1:9/"
+)
+CDN_HEADERS = [
+    ("Cache-Control", "public, max-age=60"),
+    ("CDN-Cache-Control", "max-age=300"),
+    ("Cloudflare-CDN-Cache-Control", "max-age=300"),
+    ("Surrogate-Control", "max-age=300"),
+    ("Edge-Control", "max-age=300"),
+]
+CDN_NAMES = {n.lower() for n, _ in CDN_HEADERS} - {"cache-control"}
+
+
+class _Ready:
+    """Stands in for a finished prebind (core.AsyncPending / SyncPending)."""
+
+    error = None
+
+    async def session(self) -> PrebindSession:
+        return SESSION
+
+    def discard(self) -> None:
+        pass
+
+
+class _ReadySync(_Ready):
+    def session(self) -> PrebindSession:  # type: ignore[override]
+        return SESSION
+
+
+def _asgi_page(content_type: str, headers: list[tuple[str, str]], body: bytes) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raw = [(b"content-type", content_type.encode())]
+        raw += [(k.encode(), v.encode()) for k, v in headers]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": body[:30], "more_body": True})
+        await send({"type": "http.response.body", "body": body[30:]})
+
+    return app
+
+
+def _run_asgi(
+    content_type: str, headers: list[tuple[str, str]] = (), body: bytes = PAGE
+) -> tuple[ASGIRecorder, list[PrebindSession]]:
+    mw = ASGIMiddleware(
+        _asgi_page(content_type, list(headers), body),
+        service_url="http://127.0.0.1:9/http-bind",
+        credentials=lambda u: Credentials("alice@example.org", "pw"),
+    )
+    ended: list[PrebindSession] = []
+    mw.core.start_async = lambda c: _Ready()  # type: ignore[assignment,method-assign]
+    mw.core.terminate_async = ended.append  # type: ignore[method-assign]
+    rec = ASGIRecorder()
+    try:
+        asyncio.run(mw(http_scope("/", headers=NAV, user=User("alice")), rec.receive, rec.send))
+    finally:
+        mw.core.close()
+    return rec, ended
+
+
+def _run_wsgi(content_type: str, headers: list[tuple[str, str]] = (), body: bytes = PAGE) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", content_type), *headers])
+        return iter([body[:30], body[30:]])  # streamed: fed chunk by chunk
+
+    mw = WSGIMiddleware(
+        app,
+        service_url="http://127.0.0.1:9/http-bind",
+        credentials=lambda u: Credentials("alice@example.org", "pw"),
+    )
+    mw.core.start_sync = lambda c: _ReadySync()  # type: ignore[assignment,method-assign]
+    try:
+        return call_wsgi(mw, wsgi_environ("/", headers=NAV, user="alice"))
+    finally:
+        mw.core.close()
+
+
+def test_asgi_page_with_a_non_text_charset_is_served_untouched() -> None:
+    rec, ended = _run_asgi("text/html; charset=hex")
+    assert rec.status == 200 and rec.body == PAGE and rec.complete
+    assert ended == [SESSION]  # never delivered: ended at once
+
+
+def test_wsgi_page_with_a_non_text_charset_is_served_untouched() -> None:
+    r = _run_wsgi("text/html; charset=base64")
+    assert r.code == 200 and r.body == PAGE
+
+
+def test_prebound_page_drops_cdn_cache_fields() -> None:
+    """CDNs obey these instead of Cache-Control: an app's max-age there would let a CDN store
+    a page that carries a live session, and serve it to others."""
+    rec, _ = _run_asgi("text/html; charset=utf-8", CDN_HEADERS)
+    assert page_vars(rec.body)["BOSH_SID"] == "SID123"
+    names = {k.decode().lower() for k, _ in rec.raw_headers}
+    assert names & CDN_NAMES == set()
+    assert rec.headers("cache-control") == ["private, no-store"]
+    r = _run_wsgi("text/html; charset=utf-8", CDN_HEADERS)
+    assert page_vars(r.body)["BOSH_SID"] == "SID123"
+    assert {k.lower() for k, _ in r.headers} & CDN_NAMES == set()
+    assert r.header_list("cache-control") == ["private, no-store"]
+
+
+# ------------------------------------------------------------------------------------------
 # property tests
 # ------------------------------------------------------------------------------------------
 
@@ -309,14 +553,68 @@ def _tag_at(doc: bytes, i: int, name: bytes) -> bool:
     return doc[j : j + 1] == b">"
 
 
+RAW_ELEMENTS = (
+    b"script",
+    b"style",
+    b"title",
+    b"textarea",
+    b"xmp",
+    b"iframe",
+    b"noembed",
+    b"noframes",
+    b"noscript",
+)
+NAME_END = WS + b"/>"
+
+
+def _name_at(doc: bytes, i: int, opening: bytes, name: bytes) -> bool:
+    """``opening`` ("<" or "</"), ``name`` (ASCII case-insensitive), then whitespace, / or >."""
+    j = i + len(opening) + len(name)
+    return (
+        doc[i : i + len(opening)] == opening
+        and doc[i + len(opening) : j].lower() == name
+        and doc[j : j + 1] != b""
+        and doc[j] in NAME_END
+    )
+
+
 def reference_position(doc: bytes) -> int:
-    heads = [i for i in range(len(doc)) if _tag_at(doc, i, b"head")]
-    if heads:
-        return heads[0]
-    bodies = [i for i in range(len(doc)) if _tag_at(doc, i, b"body")]
-    if bodies:
-        return bodies[-1]
-    return len(doc)
+    """Walks the document as the HTML tokenizer does, for what matters here, one byte at a
+    time: comments, bogus comments (<!...>, <?...>), raw-text elements and templates."""
+    last_body, templates, i = None, 0, 0
+    while i < len(doc):
+        if doc.startswith(b"<!--", i):
+            ends = [k for k in (doc.find(b"-->", i + 2), doc.find(b"--!>", i + 2)) if k >= 0]
+            if not ends:
+                break
+            k = min(ends)
+            i = k + (3 if doc.startswith(b"-->", k) else 4)
+            continue
+        if doc.startswith((b"<!", b"<?"), i):
+            k = doc.find(b">", i + 2)
+            if k < 0:
+                break
+            i = k + 1
+            continue
+        raw = next((r for r in RAW_ELEMENTS if _name_at(doc, i, b"<", r)), None)
+        if raw is not None:
+            k = i + 1 + len(raw)
+            while k < len(doc) and not _name_at(doc, k, b"</", raw):
+                k += 1
+            if k >= len(doc):
+                break
+            i = k + 2 + len(raw)
+            continue
+        if _name_at(doc, i, b"<", b"template"):
+            templates += 1
+        elif _name_at(doc, i, b"</", b"template"):
+            templates = max(0, templates - 1)
+        elif templates == 0 and _tag_at(doc, i, b"head"):
+            return i
+        elif templates == 0 and _tag_at(doc, i, b"body"):
+            last_body = i
+        i += 1
+    return last_body if last_body is not None else len(doc)
 
 
 TAGS = [
@@ -336,6 +634,25 @@ TAGS = [
     b"<",
     b">",
     b"</body\r\n>",
+    # what the search must step over
+    b"<!--",
+    b"<!-->",
+    b"-->",
+    b"--!>",
+    b"-",
+    b"<!",
+    b"<?",
+    b"<script>",
+    b"<SCRIPT ",
+    b"</script>",
+    b"</Script\t",
+    b"<scripts>",
+    b"<style/",
+    b"</style>",
+    b"<title>",
+    b"</TITLE>",
+    b"<template>",
+    b"</template>",
 ]
 parts = st.one_of(
     st.sampled_from(TAGS),

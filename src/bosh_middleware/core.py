@@ -517,7 +517,10 @@ class PrebindCore:
     ) -> tuple[list[tuple[str, str]], list[str]]:
         """(headers to set, replacing any of the same name; headers to delete)."""
         sets: list[tuple[str, str]] = [("Cache-Control", "private, no-store")]
-        removes: list[str] = ["Expires"]
+        # A prebound page must never sit in a shared cache. CDNs obey these targeted fields
+        # instead of Cache-Control (RFC 9213 CDN-Cache-Control, Surrogate-Control, Akamai's
+        # Edge-Control), so an app's max-age there would beat our no-store: drop them.
+        removes: list[str] = ["Expires", *_CDN_CACHE_FIELDS]
         vary = get("vary")
         tokens = {t.strip().lower() for t in (vary or "").split(",")}
         if "*" not in tokens and "cookie" not in tokens:
@@ -616,6 +619,15 @@ def _checked(result: object) -> Credentials | None:
         "BOSH credentials callable returned %s, not Credentials or None", type(result).__name__
     )
     return None
+
+
+#: Cache-Control for the caches they target; removed from prebound responses (``header_edits``).
+_CDN_CACHE_FIELDS = (
+    "CDN-Cache-Control",
+    "Cloudflare-CDN-Cache-Control",
+    "Surrogate-Control",
+    "Edge-Control",
+)
 
 
 def _header_value(value: str) -> str:

@@ -5,21 +5,27 @@ were (no decode/encode round trip to break on odd charsets or lone surrogates), 
 ASCII-case-insensitive on purpose (``str.lower()`` changes the length of "İ" and shifts every
 offset after it). Non-ASCII-compatible charsets (UTF-16/32) get patterns encoded in that charset.
 
-Placement: before the first ``</head>``, else before the last ``</body>``, else at the end, with
-the same result whatever the chunking of a streamed body.
+Placement: before the first ``</head>`` end tag, else before the last ``</body>``, else at the
+end, with the same result whatever the chunking of a streamed body. Only end tags count, found as
+the HTML tokenizer finds them: not in comments, nor in the text of ``<script>``, ``<style>``,
+``<title>`` and the other raw-text elements (a ``"</head>"`` in a script string would otherwise
+get the snippet, whose ``</script>`` ends the page's script early), nor inside ``<template>``.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import logging
 import re
 from collections.abc import Sequence
 
 __all__ = ["Injector", "inject", "js_literal", "script_snippet"]
 
+log = logging.getLogger("bosh_middleware")
+
 _IDENT = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
-# A tail this long may still hold an incomplete "</head  >" / "</body>" across a chunk edge.
+#: Whitespace allowed before the ">" of "</head  >" / "</body  >" (bounds what a tail may hold).
 _MAX_SPACES = 32
 #: Held text after the last ``</body>`` beyond which we give up waiting for another one and fall
 #: back to appending at the end: a stream must not be buffered without bound.
@@ -88,85 +94,281 @@ def _ascii_compatible(codec: str) -> bool:
         return False
 
 
-def _pattern(tag: str, codec: str) -> re.Pattern[bytes]:
-    if _ascii_compatible(codec):
-        return re.compile(rf"</{tag}[ \t\r\n\f]{{0,{_MAX_SPACES}}}>".encode(), re.IGNORECASE)
+_WS = " \t\r\n\f"
+#: Elements whose content the HTML tokenizer reads as text up to their own end tag (raw text and
+#: RCDATA; ``noscript`` too, as the page runs scripts): a ``</head>`` in there is no tag, and the
+#: snippet put there would be text, or end the page's own ``<script>`` early.
+_RAW = ("script", "style", "title", "textarea", "xmp", "iframe", "noembed", "noframes", "noscript")
+#: What may be the start of a searched token when the data ends (see ``_Syntax.data``):
+#: "<!" / "<!-" may still become "<!--", and an element name waits for the character after it.
+_DATA_WORDS = ("</head", "</body", "</template", "<template", "<!-", *(f"<{n}" for n in _RAW))
+_SPACED_WORDS = ("</head", "</body")
+_COMMENT_WORDS = ("--!>", "-->")
 
-    def alt(chars: str) -> bytes:
-        return b"(?:" + b"|".join(re.escape(c.encode(codec)) for c in chars) + b")"
 
-    parts = [re.escape("</".encode(codec))]
-    parts += [alt(c.lower() + c.upper()) for c in tag]
-    parts.append(alt(" \t\r\n\f") + b"{0,%d}" % _MAX_SPACES)
-    parts.append(re.escape(">".encode(codec)))
-    return re.compile(b"".join(parts))
+class _Syntax:
+    """The patterns of one codec: ASCII ones with ``re.IGNORECASE``, and for UTF-16/32 the same
+    patterns spelled out character by character in that codec."""
+
+    def __init__(self, codec: str) -> None:
+        self.codec = codec
+        ascii_ok = _ascii_compatible(codec)
+
+        def alt(chars: str) -> bytes:
+            return b"(?:" + b"|".join(re.escape(c.encode(codec)) for c in chars) + b")"
+
+        def lit(text: str) -> bytes:  # ASCII-case-insensitive literal
+            if ascii_ok:
+                return re.escape(text.encode())
+            return b"".join(
+                alt(c.lower() + c.upper()) if c.isalpha() else re.escape(c.encode(codec))
+                for c in text
+            )
+
+        def one_of(chars: str) -> bytes:
+            return b"[" + re.escape(chars.encode()) + b"]" if ascii_ok else alt(chars)
+
+        flags = re.IGNORECASE if ascii_ok else 0
+        spaces = one_of(_WS) + b"{0,%d}" % _MAX_SPACES
+        # A positive lookahead, so that a name at the very end of the data is no match yet.
+        name_end = b"(?=" + one_of(_WS + "/>") + b")"
+        # Tried where ``candidate`` matched; no capturing group inside a named one, so that
+        # ``lastgroup`` tells the branch.
+        self.data = re.compile(
+            lit("<")
+            + b"(?:(?P<head>"
+            + lit("/head")
+            + spaces
+            + lit(">")
+            + b")|(?P<body>"
+            + lit("/body")
+            + spaces
+            + lit(">")
+            + b")|(?P<tclose>"
+            + lit("/template")
+            + b")"
+            + name_end
+            + b"|(?P<raw>"
+            + b"|".join(lit(n) for n in _RAW)
+            + b")"
+            + name_end
+            + b"|(?P<topen>"
+            + lit("template")
+            + b")"
+            + name_end
+            + b"|(?P<bang>"
+            + lit("!")
+            + b")|(?P<pi>"
+            + lit("?")
+            + b"))",
+            flags,
+        )
+        if ascii_ok:
+            # Candidates for ``data``, quick to search for: most "<" in a page (<p>, </a>, <td>,
+            # <span>) fail on the first two or three bytes here, without the branches above.
+            # "</template" only matters in a template: "</td>" and "</tr>" are common.
+            self.candidate = re.compile(rb"<(?:[!?]|/[hHbB][eEoO]|[sStTxXiInN][cCtTiIeEmMfFoO])")
+            self.candidate_in_template = re.compile(
+                rb"<(?:[!?]|/[hHbBtT][eEoO]|[sStTxXiInN][cCtTiIeEmMfFoO])"
+            )
+        else:  # UTF-16/32 pages are rare: no shortcut
+            self.candidate = self.candidate_in_template = self.data
+        self.raw_end = {n: re.compile(lit(f"</{n}") + name_end, flags) for n in _RAW}
+        self.comment_end = re.compile(lit("--") + b"(?:" + lit("!") + b")?" + lit(">"), flags)
+        self.tag_end = re.compile(lit(">"), flags)
+        self.lt = "<".encode(codec)
+        self.dash = "-".encode(codec)
+        self.dashes = "--".encode(codec)
+        unit = len(self.lt)
+        #: Bytes at the end that may hold the start of a token, per state.
+        self.data_window = unit * (len("</head>") + _MAX_SPACES)
+        self.comment_window = unit * 3
+        self.raw_window = {n: unit * (len(n) + 3) for n in _RAW}
+
+    def could_start(self, tail: bytes, words: tuple[str, ...], spaced: tuple[str, ...]) -> bool:
+        """Whether ``tail`` (the data's end) may grow into one of ``words`` (or a spaced one
+        followed by whitespace). An incomplete character at the end is ignored: holding back
+        too much only delays bytes, holding back too little would miss a tag."""
+        text = tail.decode(self.codec, "ignore").lower()
+        if any(w.startswith(text) for w in words):
+            return True
+        stem = text.rstrip(_WS)
+        return stem in spaced and len(text) - len(stem) <= _MAX_SPACES
+
+
+_SYNTAXES: dict[str, _Syntax] = {}
+
+
+def _syntax(codec: str) -> _Syntax:
+    syntax = _SYNTAXES.get(codec)
+    if syntax is None:
+        syntax = _SYNTAXES[codec] = _Syntax(codec)
+    return syntax
 
 
 class Injector:
     """Streams a body through, inserting ``snippet`` once, at the right place.
 
-    Holds back only what must be held: a short tail that may be the start of a tag, and, once a
-    ``</body>`` is seen with no ``</head>`` before it, the text from that ``</body>`` on (usually
-    just ``</body></html>``), because a later ``</body>`` would win.
+    Only ``</head>`` and ``</body>`` end tags count: the search steps over comments (and
+    ``<!...>`` / ``<?...>``), the content of raw-text elements (``<script>``, ``<style>``,
+    ``<title>`` ...) and of ``<template>``, as the HTML tokenizer does, and keeps that state
+    across chunks. Attribute values are not tokenized (a ``</head>`` inside one still counts).
+
+    Holds back only what must be held: a short tail that may be the start of a token (from its
+    ``<``; nothing when the data ends in text), and, once a ``</body>`` is seen with no
+    ``</head>`` before it, the text from that ``</body>`` on (usually just ``</body></html>``),
+    because a later ``</body>`` would win.
+
+    Fails open: when the charset cannot carry the snippet (``charset=hex``, or a nonce the
+    charset has no characters for) the body goes through untouched, ``done`` stays false and the
+    cause is logged.
     """
 
     def __init__(self, snippet: str, *, charset: str | None = None) -> None:
         self._snippet_text = snippet
         self._charset = charset
-        self._codec: str | None = None
+        self._syntax: _Syntax | None = None
         self._snippet = b""
-        self._head: re.Pattern[bytes] | None = None
-        self._body: re.Pattern[bytes] | None = None
-        self._tail = 0
         self._held = b""
         self._held_is_body = False
+        #: Where in ``_held`` the search goes on (what comes before was searched already).
+        self._scan = 0
+        #: The end of the comment or raw text the search is in, with the raw element's name.
+        self._skip: re.Pattern[bytes] | None = None
+        self._skip_name = ""
+        self._templates = 0
+        self._failed = False
+        #: The snippet is in the output.
         self.done = False
 
-    def _setup(self, first: bytes) -> None:
-        self._codec = codec = _codec(self._charset, first)
-        self._snippet = self._snippet_text.encode(codec)
-        self._head = _pattern("head", codec)
-        self._body = _pattern("body", codec)
-        self._tail = len(f"</body{' ' * _MAX_SPACES}>".encode(codec))
+    def _setup(self, first: bytes) -> bool:
+        codec = _codec(self._charset, first)
+        try:
+            # str.encode raises LookupError for codecs that are no text encoding (hex, rot13,
+            # base64), UnicodeError for "undefined" or a nonce the charset cannot encode.
+            self._snippet = self._snippet_text.encode(codec)
+            self._syntax = _syntax(codec)
+        except (LookupError, UnicodeError) as exc:
+            self._failed = True
+            log.warning(
+                "page served without the session: its charset %r cannot carry the snippet (%s)",
+                self._charset,
+                exc,
+            )
+            return False
+        return True
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.done:
+        if self.done or self._failed:
             return chunk
-        if self._codec is None:
+        if self._syntax is None:
             # Wait for enough bytes to see a byte order mark, even if it is split across chunks.
             self._held += chunk
             if len(self._held) < _SNIFF:
                 return b""
-            self._setup(self._held)
             chunk, self._held = self._held, b""
-        assert self._head is not None and self._body is not None
+            if not self._setup(chunk):
+                return chunk
+        syntax = self._syntax
+        assert syntax is not None
         data = self._held + chunk
-        m = self._head.search(data)
-        if m is not None:
-            self.done = True
-            self._held = b""
-            return data[: m.start()] + self._snippet + data[m.start() :]
-        last = None
-        for match in self._body.finditer(data):
-            last = match
-        if last is not None and len(data) - last.start() <= _MAX_HELD:
-            self._held, self._held_is_body = data[last.start() :], True
-            return data[: last.start()]
-        # Keep only a tail that could be the start of "</head" or "</body". More than _MAX_HELD
-        # after the last </body>: stop waiting for another one and let the snippet go at the end.
-        self._held_is_body = False
-        keep = min(len(data), self._tail)
-        self._held, out = data[len(data) - keep :], data[: len(data) - keep]
-        return out
+        # pos: where the search state was last known to change; look: where to go on looking.
+        pos = look = self._scan
+        body = 0 if self._held_is_body else -1
+        while True:
+            skip = self._skip
+            if skip is not None:
+                m = skip.search(data, pos)
+                if m is None:
+                    break
+                self._skip = None
+                look = pos = m.end()
+                continue
+            candidate = (
+                syntax.candidate_in_template if self._templates else syntax.candidate
+            ).search(data, look)
+            if candidate is None:
+                break
+            m = syntax.data.match(data, candidate.start())
+            if m is None:  # "<strong>", "</header>", or a token the data ends in
+                look = candidate.start() + 1
+                continue
+            look = pos = m.end()
+            kind = m.lastgroup
+            if kind == "head":
+                if not self._templates:  # in a template, the tree builder ignores it
+                    self.done = True
+                    self._held = b""
+                    at = m.start()
+                    return data[:at] + self._snippet + data[at:]
+            elif kind == "body":
+                if not self._templates:
+                    body = m.start()
+            elif kind == "raw":
+                self._skip_name = name = m.group("raw").decode(syntax.codec).lower()
+                self._skip = syntax.raw_end[name]
+            elif kind == "bang":
+                after = data[pos : pos + len(syntax.dashes)]
+                if after == syntax.dashes:
+                    # Search "-->" from the opening "--" on: "<!-->" and "<!--->" are comments.
+                    self._skip = syntax.comment_end
+                elif len(after) < len(syntax.dashes) and syntax.dashes.startswith(after):
+                    pos = m.start()  # "<!" or "<!-" at the end: wait for what follows
+                    break
+                else:
+                    self._skip = syntax.tag_end  # "<!DOCTYPE ...>" and other bogus comments
+            elif kind == "pi":
+                self._skip = syntax.tag_end
+            elif kind == "topen":
+                self._templates += 1
+            elif self._templates:  # "tclose"
+                self._templates -= 1
+        resume = self._resume(data, pos)
+        if body >= 0 and len(data) - body <= _MAX_HELD:
+            cut, self._held_is_body = body, True
+        else:
+            # More than _MAX_HELD after the last </body>: stop waiting for another one and let
+            # the snippet go at the end.
+            cut, self._held_is_body = resume, False
+        self._held, self._scan = data[cut:], resume - cut
+        return data[:cut]
+
+    def _resume(self, data: bytes, pos: int) -> int:
+        """Where the search must go on when more data comes: the start of a token that the data
+        ends in the middle of, else the end. Nothing before it is held back."""
+        syntax = self._syntax
+        assert syntax is not None
+        skip = self._skip
+        spaced: tuple[str, ...] = ()
+        if skip is None:
+            anchor, window, words, spaced = (
+                syntax.lt,
+                syntax.data_window,
+                _DATA_WORDS,
+                _SPACED_WORDS,
+            )
+        elif skip is syntax.comment_end:
+            anchor, window, words = syntax.dash, syntax.comment_window, _COMMENT_WORDS
+        elif skip is syntax.tag_end:
+            return len(data)
+        else:
+            name = self._skip_name
+            anchor, window, words = syntax.lt, syntax.raw_window[name], (f"</{name}",)
+        i = data.find(anchor, max(pos, len(data) - window))
+        while i >= 0:
+            if syntax.could_start(data[i:], words, spaced):
+                return i
+            i = data.find(anchor, i + 1)
+        return len(data)
 
     def finish(self) -> bytes:
-        """The rest of the body, with the snippet if it has not gone in yet."""
-        if self.done:
-            return b""
-        self.done = True
-        if self._codec is None:  # empty body, or shorter than a byte order mark
-            self._setup(self._held)
+        """The rest of the body, with the snippet if it has not gone in yet (and can)."""
         held, self._held = self._held, b""
+        if self.done or self._failed:
+            return held
+        if self._syntax is None and not self._setup(held):
+            return held  # empty body, or shorter than a byte order mark
+        self.done = True
         if self._held_is_body:
             return self._snippet + held
         return held + self._snippet
