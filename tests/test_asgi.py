@@ -729,6 +729,25 @@ async def test_pathsend_passes_through_and_session_is_ended(
     assert await dead(prosody, spy.sessions[0])
 
 
+async def test_a_body_that_goes_on_as_zerocopysend_loses_no_held_bytes(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """The page's first chunk ends in what may be the start of ``</head>`` (held back), then
+    the body goes on as a ``zerocopysend`` the middleware cannot see into: the held bytes go
+    out first, unchanged, and the session that reached no page is ended."""
+    first = b"<!doctype html><html><p>hello</p></he"
+    zerocopy = {"type": "http.response.zerocopysend", "file": 3, "more_body": False}
+    app = scripted_app([response(200, HTML)[0], {**response(200, HTML, first, b"")[1]}, zerocopy])
+    mw, spy = make_mw(app)
+    rec = await run(mw)
+    body = b"".join(m.get("body", b"") for m in rec.messages if m["type"] == "http.response.body")
+    assert body == first
+    assert rec.messages[-1] == zerocopy
+    (session,) = spy.sessions
+    assert await spy.await_terminated(1, timeout=2.0)
+    assert await dead(prosody, session)
+
+
 # ------------------------------------------------------------------------------------------
 # injection details
 # ------------------------------------------------------------------------------------------

@@ -304,12 +304,18 @@ class _Responder:
             # ``http.response.debug``. They say nothing of the response to come.
             await self._send(message)
             return
-        # Anything else (http.response.pathsend, trailers ...) while holding: give up on the
-        # rewrite, send what was held unchanged, and end the unused session.
+        # Anything else (http.response.pathsend, zerocopysend, trailers ...) while holding:
+        # give up on the rewrite, send what was held unchanged (the start, or the bytes the
+        # Injector kept back), and end the session unless it went out already.
         if self.start is not None:
             start, self.start = self.start, None
             self._drop_session()
             await self._send(start)
+        elif self.injector is not None and not self.injector.done:
+            held = self.injector.release()
+            if held:
+                await self._send({"type": "http.response.body", "body": held, "more_body": True})
+            self._drop_session()
         self.passthrough = True
         await self._send(message)
 

@@ -361,6 +361,14 @@ class Injector:
             i = data.find(anchor, i + 1)
         return len(data)
 
+    def release(self) -> bytes:
+        """What is held back, unchanged, with no injection from here on: for a body that goes
+        on in a form this cannot see into (an ASGI ``zerocopysend`` or ``pathsend`` after the
+        first chunks), whose bytes must still all reach the client, in order."""
+        held, self._held = self._held, b""
+        self._failed = True  # (feed and finish pass everything through from now on)
+        return held
+
     def finish(self) -> bytes:
         """The rest of the body, with the snippet if it has not gone in yet (and can)."""
         held, self._held = self._held, b""
