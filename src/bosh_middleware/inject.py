@@ -335,9 +335,12 @@ class Injector:
 
     def _resume(self, data: bytes, pos: int) -> int:
         """Where the search must go on when more data comes: the start of a token that the data
-        ends in the middle of, else the end. Nothing before it is held back."""
+        ends in the middle of, else the end, or the last whole code unit of UTF-16/32 before it
+        (a "<" cut in half is no "<" to ``find``, and the rest of its tag would be searched out
+        of step). Nothing before it is held back."""
         syntax = self._syntax
         assert syntax is not None
+        end = len(data) - len(data) % len(syntax.lt)  # (len(data) for ASCII-compatible codecs)
         skip = self._skip
         spaced: tuple[str, ...] = ()
         if skip is None:
@@ -350,16 +353,16 @@ class Injector:
         elif skip is syntax.comment_end:
             anchor, window, words = syntax.dash, syntax.comment_window, _COMMENT_WORDS
         elif skip is syntax.tag_end:
-            return len(data)
+            return end
         else:
             name = self._skip_name
             anchor, window, words = syntax.lt, syntax.raw_window[name], (f"</{name}",)
-        i = data.find(anchor, max(pos, len(data) - window))
+        i = data.find(anchor, max(pos, end - window), end)
         while i >= 0:
             if syntax.could_start(data[i:], words, spaced):
                 return i
-            i = data.find(anchor, i + 1)
-        return len(data)
+            i = data.find(anchor, i + 1, end)
+        return end
 
     def release(self) -> bytes:
         """What is held back, unchanged, with no injection from here on: for a body that goes
