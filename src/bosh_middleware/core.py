@@ -476,10 +476,15 @@ class PrebindCore:
 
     def _terminate_later_sync(self, fut: Future[PrebindSession]) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            try:  # off the request thread: a non-page response must not wait for it
-                self._pool().submit(self.prebinder.terminate, fut.result())
-            except RuntimeError:  # the pool is shutting down (close()): end it here and now
-                self.prebinder.terminate(fut.result())
+            self.terminate_sync(fut.result())
+
+    def terminate_sync(self, session: PrebindSession) -> None:
+        """End, off the calling thread, a session that was prebound but will not reach a page
+        (a non-page response must not wait for it)."""
+        try:
+            self._pool().submit(self.prebinder.terminate, session)
+        except RuntimeError:  # the pool is shutting down (close()): end it here and now
+            self.prebinder.terminate(session)
 
     def _terminate_later_async(self, task: asyncio.Task[PrebindSession]) -> None:
         if not task.cancelled() and task.exception() is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -140,15 +139,6 @@ class _ExchangeBody(_ClosingIterator):
             self._exchange.cleanup()
 
 
-def _terminate(core: PrebindCore, session: PrebindSession) -> None:
-    """End, off the server's thread, a session that was prebound but will not reach a page.
-    The core's one place for that (its pool, or inline once the pool has shut down) takes a
-    finished prebind, so hand it one."""
-    done: Future[PrebindSession] = Future()
-    done.set_result(session)
-    core._terminate_later_sync(done)
-
-
 class _Exchange:
     """One request's state."""
 
@@ -206,7 +196,7 @@ class _Exchange:
             self.discard()
         session, self.session = self.session, None
         if session is not None and not self.delivered:
-            _terminate(self.core, session)
+            self.core.terminate_sync(session)
 
     def _replace(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any
@@ -224,7 +214,7 @@ class _Exchange:
         self.injector = None
         session, self.session = self.session, None
         if session is not None:
-            _terminate(self.core, session)
+            self.core.terminate_sync(session)
         return write
 
     def start_response(
