@@ -110,6 +110,18 @@ def _expect(exc_type: type[BOSHError], fn: Callable[[], Any], *, within: float) 
     return info.value
 
 
+def _expect_with_peak(
+    exc_type: type[BOSHError], fn: Callable[[], Any], *, within: float
+) -> tuple[BOSHError, int]:
+    """``_expect``, and the peak of Python memory allocated meanwhile (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        err = _expect(exc_type, fn, within=within)
+        return err, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,14 +193,9 @@ def test_fifty_megabytes_streamed_stops_at_the_limit(fake, prebind) -> None:
             total, prefix=b"<body xmlns='http://jabber.org/protocol/httpbind'>"
         )
     )
-    tracemalloc.start()
-    try:
-        err = _expect(
-            ResponseTooLarge, lambda: prebind(srv.url, max_response_size=256 * 1024), within=3
-        )
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    err, peak = _expect_with_peak(
+        ResponseTooLarge, lambda: prebind(srv.url, max_response_size=256 * 1024), within=3
+    )
     assert isinstance(err, ProtocolError)
     srv.stop()  # wait for the writer to notice the client is gone
     sent = srv.sent_bytes()
@@ -228,14 +235,9 @@ def test_compressed_response_is_refused_before_it_is_decoded(fake, prebind) -> N
         ctx.respond(200, bomb, headers={"Content-Encoding": "gzip"})
 
     srv = fake(compressed)
-    tracemalloc.start()
-    try:
-        err = _expect(
-            ProtocolError, lambda: prebind(srv.url, max_response_size=256 * 1024), within=3
-        )
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    err, peak = _expect_with_peak(
+        ProtocolError, lambda: prebind(srv.url, max_response_size=256 * 1024), within=3
+    )
     assert "Content-Encoding 'gzip'" in str(err), err
     assert peak < 16 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
     assert asked == ["identity"]
