@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bosh_middleware import PrebindSession
+from bosh_middleware import PrebindSession, SharedSecretCredentials
 from test_prebind_servers import assert_attachable
 
 CLI_TIMEOUT = 30
@@ -160,3 +160,57 @@ def test_prebind_closed_port() -> None:
 def test_usage_errors(argv: list[str]) -> None:
     res = cli(*argv)
     assert res.returncode == 2 and res.stdout == ""
+
+
+def _one_line_usage_error(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 2, res.stderr  # EXIT_USAGE
+    assert res.stdout == ""
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    return res.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prebind", "http://127.0.0.1:1/http-bind", "--jid", "alice"],
+        ["prebind", "http://127.0.0.1:1/http-bind", "--jid", "@localhost"],
+        ["prebind", "http://127.0.0.1:1/http-bind", "--anonymous", "--domain", "a@b"],
+    ],
+)
+def test_an_invalid_jid_or_domain_is_a_usage_error(argv: list[str]) -> None:
+    stderr = _one_line_usage_error(cli(*argv, password="pw-12345"))
+    assert "pw-12345" not in stderr
+    assert argv[-1] in stderr
+
+
+@pytest.mark.parametrize(
+    "jid",
+    [
+        "alice",  # no domain: SharedSecretCredentials never builds it
+        "alice@",
+        "@example.org",
+        "alice smith@example.org",  # unescaped: the account is alice\20smith@example.org
+        "alice@example.org/pwn@example.org",  # a resource: not the account's JID
+        "a\\zz@example.org",
+        "\\20alice@example.org",  # " alice" gets no session
+    ],
+)
+def test_derive_password_refuses_a_jid_shared_secret_credentials_never_builds(jid: str) -> None:
+    _one_line_usage_error(cli("derive-password", "--jid", jid, BOSH_SHARED_SECRET="s3cret"))
+
+
+def test_derive_password_names_the_escaped_jid() -> None:
+    stderr = _one_line_usage_error(
+        cli("derive-password", "--jid", "Alice Smith@example.org", BOSH_SHARED_SECRET="s3cret")
+    )
+    assert "alice\\20smith@example.org" in stderr
+
+
+@pytest.mark.parametrize("username", ["alice", "Alice Smith", "bob@gmail.com", "o'neil/x"])
+def test_derive_password_is_the_password_shared_secret_credentials_uses(username: str) -> None:
+    creds = SharedSecretCredentials("s3cret", "example.org", username=lambda user: username)(None)
+    assert creds is not None
+    res = cli("derive-password", "--jid", creds.jid, BOSH_SHARED_SECRET="s3cret")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{creds.password}\n"

@@ -3,6 +3,8 @@ to ``PrebindOptions`` whichever adapter is given them."""
 
 from __future__ import annotations
 
+import dataclasses
+import ssl
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from bosh_middleware import Credentials
 from bosh_middleware.asgi import BOSHPrebindMiddleware as ASGIMiddleware
 from bosh_middleware.config import MiddlewareConfig
-from bosh_middleware.session import PrebindOptions
+from bosh_middleware.session import PrebindOptions, PrebindSession
 from bosh_middleware.wsgi import BOSHPrebindMiddleware as WSGIMiddleware
 
 URL = "http://127.0.0.1:5280/http-bind"
@@ -87,3 +89,146 @@ def test_adapters_take_engine_settings_as_keyword_arguments(make: Any) -> None:
 def test_a_misspelt_transport_fails_at_configuration_time() -> None:
     with pytest.raises(ValueError, match="transport"):
         ASGIMiddleware(inner_asgi, URL, creds, transport="httpz")
+
+
+# --- Types (settings from os.environ arrive as strings) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ALLOW_INSECURE_PLAIN", "False"),  # truthy: PLAIN over http to a remote host
+        ("ALLOW_INSECURE_PLAIN", 0),
+        ("PIPELINE", "true"),
+        ("BREAKER_THRESHOLD", "5"),  # record_failure raised TypeError, the breaker never opened
+        ("BREAKER_THRESHOLD", True),
+        ("BREAKER_RESET", "30"),
+        ("TIMEOUT", "3"),
+        ("TIMEOUT", 0),
+        ("WAIT", "59"),
+        ("WAIT", 59.0),
+        ("HOLD", None),
+        ("MAX_RESPONSE_SIZE", "262144"),
+        ("MAX_IN_FLIGHT", 0),
+        ("MAX_POLLS", 4.5),
+        ("MECHANISMS", 5),
+        ("MECHANISMS", ["PLAIN", 1]),
+        ("MECHANISMS", b"PLAIN"),
+        ("HEADERS", "X-Proxy-Secret: s"),
+        ("HEADERS", {"X-Proxy-Secret": 1}),
+        ("VARIABLES", "BOSH_JID"),  # needs exactly three names: a bare string is a mistake
+        ("VARIABLES", ["A", "B"]),
+        ("HEADER_NAMES", "X-BOSH-JID,X-BOSH-SID,X-BOSH-RID"),
+        ("EXCLUDE_PATHS", 5),
+        ("LANG", 1),
+        ("ROUTE", 5),
+        ("RESOURCE_PREFIX", None),
+        ("SERVICE_VARIABLE", None),
+        ("ENDPOINT_PATH", 1),
+        ("PUBLIC_SERVICE_URL", 1),
+        ("VERIFY", "False"),  # would be read as a CA bundle path named "False"
+        ("VERIFY", "0"),
+        ("VERIFY", 0),
+        ("OPTIONS", {"wait": 30}),
+        ("MODE", "Script"),
+        ("TRANSPORT", None),
+    ],
+)
+def test_from_mapping_refuses_a_wrong_type_naming_the_setting(key: str, value: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match=f"^{key} must"):
+        MiddlewareConfig.from_mapping({"SERVICE_URL": URL, "CREDENTIALS": creds, key: value})
+
+
+def test_the_url_is_not_shown_when_refused() -> None:
+    with pytest.raises(TypeError, match="SERVICE_URL must be") as info:
+        MiddlewareConfig.from_mapping({"SERVICE_URL": b"http://u:pw@host/", "CREDENTIALS": creds})
+    assert "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ASGIMiddleware(inner_asgi, URL, creds, **kw),
+        lambda **kw: WSGIMiddleware(inner_wsgi, URL, creds, **kw),
+        lambda **kw: MiddlewareConfig(URL, creds, options=PrebindOptions(**kw)),
+        lambda **kw: dataclasses.replace(PrebindOptions(), **kw),
+    ],
+    ids=["asgi", "wsgi", "options", "replace"],
+)
+@pytest.mark.parametrize(
+    ("name", "value"), [("allow_insecure_plain", "False"), ("timeout", "3"), ("max_polls", True)]
+)
+def test_every_way_of_configuring_checks_types(make: Any, name: str, value: Any) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        make(**{name: value})
+
+
+def test_breaker_settings_are_checked_in_the_config_itself() -> None:
+    with pytest.raises(TypeError, match="breaker_threshold must be an int"):
+        MiddlewareConfig(URL, creds, breaker_threshold="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="breaker_reset must be a number"):
+        MiddlewareConfig(URL, creds, breaker_reset="30")  # type: ignore[arg-type]
+
+
+def test_a_single_string_is_one_item_where_a_list_of_strings_is_expected() -> None:
+    config = MiddlewareConfig.from_mapping(
+        {
+            "SERVICE_URL": URL,
+            "CREDENTIALS": creds,
+            "MECHANISMS": "SCRAM-SHA-256",  # one mechanism, not 13
+            "EXCLUDE_PATHS": "/static",
+        }
+    )
+    assert config.options.mechanisms == ("SCRAM-SHA-256",)
+    assert config.exclude_paths == ("/static",)
+    assert PrebindOptions(mechanisms="PLAIN").mechanisms == ("PLAIN",)
+    assert PrebindOptions(mechanisms=["PLAIN"]).mechanisms == ("PLAIN",)
+
+
+def test_values_of_the_right_type_are_kept() -> None:
+    context = ssl.create_default_context()
+    config = MiddlewareConfig.from_mapping(
+        {
+            "SERVICE_URL": URL,
+            "CREDENTIALS": creds,
+            "TIMEOUT": 2,  # an int where a float is expected is fine
+            "BREAKER_THRESHOLD": 0,  # (turns the breaker off)
+            "BREAKER_RESET": 0.5,
+            "ALLOW_INSECURE_PLAIN": True,
+            "VARIABLES": ["JID", "SID", "RID"],
+            "HEADER_NAMES": ("X-J", "X-S", "X-R"),
+            "ENDPOINT_PATH": None,
+            "VERIFY": context,
+            "HEADERS": {"X-Proxy-Secret": "s"},
+            "ROUTE": "xmpp:example.org:5222",
+        }
+    )
+    assert (config.timeout, config.breaker_threshold, config.breaker_reset) == (2, 0, 0.5)
+    assert config.options.allow_insecure_plain is True
+    assert config.variables == ("JID", "SID", "RID")
+    assert config.header_names == ("X-J", "X-S", "X-R")
+    assert config.verify is context
+    assert config.options.headers == {"X-Proxy-Secret": "s"}
+    for verify in (False, "/etc/ssl/certs/ca-certificates.crt"):
+        assert MiddlewareConfig(URL, creds, verify=verify).verify == verify
+
+
+# --- Secrets in reprs ---------------------------------------------------------------------
+
+
+def test_header_values_are_redacted_in_reprs_but_still_sent() -> None:
+    options = PrebindOptions(headers={"X-Proxy-Secret": "topsecret"})
+    config = MiddlewareConfig(URL, creds, options=options)
+    for shown in (repr(options), repr(config), str(options)):
+        assert "topsecret" not in shown
+        assert "X-Proxy-Secret" in shown
+    assert options.headers == {"X-Proxy-Secret": "topsecret"}
+    assert config.options.headers["X-Proxy-Secret"] == "topsecret"
+
+
+def test_the_session_repr_redacts_the_service_url_password() -> None:
+    url = "https://web:topsecret@xmpp.example.org/http-bind"
+    session = PrebindSession(jid="alice@example.org/web-1", sid="s1", rid=10, service_url=url)
+    assert "topsecret" not in repr(session)
+    assert "xmpp.example.org/http-bind" in repr(session) and "rid=10" in repr(session)
+    assert session.service_url == url

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .client import Prebinder
-from .credentials import Credentials, derive_password
+from .credentials import Credentials, derive_password, escape_localpart, unescape_localpart
 from .errors import AuthenticationFailed, BOSHError
 from .http11 import redact_url
 from .protocol import is_secure_transport
@@ -40,12 +40,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _usage(message: str) -> int:
+    """A mistake in the command line: one line on stderr, not a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _cmd_prebind(args: argparse.Namespace) -> int:
     if args.anonymous:
         if not args.domain:
             print("error: --anonymous needs --domain", file=sys.stderr)
             return EXIT_USAGE
-        creds = Credentials.anonymous(args.domain)
+        try:
+            creds = Credentials.anonymous(args.domain)
+        except ValueError as exc:
+            return _usage(f"--domain: {exc}")
     else:
         if not args.jid:
             print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
@@ -56,7 +65,10 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
                 "error: set the password in the BOSH_PASSWORD environment variable", file=sys.stderr
             )
             return EXIT_USAGE
-        creds = Credentials(args.jid, password, resource=args.resource)
+        try:
+            creds = Credentials(args.jid, password, resource=args.resource)
+        except ValueError as exc:  # (the message names the JID, never the password)
+            return _usage(f"--jid: {exc}")
     try:
         with Prebinder(args.service_url, **_options(args)) as prebinder:
             session = prebinder.prebind(creds)
@@ -161,8 +173,34 @@ def _cmd_derive(args: argparse.Namespace) -> int:
     if not secret:
         print("error: set the shared secret in BOSH_SHARED_SECRET", file=sys.stderr)
         return EXIT_USAGE
+    problem = _shared_secret_jid_problem(args.jid)
+    if problem is not None:
+        return _usage(problem)
     print(derive_password(secret, args.jid))
     return 0
+
+
+def _shared_secret_jid_problem(jid: str) -> str | None:
+    """Why ``jid`` is no JID ``SharedSecretCredentials`` builds, or ``None``.
+
+    A password for such a JID would belong to no web user (and ``alice smith@example.org`` is
+    not even a JID a server accepts), so it is refused, with the escaped JID to use when the
+    mistake is an unescaped username.
+    """
+    local, at, domain = jid.rpartition("@")
+    if not (at and local and domain) or any(c in domain for c in "/ \\"):
+        return f"--jid: not a bare user JID (localpart@domain): '{jid}'"
+    try:
+        unescape_localpart(local)
+    except ValueError as exc:
+        problem = f"--jid: SharedSecretCredentials escapes localparts (XEP-0106): {exc}"
+        try:  # the localpart may be the username itself, unescaped
+            return (
+                f"{problem}; for the username '{local}', use '{escape_localpart(local)}@{domain}'"
+            )
+        except ValueError:
+            return problem
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,9 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     d = sub.add_parser(
-        "derive-password", help="the password SharedSecretCredentials uses ($BOSH_SHARED_SECRET)"
+        "derive-password",
+        help="the password SharedSecretCredentials uses ($BOSH_SHARED_SECRET)",
+        description="Print the XMPP password SharedSecretCredentials derives for a JID, to "
+        "provision the account with. The secret is read from $BOSH_SHARED_SECRET.",
     )
-    d.add_argument("--jid", required=True)
+    d.add_argument(
+        "--jid",
+        required=True,
+        help="the JID as SharedSecretCredentials builds it: the username lower-cased and "
+        "XEP-0106-escaped (space \\20, @ \\40, / \\2f, \\ \\5c ...), then @domain; "
+        "e.g. 'alice\\20smith@example.org' for the username 'Alice Smith'",
+    )
     d.set_defaults(func=_cmd_derive)
     return parser
 

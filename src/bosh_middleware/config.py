@@ -4,6 +4,8 @@ of spelling them: keyword arguments, ``settings.BOSH_PREBIND``, ``app.config["BO
 from __future__ import annotations
 
 import dataclasses
+import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,7 +13,14 @@ from typing import Any, Literal
 from .credentials import Credentials
 from .http11 import redact_url
 from .inject import script_snippet
-from .session import PrebindOptions
+from .session import (
+    OPTION_CHECKS,
+    PrebindOptions,
+    check_float,
+    check_int,
+    check_str,
+    check_strs,
+)
 
 __all__ = ["CredentialsCallable", "MiddlewareConfig", "Mode"]
 
@@ -49,18 +58,14 @@ class MiddlewareConfig:
     verify: Any = True
 
     def __post_init__(self) -> None:
-        if not self.service_url:
-            raise ValueError("service_url is required")
-        if not callable(self.credentials):
-            raise TypeError("credentials must be a callable (user) -> Credentials | None")
-        if isinstance(self.exclude_paths, str):  # "/static" is one prefix, not 7 of them
-            object.__setattr__(self, "exclude_paths", (self.exclude_paths,))
-        if self.mode not in ("script", "headers", "both"):
-            raise ValueError(f"mode must be 'script', 'headers' or 'both', not {self.mode!r}")
+        # Types are checked here, not at the first page: see session.py on settings as strings.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _CHECKS[f.name](f.name, value)
+            if checked is not value:  # (a list as a tuple, "/static" as ("/static",))
+                object.__setattr__(self, f.name, checked)
         names = [*self.variables, self.service_variable]
         script_snippet([(n, "") for n in names])  # raises on a name that is not an identifier
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
         if self.options.timeout > self.timeout:
             object.__setattr__(
                 self, "options", dataclasses.replace(self.options, timeout=self.timeout)
@@ -89,10 +94,12 @@ class MiddlewareConfig:
         opts: dict[str, Any] = {}
         for key, value in values.items():
             name = key.lower()
+            # Checked here too, so that the message names the setting as it was spelt
+            # (BREAKER_THRESHOLD in Django's settings, breaker_threshold as a keyword argument).
             if name in fields:
-                kwargs[name] = tuple(value) if isinstance(value, list) else value
+                kwargs[name] = _CHECKS[name](key, value)
             elif name in option_fields:
-                opts[name] = tuple(value) if isinstance(value, list) else value
+                opts[name] = OPTION_CHECKS[name](key, value)
             else:
                 raise ValueError(f"unknown BOSH prebind setting: {key}")
         kwargs.update(overrides)
@@ -100,3 +107,73 @@ class MiddlewareConfig:
             base = kwargs.get("options") or PrebindOptions()
             kwargs["options"] = dataclasses.replace(base, **opts)
         return cls(**kwargs)
+
+
+def _check_url(name: str, value: Any, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):  # (its type only: its repr could hold a password)
+        raise TypeError(f"{name} must be a URL string, not {type(value).__name__}")
+    if not value and not optional:
+        raise ValueError(f"{name} is required")
+    return value
+
+
+def _check_credentials(name: str, value: Any) -> Any:
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable (user) -> Credentials | None")
+    return value
+
+
+def _check_mode(name: str, value: Any) -> str:
+    if value not in ("script", "headers", "both"):
+        raise ValueError(f"{name} must be 'script', 'headers' or 'both', not {value!r}")
+    return str(value)
+
+
+def _check_options(name: str, value: Any) -> PrebindOptions:
+    if not isinstance(value, PrebindOptions):
+        raise TypeError(f"{name} must be a PrebindOptions, not {type(value).__name__}")
+    return value
+
+
+#: What ``verify`` would mean if it came from the environment as text: a CA bundle path named
+#: "False" would turn every prebind into a TLS error instead of turning verification off.
+_BOOLEAN_WORDS = frozenset({"", "true", "false", "yes", "no", "on", "off", "0", "1"})
+
+
+def _check_verify(name: str, value: Any) -> Any:
+    if isinstance(value, (bool, ssl.SSLContext, os.PathLike)):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() in _BOOLEAN_WORDS:
+            raise ValueError(
+                f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
+                f"not the string {value!r}"
+            )
+        return value
+    raise TypeError(
+        f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
+        f"not {type(value).__name__}"
+    )
+
+
+#: How each ``MiddlewareConfig`` field is checked (and normalised): ``(name, value) -> value``.
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "service_url": _check_url,
+    "credentials": _check_credentials,
+    "mode": _check_mode,
+    # exactly three names each: a bare string is a mistake, not one name
+    "variables": lambda n, v: check_strs(n, v, length=3),
+    "public_service_url": lambda n, v: _check_url(n, v, optional=True),
+    "service_variable": check_str,
+    "header_names": lambda n, v: check_strs(n, v, length=3),
+    "endpoint_path": lambda n, v: check_str(n, v, optional=True),
+    "exclude_paths": check_strs,  # "/static" is one prefix, not 7 of them
+    "timeout": lambda n, v: check_float(n, v, positive=True),
+    # 0 (or less) turns the breaker off: see CircuitBreaker.allow
+    "breaker_threshold": check_int,
+    "breaker_reset": check_float,
+    "options": _check_options,
+    "verify": _check_verify,
+}

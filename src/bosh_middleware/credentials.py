@@ -9,11 +9,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Credentials", "SharedSecretCredentials", "StaticCredentials", "derive_password"]
+
+log = logging.getLogger("bosh_middleware")
+
+#: XEP-0106 "JID Escaping": the characters a localpart cannot hold, as a backslash and 2 hex digits.
+#: The backslash is escaped always (XEP-0106 escapes it only before what reads as an escape), so
+#: that no two usernames map to one localpart.
+_ESCAPED = " \"&'/:<>@\\"
+_ESCAPE = str.maketrans({c: f"\\{ord(c):02x}" for c in _ESCAPED})
+_UNESCAPE = {f"{ord(c):02x}": c for c in _ESCAPED}
 
 
 @dataclass(frozen=True)
@@ -31,10 +42,11 @@ class Credentials:
 
     def __post_init__(self) -> None:
         if self.is_anonymous:
-            if "@" in self.jid or "/" in self.jid:
-                raise ValueError("anonymous credentials take a bare domain, not a JID")
+            if not self.jid or "@" in self.jid or "/" in self.jid:
+                raise ValueError(f"anonymous credentials take a bare domain, not {self.jid!r}")
         else:
-            if "@" not in self.jid.split("/", 1)[0]:
+            local, at, domain = self.jid.split("/", 1)[0].rpartition("@")
+            if not (at and local and domain):
                 raise ValueError(f"not a user JID: {self.jid!r}")
             if not self.password:
                 raise ValueError("credentials need a password (or use Credentials.anonymous)")
@@ -61,10 +73,16 @@ class Credentials:
 
 
 def _username_of(user: Any) -> str | None:
-    for attr in ("get_username", "username", "identity", "display_name"):
-        value = getattr(user, attr, None)
-        if callable(value):
-            value = value()
+    """The user's login name (Django's ``get_username()``, Flask-Login's and Starlette's
+    ``username``, Starlette's ``identity``): one per user, which is what maps to an XMPP
+    account. Never a display name, which two users may share."""
+    for attr in ("get_username", "username", "identity"):
+        try:
+            value = getattr(user, attr, None)
+            if callable(value):
+                value = value()
+        except NotImplementedError:  # Starlette's BaseUser.identity, not overridden
+            continue
         if isinstance(value, str) and value:
             return value
     if isinstance(user, str) and user:
@@ -99,11 +117,72 @@ class StaticCredentials:
         return Credentials(jid=account[0], password=account[1])
 
 
+def _refusal(name: str) -> str | None:
+    """Why ``name`` cannot be turned into a localpart, or ``None`` if it can.
+
+    XEP-0106 cannot escape leading or trailing spaces (and a server would strip or refuse them),
+    and no XMPP server takes control characters; lone surrogates cannot even be encoded.
+    """
+    if not name:
+        return "it is empty"
+    if name != name.strip():
+        return "it starts or ends with whitespace"
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        return "it contains control characters"
+    return None
+
+
+def escape_localpart(username: str) -> str:
+    """The XMPP localpart ``SharedSecretCredentials`` uses for ``username``.
+
+    Lower-cased (localparts are case-insensitive), then XEP-0106-escaped, so that ``@``, ``/``
+    and the like stay part of the localpart instead of making the JID someone else's:
+    ``"Alice Smith"`` -> ``"alice\\20smith"``, ``"bob@example.com"`` -> ``"bob\\40example.com"``.
+    Raises ``ValueError`` for a name no localpart can stand for (empty, surrounding whitespace,
+    control characters).
+    """
+    reason = _refusal(username)
+    if reason is not None:
+        raise ValueError(f"no XMPP localpart for this username: {reason}")
+    return username.lower().translate(_ESCAPE)
+
+
+def unescape_localpart(localpart: str) -> str:
+    """The (lower-cased) username whose ``escape_localpart`` is ``localpart``.
+
+    Raises ``ValueError`` if ``escape_localpart`` never produces ``localpart`` (an unescaped
+    ``@``, ``/`` or space, a backslash that is not one of its escapes ...): a password derived
+    for such a JID would belong to no web user.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(localpart):
+        c = localpart[i]
+        if c == "\\":
+            code = localpart[i + 1 : i + 3].lower()
+            if code not in _UNESCAPE:
+                raise ValueError("a backslash must start an escape (\\5c for a backslash)")
+            out.append(_UNESCAPE[code])
+            i += 3
+            continue
+        if c in _ESCAPED:
+            raise ValueError(f"{c!r} must be escaped as \\{ord(c):02x}")
+        out.append(c)
+        i += 1
+    username = "".join(out).lower()
+    reason = _refusal(username)
+    if reason is not None:
+        raise ValueError(f"no username maps to it: unescaped, {reason}")
+    return username
+
+
 def derive_password(secret: str | bytes, jid: str) -> str:
     """The XMPP password ``SharedSecretCredentials`` uses for ``jid``.
 
-    Provision accounts with it (``bosh-middleware derive-password``), or let an XMPP server
-    auth module compute the same HMAC; either way the web app stores no XMPP passwords.
+    ``jid`` is the JID as ``SharedSecretCredentials`` builds it, localpart escaped
+    (``escape_localpart``). Provision accounts with it (``bosh-middleware derive-password``), or
+    let an XMPP server auth module compute the same HMAC over the lower-cased bare JID; either
+    way the web app stores no XMPP passwords.
     """
     key = secret.encode() if isinstance(secret, str) else secret
     digest = hmac.digest(key, jid.split("/", 1)[0].lower().encode(), hashlib.sha256)
@@ -113,8 +192,21 @@ def derive_password(secret: str | bytes, jid: str) -> str:
 class SharedSecretCredentials:
     """Per-user XMPP passwords derived as HMAC-SHA256(secret, bare JID).
 
-    The JID is ``<username>@<domain>``, with the username taken from the user object (or from
-    ``username=`` if given). The secret lives in the app's settings, never in a page.
+    The JID is ``<localpart>@<domain>``, the localpart being the username taken from the user
+    object (or from ``username=`` if given) as ``escape_localpart`` makes it:
+
+    * lower-cased, because XMPP localparts are case-insensitive: usernames that differ only in
+      case (``Alice``, ``alice``) share one XMPP account. Keep usernames unique regardless of
+      case (Django's ``UserCreationForm`` does since 4.2), or pass a ``username=`` that is;
+    * XEP-0106-escaped (``\\20`` for a space, ``\\40`` for ``@``, ``\\2f`` for ``/``, ``\\5c``
+      for a backslash ...), so that no username reads as another user's JID
+      (``alice@example.org/x`` would otherwise log in as ``alice``). Accounts provisioned
+      outside must use the same escaped JID (``bosh-middleware derive-password`` refuses one it
+      is not).
+
+    A username that cannot be a localpart (empty, surrounding whitespace, control characters)
+    gets no session, and a warning on the ``bosh_middleware`` logger. The secret lives in the
+    app's settings, never in a page.
     """
 
     def __init__(
@@ -126,6 +218,10 @@ class SharedSecretCredentials:
     ) -> None:
         if not secret:
             raise ValueError("SharedSecretCredentials needs a non-empty secret")
+        # The domain is the operator's, but a typo such as "example.org/x" would make every JID
+        # end in a resource: refuse it here rather than derive passwords for odd JIDs.
+        if not isinstance(domain, str) or not domain or any(c in domain for c in "@/ \\"):
+            raise ValueError(f"SharedSecretCredentials needs a bare XMPP domain, not {domain!r}")
         self._secret = secret
         self._domain = domain
         self._username = username
@@ -135,7 +231,14 @@ class SharedSecretCredentials:
 
     def __call__(self, user: Any) -> Credentials | None:
         name = self._username(user)
-        if not name:
+        if name is None:
             return None
-        jid = f"{name.lower()}@{self._domain}"
+        reason = _refusal(name) if isinstance(name, str) else "it is not a string"
+        if reason is not None:
+            # repr() keeps control characters out of the log line; nothing secret is in it.
+            log.warning(
+                "SharedSecretCredentials: no XMPP session for username %.80r: %s", name, reason
+            )
+            return None
+        jid = f"{escape_localpart(name)}@{self._domain}"
         return Credentials(jid=jid, password=derive_password(self._secret, jid))

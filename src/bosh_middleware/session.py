@@ -2,11 +2,85 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .http11 import redact_url
+
 __all__ = ["PrebindOptions", "PrebindSession"]
+
+# Settings often come from os.environ, as strings: "False" is truthy, "5" is no count, and
+# "SCRAM-SHA-256" iterates as 13 mechanisms. Each of these fails only later, quietly or at every
+# prebind, so a value of the wrong type is refused when the configuration is built, with the
+# setting's name in the message. Nothing is coerced: "False" is refused, not read as False.
+
+
+def _type_name(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {_type_name(value)}")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # True is an int, but not a count
+        raise TypeError(f"{name} must be an int, not {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {value!r}")
+    return value
+
+
+def check_float(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number (int or float), not {_type_name(value)}")
+    if value < 0 or (positive and value == 0) or value != value:  # (NaN compares false)
+        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}: {value!r}")
+    return value
+
+
+def check_str(name: str, value: Any, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str{' or None' if optional else ''}, not {_type_name(value)}"
+        )
+    return value
+
+
+def check_strs(name: str, value: Any, *, length: int | None = None) -> tuple[str, ...]:
+    """A sequence of strings as a tuple. With ``length`` (names that come in a fixed number), a
+    bare string is refused; without, it is one item, as "/static" is one path prefix."""
+    if isinstance(value, str):
+        if length is not None:
+            raise TypeError(f"{name} must be a sequence of {length} strings, not a string")
+        return (value,)
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{name} must be a sequence of strings, not {_type_name(value)}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must hold strings, not {_type_name(item)}")
+    if length is not None and len(items) != length:
+        raise ValueError(f"{name} must have {length} items, not {len(items)}: {items!r}")
+    return items
+
+
+def check_headers(name: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a mapping of header names to values, not {type(value).__name__}"
+        )
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            # (the value may be a secret: only its type is shown)
+            raise TypeError(f"{name} must map str to str; {key!r} maps to a {type(item).__name__}")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -46,11 +120,53 @@ class PrebindOptions:
     transport: Literal["auto", "builtin", "httpx"] = "auto"
 
     def __post_init__(self) -> None:
-        # A typo ("httpz") must fail when the engine is configured, not at the first prebind.
-        if self.transport not in ("auto", "builtin", "httpx"):
-            raise ValueError(
-                f"transport must be 'auto', 'builtin' or 'httpx', not {self.transport!r}"
-            )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = OPTION_CHECKS[f.name](f.name, value)
+            if checked is not value:  # (a list of mechanisms as a tuple, headers as a dict copy)
+                object.__setattr__(self, f.name, checked)
+
+    def __repr__(self) -> str:
+        """The dataclass's repr, but with header values redacted: ``headers`` is where a shared
+        secret for a reverse proxy goes, and options end up in debug pages and logs."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "headers":
+                value = {k: "***" for k in value}
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _check_transport(name: str, value: Any) -> str:
+    # A typo ("httpz") must fail when the engine is configured, not at the first prebind.
+    if value not in ("auto", "builtin", "httpx"):
+        raise ValueError(f"{name} must be 'auto', 'builtin' or 'httpx', not {value!r}")
+    return str(value)
+
+
+def _check_mechanisms(name: str, value: Any) -> tuple[str, ...] | None:
+    return None if value is None else check_strs(name, value)
+
+
+#: How each ``PrebindOptions`` field is checked (and normalised): ``(name, value) -> value``.
+#: ``MiddlewareConfig.from_mapping`` runs them too, with the setting as the user spelt it.
+OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "wait": lambda n, v: check_int(n, v, minimum=0),
+    "hold": lambda n, v: check_int(n, v, minimum=0),
+    "lang": check_str,
+    "route": lambda n, v: check_str(n, v, optional=True),
+    "mechanisms": _check_mechanisms,
+    "allow_insecure_plain": check_bool,
+    "resource_prefix": check_str,
+    "timeout": lambda n, v: check_float(n, v, positive=True),
+    "max_response_size": lambda n, v: check_int(n, v, minimum=1),
+    "pipeline": check_bool,
+    "max_in_flight": lambda n, v: check_int(n, v, minimum=1),
+    "max_polls": lambda n, v: check_int(n, v, minimum=0),
+    "headers": check_headers,
+    "transport": _check_transport,
+}
 
 
 @dataclass(frozen=True)
@@ -78,6 +194,16 @@ class PrebindSession:
     request_count: int = 0
     #: The pipelined attempt reached the server out of order and was redone sequentially.
     retried: bool = False
+
+    def __repr__(self) -> str:
+        """The dataclass's repr with the password of a ``user:password@`` service URL redacted."""
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "service_url":
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def as_dict(self) -> dict[str, Any]:
         """The shape converse.js's ``prebind_url`` expects: ``{"jid", "sid", "rid"}``."""

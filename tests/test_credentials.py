@@ -1,0 +1,194 @@
+"""``SharedSecretCredentials``: one web user's username must never read as another's JID
+(README "SharedSecretCredentials"), and ``derive_password`` must agree with it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from typing import Any
+
+import pytest
+
+from bosh_middleware import (
+    AuthenticationFailed,
+    Credentials,
+    Prebinder,
+    SharedSecretCredentials,
+    StaticCredentials,
+    derive_password,
+)
+from bosh_middleware.credentials import escape_localpart, unescape_localpart
+
+SECRET = "s3cret-for-tests"
+DOMAIN = "example.org"
+
+
+class User:
+    """A user object as Flask-Login or Starlette hand over: a free-text ``username``."""
+
+    def __init__(self, username: str) -> None:
+        self.username = username
+
+
+creds_for = SharedSecretCredentials(SECRET, DOMAIN)
+
+
+def _creds(name: str) -> Credentials:
+    creds = creds_for(User(name))
+    assert creds is not None, name
+    return creds
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alice@example.org/x",  # the reviewer's repro: bare JID alice@example.org
+        "alice@example.org",
+        "alice@other.example",
+        "alice/x",  # used to raise ValueError inside the credentials callable
+        "ALICE@EXAMPLE.ORG/pwn",
+        "alice\\40example.org",  # the escape itself, typed as a username
+    ],
+)
+def test_a_username_cannot_name_another_users_account(name: str) -> None:
+    alice, evil = _creds("alice"), _creds(name)
+    assert evil.domain == DOMAIN
+    assert evil.localpart != alice.localpart
+    assert evil.user_key != alice.user_key
+    assert evil.password != alice.password
+    # one localpart, no resource: the whole username stayed inside the localpart
+    assert "/" not in evil.jid and evil.jid.count("@") == 1
+    assert unescape_localpart(evil.localpart) == name.lower()
+
+
+@pytest.mark.parametrize(
+    ("name", "localpart"),
+    [
+        ("Alice Smith", "alice\\20smith"),
+        ('a"b&c', "a\\22b\\26c"),
+        ("o'neil", "o\\27neil"),
+        ("a/b:c", "a\\2fb\\3ac"),
+        ("<b>", "\\3cb\\3e"),
+        ("bob@gmail.com", "bob\\40gmail.com"),
+        ("back\\slash", "back\\5cslash"),
+        # a backslash is escaped even where XEP-0106 would leave it: else "a\20b" and "a b"
+        # would both be a\20b
+        ("a\\20b", "a\\5c20b"),
+        ("élodie", "élodie"),
+    ],
+)
+def test_localparts_are_lower_cased_and_xep0106_escaped(name: str, localpart: str) -> None:
+    creds = _creds(name)
+    assert creds.jid == f"{localpart}@{DOMAIN}"
+    assert escape_localpart(name) == localpart
+    assert unescape_localpart(localpart) == name.lower()
+
+
+def test_distinct_usernames_get_distinct_accounts() -> None:
+    """Every lower-cased username over the characters that matter maps to its own JID."""
+    alphabet = "a \\@/20:"
+    names = {
+        "".join(chars)
+        for n in range(1, 5)
+        for chars in itertools.product(alphabet, repeat=n)
+        if "".join(chars) == "".join(chars).strip()
+    }
+    jids = {_creds(name).jid for name in names}
+    assert len(jids) == len(names)
+    passwords = {_creds(name).password for name in names}
+    assert len(passwords) == len(names)
+
+
+def test_usernames_differing_only_in_case_share_an_account() -> None:
+    """Documented: XMPP localparts are case-insensitive, so this cannot be otherwise."""
+    assert _creds("Alice") == _creds("alice") == _creds("ALICE")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", " alice", "alice ", "\talice", "ali\nce", "alice\x00", "ali\x7fce", "\ud800"],
+    ids=["empty", "lead", "trail", "tab", "newline", "nul", "del", "surrogate"],
+)
+def test_unusable_usernames_get_no_session_and_a_warning(name: str, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    creds = SharedSecretCredentials(SECRET, DOMAIN, username=lambda user: name)
+    assert creds(object()) is None
+    [record] = [r for r in caplog.records if r.name == "bosh_middleware"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "SharedSecretCredentials" in message
+    assert SECRET not in message
+    assert "\n" not in message and "\x00" not in message  # no log injection
+
+
+def test_no_username_is_no_session_without_a_warning(caplog: Any) -> None:
+    """``None`` is the ``username=`` callable's way to say "no XMPP account": not a mistake."""
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    assert SharedSecretCredentials(SECRET, DOMAIN, username=lambda user: None)(object()) is None
+    assert caplog.records == []
+
+
+def test_derive_password_agrees_with_shared_secret_credentials() -> None:
+    for name in ("alice", "Alice Smith", "bob@gmail.com", "a\\b"):
+        creds = _creds(name)
+        assert derive_password(SECRET, creds.jid) == creds.password
+        # as an operator may type it: the escapes in upper case, the domain too
+        assert derive_password(SECRET, creds.jid.upper()) == creds.password
+        assert derive_password(SECRET.encode(), creds.jid) == creds.password
+
+
+@pytest.mark.parametrize("domain", ["", "example.org/x", "a@example.org", "example .org"])
+def test_the_domain_must_be_a_bare_domain(domain: str) -> None:
+    with pytest.raises(ValueError, match="bare XMPP domain"):
+        SharedSecretCredentials(SECRET, domain)
+
+
+@pytest.mark.parametrize("localpart", ["a b", "a@b", "a/b", "a\\", "a\\zz", "a\\2", "\\20a"])
+def test_unescape_refuses_what_escape_never_produces(localpart: str) -> None:
+    with pytest.raises(ValueError):
+        unescape_localpart(localpart)
+
+
+@pytest.mark.parametrize("jid", ["@example.org", "alice@", "alice@/res", "alice"])
+def test_credentials_need_a_localpart_and_a_domain(jid: str) -> None:
+    with pytest.raises(ValueError, match="not a user JID"):
+        Credentials(jid, "pw")
+
+
+def test_a_crafted_username_cannot_log_in_as_another_user(prosody: Any) -> None:
+    """The reviewer's live repro, against Prosody: the web user ``<victim>@localhost/pwn`` used
+    to get a session as ``<victim>``; an escaped username gets its own provisioned account."""
+    secret = f"secret-{uuid.uuid4().hex}"
+    creds = SharedSecretCredentials(secret, prosody.domain)
+    victim = f"victim-{uuid.uuid4().hex[:8]}"
+    prosody.register(victim, derive_password(secret, f"{victim}@{prosody.domain}"))
+    carol = f"Carol Smith {uuid.uuid4().hex[:6]}"
+    carol_jid = f"{escape_localpart(carol)}@{prosody.domain}"
+    prosody.register(escape_localpart(carol), derive_password(secret, carol_jid))
+    with Prebinder(prosody.service_url) as prebinder:
+        session = prebinder.prebind(creds(User(victim)))
+        assert session.jid.startswith(f"{victim}@{prosody.domain}/")
+        prebinder.terminate(session)
+        with pytest.raises(AuthenticationFailed):
+            prebinder.prebind(creds(User(f"{victim}@{prosody.domain}/pwn")))
+        session = prebinder.prebind(creds(User(carol)))
+        assert session.jid.split("/", 1)[0] == carol_jid
+        prebinder.terminate(session)
+
+
+class _Named:
+    """A user object with only a display name (and, as Starlette's ``BaseUser``, an
+    ``identity`` that raises until a subclass defines it)."""
+
+    display_name = "Alice"
+
+    @property
+    def identity(self) -> str:
+        raise NotImplementedError
+
+
+def test_a_display_name_is_no_username() -> None:
+    """Two users may share a display name: it must not map to an XMPP account."""
+    assert SharedSecretCredentials("s3cret", "example.org")(_Named()) is None
+    assert StaticCredentials({"Alice": ("alice@example.org", "pw")})(_Named()) is None
