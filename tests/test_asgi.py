@@ -693,7 +693,7 @@ async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(
     running: its session is ended before the engine closes, not left to time out at the
     server (nor its terminate to die with the loop)."""
     app = scripted_app(response(200, [("content-type", "application/json")], b"{}"))
-    mw, spy = make_mw(app, spy_delay=0.3)
+    mw, spy = make_mw(app, spy_delay=1.0)  # (still in flight on a loaded machine)
     await run(mw)  # a navigation answered with JSON: the prebind started for it is unused
     assert spy.sessions == [] and spy.in_flight == 1
     await asyncio.wait_for(mw.core.aclose(), 10)
