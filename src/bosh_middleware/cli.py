@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from .client import Prebinder
-from .credentials import Credentials, derive_password, escape_localpart, unescape_localpart
+from .credentials import (
+    Credentials,
+    derive_password,
+    escape_localpart,
+    is_bare_domain,
+    unescape_localpart,
+)
 from .errors import AuthenticationFailed, BOSHError
 from .http11 import redact_url
 from .protocol import is_secure_transport
@@ -188,7 +194,7 @@ def _shared_secret_jid_problem(jid: str) -> str | None:
     mistake is an unescaped username.
     """
     local, at, domain = jid.rpartition("@")
-    if not (at and local and domain) or any(c in domain for c in "/ \\"):
+    if not (at and local and is_bare_domain(domain)):
         return f"--jid: not a bare user JID (localpart@domain): '{jid}'"
     try:
         unescape_localpart(local)

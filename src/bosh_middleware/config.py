@@ -20,6 +20,7 @@ from .session import (
     check_int,
     check_str,
     check_strs,
+    redacted_repr,
 )
 
 __all__ = ["CredentialsCallable", "MiddlewareConfig", "Mode"]
@@ -72,15 +73,11 @@ class MiddlewareConfig:
             )
 
     def __repr__(self) -> str:
-        """The dataclass's repr, but with the URLs' passwords redacted: a config ends up in
-        debug pages, error reports and logs."""
-        shown = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith("_url") and isinstance(value, str):
-                value = redact_url(value)
-            shown.append(f"{f.name}={value!r}")
-        return f"{type(self).__name__}({', '.join(shown)})"
+        return redacted_repr(
+            self,
+            service_url=redact_url,
+            public_service_url=lambda url: url if url is None else redact_url(url),
+        )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> MiddlewareConfig:

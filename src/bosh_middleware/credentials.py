@@ -144,7 +144,19 @@ def escape_localpart(username: str) -> str:
     reason = _refusal(username)
     if reason is not None:
         raise ValueError(f"no XMPP localpart for this username: {reason}")
+    return _escape(username)
+
+
+def _escape(username: str) -> str:
+    """``escape_localpart`` for a username ``_refusal`` has passed."""
     return username.lower().translate(_ESCAPE)
+
+
+def is_bare_domain(domain: str) -> bool:
+    """Whether ``domain`` can end a JID ``SharedSecretCredentials`` builds: not empty, and
+    nothing that would make the JID another's or give it a resource (``@``, ``/``, a space, a
+    backslash)."""
+    return bool(domain) and not any(c in domain for c in "@/ \\")
 
 
 def unescape_localpart(localpart: str) -> str:
@@ -220,7 +232,7 @@ class SharedSecretCredentials:
             raise ValueError("SharedSecretCredentials needs a non-empty secret")
         # The domain is the operator's, but a typo such as "example.org/x" would make every JID
         # end in a resource: refuse it here rather than derive passwords for odd JIDs.
-        if not isinstance(domain, str) or not domain or any(c in domain for c in "@/ \\"):
+        if not isinstance(domain, str) or not is_bare_domain(domain):
             raise ValueError(f"SharedSecretCredentials needs a bare XMPP domain, not {domain!r}")
         self._secret = secret
         self._domain = domain
@@ -240,5 +252,5 @@ class SharedSecretCredentials:
                 "SharedSecretCredentials: no XMPP session for username %.80r: %s", name, reason
             )
             return None
-        jid = f"{escape_localpart(name)}@{self._domain}"
+        jid = f"{_escape(name)}@{self._domain}"
         return Credentials(jid=jid, password=derive_password(self._secret, jid))

@@ -83,6 +83,18 @@ def check_headers(name: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def redacted_repr(obj: Any, **shown: Callable[[Any], Any]) -> str:
+    """``obj``'s dataclass repr, each field named in ``shown`` as its function shows it. The
+    settings and sessions end up in debug pages, error reports and logs: a URL's password or
+    a secret header must not."""
+    parts = []
+    for f in dataclasses.fields(obj):
+        if f.repr:
+            value = getattr(obj, f.name)
+            parts.append(f"{f.name}={(shown[f.name](value) if f.name in shown else value)!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
 @dataclass(frozen=True)
 class PrebindOptions:
     """How to talk to the BOSH endpoint. The defaults are what browser clients need."""
@@ -127,15 +139,8 @@ class PrebindOptions:
                 object.__setattr__(self, f.name, checked)
 
     def __repr__(self) -> str:
-        """The dataclass's repr, but with header values redacted: ``headers`` is where a shared
-        secret for a reverse proxy goes, and options end up in debug pages and logs."""
-        shown = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "headers":
-                value = {k: "***" for k in value}
-            shown.append(f"{f.name}={value!r}")
-        return f"{type(self).__name__}({', '.join(shown)})"
+        # ``headers`` is where a shared secret for a reverse proxy goes
+        return redacted_repr(self, headers=lambda headers: dict.fromkeys(headers, "***"))
 
 
 def _check_transport(name: str, value: Any) -> str:
@@ -196,14 +201,7 @@ class PrebindSession:
     retried: bool = False
 
     def __repr__(self) -> str:
-        """The dataclass's repr with the password of a ``user:password@`` service URL redacted."""
-        shown = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "service_url":
-                value = redact_url(value)
-            shown.append(f"{f.name}={value!r}")
-        return f"{type(self).__name__}({', '.join(shown)})"
+        return redacted_repr(self, service_url=redact_url)
 
     def as_dict(self) -> dict[str, Any]:
         """The shape converse.js's ``prebind_url`` expects: ``{"jid", "sid", "rid"}``."""

@@ -128,8 +128,7 @@ class _ExchangeBody(_ClosingIterator):
     def __init__(
         self, iterator: Iterator[bytes], original: Iterable[bytes], exchange: _Exchange
     ) -> None:
-        self._it = iterator
-        self._original = original
+        super().__init__(iterator, original)
         self._exchange = exchange
 
     def close(self) -> None:
@@ -194,6 +193,10 @@ class _Exchange:
         rather than leave its session live at the XMPP server until it times out."""
         if self.mode == "undecided" or self.mode == "held":  # never claimed: end it once done
             self.discard()
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        """A session claimed for the page but never sent: end it (as the ASGI responder's)."""
         session, self.session = self.session, None
         if session is not None and not self.delivered:
             self.core.terminate_sync(session)
@@ -212,9 +215,8 @@ class _Exchange:
         # that page, reached no one.
         self.mode = "pass"
         self.injector = None
-        session, self.session = self.session, None
-        if session is not None:
-            self.core.terminate_sync(session)
+        self.delivered = False  # (headers mode counted its headers as sent: they were not)
+        self._drop_session()
         return write
 
     def start_response(
