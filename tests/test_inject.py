@@ -488,9 +488,18 @@ def _run_asgi(
     return rec, ended
 
 
-def _run_wsgi(content_type: str, headers: list[tuple[str, str]] = (), body: bytes = PAGE) -> Any:
+def _run_wsgi(
+    content_type: str,
+    headers: list[tuple[str, str]] = (),
+    body: bytes = PAGE,
+    *,
+    whole: bool = False,
+    ended: list[PrebindSession] | None = None,
+) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", content_type), *headers])
+        if whole:  # a list: injected at once, with a Content-Length
+            return [body]
         return iter([body[:30], body[30:]])  # streamed: fed chunk by chunk
 
     mw = WSGIMiddleware(
@@ -499,6 +508,8 @@ def _run_wsgi(content_type: str, headers: list[tuple[str, str]] = (), body: byte
         credentials=lambda u: Credentials("alice@example.org", "pw"),
     )
     mw.core.start_sync = lambda c: _ReadySync()  # type: ignore[assignment,method-assign]
+    if ended is not None:
+        mw.core.terminate_sync = ended.append  # type: ignore[method-assign]
     try:
         return call_wsgi(mw, wsgi_environ("/", headers=NAV, user="alice"))
     finally:
@@ -511,9 +522,12 @@ def test_asgi_page_with_a_non_text_charset_is_served_untouched() -> None:
     assert ended == [SESSION]  # never delivered: ended at once
 
 
-def test_wsgi_page_with_a_non_text_charset_is_served_untouched() -> None:
-    r = _run_wsgi("text/html; charset=base64")
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "whole"])
+def test_wsgi_page_with_a_non_text_charset_is_served_untouched(whole: bool) -> None:
+    ended: list[PrebindSession] = []
+    r = _run_wsgi("text/html; charset=base64", whole=whole, ended=ended)
     assert r.code == 200 and r.body == PAGE
+    assert ended == [SESSION]  # never delivered: ended, not left to time out
 
 
 def test_prebound_page_drops_cdn_cache_fields() -> None:

@@ -294,7 +294,9 @@ class _Exchange:
                 get, session, body_length=len(body), streaming=False
             )
             self._start_response(status, _edited(headers, sets, removes), exc_info)
-            self.delivered = True
+            # (not done: a charset that cannot carry the snippet, the page went out without it)
+            self.delivered = injector.done
+            self._drop_session()
             return [body]
         sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
         self._start_response(status, _edited(headers, sets, removes), exc_info)
@@ -316,7 +318,7 @@ class _Exchange:
                 self.delivered = injector.done
             if self.injector is not None:
                 yield self.injector.finish()
-                self.delivered = True
+                self.delivered = self.injector.done
         except BaseException:
             # The app failed, or the server closed the body early: no waiting for close().
             self.cleanup()
