@@ -72,7 +72,7 @@ async def _auser(request: HttpRequest) -> Any:
     ``request.user`` (RemoteUserMiddleware, token auth, impersonation, ``alogout()``), it is the
     user, while ``auser()`` keeps answering whom it loaded first.
     """
-    user = getattr(request, "user", None)
+    user = _user(request)
     if not (isinstance(user, SimpleLazyObject) and user._wrapped is empty):
         return user
     auser = getattr(request, "auser", None)
