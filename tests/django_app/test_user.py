@@ -2,7 +2,7 @@
 
 * The user is read again after the view: a view that logs the user out (or someone else in)
   must not hand out the session started for them before it, and that session must not stay
-  live on the XMPP server.
+  live on the XMPP server; whoever the view logs in, from an anonymous request too, gets theirs.
 * The user is ``request.user`` as the middleware above ours left it, in both modes: async mode
   must not ask ``request.auser()``, which keeps answering whom AuthenticationMiddleware loaded
   (or the AnonymousUser that RemoteUserMiddleware's async path made it cache).
@@ -118,6 +118,36 @@ async def test_view_logging_someone_else_in_gets_their_session_async(
     session = await alices._task
     await acores[0].adrain()
     assert_dead(bosh.service_url, session.sid, session.rid)
+
+
+@pytest.mark.parametrize("path", ["/switch/", "/aswitch/"])
+def test_view_logging_in_an_anonymous_visitor_gets_their_session(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore], path: str
+) -> None:
+    """A magic link: the request comes anonymous, the view logs alice in and renders a page
+    (no redirect). The page carries her session, prebound after the view."""
+    client = Client()
+    assert b"BOSH_" not in client.get("/page/", headers=PAGE_HEADERS).content
+    r = client.get(f"{path}?to={alice.username}", headers=PAGE_HEADERS)
+    found = injected(r.content)
+    assert found.jid.split("/")[0] == alice.jid
+    assert_live(bosh.service_url, found.sid, found.rid)
+    [pending] = cores[0].pendings  # one prebind only, after the view: none for the anonymous
+    assert pending.credentials.jid == alice.jid
+
+
+@pytest.mark.parametrize("path", ["/switch/", "/aswitch/"])
+async def test_view_logging_in_an_anonymous_visitor_gets_their_session_async(
+    alice: Account, bosh: XMPPServer, acores: list[RecordingCore], path: str
+) -> None:
+    client = AsyncClient()
+    assert b"BOSH_" not in (await client.get("/page/", headers=PAGE_HEADERS)).content
+    r = await client.get(f"{path}?to={alice.username}", headers=PAGE_HEADERS)
+    found = injected(r.content)
+    assert found.jid.split("/")[0] == alice.jid
+    assert_live(bosh.service_url, found.sid, found.rid)
+    [pending] = acores[0].pendings
+    assert pending.credentials.jid == alice.jid
 
 
 # --- request.user set by a middleware above ours -------------------------------------------

@@ -3,7 +3,8 @@
 Sync and async capable (one instance is one or the other, after its ``get_response``). The
 prebind starts before the view for browser navigations and is awaited after it, so the XMPP
 login overlaps the view; a response that cannot carry the session ends it unused, and so does a
-view that logs the user out or someone else in (the user is read again after the view).
+view that logs the user out or someone else in (the user is read again after the view). Whoever
+a view logs in gets their session in the page it renders, prebound after the view.
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ class BOSHPrebindMiddleware:
         navigation = kind == NAVIGATION
         user = _user(request) if navigation else None
         credentials = core.credentials_sync(user) if navigation else None
-        if navigation and credentials is None:
-            return self.get_response(request)
+        # (no early return without credentials: a view may log the user in, a magic link)
         pending = core.start_sync(credentials) if credentials is not None else None
         try:
             response = self.get_response(request)
@@ -131,7 +131,9 @@ class BOSHPrebindMiddleware:
             return response
         after = _user(request)
         # A navigation's prebind is for whoever was logged in before the view: if the view
-        # logged them out (or someone else in), it must not reach this page, and ends unused.
+        # logged them out (or someone else in), it must not reach this page, and ends unused;
+        # whoever the view logged in (someone else, or anyone after an anonymous request) gets
+        # a prebind now, after the view, as a page that is not a navigation does.
         if not navigation or after != user:
             if pending is not None:
                 pending.discard()
@@ -152,8 +154,6 @@ class BOSHPrebindMiddleware:
         navigation = kind == NAVIGATION
         user = await _auser(request) if navigation else None
         credentials = await core.credentials_async(user) if navigation else None
-        if navigation and credentials is None:
-            return await self.get_response(request)
         pending = core.start_async(credentials) if credentials is not None else None
         try:
             response = await self.get_response(request)
@@ -165,9 +165,7 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             return response
-        after = await _auser(request)
-        # A navigation's prebind is for whoever was logged in before the view: if the view
-        # logged them out (or someone else in), it must not reach this page, and ends unused.
+        after = await _auser(request)  # (as in ``__call__``)
         if not navigation or after != user:
             if pending is not None:
                 pending.discard()
