@@ -50,8 +50,24 @@ def test_from_mapping_routes_engine_settings_to_options() -> None:
 
 
 def test_from_mapping_rejects_unknown_keys() -> None:
-    with pytest.raises(ValueError, match="unknown BOSH prebind setting: TIMEOUTS"):
+    with pytest.raises(
+        ValueError, match=r"^unknown BOSH prebind setting: TIMEOUTS \(did you mean TIMEOUT\?\)$"
+    ):
         MiddlewareConfig.from_mapping({"SERVICE_URL": URL, "CREDENTIALS": creds, "TIMEOUTS": 1})
+    with pytest.raises(ValueError, match=r"service_ur \(did you mean service_url\?\)$"):
+        MiddlewareConfig.from_mapping({"service_ur": URL, "credentials": creds})
+    with pytest.raises(ValueError, match=r"^unknown BOSH prebind setting: COLOUR$"):
+        MiddlewareConfig.from_mapping({"SERVICE_URL": URL, "CREDENTIALS": creds, "COLOUR": 1})
+
+
+def test_from_mapping_names_a_setting_with_its_prefix() -> None:
+    values = {"BOSH_SERVICE_URL": URL, "BOSH_CREDENTIALS": creds}
+    config = MiddlewareConfig.from_mapping({**values, "BOSH_WAIT": 20}, prefix="BOSH_")
+    assert config.options.wait == 20
+    with pytest.raises(TypeError, match=r"^BOSH_WAIT must be"):
+        MiddlewareConfig.from_mapping({**values, "BOSH_WAIT": "20"}, prefix="BOSH_")
+    with pytest.raises(ValueError, match=r"BOSH_WIAT \(did you mean BOSH_WAIT\?\)$"):
+        MiddlewareConfig.from_mapping({**values, "BOSH_WIAT": 20}, prefix="BOSH_")
 
 
 def test_from_mapping_keeps_an_options_object_and_overrides_it() -> None:

@@ -6,6 +6,7 @@ Every injected session is proven live with one BOSH request sent by hand (roster
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -240,8 +241,8 @@ def test_configuration_errors() -> None:
     with pytest.raises(RuntimeError, match="BOSH_SERVICE_URL"):
         BOSHPrebind(Flask(__name__))
     app = Flask(__name__)
-    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print, BOSH_TIMOUT=1)
-    with pytest.raises(ValueError, match="TIMOUT"):
+    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print, BOSH_TIMEOUT="3")
+    with pytest.raises(TypeError, match=r"^BOSH_TIMEOUT must be"):  # named as it was written
         BOSHPrebind(app)
     app = Flask(__name__)
     app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print)
@@ -249,6 +250,32 @@ def test_configuration_errors() -> None:
     with pytest.raises(RuntimeError, match="already"):
         BOSHPrebind(app)
     close_core(app.extensions["bosh_prebind"].core)
+
+
+def test_other_bosh_keys_are_the_apps_own_and_a_likely_typo_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """app.config is the app's namespace too: BOSH_SHARED_SECRET (the name our own examples
+    give the secret of SharedSecretCredentials) must not stop the extension, while a key one
+    letter off a setting says so in the log, naming the setting it looks like."""
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL="http://x/",
+        BOSH_CREDENTIALS=print,
+        BOSH_SHARED_SECRET="s3cret",
+        BOSH_TIMOUT=1,
+    )
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        BOSHPrebind(app)
+    core = app.extensions["bosh_prebind"].core
+    try:
+        assert core.config.timeout == 3.0  # the misspelt key did nothing
+        [record] = caplog.records
+        message = record.getMessage()
+        assert "'BOSH_TIMOUT'" in message and "did you mean BOSH_TIMEOUT?" in message
+        assert "s3cret" not in caplog.text and "SHARED_SECRET" not in caplog.text
+    finally:
+        close_core(core)
 
 
 def test_fails_open_when_the_server_is_down(make_app) -> None:

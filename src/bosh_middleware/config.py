@@ -4,6 +4,7 @@ of spelling them: keyword arguments, ``settings.BOSH_PREBIND``, ``app.config["BO
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -80,17 +81,27 @@ class MiddlewareConfig:
         )
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> MiddlewareConfig:
+    def setting_names(cls) -> frozenset[str]:
+        """Every setting ``from_mapping`` takes, in lower case: the fields and engine options."""
+        return frozenset(f.name for f in dataclasses.fields(cls)) | frozenset(
+            f.name for f in dataclasses.fields(PrebindOptions)
+        )
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, prefix: str = "", **overrides: Any
+    ) -> MiddlewareConfig:
         """Build from settings keys (``SERVICE_URL``, ``CREDENTIALS``, ``MODE`` ...), as Django's
-        ``BOSH_PREBIND`` dict and Flask's ``BOSH_*`` config spell them, or in lower case, as the
-        ASGI/WSGI adapters take them as keyword arguments. Engine
-        settings (``WAIT``, ``MECHANISMS``, ``ALLOW_INSECURE_PLAIN`` ...) go to ``options``."""
+        ``BOSH_PREBIND`` dict spells them, or in lower case, as the ASGI/WSGI adapters take them
+        as keyword arguments; ``prefix`` is what every key starts with (Flask's ``BOSH_``), so
+        that messages name the setting as it was written. Engine settings (``WAIT``,
+        ``MECHANISMS``, ``ALLOW_INSECURE_PLAIN`` ...) go to ``options``."""
         fields = {f.name for f in dataclasses.fields(cls)}
         option_fields = {f.name for f in dataclasses.fields(PrebindOptions)}
         kwargs: dict[str, Any] = {}
         opts: dict[str, Any] = {}
         for key, value in values.items():
-            name = key.lower()
+            name = (key[len(prefix) :] if prefix and key.startswith(prefix) else key).lower()
             # Checked here too, so that the message names the setting as it was spelt
             # (BREAKER_THRESHOLD in Django's settings, breaker_threshold as a keyword argument).
             if name in fields:
@@ -98,12 +109,22 @@ class MiddlewareConfig:
             elif name in option_fields:
                 opts[name] = OPTION_CHECKS[name](key, value)
             else:
-                raise ValueError(f"unknown BOSH prebind setting: {key}")
+                raise ValueError(f"unknown BOSH prebind setting: {key}{did_you_mean(key, prefix)}")
         kwargs.update(overrides)
         if opts:
             base = kwargs.get("options") or PrebindOptions()
             kwargs["options"] = dataclasses.replace(base, **opts)
         return cls(**kwargs)
+
+
+def did_you_mean(key: str, prefix: str = "") -> str:
+    """A typo's likely meaning, spelt as ``key`` is (upper or lower case, with ``prefix``)."""
+    name = (key[len(prefix) :] if key.startswith(prefix) else key).lower()
+    close = difflib.get_close_matches(name, MiddlewareConfig.setting_names(), n=1, cutoff=0.75)
+    if not close:
+        return ""
+    meant = close[0].upper() if key.isupper() else close[0]
+    return f" (did you mean {prefix}{meant}?)"
 
 
 def _check_url(name: str, value: Any, *, optional: bool = False) -> str | None:

@@ -5,7 +5,8 @@ option (``BOSH_SERVICE_URL``, ``BOSH_CREDENTIALS`` as a callable or a dotted pat
 ``BOSH_TIMEOUT``, ``BOSH_WAIT`` ...), read once by ``init_app``: set them before. The user is
 Flask-Login's ``current_user`` when the app has a login manager, unless ``get_user=`` says
 otherwise. A CSP nonce is read from ``g.csp_nonce`` or ``request.csp_nonce`` (flask-talisman);
-``BOSH_NONCE_ATTRIBUTE`` renames it.
+``BOSH_NONCE_ATTRIBUTE`` renames it. Other ``BOSH_*`` keys are the app's own and left alone
+(one close to a setting's name is logged as a likely typo).
 
 The generic WSGI middleware wraps ``app.wsgi_app`` and does the response rewrite; Flask's hooks
 only tell it who the user is: ``before_request`` starts the prebind next to the view for a
@@ -16,6 +17,7 @@ user in or out) and passes the nonce on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,13 +29,15 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
         "bosh_middleware.flask needs Flask: pip install 'bosh-middleware[flask]'"
     ) from exc
 
-from .config import MiddlewareConfig
+from .config import MiddlewareConfig, did_you_mean
 from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable, request_kind
 from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
 
 EXTENSION_KEY = "bosh_prebind"
+PREFIX = "BOSH_"
+log = logging.getLogger("bosh_middleware")
 _WHOLE = "bosh_middleware.flask.whole_body"
 _UNSET = object()
 
@@ -57,19 +61,27 @@ class _State:
 def _config(app: Flask) -> MiddlewareConfig:
     for f in dataclasses.fields(MiddlewareConfig):
         if f.default is not dataclasses.MISSING:
-            app.config.setdefault(f"BOSH_{f.name.upper()}", f.default)
-    app.config.setdefault("BOSH_NONCE_ATTRIBUTE", "csp_nonce")
-    values = {
-        key[5:]: value
-        for key, value in app.config.items()
-        if key.startswith("BOSH_") and key != "BOSH_NONCE_ATTRIBUTE"
-    }
+            app.config.setdefault(f"{PREFIX}{f.name.upper()}", f.default)
+    app.config.setdefault(f"{PREFIX}NONCE_ATTRIBUTE", "csp_nonce")
+    # app.config is the app's namespace too: a BOSH_ key of its own (BOSH_SHARED_SECRET for
+    # its credentials function, say) is left alone; one that looks like a misspelt setting of
+    # ours is logged, as a setting that silently did nothing would be a puzzle.
+    known = MiddlewareConfig.setting_names()
+    values = {}
+    for key, value in app.config.items():
+        if not key.startswith(PREFIX) or key == f"{PREFIX}NONCE_ATTRIBUTE":
+            continue
+        if key[len(PREFIX) :].lower() in known:
+            values[key] = value
+        elif hint := did_you_mean(key, PREFIX):
+            log.warning("app.config[%r] is no bosh-middleware setting%s", key, hint)
     for required in ("SERVICE_URL", "CREDENTIALS"):
-        if not values.get(required):
-            raise RuntimeError(f"BOSHPrebind needs app.config['BOSH_{required}']")
-    if isinstance(values["CREDENTIALS"], str):
-        values["CREDENTIALS"] = import_string(values["CREDENTIALS"])
-    return MiddlewareConfig.from_mapping(values)
+        if not values.get(PREFIX + required):
+            raise RuntimeError(f"BOSHPrebind needs app.config['{PREFIX}{required}']")
+    credentials = values[f"{PREFIX}CREDENTIALS"]
+    if isinstance(credentials, str):
+        values[f"{PREFIX}CREDENTIALS"] = import_string(credentials)
+    return MiddlewareConfig.from_mapping(values, prefix=PREFIX)
 
 
 def _whole_bodies(wsgi_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
