@@ -369,6 +369,40 @@ def test_trickling_response_head_is_bounded_by_the_timeout(fake, prebind) -> Non
     assert err.condition == "timeout"
 
 
+def test_sync_httpx_dns_lookup_is_bounded_by_the_timeout(fake, monkeypatch) -> None:
+    """The C resolver takes no timeout, and httpx's sync connect looks the name up in the
+    calling thread: a DNS server that does not answer held the page for its own timeouts
+    (5 s per try and server). The lookup now goes through the builtin transport's bounded
+    resolver, and a name that resolves connects (to each address in turn: "localhost" may
+    be ::1 first, where the fake server does not listen)."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any) -> Any:
+        if len(args) > 4 and args[4] & socket.AI_NUMERICHOST:  # no lookup: only an address
+            return real(host, *args)
+        if host == "dns-hangs.example":
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "gave up")
+        return real(host, *args)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        err = _expect(
+            ServiceUnavailable,
+            lambda: Prebinder(
+                "http://dns-hangs.example:5280/http-bind", transport="httpx", timeout=TIMEOUT
+            ).prebind(CREDS),
+            within=TIMEOUT + 1,
+        )
+        assert err.condition == "timeout"
+    finally:
+        release.set()
+    srv = fake()
+    with Prebinder(srv.url.replace("127.0.0.1", "localhost"), transport="httpx") as p:
+        assert p.prebind(CREDS).sid
+
+
 def test_sync_httpx_deadlines_are_per_thread(fake) -> None:
     """The sync httpx transport keeps each exchange's deadline where its reads are, on the
     thread that waits (no timer, no thread of its own). 32 worker threads wait on a server that

@@ -155,8 +155,7 @@ class _DeadlineStream(httpcore.NetworkStream):
     does not show for a pooled connection until the head is in. So each read is given no more
     than the time left, and none is started after the deadline: a trickle ends at the deadline,
     on the thread that waits for it, with no thread or timer of its own. (httpcore sets the
-    socket's timeout before every read anyway: this adds a clock read. The DNS lookup within
-    the connect is not bounded: the C resolver takes no timeout.)"""
+    socket's timeout before every read anyway: this adds a clock read.)"""
 
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
@@ -198,9 +197,31 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         socket_options: Any = None,
     ) -> httpcore.NetworkStream:
         timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(
-            self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        )
+        if _deadline.at is None or timeout is None:
+            return _DeadlineStream(
+                self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+            )
+        # The lookup within the deadline too (the builtin transport's bounded resolver), then
+        # a connect to each address in turn. TLS still checks the name: httpcore hands
+        # ``start_tls`` the origin's host, not the address connected to.
+        try:
+            addresses = http11.resolve(host, port, timeout)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(str(exc)) from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        error: httpcore.ConnectError | None = None
+        for *_, address in addresses:
+            left = _within_deadline(timeout, httpcore.ConnectTimeout)
+            try:
+                stream = self._backend.connect_tcp(
+                    address[0], port, left, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+            else:
+                return _DeadlineStream(stream)
+        raise error or httpcore.ConnectError(f"{host} has no address")
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None

@@ -486,7 +486,7 @@ _resolver_pid = 0
 _resolver_lock = threading.Lock()
 
 
-def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+def resolve(host: str, port: int, timeout: float) -> list[Any]:
     """``getaddrinfo`` within ``timeout``. The C resolver takes no timeout: with a DNS server
     that does not answer it blocks for its own (5 s per try and server by default), and the
     page with it. So a name is looked up on a small thread pool (one per process: threads do
@@ -513,7 +513,7 @@ def _resolve(host: str, port: int, timeout: float) -> list[Any]:
 def _connect(host: str, port: int, deadline: float) -> socket.socket:
     """``socket.create_connection`` with the lookup bounded too, and one deadline for all."""
     errors: list[OSError] = []
-    for family, kind, proto, _, address in _resolve(host, port, _left(deadline)):
+    for family, kind, proto, _, address in resolve(host, port, _left(deadline)):
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(_left(deadline))
