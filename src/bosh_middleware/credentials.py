@@ -216,9 +216,10 @@ class SharedSecretCredentials:
       outside must use the same escaped JID (``bosh-middleware derive-password`` refuses one it
       is not).
 
-    A username that cannot be a localpart (empty, surrounding whitespace, control characters)
-    gets no session, and a warning on the ``bosh_middleware`` logger. The secret lives in the
-    app's settings, never in a page.
+    A username that cannot be a localpart (surrounding whitespace, control characters, or an
+    empty one from ``username=``) gets no session, and a warning on the ``bosh_middleware``
+    logger; a user with no username (the default lookup skips empty ones, as anonymous users
+    have) gets none without it. The secret lives in the app's settings, never in a page.
     """
 
     def __init__(
