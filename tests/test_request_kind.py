@@ -225,6 +225,28 @@ def test_wants_is_the_method_path_check_and_not_a_page(core: PrebindCore, case: 
     assert core.wants("POST", "/", get) is False
 
 
+@pytest.mark.parametrize(
+    ("prefixes", "path", "wanted"),
+    [
+        (("/admin",), "/admin", False),
+        (("/admin",), "/admin/users", False),
+        (("/admin",), "/administrators", True),
+        (("/admin", "/static/"), "/static/app.js", False),
+        (("/static/",), "/static", True),
+        (("/",), "/anything", False),
+        ((), "/admin", True),
+    ],
+)
+def test_wants_path_excludes_whole_segments(
+    prefixes: tuple[str, ...], path: str, wanted: bool
+) -> None:
+    """What the Django and Flask adapters ask; the ASGI and WSGI ones inline the same test."""
+    core = PrebindCore(
+        MiddlewareConfig(service_url=NOWHERE, credentials=lambda user: None, exclude_paths=prefixes)
+    )
+    assert core.wants_path("GET", path) is wanted
+
+
 # --- through the adapters: a pass-through app, a credentials callable that counts ----------
 #
 # ``credentials`` answers None (no XMPP account), so nothing is ever prebound. A request judged

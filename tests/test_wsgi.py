@@ -311,6 +311,31 @@ def test_paths_that_only_look_like_the_endpoint_or_an_excluded_prefix_are_pages(
     assert r.body == inject(PAGE, mw.core.snippet(session))
 
 
+@pytest.mark.parametrize(
+    ("path", "is_excluded"),
+    [
+        ("/admin", True),
+        ("/admin/", True),
+        ("/admin/users", True),
+        ("/administrators", False),
+        ("/static/a.js", True),
+        ("/static", False),
+    ],
+)
+def test_an_excluded_prefix_is_whole_path_segments(
+    make_mw: Any, path: str, is_excluded: bool
+) -> None:
+    headers = [*HTML, ("Content-Length", str(len(PAGE)))]
+    app = fixed_app("200 OK", headers, [PAGE])
+    mw, spy = make_mw(app, exclude_paths=("/admin", "/static/"))
+    r = get(mw, path)
+    if is_excluded:
+        assert r.body == PAGE and spy.calls == []
+    else:
+        (session,) = spy.sessions
+        assert r.body == inject(PAGE, mw.core.snippet(session))
+
+
 @pytest.mark.parametrize("endpoint", [None, "/static/bosh"])
 def test_excluded_paths_without_or_around_the_endpoint(make_mw: Any, endpoint: str | None) -> None:
     """No endpoint at all, or the endpoint inside an excluded prefix: the endpoint still

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -297,12 +297,31 @@ class AsyncPending(_Pending):
             self._task.add_done_callback(self.core._terminate_later_async)
 
 
+def exclusions(paths: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """``EXCLUDE_PATHS`` as adapters test them, inline on every request: the prefixes, for one
+    ``str.startswith`` that settles most paths, and whether that answer is final (every prefix
+    ends in "/"), so that only a path under "/admin" asks ``excluded`` about the boundary."""
+    prefixes = tuple(paths)
+    return prefixes, all(p.endswith("/") for p in prefixes)
+
+
+def excluded(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is below one of ``prefixes`` by whole path segments: "/admin" is
+    "/admin" and "/admin/users", not "/administrators", whose page a user expects prebound."""
+    for prefix in prefixes:
+        if path.startswith(prefix) and (
+            prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+        ):
+            return True
+    return False
+
+
 class PrebindCore:
     """One per middleware instance; thread-safe; holds the pooled engine clients."""
 
     def __init__(self, config: MiddlewareConfig) -> None:
         self.config = config
-        self._exclude = tuple(config.exclude_paths)
+        self._exclude, self._exclude_final = exclusions(config.exclude_paths)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
         self._lock = threading.Lock()
         self._sync: Prebinder | None = None
@@ -380,7 +399,12 @@ class PrebindCore:
     def wants_path(self, method: str, path: str) -> bool:
         """``wants`` without the header check, for adapters that read headers in one pass later:
         every request goes through this, so it is the cheapest test there is."""
-        return method == "GET" and not (self._exclude and path.startswith(self._exclude))
+        exclude = self._exclude
+        return method == "GET" and not (
+            exclude
+            and path.startswith(exclude)
+            and (self._exclude_final or excluded(path, exclude))
+        )
 
     #: See the module-level ``not_a_page``: the request's headers say it is no navigation.
     not_a_page = staticmethod(not_a_page)

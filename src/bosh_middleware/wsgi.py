@@ -21,6 +21,8 @@ from .core import (
     PrebindCore,
     SyncPending,
     charset_of,
+    excluded,
+    exclusions,
     is_authenticated,
     is_injectable,
     request_kind_of,
@@ -371,7 +373,7 @@ class BOSHPrebindMiddleware:
         self.get_nonce = get_nonce
         self.serve_endpoint = serve_endpoint
         self._endpoint_path = self.config.endpoint_path  # (None when there is no endpoint)
-        self._exclude = tuple(self.config.exclude_paths)
+        self._exclude, self._exclude_final = exclusions(self.config.exclude_paths)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # Every request passes here: the cheapest checks first (path and method, then the
@@ -385,7 +387,11 @@ class BOSHPrebindMiddleware:
             return self._endpoint(environ, start_response)
         # core.wants_path, inlined (every request runs this)
         exclude = self._exclude
-        if environ.get("REQUEST_METHOD", "GET") != "GET" or (exclude and path.startswith(exclude)):
+        if environ.get("REQUEST_METHOD", "GET") != "GET" or (
+            exclude
+            and path.startswith(exclude)
+            and (self._exclude_final or excluded(path, exclude))
+        ):
             return self.app(environ, start_response)
         get_user, user = self.get_user, None
         if get_user is not None:
