@@ -10,6 +10,7 @@ import asyncio
 import copy
 import inspect
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -579,6 +580,32 @@ async def test_response_that_cannot_carry_a_session_passes_through(make_mw: Any,
     rec = await run(mw, headers=NOT_NAV)
     assert spy.calls == []
     assert rec.messages == app.sent
+
+
+async def test_a_page_compressed_inside_the_middleware_is_reported_once(
+    make_mw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GZipMiddleware added before ours (so inside it) compresses every page before we see
+    it: no page gets a session, and each costs a prebind. One warning says why and what to do;
+    a compressed download (not HTML) is no such sign."""
+    gzip_page = response(200, [*HTML, ("content-encoding", "gzip")], b"\x1f\x8b\x08\x00garbage")
+    app = scripted_app(gzip_page)
+    mw, spy = make_mw(app)
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        other = scripted_app(
+            response(200, [("content-type", "application/gzip"), ("content-encoding", "gzip")])
+        )
+        mw.app = other
+        await run(mw)
+        assert not caplog.records
+        mw.app = app
+        for _ in range(3):
+            rec = await run(mw)  # navigations: a prebind each, ended unused
+            assert rec.messages == gzip_page
+    [record] = caplog.records
+    assert "Content-Encoding: gzip" in record.getMessage()
+    assert "GZipMiddleware" in record.getMessage()
+    assert await spy.await_terminated(4)
 
 
 async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:

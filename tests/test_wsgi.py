@@ -4,6 +4,7 @@ including the PEP 3333 corners: lazy start_response, write(), close(), exc_info.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -403,6 +404,21 @@ def test_response_that_cannot_carry_a_session_passes_through(make_mw: Any, case:
     assert spy.calls == []
     assert r.iterable is app.result
     assert (r.status, r.headers, r.body) == (status, headers, b"".join(body))
+
+
+def test_a_page_compressed_inside_the_middleware_is_reported_once(
+    make_mw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, headers, body = RESPONSE_CASES["gzip"]
+    app = fixed_app(status, headers, body)
+    mw, spy = make_mw(app)
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        for _ in range(3):
+            r = get(mw)  # a navigation: a prebind each, ended unused
+            assert r.body == b"".join(body)
+    [record] = caplog.records
+    assert "Content-Encoding: gzip" in record.getMessage()
+    assert spy.wait_terminated(3, timeout=5.0)
 
 
 @pytest.mark.parametrize("case", ["json", "404", "302"])

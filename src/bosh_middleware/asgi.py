@@ -249,6 +249,8 @@ class _Responder:
             if headers is None or not is_injectable(
                 self.scope["method"], message["status"], headers.get
             ):
+                if headers is not None:
+                    self.core.check_compressed(message["status"], headers.get)
                 self.passthrough = True
                 self.cleanup()
                 await self._send(message)

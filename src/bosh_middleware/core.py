@@ -328,10 +328,29 @@ class PrebindCore:
         self._async: AsyncPrebinder | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._told_compressed = False
         # WSGI servers and frameworks never tell a middleware they are shutting down: close the
         # pooled connections at exit (weakly: a discarded middleware is not kept alive).
         ref = weakref.ref(self)
         atexit.register(_close_at_exit, ref)
+
+    def check_compressed(self, status: int, get: HeaderGetter) -> None:
+        """Say (once) why a page goes out without its session when it came compressed: the
+        compression runs inside this middleware, a matter of order in the app's setup that
+        nothing else reports. Each such page costs a whole prebind for nothing, too."""
+        if self._told_compressed or status != 200:
+            return
+        encoding = get("content-encoding")
+        if not encoding or media_type(get("content-type")) not in _PAGE_TYPES:
+            return
+        self._told_compressed = True
+        log.warning(
+            "an HTML page reached bosh-middleware already compressed (Content-Encoding: %s): "
+            "it is served without the XMPP session. Put the compression middleware outside "
+            "this one (Starlette: add_middleware(GZipMiddleware) after ours; Django: "
+            "GZipMiddleware above ours in MIDDLEWARE). Said once.",
+            encoding[:40],
+        )
 
     # --- engines --------------------------------------------------------------------------
     @property

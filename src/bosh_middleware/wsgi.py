@@ -244,6 +244,8 @@ class _Exchange:
             or self.credentials is None
             or not is_injectable(self.environ.get("REQUEST_METHOD", ""), code, _getter(headers))
         ):
+            if exc_info is None:
+                self.core.check_compressed(code, _getter(headers))
             if self.mode == "held":  # error after a held start: forget the rewrite
                 self.held = None
             self.mode = "pass"
