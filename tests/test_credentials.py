@@ -192,3 +192,28 @@ def test_a_display_name_is_no_username() -> None:
     """Two users may share a display name: it must not map to an XMPP account."""
     assert SharedSecretCredentials("s3cret", "example.org")(_Named()) is None
     assert StaticCredentials({"Alice": ("alice@example.org", "pw")})(_Named()) is None
+
+
+def test_a_user_the_default_lookup_finds_no_username_on_is_reported_once_per_type(
+    caplog: Any,
+) -> None:
+    """A Flask-Login ``UserMixin`` with only ``id`` and ``email``: every page goes out without
+    a session, and one warning per user class says why, naming the class, never the user."""
+
+    class EmailOnly:
+        is_authenticated = True
+
+        def __init__(self, email: str) -> None:
+            self.id, self.email = 7, email
+
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    shared = SharedSecretCredentials(SECRET, DOMAIN)
+    static = StaticCredentials({"alice": ("alice@example.org", "pw")})
+    for helper in (shared, static, shared):
+        assert helper(EmailOnly("alice@example.org")) is None
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "EmailOnly" in message and "username=" in message
+    assert "alice@example.org" not in message
+    caplog.clear()
+    assert shared(None) is None and caplog.records == []  # no user at all: nothing to say

@@ -90,6 +90,26 @@ def _username_of(user: Any) -> str | None:
     return None
 
 
+#: User types the default lookup found no username on, already reported (once per type: the
+#: same class answers the same way on every page).
+_nameless_types: set[type] = set()
+
+
+def _default_username(user: Any) -> str | None:
+    """``_username_of``, saying (once per user class) when it finds nothing on a user the app
+    calls logged in: such a user never gets a session, and a ``UserMixin`` with only ``id``
+    and ``email`` is easy to write. A ``username=`` callable that answers None means it."""
+    name = _username_of(user)
+    if name is None and user is not None and type(user) not in _nameless_types:
+        _nameless_types.add(type(user))
+        log.warning(
+            "no XMPP session for users of type %s: they have no username (get_username(), "
+            "username or identity); pass username= to the credentials helper",
+            type(user).__qualname__,
+        )
+    return name
+
+
 class StaticCredentials:
     """A fixed map from the app's username to an XMPP ``(jid, password)``: for demos and tests.
 
@@ -101,7 +121,7 @@ class StaticCredentials:
         self,
         accounts: Mapping[str, tuple[str, str]],
         *,
-        username: Callable[[Any], str | None] = _username_of,
+        username: Callable[[Any], str | None] = _default_username,
     ) -> None:
         self._accounts = dict(accounts)
         self._username = username
@@ -227,7 +247,7 @@ class SharedSecretCredentials:
         secret: str | bytes,
         domain: str,
         *,
-        username: Callable[[Any], str | None] = _username_of,
+        username: Callable[[Any], str | None] = _default_username,
     ) -> None:
         if not secret:
             raise ValueError("SharedSecretCredentials needs a non-empty secret")
