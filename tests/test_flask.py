@@ -278,6 +278,17 @@ def test_other_bosh_keys_are_the_apps_own_and_a_likely_typo_is_logged(
         close_core(core)
 
 
+def test_enabled_false_leaves_the_app_alone() -> None:
+    app = Flask(__name__)
+    app.config.update(BOSH_ENABLED=False)  # nor even the required settings
+    BOSHPrebind(app)
+    assert "bosh_prebind" not in app.extensions
+    assert not app.before_request_funcs and not app.after_request_funcs
+    app.config.update(BOSH_ENABLED="False")
+    with pytest.raises(TypeError, match="BOSH_ENABLED must be True or False"):
+        BOSHPrebind(app)
+
+
 def test_fails_open_when_the_server_is_down(make_app) -> None:
     app = make_app(service_url="http://127.0.0.1:9/http-bind", timeout=2)
     r = logged_in(app).get("/", headers=NAVIGATION)

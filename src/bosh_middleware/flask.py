@@ -5,8 +5,9 @@ option (``BOSH_SERVICE_URL``, ``BOSH_CREDENTIALS`` as a callable or a dotted pat
 ``BOSH_TIMEOUT``, ``BOSH_WAIT`` ...), read once by ``init_app``: set them before. The user is
 Flask-Login's ``current_user`` when the app has a login manager, unless ``get_user=`` says
 otherwise. A CSP nonce is read from ``g.csp_nonce`` or ``request.csp_nonce`` (flask-talisman);
-``BOSH_NONCE_ATTRIBUTE`` renames it. Other ``BOSH_*`` keys are the app's own and left alone
-(one close to a setting's name is logged as a likely typo).
+``BOSH_NONCE_ATTRIBUTE`` renames it. ``BOSH_ENABLED = False`` leaves the app alone. Other
+``BOSH_*`` keys are the app's own, ignored (one close to a setting's name is logged as a likely
+typo). ``init_app`` writes each setting's default into ``app.config``, where it can be read.
 
 The generic WSGI middleware wraps ``app.wsgi_app`` and does the response rewrite; Flask's hooks
 only tell it who the user is: ``before_request`` starts the prebind next to the view for a
@@ -38,6 +39,8 @@ __all__ = ["BOSHPrebind", "flask_login_user"]
 EXTENSION_KEY = "bosh_prebind"
 PREFIX = "BOSH_"
 log = logging.getLogger("bosh_middleware")
+#: This adapter's own keys, not ``MiddlewareConfig`` settings.
+_ADAPTER_KEYS = frozenset({f"{PREFIX}NONCE_ATTRIBUTE", f"{PREFIX}ENABLED"})
 _WHOLE = "bosh_middleware.flask.whole_body"
 _UNSET = object()
 
@@ -69,7 +72,7 @@ def _config(app: Flask) -> MiddlewareConfig:
     known = MiddlewareConfig.setting_names()
     values = {}
     for key, value in app.config.items():
-        if not key.startswith(PREFIX) or key == f"{PREFIX}NONCE_ATTRIBUTE":
+        if not key.startswith(PREFIX) or key in _ADAPTER_KEYS:
             continue
         if key[len(PREFIX) :].lower() in known:
             values[key] = value
@@ -115,6 +118,14 @@ class BOSHPrebind:
     def init_app(self, app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("BOSHPrebind is already initialised on this app")
+        # As Django's ENABLED: one switch (per environment, say) that leaves the app as if
+        # the extension were not there, without editing the code that adds it.
+        enabled = app.config.get(f"{PREFIX}ENABLED", True)
+        if not isinstance(enabled, bool):  # ("False" from the environment is truthy)
+            raise TypeError(f"{PREFIX}ENABLED must be True or False, not {type(enabled).__name__}")
+        if not enabled:
+            log.info("BOSHPrebind is off: app.config['%sENABLED'] is False", PREFIX)
+            return
         core = PrebindCore(_config(app))
         app.extensions[EXTENSION_KEY] = _State(
             core, self.get_user or flask_login_user, app.config["BOSH_NONCE_ATTRIBUTE"]
