@@ -4,7 +4,9 @@ to ``PrebindOptions`` whichever adapter is given them."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +250,15 @@ def test_the_session_repr_redacts_the_service_url_password() -> None:
     assert "topsecret" not in repr(session)
     assert "xmpp.example.org/http-bind" in repr(session) and "rid=10" in repr(session)
     assert session.service_url == url
+
+
+def test_every_setting_is_in_the_readme_table_and_every_row_is_a_setting() -> None:
+    """The Settings table is where users look: a setting missing there is one nobody finds
+    (PIPELINE, MAX_POLLS and HEADERS were), and a row naming none is a promise broken."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    documented = {
+        name.lower() for row in rows for name in re.findall(r"`([A-Z_]+)`", row.split("|")[1])
+    }
+    assert documented == MiddlewareConfig.setting_names() | {"enabled"}
