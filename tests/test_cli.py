@@ -129,6 +129,7 @@ def test_check_json(prosody) -> None:
     assert "POST" in (cors["access-control-allow-methods"] or "")
     assert "content-type" in (cors["access-control-allow-headers"] or "").lower()
     assert not any("CORS" in w for w in report["warnings"])
+    assert "hint" not in report
 
 
 def test_check_human_output_and_anonymous_host(prosody) -> None:
@@ -146,6 +147,7 @@ def test_check_closed_port(prosody) -> None:
     report = json.loads(res.stdout)
     assert report["reachable"] is False
     assert "connection-failed" in report["error"]
+    assert "hint" not in report  # nothing says the domain is wrong
 
 
 def test_prebind_closed_port() -> None:
@@ -214,3 +216,87 @@ def test_derive_password_is_the_password_shared_secret_credentials_uses(username
     res = cli("derive-password", "--jid", creds.jid, BOSH_SHARED_SECRET="s3cret")
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"{creds.password}\n"
+
+
+# A service URL no transport can use is a usage error (one line, exit 2), for every command that
+# takes one, and shown without the password of its userinfo. Without the check: a traceback.
+BAD_URLS = [
+    "notaurl",
+    "ftp://127.0.0.1/http-bind",
+    "http:///http-bind",
+    "http://127.0.0.1:abc/http-bind",
+    "http://[::1/http-bind",
+    "http://127.0.0.1:99999/http-bind",
+    "http://user:pw-in-url@a..b/http-bind",  # an empty DNS label: the resolver's UnicodeError
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_prebind_refuses_a_service_url_that_is_not_http(url: str) -> None:
+    stderr = _one_line_usage_error(cli("prebind", url, "--jid", "a@localhost", password="x"))
+    assert "service URL" in stderr
+    assert "pw-in-url" not in stderr
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_check_refuses_a_service_url_that_is_not_http(url: str) -> None:
+    stderr = _one_line_usage_error(cli("check", url, "--json"))
+    assert "service URL" in stderr
+    assert "pw-in-url" not in stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["prebind", "--anonymous", "--domain", "a.b"]])
+def test_a_timeout_prebinder_refuses_is_a_usage_error(command: list[str]) -> None:
+    stderr = _one_line_usage_error(
+        cli(command[0], "http://127.0.0.1:1/http-bind", *command[1:], "--timeout", "0")
+    )
+    assert "timeout" in stderr
+
+
+def test_check_hints_at_domain_when_the_urls_host_is_no_xmpp_domain(prosody) -> None:
+    """The README's SERVICE_URL, http://127.0.0.1:PORT/http-bind, alone: the domain defaults
+    to 127.0.0.1, which Prosody refuses (improper-addressing). Say to pass --domain."""
+    res = cli("check", prosody.service_url, "--json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    assert report["reachable"] is False and report["domain"] == "127.0.0.1"
+    assert "improper-addressing" in report["error"]
+    assert "--domain" in report["hint"] and "127.0.0.1" in report["hint"]
+
+    res = cli("check", prosody.service_url)
+    assert res.returncode == 1, res.stderr
+    hints = [line for line in res.stdout.splitlines() if line.strip().startswith("hint:")]
+    assert len(hints) == 1 and "--domain" in hints[0], res.stdout
+    # and what the hint says works
+    assert cli("check", prosody.service_url, "--domain", prosody.domain).returncode == 0
+
+
+def test_check_hints_at_domain_when_the_given_domain_is_not_served(prosody) -> None:
+    res = cli("check", prosody.service_url, "--domain", "nope.example", "--json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    assert report["reachable"] is False
+    assert "--domain" in report["hint"] and "nope.example" in report["hint"]
+
+
+def test_check_hints_at_domain_on_ejabberd(ejabberd) -> None:
+    """ejabberd 23.01 refuses an unknown domain with internal-server-error: a hint when the
+    domain was the URL's host, none when it was given (that condition means other things)."""
+    report = json.loads(cli("check", ejabberd.service_url, "--json").stdout)
+    assert report["reachable"] is False and "--domain" in report["hint"]
+    report = json.loads(
+        cli("check", ejabberd.service_url, "--domain", ejabberd.domain, "--json").stdout
+    )
+    assert report["reachable"] is True and "hint" not in report
+
+
+@pytest.mark.parametrize("command", [[], ["prebind"], ["check"], ["derive-password"]])
+def test_help_is_plain_text(command: list[str]) -> None:
+    """--help is read in a terminal: no reStructuredText markup (the module docstring's)."""
+    res = cli(*command, "--help")
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith("usage: bosh-middleware")
+    assert "``" not in res.stdout
+    description = res.stdout.split("\n\n")[1]  # after the usage lines
+    assert not description.startswith(("positional", "options")), res.stdout
+    assert "service_url" not in res.stdout  # a metavar, not the attribute name

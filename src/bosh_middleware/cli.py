@@ -37,6 +37,35 @@ EXIT_USAGE = 2
 EXIT_AUTH = 3
 
 
+#: What ``--help`` opens with. Plain text, not the module docstring: argparse prints its text as
+#: is, and the docstring's reStructuredText markup (double backquotes) would show as noise.
+DESCRIPTION = """\
+Prebind an XMPP session over BOSH from a shell, and diagnose a BOSH endpoint.
+
+Most prebind trouble in the wild is server configuration (PLAIN hidden over
+plain http, a wait above what browsers tolerate, missing CORS headers), so
+"check" says what an endpoint offers and what of it will bite.
+"""
+
+EPILOG = """\
+exit status: 0 success, 1 failure (endpoint unreachable or refusing), 2 usage
+error, 3 login refused. Run "bosh-middleware COMMAND --help" for a command's
+options.
+"""
+
+#: Conditions a server ends a session request with when its ``to`` names no domain it serves:
+#: Prosody answers ``improper-addressing``; RFC 6120 and XEP-0124 name ``host-unknown``,
+#: ``host-gone`` and ``remote-connection-failed`` for it. ``check`` defaults the domain to the
+#: URL's host (often ``127.0.0.1``), so these are what a user sees first and need a way out.
+WRONG_DOMAIN_CONDITIONS = frozenset(
+    {"improper-addressing", "host-unknown", "host-gone", "remote-connection-failed"}
+)
+
+#: ejabberd (23.01) answers ``internal-server-error`` for a domain it does not serve. That
+#: condition also means other things, so it only earns a hint when the domain was a guess.
+WRONG_GUESSED_DOMAIN_CONDITIONS = WRONG_DOMAIN_CONDITIONS | {"internal-server-error"}
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"timeout": args.timeout}
     if getattr(args, "mechanism", None):
@@ -50,6 +79,45 @@ def _usage(message: str) -> int:
     """A mistake in the command line: one line on stderr, not a traceback."""
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _service_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a BOSH service URL (http or https, with a host), or ``None``.
+
+    Checked before anything is sent, so that a typo (``notaurl``, ``ftp://``, a port that is
+    not a number, an empty DNS label) is a usage error on one line, as a malformed ``--jid``
+    is, instead of the ``ValueError`` the transports raise (a traceback) or a connection
+    failure that blames the network. The URL is shown redacted: it may hold a password.
+    """
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # a port that is not a number in 0-65535 raises here
+    except ValueError as exc:
+        return f"service URL {shown!r}: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"service URL must start with http:// or https://, not {shown!r}"
+    if not host:
+        return f"service URL has no host: {shown!r}"
+    try:
+        host.encode("idna")  # what the resolver does with it; "a..b" fails there, uncaught
+    except UnicodeError:
+        return f"service URL host is not a valid host name: {shown!r}"
+    return None
+
+
+def _prebinder(url: str, **options: Any) -> Prebinder | str:
+    """A ``Prebinder`` for ``url``, or why the command line cannot make one (a message for
+    ``_usage``). ``Prebinder`` refuses bad settings (``--timeout 0``) with ``ValueError``; only
+    its construction is guarded, so that a ``ValueError`` from a bug later on still shows."""
+    problem = _service_url_problem(url)
+    if problem is not None:
+        return problem
+    try:
+        return Prebinder(url, **options)
+    except ValueError as exc:
+        return str(exc)
 
 
 def _cmd_prebind(args: argparse.Namespace) -> int:
@@ -75,8 +143,11 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
             creds = Credentials(args.jid, password, resource=args.resource)
         except ValueError as exc:  # (the message names the JID, never the password)
             return _usage(f"--jid: {exc}")
+    prebinder = _prebinder(args.service_url, **_options(args))
+    if isinstance(prebinder, str):
+        return _usage(prebinder)
     try:
-        with Prebinder(args.service_url, **_options(args)) as prebinder:
+        with prebinder:
             session = prebinder.prebind(creds)
     except AuthenticationFailed as exc:
         print(f"error: authentication failed ({exc.condition}): {exc}", file=sys.stderr)
@@ -106,17 +177,41 @@ def _cors(url: str, timeout: float) -> dict[str, str | None]:
     return {"status": str(r.status_code), **{n: r.headers.get(n) for n in names}}
 
 
+def _wrong_domain_hint(condition: str | None, domain: str, guessed: bool) -> str | None:
+    """What to do when the server's refusal means it serves no XMPP domain ``domain``, or
+    ``None``. Without it a user who followed the README (``check`` on the service URL alone)
+    reads ``reachable: False`` about a server that answered, and looks for a network fault."""
+    if condition in WRONG_DOMAIN_CONDITIONS:
+        refused = "the server does not serve"
+    elif guessed and condition in WRONG_GUESSED_DOMAIN_CONDITIONS:
+        refused = "the server may not serve"
+    else:
+        return None
+    default = " (the URL's host, the default)" if guessed else ""
+    return (
+        f"{refused} the XMPP domain '{domain}'{default}: pass --domain <your XMPP domain>, "
+        "the part after @ in your users' JIDs"
+    )
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
+    prebinder = _prebinder(args.service_url, timeout=args.timeout)
+    if isinstance(prebinder, str):
+        return _usage(prebinder)
+    guessed = not args.domain
     domain = args.domain or urlsplit(args.service_url).hostname or ""
     # (printed, and so without the password of a user:password@ in the URL)
     report: dict[str, Any] = {"service_url": redact_url(args.service_url), "domain": domain}
     warnings: list[str] = []
     started = time.perf_counter()
     try:
-        with Prebinder(args.service_url, timeout=args.timeout) as prebinder:
+        with prebinder:
             info = prebinder.probe(domain)
     except BOSHError as exc:
         report.update(reachable=False, error=f"{type(exc).__name__} ({exc.condition}): {exc}")
+        hint = _wrong_domain_hint(exc.condition, domain, guessed)
+        if hint is not None:
+            report["hint"] = hint
         info = None
     report["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if info is not None:
@@ -210,29 +305,61 @@ def _shared_secret_jid_problem(jid: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bosh-middleware", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # (raw: the description's paragraphs and the epilog's lines are already wrapped)
+    parser = argparse.ArgumentParser(
+        prog="bosh-middleware",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    url_help = "the BOSH service URL (http:// or https://)"
+    timeout_help = "seconds to wait for each HTTP request (default: %(default)s)"
 
-    p = sub.add_parser("prebind", help="prebind a session and print {jid, sid, rid} as JSON")
-    p.add_argument("service_url")
-    p.add_argument("--jid", help="the account; the password is read from $BOSH_PASSWORD")
-    p.add_argument("--anonymous", action="store_true", help="SASL ANONYMOUS (needs --domain)")
-    p.add_argument("--domain", help="the anonymous host")
+    p = sub.add_parser(
+        "prebind",
+        help="prebind a session and print {jid, sid, rid} as JSON",
+        description="Log in over BOSH and print the session as one line of JSON "
+        '({"jid", "sid", "rid"}) for a browser client to attach to. The password is read '
+        "from the BOSH_PASSWORD environment variable, never from the command line.",
+    )
+    p.add_argument("service_url", metavar="URL", help=url_help)
+    p.add_argument(
+        "--jid", help="the account to log in as; its password is read from $BOSH_PASSWORD"
+    )
+    p.add_argument(
+        "--anonymous", action="store_true", help="log in with SASL ANONYMOUS (needs --domain)"
+    )
+    p.add_argument("--domain", help="with --anonymous: the server's anonymous host")
     p.add_argument("--resource", help="bind this resource instead of a random one")
-    p.add_argument("--mechanism", action="append", help="allowed SASL mechanism (repeatable)")
+    p.add_argument(
+        "--mechanism",
+        action="append",
+        help="allow only this SASL mechanism, e.g. SCRAM-SHA-1 (repeatable)",
+    )
     p.add_argument(
         "--allow-insecure-plain",
         action="store_true",
-        help="allow PLAIN over http:// to a non-loopback host",
+        help="allow PLAIN over plain http:// to a host other than this machine",
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help=timeout_help)
     p.set_defaults(func=_cmd_prebind)
 
-    c = sub.add_parser("check", help="report what a BOSH endpoint offers")
-    c.add_argument("service_url")
-    c.add_argument("--domain", help="XMPP domain (default: the URL's host)")
-    c.add_argument("--timeout", type=float, default=10.0)
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c = sub.add_parser(
+        "check",
+        help="report what a BOSH endpoint offers",
+        description="Open a session on a BOSH endpoint and report what it offers (SASL "
+        "mechanisms, wait, inactivity, requests, CORS headers), with warnings about what will "
+        "bite browser clients.",
+    )
+    c.add_argument("service_url", metavar="URL", help=url_help)
+    c.add_argument(
+        "--domain",
+        help="the XMPP domain to ask for, the part after @ in your users' JIDs "
+        "(default: the URL's host, rarely right for an address such as 127.0.0.1)",
+    )
+    c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help=timeout_help)
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_check)
 
     d = sub.add_parser(
@@ -245,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--jid",
         required=True,
         help="the JID as SharedSecretCredentials builds it: the username lower-cased and "
-        "XEP-0106-escaped (space \\20, @ \\40, / \\2f, \\ \\5c ...), then @domain; "
+        "XEP-0106-escaped (a space as \\20, @ as \\40, / as \\2f, a backslash as \\5c, "
+        "...), then @domain; "
         "e.g. 'alice\\20smith@example.org' for the username 'Alice Smith'",
     )
     d.set_defaults(func=_cmd_derive)
