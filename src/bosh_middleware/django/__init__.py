@@ -14,9 +14,11 @@
         "CREDENTIALS": "myproject.xmpp.credentials",      # (user) -> Credentials | None
     }
 
-``BOSH_PREBIND`` takes the upper-case keys of ``MiddlewareConfig`` and ``PrebindOptions``, plus
-``ENABLED`` (default ``True``). ``CREDENTIALS`` is a dotted path or a callable, sync or async; a
-sync one runs through ``sync_to_async`` under ASGI, so it may use the ORM.
+``BOSH_PREBIND`` takes the keys of ``MiddlewareConfig`` and ``PrebindOptions``, upper-case by
+convention but read in any case, plus ``ENABLED`` (``True`` or ``False``, default ``True``).
+``CREDENTIALS`` is a dotted path or a callable, sync or async; a sync one runs through
+``sync_to_async`` under ASGI, so it may use the ORM. Without ``BOSH_PREBIND`` the middleware
+does nothing, and says so once on the ``bosh_middleware`` logger; ``ENABLED: False`` is quiet.
 """
 
 from __future__ import annotations

@@ -9,40 +9,48 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .middleware import BOSHPrebindMiddleware, load_config
+from .middleware import BOSHPrebindMiddleware, MissingSetting, load_config
 
 # Response processing runs bottom-up: these must be listed before (above) the middleware.
-_OUTER = (
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "csp.middleware.CSPMiddleware",
-    "django.middleware.csp.ContentSecurityPolicyMiddleware",
+# What goes wrong when one is listed after ours, checked by tests/django_app/test_checks.py.
+_NO_USER = (
+    "request.user is not set yet when it runs, so a page's prebind starts only after the view "
+    "instead of alongside it (the page waits for the whole XMPP login), and its JSON endpoint "
+    "(ENDPOINT_PATH) answers everyone 401 (not authenticated)."
 )
+_OUTER = {
+    "django.contrib.sessions.middleware.SessionMiddleware": _NO_USER,
+    "django.contrib.auth.middleware.AuthenticationMiddleware": _NO_USER,
+    "csp.middleware.CSPMiddleware": (
+        "the CSP header is written before it asks for a nonce for its script, so django-csp "
+        "raises CSPNonceError (a 500 error) for every prebound page whose view used no nonce."
+    ),
+    "django.middleware.csp.ContentSecurityPolicyMiddleware": (
+        "the CSP header is written before it asks for a nonce for its script, so a prebound "
+        "page whose view used no nonce gets a header without it: browsers block the script."
+    ),
+}
 _GZIP = "django.middleware.gzip.GZipMiddleware"
 _SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
+#: For a missing setting only: with any other mistake, the message says what to change.
+_EXAMPLE = (
+    'e.g. BOSH_PREBIND = {"SERVICE_URL": "https://xmpp.example.org/http-bind", '
+    '"CREDENTIALS": "myproject.xmpp.credentials"}'
+)
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``load_config``'s verdict, so that the check and the middleware cannot disagree."""
     values = getattr(settings, "BOSH_PREBIND", None)
-    hint = (
-        'e.g. BOSH_PREBIND = {"SERVICE_URL": "https://xmpp.example.org/http-bind", '
-        '"CREDENTIALS": "myproject.xmpp.credentials"}'
-    )
     if values is None:
-        return [checks.Error("BOSH_PREBIND is not set.", hint=hint, id="bosh_prebind.E001")]
-    if not values.get("ENABLED", True):
-        return []
-    problem = None
-    if not values.get("SERVICE_URL"):
-        problem = "BOSH_PREBIND has no SERVICE_URL."
-    elif values.get("CREDENTIALS") is None:
-        problem = "BOSH_PREBIND has no CREDENTIALS."
-    else:
-        try:
-            load_config(values)
-        except ImproperlyConfigured as exc:
-            problem = str(exc)
-    return [checks.Error(problem, hint=hint, id="bosh_prebind.E001")] if problem else []
+        return [checks.Error("BOSH_PREBIND is not set.", hint=_EXAMPLE, id="bosh_prebind.E001")]
+    try:
+        load_config(values)
+    except MissingSetting as exc:
+        return [checks.Error(str(exc), hint=_EXAMPLE, id="bosh_prebind.E001")]
+    except ImproperlyConfigured as exc:
+        return [checks.Error(str(exc), id="bosh_prebind.E001")]
+    return []
 
 
 def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -57,7 +65,7 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
         if outer is not None:
             messages.append(
                 checks.Warning(
-                    f"{_SELF} is listed before {outer}: it cannot see the user or add a CSP nonce.",
+                    f"{_SELF} is listed before {outer}: {_OUTER[outer]}",
                     hint=f"Move it below {middleware[i]} in MIDDLEWARE.",
                     id="bosh_prebind.W002",
                 )

@@ -9,7 +9,9 @@ a view logs in gets their session in the page it renders, prebound after the vie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import functools
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -30,27 +32,90 @@ from ..core import (
     request_kind,
 )
 from ..inject import Injector
-from ..session import PrebindSession
+from ..session import PrebindSession, check_bool
 from ._compat import csp_nonce
 
-__all__ = ["BOSHPrebindMiddleware", "load_config"]
+__all__ = ["BOSHPrebindMiddleware", "MissingSetting", "load_config"]
+
+log = logging.getLogger("bosh_middleware")
+
+#: Keys without a default, as the README and the system check's example spell them.
+REQUIRED = ("SERVICE_URL", "CREDENTIALS")
+_SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
+
+
+class MissingSetting(ImproperlyConfigured):
+    """A required key of ``BOSH_PREBIND`` is absent: the system check shows an example then,
+    which would only distract from any other mistake (its message says what is wrong)."""
 
 
 def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareConfig | None:
-    """``settings.BOSH_PREBIND`` as a ``MiddlewareConfig``; ``None`` when absent or disabled."""
+    """``settings.BOSH_PREBIND`` as a ``MiddlewareConfig``; ``None`` when absent or disabled.
+
+    Its keys count in any case, as ``from_mapping`` reads them: the two this adapter reads
+    itself, ``ENABLED`` and ``CREDENTIALS`` (a dotted path), too, or a lower-case
+    ``"credentials"`` would reach ``from_mapping`` as a string. Every problem is raised as
+    ``ImproperlyConfigured``, naming the key as it was written.
+    """
     values = getattr(settings, "BOSH_PREBIND", None) if values is None else values
-    if values is None or not values.get("ENABLED", True):
+    if values is None:
         return None
-    values = {k: v for k, v in values.items() if k != "ENABLED"}
-    credentials = values.pop("CREDENTIALS", None)
+    values = _checked_keys(values)
+    if (enabled := _key(values, "ENABLED")) is not None:
+        try:
+            if not check_bool(enabled, values.pop(enabled)):
+                return None
+        except TypeError as exc:  # "False" from the environment would be True
+            raise ImproperlyConfigured(f"BOSH_PREBIND: {exc}") from exc
+    # (None counts as absent: what os.environ.get() gives for a variable nobody set)
+    found = {n: k for n in REQUIRED if (k := _key(values, n)) and values[k] is not None}
+    if missing := [name for name in REQUIRED if name not in found]:
+        raise MissingSetting(f"BOSH_PREBIND has no {' or '.join(missing)}.")
+    key = found["CREDENTIALS"]
+    credentials = values[key]
     try:
         if isinstance(credentials, str):
             credentials = import_string(credentials)
-        if async_mode and callable(credentials) and not _is_async(credentials):
-            credentials = sync_to_async(credentials)  # may use the ORM: not on the event loop
-        return MiddlewareConfig.from_mapping(values, credentials=credentials)
-    except (ImportError, TypeError, ValueError) as exc:
+    except ImportError as exc:
+        raise ImproperlyConfigured(f"BOSH_PREBIND: {key} {credentials!r}: {exc}") from exc
+    if async_mode and callable(credentials) and not _is_async(credentials):
+        credentials = sync_to_async(credentials)  # may use the ORM: not on the event loop
+    # Back under the key as written, so that a wrong type's message names it that way.
+    values[key] = credentials
+    try:
+        return MiddlewareConfig.from_mapping(values)
+    except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(f"BOSH_PREBIND: {exc}") from exc
+
+
+def _checked_keys(values: Any) -> dict[str, Any]:
+    """``values`` as a dict of its own, once its keys are strings that differ in more than
+    case: with both ``TIMEOUT`` and ``timeout``, which counted would be up to dict order."""
+    if not isinstance(values, Mapping):
+        raise ImproperlyConfigured(f"BOSH_PREBIND must be a dict, not {type(values).__name__}")
+    seen: dict[str, str] = {}
+    for key in values:
+        if not isinstance(key, str):
+            raise ImproperlyConfigured(f"BOSH_PREBIND: keys must be strings, not {key!r}")
+        if (first := seen.setdefault(key.lower(), key)) != key:
+            raise ImproperlyConfigured(f"BOSH_PREBIND has both {first} and {key}")
+    return dict(values)
+
+
+def _key(values: Mapping[str, Any], name: str) -> str | None:
+    """The key of ``values`` that is ``name`` in any case, as written; ``None`` if none is."""
+    return next((key for key in values if key.lower() == name.lower()), None)
+
+
+@functools.cache
+def _warn_unset() -> None:
+    """Once per process: every handler (each test Client, a server's ASGI and WSGI one) builds
+    its own middleware, and the system checks that would say so do not run under gunicorn."""
+    log.warning(
+        "BOSH_PREBIND is not set: %s is listed in MIDDLEWARE but does nothing. Set BOSH_PREBIND "
+        '(or BOSH_PREBIND = {"ENABLED": False} to turn it off on purpose).',
+        _SELF,
+    )
 
 
 def _injectable(request: HttpRequest, response: HttpResponseBase) -> bool:
@@ -98,7 +163,12 @@ class BOSHPrebindMiddleware:
             markcoroutinefunction(self)
         config = load_config(async_mode=self.async_mode)
         if config is None:
-            raise MiddlewareNotUsed("BOSH_PREBIND is not set or disabled")
+            # Disabled on purpose (ENABLED False) is quiet; a missing setting is not, as it
+            # would otherwise leave every page without a session and no word of why.
+            if getattr(settings, "BOSH_PREBIND", None) is None:
+                _warn_unset()
+                raise MiddlewareNotUsed("BOSH_PREBIND is not set")
+            raise MiddlewareNotUsed("BOSH_PREBIND is disabled (ENABLED is False)")
         self.core = PrebindCore(config)
 
     def __call__(self, request: HttpRequest) -> Any:
