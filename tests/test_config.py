@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bosh_middleware import Credentials
+from bosh_middleware import Credentials, Prebinder
 from bosh_middleware.asgi import BOSHPrebindMiddleware as ASGIMiddleware
 from bosh_middleware.config import MiddlewareConfig
 from bosh_middleware.session import PrebindOptions, PrebindSession
@@ -262,3 +262,24 @@ def test_every_setting_is_in_the_readme_table_and_every_row_is_a_setting() -> No
         name.lower() for row in rows for name in re.findall(r"`([A-Z_]+)`", row.split("|")[1])
     }
     assert documented == MiddlewareConfig.setting_names() | {"enabled"}
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://example.org/http-bind", "not an http"),
+        ("/http-bind", "not an http"),
+        ("http://a..b/http-bind", "not a valid host name"),
+        ("http://example.org:99999/http-bind", "out of range"),
+        ("http://user:pw@a..b/http-bind", "not a valid host name"),
+    ],
+)
+def test_a_service_url_that_can_never_work_is_refused_when_the_settings_are_made(
+    url: str, why: str
+) -> None:
+    """Not at the first page, where the lookup of "a..b" raised UnicodeError (no BOSHError)."""
+    with pytest.raises(ValueError, match=why) as info:
+        MiddlewareConfig.from_mapping({"SERVICE_URL": url, "CREDENTIALS": creds})
+    assert str(info.value).startswith("SERVICE_URL: ") and "pw" not in str(info.value)
+    with pytest.raises(ValueError, match=why):
+        Prebinder(url)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .credentials import Credentials
-from .http11 import redact_url
+from .http11 import check_url, redact_url
 from .inject import script_snippet
 from .session import (
     OPTION_CHECKS,
@@ -134,6 +134,11 @@ def _check_url(name: str, value: Any, *, optional: bool = False) -> str | None:
         raise TypeError(f"{name} must be a URL string, not {type(value).__name__}")
     if not value and not optional:
         raise ValueError(f"{name} is required")
+    if not optional:  # (PUBLIC_SERVICE_URL is the browser's, and may be relative: "/http-bind")
+        try:
+            check_url(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return value
 
 

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from .errors import ProtocolError, ResponseTooLarge, ServiceUnavailable
 
@@ -177,10 +177,24 @@ def ssl_context(verify: Any) -> ssl.SSLContext:
         return ssl.create_default_context()
 
 
-def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
+def check_url(url: str) -> SplitResult:
+    """``url`` split, if it can be a BOSH endpoint's (http or https, a host name the resolver
+    takes, a port that is a number); ``ValueError`` otherwise, naming the URL without its
+    password. Run when the settings are made: "a..b" would otherwise raise UnicodeError, no
+    BOSHError, from the lookup at the first page."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
+    try:
+        parts.hostname.encode("idna")
+        _ = parts.port  # (a port that is no number in 0-65535 raises ValueError)
+    except UnicodeError:
+        raise ValueError(f"not a valid host name in {redact_url(url)!r}") from None
+    return parts
+
+
+def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
+    parts = check_url(url)
     tls = parts.scheme == "https"
     # %-encode what cannot go on the request line as is (a space would split it)
     target = quote(parts.path or "/", safe=_TARGET_SAFE)
@@ -206,6 +220,7 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
     port = parts.port or (443 if tls else 80)
     tls_context = ssl_context(verify) if tls else None
+    assert parts.hostname  # (check_url refused a URL without one)
     return Origin(redact_url(url), parts.hostname, port, tls_context, prefix)
 
 
