@@ -27,7 +27,7 @@ from .credentials import (
     unescape_localpart,
 )
 from .errors import AuthenticationFailed, BOSHError
-from .http11 import redact_url
+from .http11 import check_url, redact_url
 from .protocol import is_secure_transport
 
 __all__ = ["main"]
@@ -82,28 +82,14 @@ def _usage(message: str) -> int:
 
 
 def _service_url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be a BOSH service URL (http or https, with a host), or ``None``.
-
-    Checked before anything is sent, so that a typo (``notaurl``, ``ftp://``, a port that is
-    not a number, an empty DNS label) is a usage error on one line, as a malformed ``--jid``
-    is, instead of the ``ValueError`` the transports raise (a traceback) or a connection
-    failure that blames the network. The URL is shown redacted: it may hold a password.
-    """
-    shown = redact_url(url)
+    """Why ``url`` cannot be a BOSH service URL, or ``None``: checked before anything is sent,
+    so that a typo (``notaurl``, ``ftp://``, a port that is not a number, an empty DNS label)
+    is a usage error on one line, as a malformed ``--jid`` is, and not a connection failure
+    that blames the network. The message shows the URL without its password."""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # a port that is not a number in 0-65535 raises here
+        check_url(url)
     except ValueError as exc:
-        return f"service URL {shown!r}: {exc}"
-    if parts.scheme not in ("http", "https"):
-        return f"service URL must start with http:// or https://, not {shown!r}"
-    if not host:
-        return f"service URL has no host: {shown!r}"
-    try:
-        host.encode("idna")  # what the resolver does with it; "a..b" fails there, uncaught
-    except UnicodeError:
-        return f"service URL host is not a valid host name: {shown!r}"
+        return f"service URL: {exc}"
     return None
 
 
