@@ -23,7 +23,8 @@ _OUTER = {
     "django.contrib.auth.middleware.AuthenticationMiddleware": _NO_USER,
     "csp.middleware.CSPMiddleware": (
         "the CSP header is written before it asks for a nonce for its script, so django-csp "
-        "raises CSPNonceError (a 500 error) for every prebound page whose view used no nonce."
+        "refuses one (CSPNonceError) for every page whose view used no nonce, and such pages "
+        "go out without a session."
     ),
     "django.middleware.csp.ContentSecurityPolicyMiddleware": (
         "the CSP header is written before it asks for a nonce for its script, so a prebound "

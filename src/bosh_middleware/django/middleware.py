@@ -249,7 +249,23 @@ class BOSHPrebindMiddleware:
     ) -> HttpResponseBase:
         core, streaming, length = self.core, response.streaming, None
         if core.rewrites_body:
-            injector = Injector(core.snippet(session, csp_nonce(request)), charset=response.charset)
+            try:
+                nonce = csp_nonce(request)
+            except Exception as exc:
+                # The CSP middleware has written its header already (listed below ours, W002):
+                # a script without the nonce would be blocked, one with a new nonce too. Fail
+                # open: the page as the view made it, and the session ended, not left live.
+                log.warning(
+                    "page served without the session: no CSP nonce for its script (%s: %s); "
+                    "list %s below the CSP middleware",
+                    type(exc).__name__,
+                    exc,
+                    _SELF,
+                )
+                end = core.terminate_async if self.async_mode else core.terminate_sync
+                end(session)
+                return response
+            injector = Injector(core.snippet(session, nonce), charset=response.charset)
             if streaming:
                 response.streaming_content = _injected(response, injector)  # type: ignore[attr-defined]
             else:
