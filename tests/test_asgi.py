@@ -1024,3 +1024,21 @@ async def test_response_headers_given_as_an_iterator_are_read_whole(make_mw: Any
     rec = await run(mw)
     assert page_vars(rec.body) is not None and len(spy.sessions) == 1
     assert rec.header("x-app") == "1"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_an_endpoint_under_an_excluded_prefix_still_answers(
+    make_mw: Any, method: str
+) -> None:
+    """Excluded paths are tested first (the cheapest pass-through), but never the endpoint."""
+    app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
+    for exclude in (("/bosh/",), ("/bosh",)):
+        mw, spy = make_mw(app, exclude_paths=exclude)
+        rec = await run(mw, "/bosh/prebind", method=method)
+        if method == "GET":
+            assert rec.messages[0]["status"] == 200
+            assert set(json.loads(rec.body)) == {"jid", "sid", "rid"}
+        else:
+            assert rec.messages[0]["status"] == 405
+        other = await run(mw, "/bosh/other", method=method)
+        assert other.messages == app.sent[-2:] and spy.calls[1:] == []

@@ -358,7 +358,7 @@ async def test_an_app_mounted_below_a_path(prosody, account, tmp_path) -> None:
     """Starlette's ``Mount`` keeps the mount point in ``scope["path"]``: the endpoint and
     ``exclude_paths`` are below it, as the app's own routes are."""
     inner = make_app(
-        {"alice": account}, prosody.service_url, tmp_path=tmp_path, exclude_paths=("/file",)
+        {"alice": account}, prosody.service_url, tmp_path=tmp_path, exclude_paths=("/file.html",)
     )
     outer = Starlette(routes=[Mount("/chat", app=inner)])
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://x")

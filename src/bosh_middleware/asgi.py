@@ -389,7 +389,7 @@ class BOSHPrebindMiddleware:
         self.config = config
         self.core = PrebindCore(config)
         self._endpoint_path = config.endpoint_path
-        self._exclude, self._exclude_final = exclusions(config.exclude_paths)
+        self._exclude, self._exclude_final = exclusions(config.exclude_paths, self._endpoint_path)
         self.get_user = get_user  # (sets ``_scope_user`` too)
         self.get_nonce = get_nonce
         # Calling the app runs the class's plain ``__call__``; looking it up as an attribute
@@ -424,17 +424,19 @@ class BOSHPrebindMiddleware:
             root = ""
         if root:  # mounted: the endpoint and exclude_paths are below the mount point
             path = route_path(path, root)
+        # Excluded paths first, whatever the method (core.wants_path, inlined): static files
+        # are the requests most often left alone, and in a running server each bytecode here
+        # costs ~20 ns, 3-4 times what it takes in a hot loop. (Measured under uvicorn, server
+        # CPU per request: 15 fewer took a static file from +0.9-1.0 us to +0.6, what a class
+        # with one ``startswith`` costs.) ``str.startswith(())`` is False. The endpoint, if it
+        # lies under a prefix, is never excluded (``exclusions``/``excluded`` see to it).
+        if path.startswith(self._exclude) and (
+            self._exclude_final or excluded(path, self._exclude, self._endpoint_path)
+        ):
+            return self.app(scope, receive, send)
         if path == self._endpoint_path:  # (None when there is no endpoint)
             return self._endpoint(scope, send)
-        # core.wants_path, inlined. (One ``startswith`` of a tuple of the endpoint and the
-        # excluded prefixes is fewer bytecodes, and took 35 ns longer than ``==`` in a hot loop
-        # when nothing is excluded: a call that packs its arguments in a tuple.)
-        exclude = self._exclude
-        if scope["method"] != "GET" or (
-            exclude
-            and path.startswith(exclude)
-            and (self._exclude_final or excluded(path, exclude))
-        ):
+        if scope["method"] != "GET":
             return self.app(scope, receive, send)
         user = scope.get("user") if self._scope_user else self._get_user(scope)
         # is_authenticated, inlined: the usual answer (a plain True/False, as Starlette's and

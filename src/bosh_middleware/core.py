@@ -297,17 +297,22 @@ class AsyncPending(_Pending):
             self._task.add_done_callback(self.core._terminate_later_async)
 
 
-def exclusions(paths: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+def exclusions(paths: Sequence[str], endpoint: str | None = None) -> tuple[tuple[str, ...], bool]:
     """``EXCLUDE_PATHS`` as adapters test them, inline on every request: the prefixes, for one
-    ``str.startswith`` that settles most paths, and whether that answer is final (every prefix
-    ends in "/"), so that only a path under "/admin" asks ``excluded`` about the boundary."""
+    ``str.startswith`` that settles most paths, and whether that answer is final: every prefix
+    ends in "/", and ``endpoint`` (when an adapter tests exclusion before it) is under none.
+    Otherwise a path that matches asks ``excluded``."""
     prefixes = tuple(paths)
-    return prefixes, all(p.endswith("/") for p in prefixes)
+    final = all(p.endswith("/") for p in prefixes)
+    return prefixes, final and not (endpoint is not None and endpoint.startswith(prefixes))
 
 
-def excluded(path: str, prefixes: tuple[str, ...]) -> bool:
+def excluded(path: str, prefixes: tuple[str, ...], endpoint: str | None = None) -> bool:
     """Whether ``path`` is below one of ``prefixes`` by whole path segments: "/admin" is
-    "/admin" and "/admin/users", not "/administrators", whose page a user expects prebound."""
+    "/admin" and "/admin/users", not "/administrators", whose page a user expects prebound.
+    ``endpoint`` is never excluded: it answers wherever it is."""
+    if path == endpoint:
+        return False
     for prefix in prefixes:
         if path.startswith(prefix) and (
             prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
