@@ -99,7 +99,11 @@ def test_wire_counters_and_floor_run_against_prosody(prosody: XMPPServer) -> Non
         # what the wrappers saw on the wire is what the engine says it sent
         assert requests == counted_by_engine, (kind, out[kind])
         if not retried:  # (a bind that overtook the restart redoes the prebind)
-            assert (requests, round_trips, connects) == (5, 4, 0), (kind, out[kind])
+            assert (requests, round_trips) == (5, 4), (kind, out[kind])
+            # The bind goes 0.5 ms after the restart: usually on the restart's connection, its
+            # answer in by then and the warm pool's one connection free again; when the answer
+            # is later (a loaded machine: 4 in 60 async runs), on a second, new, connection.
+            assert connects <= 1, (kind, out[kind])
     # the floor, and the engine over the floor's I/O, send no request through the engine's
     # pools: nothing counted, and they bound
     for kind in ("floor", "floor-io"):
