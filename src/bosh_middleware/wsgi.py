@@ -231,21 +231,17 @@ class _Exchange:
         if exc_info is not None and self.mode == "sent":
             return self._replace(status, headers, exc_info)
         code = int(status.split(None, 1)[0])
+        get = _getter(headers)
+        injectable = is_injectable(self.environ.get("REQUEST_METHOD", ""), code, get)
         if self.credentials is None and self.user is not None:
-            if exc_info is None and is_injectable(
-                self.environ.get("REQUEST_METHOD", ""), code, _getter(headers)
-            ):
+            if exc_info is None and injectable:
                 self.credentials = self.core.credentials_sync(self.user)
         elif self.credentials is None:  # adapter mode: the app may have found the user
             self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
             self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
-        if (
-            exc_info is not None
-            or self.credentials is None
-            or not is_injectable(self.environ.get("REQUEST_METHOD", ""), code, _getter(headers))
-        ):
+        if exc_info is not None or self.credentials is None or not injectable:
             if exc_info is None:
-                self.core.check_compressed(code, _getter(headers))
+                self.core.check_compressed(code, get)
             if self.mode == "held":  # error after a held start: forget the rewrite
                 self.held = None
             self.mode = "pass"
