@@ -101,7 +101,7 @@ class MiddlewareConfig:
         kwargs: dict[str, Any] = {}
         opts: dict[str, Any] = {}
         for key, value in values.items():
-            name = (key[len(prefix) :] if prefix and key.startswith(prefix) else key).lower()
+            name = _setting_name(key, prefix)
             # Checked here too, so that the message names the setting as it was spelt
             # (BREAKER_THRESHOLD in Django's settings, breaker_threshold as a keyword argument).
             if name in fields:
@@ -117,9 +117,14 @@ class MiddlewareConfig:
         return cls(**kwargs)
 
 
+def _setting_name(key: str, prefix: str) -> str:
+    """The setting ``key`` names: without ``prefix``, in lower case (a field's name)."""
+    return (key[len(prefix) :] if prefix and key.startswith(prefix) else key).lower()
+
+
 def did_you_mean(key: str, prefix: str = "") -> str:
     """A typo's likely meaning, spelt as ``key`` is (upper or lower case, with ``prefix``)."""
-    name = (key[len(prefix) :] if key.startswith(prefix) else key).lower()
+    name = _setting_name(key, prefix)
     close = difflib.get_close_matches(name, MiddlewareConfig.setting_names(), n=1, cutoff=0.75)
     if not close:
         return ""
