@@ -34,6 +34,8 @@ from support.asgi_recorder import (
 from support.asgi_servers import SERVERS, serve
 from support.bosh_check import (
     REQUEST_KINDS,
+    SEGMENT_CASES,
+    SEGMENT_EXCLUDES,
     CountingCredentials,
     PrebindSpy,
     bare,
@@ -408,25 +410,14 @@ async def test_paths_that_only_look_like_the_endpoint_or_an_excluded_prefix_are_
     assert rec.body == inject(PAGE, mw.core.snippet(session))
 
 
-@pytest.mark.parametrize(
-    ("path", "is_excluded"),
-    [
-        ("/admin", True),
-        ("/admin/", True),
-        ("/admin/users", True),
-        ("/administrators", False),
-        ("/adminx/a", False),
-        ("/static/a.js", True),
-        ("/static", False),
-    ],
-)
+@pytest.mark.parametrize(("path", "is_excluded"), SEGMENT_CASES)
 async def test_an_excluded_prefix_is_whole_path_segments(
     make_mw: Any, path: str, is_excluded: bool
 ) -> None:
     """ "/admin" is the admin pages, not "/administrators", which is a page like any other;
     "/static/" with its slash is what is under it."""
     app = scripted_app(response(200, [*HTML, ("content-length", str(len(PAGE)))], PAGE))
-    mw, spy = make_mw(app, exclude_paths=("/admin", "/static/"))
+    mw, spy = make_mw(app, exclude_paths=SEGMENT_EXCLUDES)
     rec = await run(mw, path)
     await drain_async(mw.core)
     if is_excluded:

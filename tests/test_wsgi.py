@@ -18,6 +18,8 @@ from bosh_middleware.wsgi import BOSHPrebindMiddleware
 from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
 from support.bosh_check import (
     REQUEST_KINDS,
+    SEGMENT_CASES,
+    SEGMENT_EXCLUDES,
     CountingCredentials,
     PrebindSpy,
     bare,
@@ -312,23 +314,13 @@ def test_paths_that_only_look_like_the_endpoint_or_an_excluded_prefix_are_pages(
     assert r.body == inject(PAGE, mw.core.snippet(session))
 
 
-@pytest.mark.parametrize(
-    ("path", "is_excluded"),
-    [
-        ("/admin", True),
-        ("/admin/", True),
-        ("/admin/users", True),
-        ("/administrators", False),
-        ("/static/a.js", True),
-        ("/static", False),
-    ],
-)
+@pytest.mark.parametrize(("path", "is_excluded"), SEGMENT_CASES)
 def test_an_excluded_prefix_is_whole_path_segments(
     make_mw: Any, path: str, is_excluded: bool
 ) -> None:
     headers = [*HTML, ("Content-Length", str(len(PAGE)))]
     app = fixed_app("200 OK", headers, [PAGE])
-    mw, spy = make_mw(app, exclude_paths=("/admin", "/static/"))
+    mw, spy = make_mw(app, exclude_paths=SEGMENT_EXCLUDES)
     r = get(mw, path)
     if is_excluded:
         assert r.body == PAGE and spy.calls == []

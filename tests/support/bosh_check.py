@@ -536,6 +536,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
     return True
 
 
+#: ``exclude_paths=SEGMENT_EXCLUDES``: (path, excluded?) by whole path segments, as both
+#: middlewares must judge them ("/admin" is not "/administrators"; "/static/" is under it).
+SEGMENT_EXCLUDES = ("/admin", "/static/")
+SEGMENT_CASES = [
+    ("/admin", True),
+    ("/admin/", True),
+    ("/admin/users", True),
+    ("/administrators", False),
+    ("/adminx/a", False),
+    ("/static/a.js", True),
+    ("/static", False),
+]
+
+
 #: How the same HTML view is asked for: by the browser's address bar, or by a script.
 REQUEST_KINDS: dict[str, dict[str, str]] = {
     "navigation": {
