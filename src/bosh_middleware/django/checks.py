@@ -9,7 +9,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .middleware import BOSHPrebindMiddleware, MissingSetting, load_config
+from .middleware import _SELF, BOSHPrebindMiddleware, MissingSetting, load_config
 
 # Response processing runs bottom-up: these must be listed before (above) the middleware.
 # What goes wrong when one is listed after ours, checked by tests/django_app/test_checks.py.
@@ -32,7 +32,6 @@ _OUTER = {
     ),
 }
 _GZIP = "django.middleware.gzip.GZipMiddleware"
-_SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
 #: For a missing setting only: with any other mistake, the message says what to change.
 _EXAMPLE = (
     'e.g. BOSH_PREBIND = {"SERVICE_URL": "https://xmpp.example.org/http-bind", '

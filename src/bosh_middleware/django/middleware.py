@@ -41,6 +41,7 @@ log = logging.getLogger("bosh_middleware")
 
 #: Keys without a default, as the README and the system check's example spell them.
 REQUIRED = ("SERVICE_URL", "CREDENTIALS")
+#: Our entry in ``MIDDLEWARE``, as messages and the system checks name it.
 _SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
 
 
