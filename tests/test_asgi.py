@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bosh_middleware import no_prebind
 from bosh_middleware.asgi import BOSHPrebindMiddleware, scope_user
 from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
@@ -730,6 +731,49 @@ async def test_unused_session_is_terminated_at_once(
     (session,) = spy.sessions
     assert spy.terminated == [session]
     assert await dead(prosody, session)
+
+
+def opting_out(app: Any) -> Any:
+    """``app``, behind a view that calls ``no_prebind`` first (a logout page, say)."""
+
+    async def view(scope: Any, receive: Any, send: Any) -> None:
+        no_prebind(scope)
+        await app(scope, receive, send)
+
+    return view
+
+
+@pytest.mark.parametrize("mode", ["script", "headers"])
+async def test_a_page_whose_view_says_no_prebind_goes_out_untouched(
+    make_mw: Any, prosody: XMPPServer, mode: str
+) -> None:
+    """A navigation's prebind started next to the view; the view said no: the page goes out
+    as the app sent it (no variables, no headers, no Cache-Control) and the session ends."""
+    app = scripted_app(response(200, HTML, PAGE))
+    mw, spy = make_mw(opting_out(app), mode=mode)
+    rec = await run(mw)
+    assert rec.messages == app.sent
+    assert len(spy.calls) == 1
+    assert await spy.await_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert await dead(prosody, session)
+    # the same page from a view that says nothing carries a live session
+    mw, spy = make_mw(scripted_app(response(200, HTML, PAGE)), mode=mode)
+    rec = await run(mw)
+    assert rec.messages != app.sent and await live(prosody, spy.sessions[0])
+
+
+async def test_no_prebind_on_a_request_that_did_not_say_what_it_wants_costs_nothing(
+    make_mw: Any,
+) -> None:
+    """Such a request is prebound for only once the response says HTML: by then the view has
+    spoken, and no prebind starts at all."""
+    app = scripted_app(response(200, HTML, PAGE))
+    mw, spy = make_mw(opting_out(app))
+    rec = await run(mw, headers=NOT_NAV)
+    assert rec.messages == app.sent
+    assert spy.calls == []
 
 
 async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(

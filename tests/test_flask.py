@@ -27,7 +27,7 @@ from flask_app.checks import (
     page,
     page_session,
 )
-from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy
+from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy, is_dead
 from support.xmpp_servers import XMPPServer
 
 NAVIGATION = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Dest": "document"}
@@ -105,6 +105,24 @@ def test_logged_out_by_the_view_gets_no_session(app) -> None:
     r = client.get("/logout", headers=NAVIGATION)
     assert r.status_code == 200 and b"BOSH_" not in r.data and b"bye" in r.data
     assert client.get("/", headers=NAVIGATION).data.count(b"BOSH_SID") == 0
+
+
+@pytest.mark.parametrize("headers", [NAVIGATION, {}], ids=["navigation", "no-accept"])
+def test_a_page_whose_view_says_no_prebind_is_untouched(make_app, prosody, headers) -> None:
+    """A navigation's prebind started in before_request is ended unused; a request that did
+    not say what it wants starts none."""
+    app = make_app()
+    spy = PrebindSpy.on(app.extensions["bosh_prebind"].core, sync=True)
+    r = logged_in(app).get("/no-session", headers=headers)
+    assert r.status_code == 200 and b"BOSH_" not in r.data and b"no session" in r.data
+    assert "Cache-Control" not in r.headers
+    assert int(r.headers["Content-Length"]) == len(r.data)
+    if headers:
+        assert spy.wait_terminated(1, timeout=2.0)
+        (session,) = spy.sessions
+        assert spy.terminated == [session] and is_dead(prosody.service_url, session)
+    else:
+        assert spy.calls == []
 
 
 def test_streamed_page_is_injected_without_content_length(app, prosody) -> None:

@@ -40,7 +40,7 @@ from starlette.responses import (
 )
 from starlette.routing import Mount, Route
 
-from bosh_middleware import StaticCredentials, asgi
+from bosh_middleware import StaticCredentials, asgi, no_prebind
 from bosh_middleware.starlette import BOSHPrebindMiddleware
 from flask_app.checks import (
     aclose_core,
@@ -51,7 +51,7 @@ from flask_app.checks import (
     page_session,
 )
 from support.asgi_servers import serve
-from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy
+from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy, is_dead
 from support.xmpp_servers import XMPPServer
 
 # FastAPI is tested where it is installed (the tox "fastapi" env, which sets
@@ -118,6 +118,13 @@ def routes(html_file: Path, script_base: str | None) -> list[Route]:
     async def api(request: Request) -> Response:
         return JSONResponse({"items": [1, 2, 3], "html": "<head></head>"})
 
+    async def logout(request: Request) -> Response:
+        # scope["user"] was read before this view: only the view knows the user left
+        request.session.clear()
+        if "quiet" not in request.query_params:
+            no_prebind(request)
+        return HTMLResponse(page("logged out"))
+
     return [
         Route("/login", login, methods=["GET", "POST"]),
         Route("/", index),
@@ -125,6 +132,7 @@ def routes(html_file: Path, script_base: str | None) -> list[Route]:
         Route("/stream", stream),
         Route("/file.html", file),
         Route("/api", api),
+        Route("/logout", logout),
     ]
 
 
@@ -271,6 +279,26 @@ async def test_anonymous_page_is_untouched(clients) -> None:
     with_bosh = await (await clients(login=False)).get("/", headers=NAVIGATION)
     bare = await (await clients(login=False, service_url=None)).get("/", headers=NAVIGATION)
     assert same(with_bosh, bare) and b"BOSH_" not in with_bosh.content
+
+
+@own_loop
+async def test_a_logout_page_that_says_no_prebind_carries_no_session(clients, prosody) -> None:
+    """The user was read before the view logged them out: without ``no_prebind`` the page
+    would carry a live session of the user who just left (``?quiet``, the contrast)."""
+    client = await clients()
+    mw = ours(clients.made[-1][0])
+    assert mw is not None
+    spy = PrebindSpy.on(mw.core, sync=False)
+    bare = await clients(login=False, service_url=None)
+    r = await client.get("/logout", headers=NAVIGATION)
+    assert same(r, await bare.get("/logout", headers=NAVIGATION)) and b"BOSH_" not in r.content
+    assert await spy.await_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+    assert b"BOSH_" not in (await client.get("/", headers=NAVIGATION)).content  # logged out
+    quiet = await (await clients()).get("/logout?quiet", headers=NAVIGATION)
+    assert_prebound(quiet, prosody.service_url)  # what no_prebind is for
 
 
 @own_loop

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bosh_middleware import no_prebind
 from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
 from bosh_middleware.wsgi import BOSHPrebindMiddleware
@@ -424,6 +425,45 @@ def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPServer,
     (session,) = spy.sessions
     assert spy.terminated == [session]
     assert is_dead(prosody.service_url, session)
+
+
+def opting_out(app: Any) -> Any:
+    """``app``, behind a view that calls ``no_prebind`` first (a logout page, say)."""
+
+    def view(environ: dict[str, Any], start_response: Any) -> Any:
+        no_prebind(environ)
+        return app(environ, start_response)
+
+    return view
+
+
+@pytest.mark.parametrize("mode", ["script", "headers"])
+def test_a_page_whose_view_says_no_prebind_goes_out_untouched(
+    make_mw: Any, prosody: XMPPServer, mode: str
+) -> None:
+    """A navigation's prebind started next to the view; the view said no: the page goes out
+    as the app gave it (the very iterable, the same headers) and the session ends."""
+    app = fixed_app("200 OK", HTML, [PAGE])
+    mw, spy = make_mw(opting_out(app), mode=mode)
+    r = get(mw)
+    assert r.iterable is app.result and r.headers == HTML
+    assert spy.wait_terminated(1, timeout=2.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+    # the same page from a view that says nothing carries a live session
+    mw, spy = make_mw(fixed_app("200 OK", HTML, [PAGE]), mode=mode)
+    assert get(mw).headers != HTML and is_live(prosody.service_url, spy.sessions[0])
+
+
+def test_no_prebind_on_a_request_that_did_not_say_what_it_wants_costs_nothing(
+    make_mw: Any,
+) -> None:
+    app = fixed_app("200 OK", HTML, [PAGE])
+    mw, spy = make_mw(opting_out(app))
+    r = get(mw, headers=NOT_NAV)
+    assert r.iterable is app.result and r.headers == HTML
+    assert spy.calls == []
 
 
 def test_prebind_runs_alongside_the_view(make_mw: Any) -> None:

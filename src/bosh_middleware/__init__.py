@@ -17,6 +17,7 @@ from .errors import (
     ResponseTooLarge,
     ServiceUnavailable,
 )
+from .optout import no_prebind
 from .session import PrebindOptions, PrebindSession
 
 __version__ = "0.1.0"
@@ -38,5 +39,6 @@ __all__ = [
     "StaticCredentials",
     "aprebind",
     "derive_password",
+    "no_prebind",
     "prebind",
 ]

@@ -30,6 +30,7 @@ from .core import (
 )
 from .credentials import Credentials
 from .inject import Injector
+from .optout import opted_out
 from .session import PrebindSession
 
 __all__ = ["BOSHPrebindMiddleware", "scope_nonce", "scope_user"]
@@ -245,7 +246,8 @@ class _Responder:
             raw = message.get("headers") or ()
             if not isinstance(raw, (list, tuple)):  # read more than once from here on
                 raw = message["headers"] = list(raw)
-            headers = _Headers(raw) if _may_be_html(raw) else None
+            # (a page whose view called ``no_prebind`` is taken for no page at all)
+            headers = _Headers(raw) if _may_be_html(raw) and not opted_out(self.scope) else None
             if headers is None or not is_injectable(
                 self.scope["method"], message["status"], headers.get
             ):

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
 
 from .config import MiddlewareConfig, did_you_mean
 from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable, request_kind
+from .optout import opted_out
 from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
@@ -176,6 +177,7 @@ def _after_request(response: Response) -> Response:
     if not (
         is_injectable(request.method, response.status_code, response.headers.get)
         and _kind(state.core) != NOT_A_PAGE
+        and not opted_out(request.environ)
     ):
         return response  # the WSGI middleware discards a started prebind
     environ = request.environ

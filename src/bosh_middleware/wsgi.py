@@ -29,6 +29,7 @@ from .core import (
 )
 from .credentials import Credentials
 from .inject import Injector
+from .optout import opted_out
 from .session import PrebindSession
 
 __all__ = [
@@ -232,7 +233,9 @@ class _Exchange:
             return self._replace(status, headers, exc_info)
         code = int(status.split(None, 1)[0])
         get = _getter(headers)
-        injectable = is_injectable(self.environ.get("REQUEST_METHOD", ""), code, get)
+        # (a page whose view called ``no_prebind`` is taken for no page at all)
+        page = not opted_out(self.environ)
+        injectable = page and is_injectable(self.environ.get("REQUEST_METHOD", ""), code, get)
         if self.credentials is None and self.user is not None:
             if exc_info is None and injectable:
                 self.credentials = self.core.credentials_sync(self.user)
@@ -240,7 +243,7 @@ class _Exchange:
             self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
             self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
         if exc_info is not None or self.credentials is None or not injectable:
-            if exc_info is None:
+            if exc_info is None and page:
                 self.core.check_compressed(code, get)
             if self.mode == "held":  # error after a held start: forget the rewrite
                 self.held = None

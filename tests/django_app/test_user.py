@@ -87,6 +87,35 @@ async def test_logged_out_by_the_view_gets_no_session_async(
     assert_dead(bosh.service_url, session.sid, session.rid)
 
 
+# --- the view says its page carries no session ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/quiet/", "/aquiet/"])
+def test_a_page_whose_view_says_no_prebind_is_untouched(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore], path: str
+) -> None:
+    r = logged_in(alice).get(path, headers=PAGE_HEADERS)
+    assert r.status_code == 200 and b"no session" in r.content and b"BOSH_" not in r.content
+    assert r.get("Cache-Control") is None
+    [pending] = cores[0].pendings  # started for alice next to the view
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
+@pytest.mark.parametrize("path", ["/quiet/", "/aquiet/"])
+async def test_a_page_whose_view_says_no_prebind_is_untouched_async(
+    alice: Account, bosh: XMPPServer, acores: list[RecordingCore], path: str
+) -> None:
+    r = await (await alogged_in(alice)).get(path, headers=PAGE_HEADERS)
+    assert r.status_code == 200 and b"no session" in r.content and b"BOSH_" not in r.content
+    assert r.get("Cache-Control") is None
+    [pending] = acores[0].pendings
+    session = await pending._task
+    await acores[0].adrain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
 @pytest.mark.parametrize("path", ["/switch/", "/aswitch/"])
 def test_view_logging_someone_else_in_gets_their_session(
     alice: Account, bosh: XMPPServer, cores: list[RecordingCore], path: str

@@ -20,6 +20,8 @@ urlpatterns = [
     path("not-modified/", views.not_modified),
     path("gzip/", views.gzipped),
     path("browser/", views.browser),
+    path("quiet/", views.quiet),
+    path("aquiet/", views.aquiet),
     path("bye/", views.bye),
     path("abye/", views.abye),
     path("switch/", views.switch),

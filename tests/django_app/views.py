@@ -18,6 +18,7 @@ from django.http import (
 from django.shortcuts import render
 from django.views.decorators.gzip import gzip_page
 
+from bosh_middleware import no_prebind
 from support.browser import script_tags
 
 try:  # Django >= 5.0
@@ -120,6 +121,17 @@ def gzipped(request: HttpRequest) -> HttpResponse:
 def browser(request: HttpRequest) -> HttpResponse:
     context = {"service": BROWSER["service"], "scripts": script_tags(BROWSER["static"])}
     return render(request, "browser.html", context)
+
+
+# --- views that say their page carries no session ------------------------------------------
+def quiet(request: HttpRequest) -> HttpResponse:
+    no_prebind(request)
+    return HttpResponse(HEAD + BODY.format(name="no session", pad=""))
+
+
+async def aquiet(request: HttpRequest) -> HttpResponse:
+    no_prebind(request)  # (an ASGIRequest: its META, not its scope)
+    return HttpResponse(HEAD + BODY.format(name="no session", pad=""))
 
 
 # --- views that log the user out, or someone else in, then answer a page ------------------

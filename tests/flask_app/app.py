@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, redirect, request, stream_with_context
 from flask_login import LoginManager, UserMixin, login_user, logout_user
 
-from bosh_middleware import Credentials, StaticCredentials
+from bosh_middleware import Credentials, StaticCredentials, no_prebind
 from bosh_middleware.flask import BOSHPrebind
 from flask_app.checks import page
 
@@ -79,6 +79,11 @@ def create_app(
     @app.route("/")
     def index() -> str:
         return page("home", script_base=script_base)
+
+    @app.route("/no-session")
+    def no_session() -> str:
+        no_prebind(request)  # (Flask's request proxy, as a view has it)
+        return page("no session")
 
     @app.route("/nonce")
     def nonce_view() -> str:

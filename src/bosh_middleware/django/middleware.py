@@ -32,6 +32,7 @@ from ..core import (
     request_kind,
 )
 from ..inject import Injector
+from ..optout import opted_out
 from ..session import PrebindSession, check_bool
 from ._compat import csp_nonce
 
@@ -120,7 +121,9 @@ def _warn_unset() -> None:
 
 
 def _injectable(request: HttpRequest, response: HttpResponseBase) -> bool:
-    return is_injectable(request.method or "", response.status_code, response.headers.get)
+    return is_injectable(
+        request.method or "", response.status_code, response.headers.get
+    ) and not opted_out(request.META)
 
 
 def _is_async(fn: Any) -> bool:
