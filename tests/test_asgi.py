@@ -726,6 +726,11 @@ async def test_unused_session_is_terminated_at_once(
     mw, spy = make_mw(app)
     rec = await run(mw)  # a navigation: the prebind started next to the view
     assert rec.messages == app.sent
+    await ended_unused(spy, prosody)
+
+
+async def ended_unused(spy: PrebindSpy, prosody: XMPPServer) -> None:
+    """One prebind was made, and its session ended unused (dead at the server)."""
     assert len(spy.calls) == 1
     assert await spy.await_terminated(1, timeout=2.0)
     (session,) = spy.sessions
@@ -753,11 +758,7 @@ async def test_a_page_whose_view_says_no_prebind_goes_out_untouched(
     mw, spy = make_mw(opting_out(app), mode=mode)
     rec = await run(mw)
     assert rec.messages == app.sent
-    assert len(spy.calls) == 1
-    assert await spy.await_terminated(1, timeout=2.0)
-    (session,) = spy.sessions
-    assert spy.terminated == [session]
-    assert await dead(prosody, session)
+    await ended_unused(spy, prosody)
     # the same page from a view that says nothing carries a live session
     mw, spy = make_mw(scripted_app(response(200, HTML, PAGE)), mode=mode)
     rec = await run(mw)

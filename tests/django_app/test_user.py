@@ -56,6 +56,21 @@ def bob(bosh: XMPPServer) -> Account:
     return make_account(bosh, f"bob{secrets.token_hex(3)}")
 
 
+def ended_unused(cores: list[RecordingCore], bosh: XMPPServer) -> None:
+    """The one prebind started (next to the view) was ended unused: dead at the server."""
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
+async def aended_unused(acores: list[RecordingCore], bosh: XMPPServer) -> None:
+    [pending] = acores[0].pendings
+    session = await pending._task
+    await acores[0].adrain()
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
 # --- the view logs the user out, or someone else in ----------------------------------------
 
 
@@ -67,10 +82,7 @@ def test_logged_out_by_the_view_gets_no_session(
     r = client.get(path, headers=PAGE_HEADERS)
     assert r.status_code == 200 and b"logged out" in r.content and b"BOSH_" not in r.content
     assert b"BOSH_" not in client.get("/page/", headers=PAGE_HEADERS).content
-    [pending] = cores[0].pendings  # started for alice next to the view
-    session = pending._future.result(timeout=10)
-    cores[0].drain()  # waits for the termination
-    assert_dead(bosh.service_url, session.sid, session.rid)
+    ended_unused(cores, bosh)  # the prebind started for alice next to the view
 
 
 @pytest.mark.parametrize("path", ["/bye/", "/abye/"])
@@ -81,10 +93,7 @@ async def test_logged_out_by_the_view_gets_no_session_async(
     r = await client.get(path, headers=PAGE_HEADERS)
     assert r.status_code == 200 and b"logged out" in r.content and b"BOSH_" not in r.content
     assert b"BOSH_" not in (await client.get("/page/", headers=PAGE_HEADERS)).content
-    [pending] = acores[0].pendings
-    session = await pending._task
-    await acores[0].adrain()  # waits for the termination
-    assert_dead(bosh.service_url, session.sid, session.rid)
+    await aended_unused(acores, bosh)
 
 
 # --- the view says its page carries no session ----------------------------------------------
@@ -97,10 +106,7 @@ def test_a_page_whose_view_says_no_prebind_is_untouched(
     r = logged_in(alice).get(path, headers=PAGE_HEADERS)
     assert r.status_code == 200 and b"no session" in r.content and b"BOSH_" not in r.content
     assert r.get("Cache-Control") is None
-    [pending] = cores[0].pendings  # started for alice next to the view
-    session = pending._future.result(timeout=10)
-    cores[0].drain()  # waits for the termination
-    assert_dead(bosh.service_url, session.sid, session.rid)
+    ended_unused(cores, bosh)  # the prebind started for alice next to the view
 
 
 @pytest.mark.parametrize("path", ["/quiet/", "/aquiet/"])
@@ -110,10 +116,7 @@ async def test_a_page_whose_view_says_no_prebind_is_untouched_async(
     r = await (await alogged_in(alice)).get(path, headers=PAGE_HEADERS)
     assert r.status_code == 200 and b"no session" in r.content and b"BOSH_" not in r.content
     assert r.get("Cache-Control") is None
-    [pending] = acores[0].pendings
-    session = await pending._task
-    await acores[0].adrain()  # waits for the termination
-    assert_dead(bosh.service_url, session.sid, session.rid)
+    await aended_unused(acores, bosh)
 
 
 @pytest.mark.parametrize("path", ["/switch/", "/aswitch/"])
