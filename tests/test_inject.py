@@ -356,10 +356,46 @@ def test_body_close_in_a_trailing_comment_is_not_the_place() -> None:
     assert inserted_at(doc, inject(doc, SNIPPET)) == doc.index(b"</body>")
 
 
-def test_unclosed_script_keeps_its_head_close() -> None:
-    """A script never closed holds the rest of the page as text: no place but the end."""
-    doc = b"<html><head><script>var a = '</head></body>';"
-    assert inject(doc, SNIPPET) == doc + S
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<html><head><script>var a = '</head></body>';",  # a script never closed
+        b"<html><head><!-- </head>",  # a comment never closed
+        b"<html><head><title>x</head>",
+        b'<html><head><template x="',  # cut off in a template's tag
+        b"<html><head><?php ",
+    ],
+)
+def test_a_page_that_ends_inside_a_comment_text_or_tag_goes_out_without_the_session(
+    doc: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such a page has no place left for a script that runs: after it, the snippet would be
+    the script's, comment's or title's text (a script's, a broken one), or part of the tag.
+    It goes out as it is, and the injector says it did not inject (so that the session is
+    ended, not left live)."""
+    injector = Injector(SNIPPET)
+    assert injector.feed(doc) + injector.finish() == doc
+    assert not injector.done
+    assert "page served without the session: it ends inside" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "doc,at",
+    [
+        (b"<p>x</", 4),
+        (b"<p>x<", 4),
+        (b"<p>x<!-", 4),
+        (b"<p>x</he", 4),
+        (b"<p>x</head  ", 4),
+        (b"<p>x<scrip", 4),
+        (b'<p>x<meta content="</head', 4),  # cut off in a tag
+        (b"<p>x</p", 4),
+        (b"<p>x", 4),
+    ],
+)
+def test_the_end_is_before_a_token_the_page_ends_in_the_middle_of(doc: bytes, at: int) -> None:
+    """After it, the snippet would be swallowed by it ("</<script>" is a bogus comment)."""
+    assert inject(doc, SNIPPET) == doc[:at] + S + doc[at:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,6 +449,11 @@ def test_charset_that_is_no_text_encoding_fails_open(
     assert repr(charset) in caplog.text
 
 
+def test_a_charset_label_with_a_nul_is_no_error() -> None:
+    """codecs.lookup() raises ValueError for it (not LookupError): the default is used."""
+    assert inject(PAGE, SNIPPET, charset="utf\x008") == PAGE.replace(b"</head>", S + b"</head>")
+
+
 def test_nonce_the_charset_cannot_encode_fails_open(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="bosh_middleware")
     snippet = script_snippet([("A", 1)], nonce="n\u00f6nce\u2603")
@@ -437,6 +478,8 @@ CDN_HEADERS = [
     ("Cloudflare-CDN-Cache-Control", "max-age=300"),
     ("Surrogate-Control", "max-age=300"),
     ("Edge-Control", "max-age=300"),
+    ("X-Accel-Expires", "3600"),  # nginx: wins over Cache-Control
+    ("X-LiteSpeed-Cache-Control", "public,max-age=3600"),
 ]
 CDN_NAMES = {n.lower() for n, _ in CDN_HEADERS} - {"cache-control"}
 
@@ -592,43 +635,127 @@ def _name_at(doc: bytes, i: int, opening: bytes, name: bytes) -> bool:
     )
 
 
-def reference_position(doc: bytes) -> int:
+def _partial_token_at(doc: bytes, i: int, codec: str = "utf-8") -> bool:
+    """Whether ``doc[i:]`` (the end of the document) may be the start of a token that the
+    search waits for: a prefix of one of these, or "</head"/"</body" and some whitespace. As
+    the injector reads it, a character cut at the end does not count (decoded leniently)."""
+    tail = doc[i:].decode(codec, "ignore").lower()
+    if any(w.startswith(tail) for w in PARTIAL_WORDS):
+        return True
+    stem = tail.rstrip(WS.decode())
+    return stem in ("</head", "</body") and len(tail) - len(stem) <= 32
+
+
+PARTIAL_WORDS = (
+    "</head",
+    "</body",
+    "</template",
+    "<template",
+    "<!-",
+    *(f"<{r.decode()}" for r in RAW_ELEMENTS),
+)
+
+
+def _script_end(doc: bytes, k: int) -> int:
+    """Where the text of a script that starts at ``k`` ends (its "</script"), or -1: "<!--"
+    escapes it, and an escaped "<script" makes the next "</script" part of the text, until
+    "-->" (the HTML tokenizer's script data escaped states)."""
+    state = "data"
+    while k < len(doc):
+        if _name_at(doc, k, b"</", b"script"):
+            if state != "double":
+                return k
+            state, k = "escaped", k + 8
+        elif state == "data" and doc.startswith(b"<!--", k):
+            state, k = "escaped", k + 2  # its dashes may end it: "<!-->"
+        elif state == "escaped" and _name_at(doc, k, b"<", b"script"):
+            state, k = "double", k + 7
+        elif state != "data" and doc.startswith(b"-->", k):
+            state, k = "data", k + 3
+        else:
+            k += 1
+    return -1
+
+
+def _tag_end(doc: bytes, i: int) -> int | None:
+    """Where the tag that starts at ``doc[i]`` ends (after its first ">": attribute values
+    are not tokenized), None if it does not."""
+    k = doc.find(b">", i)
+    return None if k < 0 else k + 1
+
+
+def reference_position(doc: bytes, codec: str = "utf-8") -> int | None:
     """Walks the document as the HTML tokenizer does, for what matters here, one byte at a
-    time: comments, bogus comments (<!...>, <?...>), raw-text elements and templates."""
+    time: comments, bogus comments (<!...>, <?...>, </1...>), tags (to their first ">": a
+    "<" inside one is no token), raw-text elements (a script's escaped states too) and
+    templates. At the end: before a token or an ordinary tag the
+    document ends in the middle of. None: no place for the snippet, as the document ends
+    inside a comment, raw text, or a "<template" or "</script" tag."""
     last_body, templates, i = None, 0, 0
     while i < len(doc):
+        nxt = doc[i + 1 : i + 2]
         if doc.startswith(b"<!--", i):
             ends = [k for k in (doc.find(b"-->", i + 2), doc.find(b"--!>", i + 2)) if k >= 0]
             if not ends:
-                break
+                return last_body
             k = min(ends)
             i = k + (3 if doc.startswith(b"-->", k) else 4)
             continue
-        if doc.startswith((b"<!", b"<?"), i):
+        if doc[i:] in (b"<!", b"<!-"):
+            break  # may still become a comment
+        if doc.startswith((b"<!", b"<?"), i) or (
+            doc.startswith(b"</", i)
+            and doc[i + 2 : i + 3] not in (b"", b">")
+            and not doc[i + 2 : i + 3].isalpha()
+        ):
             k = doc.find(b">", i + 2)
             if k < 0:
-                break
+                return last_body
             i = k + 1
             continue
-        raw = next((r for r in RAW_ELEMENTS if _name_at(doc, i, b"<", r)), None)
-        if raw is not None:
+        if raw := next((r for r in RAW_ELEMENTS if _name_at(doc, i, b"<", r)), None):
             k = i + 1 + len(raw)
-            while k < len(doc) and not _name_at(doc, k, b"</", raw):
-                k += 1
-            if k >= len(doc):
-                break
-            i = k + 2 + len(raw)
+            if raw == b"script":
+                k = _script_end(doc, k)
+            else:
+                while k < len(doc) and not _name_at(doc, k, b"</", raw):
+                    k += 1
+            end = _tag_end(doc, k) if 0 <= k < len(doc) else None  # its end tag
+            if end is None:
+                return last_body
+            i = end
             continue
-        if _name_at(doc, i, b"<", b"template"):
-            templates += 1
-        elif _name_at(doc, i, b"</", b"template"):
-            templates = max(0, templates - 1)
-        elif templates == 0 and _tag_at(doc, i, b"head"):
+        if _name_at(doc, i, b"<", b"template") or _name_at(doc, i, b"</", b"template"):
+            if doc[i + 1 : i + 2] != b"/":
+                templates += 1
+            else:
+                templates = max(0, templates - 1)
+            end = _tag_end(doc, i)
+            if end is None:
+                return last_body
+            i = end
+            continue
+        if templates == 0 and _tag_at(doc, i, b"head"):
             return i
-        elif templates == 0 and _tag_at(doc, i, b"body"):
-            last_body = i
+        if _tag_at(doc, i, b"body"):
+            last_body = i if templates == 0 else last_body
+        if doc[i : i + 1] == b"<" and (
+            nxt.isalpha() or (nxt == b"/" and doc[i + 2 : i + 3].isalpha())
+        ):
+            if _partial_token_at(doc, i, codec):
+                break  # the document ends in it
+            end = _tag_end(doc, i)
+            if end is None:  # the document ends in this tag: before it (if short)
+                return last_body if last_body is not None else i if len(doc) - i <= 4096 else None
+            i = end
+            continue
         i += 1
-    return last_body if last_body is not None else len(doc)
+    if last_body is not None:
+        return last_body
+    return next(
+        (j for j in range(len(doc)) if doc[j : j + 1] == b"<" and _partial_token_at(doc, j, codec)),
+        len(doc),
+    )
 
 
 TAGS = [
@@ -667,6 +794,14 @@ TAGS = [
     b"</TITLE>",
     b"<template>",
     b"</template>",
+    # tags (a "<" in one is no token), bogus end tags, a script's escaped text
+    b"<a title='",
+    b"'>",
+    b"<p ",
+    b"</1",
+    b"</>",
+    b"<!--<script>",
+    b"<sCript>",
 ]
 parts = st.one_of(
     st.sampled_from(TAGS),
@@ -703,17 +838,20 @@ def test_property_any_chunking_equals_whole_body(case: tuple[bytes, list[bytes]]
 @PROPERTY_SETTINGS
 @given(documents)
 def test_property_exactly_one_insertion_at_the_rule_position(doc: bytes) -> None:
-    out = inject(doc, SNIPPET)
+    assert inject(doc, SNIPPET) == expected(doc)
+
+
+def expected(doc: bytes) -> bytes:
+    """``doc`` with the snippet where ``reference_position`` puts it, or as it is."""
     pos = reference_position(doc)
-    assert out == doc[:pos] + S + doc[pos:]
+    return doc if pos is None else doc[:pos] + S + doc[pos:]
 
 
 @PROPERTY_SETTINGS
 @given(chunked())
 def test_property_chunked_insertion_obeys_the_rule(case: tuple[bytes, list[bytes]]) -> None:
     doc, chunks = case
-    pos = reference_position(doc)
-    assert feed_chunks(chunks) == doc[:pos] + S + doc[pos:]
+    assert feed_chunks(chunks) == expected(doc)
 
 
 @pytest.mark.parametrize("text", ["<<<<<></head>", "<p>ab</head>", "<!-- x --></head>"])
@@ -744,5 +882,5 @@ def test_property_utf16_pages(text: str, cuts: list[int]) -> None:
     # Same offsets, one byte per character: ASCII tags, and anything else as "é", which like
     # "İ" or "😀" is text after a "<" ("?", encode's usual stand-in, would start a "<?" token).
     latin = "".join(c if ord(c) < 256 else "é" for c in text).encode("latin-1")
-    pos = reference_position(latin)
-    assert out.decode("utf-16") == text[:pos] + SNIPPET + text[pos:]
+    pos = reference_position(latin, "latin-1")  # (one character per byte, as in UTF-16)
+    assert out.decode("utf-16") == (text if pos is None else text[:pos] + SNIPPET + text[pos:])

@@ -9,7 +9,9 @@ Placement: before the first ``</head>`` end tag, else before the last ``</body>`
 end, with the same result whatever the chunking of a streamed body. Only end tags count, found as
 the HTML tokenizer finds them: not in comments, nor in the text of ``<script>``, ``<style>``,
 ``<title>`` and the other raw-text elements (a ``"</head>"`` in a script string would otherwise
-get the snippet, whose ``</script>`` ends the page's script early), nor inside ``<template>``.
+get the snippet, whose ``</script>`` ends the page's script early), nor inside ``<template>``,
+nor inside another tag (``<meta content="</head>">``). tests/test_inject_html5lib.py checks the
+result against html5lib, a parser that follows the HTML standard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import json
 import logging
 import re
+import string
 from collections.abc import Sequence
 
 __all__ = ["Injector", "inject", "js_literal", "script_snippet"]
@@ -31,11 +34,19 @@ _MAX_SPACES = 32
 #: Held text after the last ``</body>`` beyond which we give up waiting for another one and fall
 #: back to appending at the end: a stream must not be buffered without bound.
 _MAX_HELD = 64 * 1024
+#: The longest unfinished tag at the end of the data that is held back to be read whole with
+#: the next chunk (a longer one, with a big data: URL, goes out, and is carried on as open).
+_MAX_TAG = 4096
 
 
 def js_literal(value: object) -> str:
-    """A JavaScript literal that cannot close the ``<script>`` element or open a comment."""
+    """A JavaScript literal that cannot close the ``<script>`` element or open a comment, and
+    whose strings hold no quote character: the only ``"`` in it are a string's own two (so that
+    even a snippet a page put inside an attribute value cannot write attributes of its own)."""
     text = json.dumps(value, ensure_ascii=True)
+    if isinstance(value, str):  # every '"' inside is escaped as \", the one before it ends no
+        # escape of its own (json writes a backslash as \\): \u0022 means the same in JS
+        text = '"' + text[1:-1].replace('\\"', "\\u0022").replace("'", "\\u0027") + '"'
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -77,7 +88,7 @@ def _codec(charset: str | None, head: bytes) -> str:
     if charset:
         try:
             name = codecs.lookup(charset).name
-        except LookupError:
+        except (LookupError, ValueError):  # (ValueError: a NUL in the label)
             name = "utf-8"
     for bom, codec in _BOMS:
         # FF FE 00 00 is UTF-32 only when declared so; otherwise a UTF-16 BOM and a NUL.
@@ -129,6 +140,13 @@ class _Syntax:
         def one_of(chars: str) -> bytes:
             return b"[" + re.escape(chars.encode()) + b"]" if ascii_ok else alt(chars)
 
+        letter = b"[A-Za-z]" if ascii_ok else alt(string.ascii_letters)
+
+        def none_of(chars: str) -> bytes:  # one character (code unit) that is none of these
+            if ascii_ok:
+                return b"[^" + re.escape(chars.encode()) + b"]"
+            return b"(?!" + alt(chars) + b")[\x00-\xff]{%d}" % len("<".encode(codec))
+
         flags = re.IGNORECASE if ascii_ok else 0
         spaces = one_of(_WS) + b"{0,%d}" % _MAX_SPACES
         # A positive lookahead, so that a name at the very end of the data is no match yet.
@@ -161,6 +179,10 @@ class _Syntax:
             + lit("!")
             + b")|(?P<pi>"
             + lit("?")
+            # "</" then neither a letter nor ">" opens a bogus comment too ("</1 ... >")
+            + b"|"
+            + lit("/")
+            + none_of(string.ascii_letters + ">")
             + b"))",
             flags,
         )
@@ -173,10 +195,32 @@ class _Syntax:
         else:  # UTF-16/32 pages are rare: no shortcut
             self.candidate = self.candidate_in_template = self.data
         self.raw_end = {n: re.compile(lit(f"</{n}") + name_end, flags) for n in _RAW}
+        # A script's text has states of its own (the "script data escaped" states): after a
+        # "<!--" in it, a "<script" makes the next "</script" part of the text, as in the
+        # legacy ``<!-- document.write("<script ...></script>") -->``, until "-->".
+        script_end = b"(?P<end>" + lit("</script") + name_end + b")"
+        leave = b"|(?P<out>" + lit("-->") + b")"
+        self.raw_end["script"] = re.compile(script_end + b"|(?P<esc>" + lit("<!--") + b")", flags)
+        self.script_escaped = re.compile(
+            script_end + b"|(?P<dbl>" + lit("<script") + name_end + b")" + leave, flags
+        )
+        self.script_double = re.compile(
+            b"(?P<undbl>" + lit("</script") + name_end + b")" + leave, flags
+        )
+        #: What may be starting at the end of the data, in each state of a script's text.
+        self.script_words = {
+            self.raw_end["script"]: ("</script", "<!--"),
+            self.script_escaped: ("</script", "<script", "-->"),
+            self.script_double: ("</script", "-->"),
+        }
         self.comment_end = re.compile(lit("--") + b"(?:" + lit("!") + b")?" + lit(">"), flags)
         self.tag_end = re.compile(lit(">"), flags)
         self.lt = "<".encode(codec)
+        self.gt = ">".encode(codec)
         self.dash = "-".encode(codec)
+        #: A tag's start: "<" or "</", then a letter (the rest may still be to come).
+        self.tag_start = re.compile(lit("<") + b"(?:" + lit("/") + b")?" + letter, flags)
+
         self.dashes = "--".encode(codec)
         unit = len(self.lt)
         #: Bytes at the end that may hold the start of a token, per state.
@@ -196,9 +240,10 @@ class _Syntax:
 
 
 def _candidates(end_tags: Sequence[str]) -> re.Pattern[bytes]:
-    """ "<!", "<?", the first two letters of ``end_tags`` after "</", and of the elements whose
-    start changes what follows (``_RAW``, "template") after "<", each position as a class
-    of the letters seen there: a cheap superset of where ``_Syntax.data`` can match."""
+    """ "<!", "<?", "</" and no letter, the first two letters of ``end_tags`` after "</", and
+    of the elements whose start changes what follows (``_RAW``, "template") after "<", each
+    position as a class of the letters seen there: a cheap superset of where
+    ``_Syntax.data`` can match."""
 
     def two(names: Sequence[str]) -> str:
         return "".join(
@@ -206,7 +251,9 @@ def _candidates(end_tags: Sequence[str]) -> re.Pattern[bytes]:
             for i in (0, 1)
         )
 
-    return re.compile(f"<(?:[!?]|/{two(end_tags)}|{two((*_RAW, 'template'))})".encode())
+    return re.compile(
+        f"<(?:[!?]|/(?:[^A-Za-z>]|{two(end_tags)})|{two((*_RAW, 'template'))})".encode()
+    )
 
 
 @functools.cache
@@ -220,7 +267,13 @@ class Injector:
     Only ``</head>`` and ``</body>`` end tags count: the search steps over comments (and
     ``<!...>`` / ``<?...>``), the content of raw-text elements (``<script>``, ``<style>``,
     ``<title>`` ...) and of ``<template>``, as the HTML tokenizer does, and keeps that state
-    across chunks. Attribute values are not tokenized (a ``</head>`` inside one still counts).
+    across chunks. A ``<`` inside a tag is no token; a tag ends at its first ``>``, as
+    attribute values are not tokenized (so in ``<a title="a>b </head>">`` that ``</head>``
+    counts).
+
+    "At the end" is where the document's data ends, before a token or a tag it is cut off in
+    the middle of. A document that ends inside a comment, raw text or a ``<template>`` tag
+    goes out without the snippet (``done`` stays false): no script would run there.
 
     Holds back only what must be held: a short tail that may be the start of a token (from its
     ``<``; nothing when the data ends in text), and, once a ``</body>`` is seen with no
@@ -245,6 +298,8 @@ class Injector:
         self._skip: re.Pattern[bytes] | None = None
         self._skip_name = ""
         self._templates = 0
+        #: The data so far ends inside a tag ("<a href=..." and no ">" yet).
+        self._in_tag = False
         self._failed = False
         #: The snippet is in the output.
         self.done = False
@@ -282,6 +337,9 @@ class Injector:
         data = self._held + chunk
         # pos: where the search state was last known to change; look: where to go on looking.
         pos = look = self._scan
+        # tag_at: where the tag that pos is in began (after "<template" or "</script"), -2
+        # for a tag begun in an earlier chunk, -1 for none (see ``_open_tag``).
+        tag_at = -2 if self._in_tag else -1
         body = 0 if self._held_is_body else -1
         while True:
             skip = self._skip
@@ -289,20 +347,39 @@ class Injector:
                 m = skip.search(data, pos)
                 if m is None:
                     break
-                self._skip = None
                 look = pos = m.end()
+                state = m.lastgroup  # (None: the pattern has no states, it just ends)
+                if state is None or state == "end":
+                    self._skip = None
+                    # after "</script" (in the end tag, until its ">"), not after "-->" or ">"
+                    in_end_tag = skip is not syntax.comment_end and skip is not syntax.tag_end
+                    tag_at = m.start() if in_end_tag else -1
+                elif state == "esc":  # "<!--": "-->" may use its dashes ("<!-->")
+                    self._skip = syntax.script_escaped
+                    pos = m.end() - len(syntax.dashes)
+                elif state == "dbl":
+                    self._skip = syntax.script_double
+                elif state == "undbl":
+                    self._skip = syntax.script_escaped
+                else:  # "out": "-->"
+                    self._skip = syntax.raw_end["script"]
                 continue
             candidate = (
                 syntax.candidate_in_template if self._templates else syntax.candidate
             ).search(data, look)
             if candidate is None:
                 break
-            m = syntax.data.match(data, candidate.start())
-            if m is None:  # "<strong>", "</header>", or a token the data ends in
-                look = candidate.start() + 1
+            at = candidate.start()
+            m = syntax.data.match(data, at)
+            # (a "<" inside a tag is no token: "<meta content='</head>'>", "</p</head>")
+            if m is None or self._open_tag(data, pos, at, tag_at) != -1:
+                look = at + 1  # "<strong>", "</header>", a token the data ends in, or in a tag
                 continue
             look = pos = m.end()
             kind = m.lastgroup
+            # after "</head>", "</body>", "<!", "<?": out of any tag; after "<template" and
+            # "</template", in it, until its ">"
+            tag_at = at if kind == "topen" or kind == "tclose" else -1
             if kind == "head":
                 if not self._templates:  # in a template, the tree builder ignores it
                     self.done = True
@@ -332,6 +409,14 @@ class Injector:
             elif self._templates:  # "tclose"
                 self._templates -= 1
         resume = self._resume(data, pos)
+        if self._skip is None:
+            # A tag the data ends in is held back, so that it is read whole, if it is short
+            # and an ordinary one (not the "<template" that set pos); else it is carried on.
+            open_tag = self._open_tag(data, pos, resume, tag_at)
+            held_tag = pos <= open_tag and len(data) - open_tag <= _MAX_TAG
+            if held_tag:
+                resume = open_tag
+            self._in_tag = open_tag != -1 and not held_tag
         if body >= 0 and len(data) - body <= _MAX_HELD:
             cut, self._held_is_body = body, True
         else:
@@ -340,6 +425,24 @@ class Injector:
             cut, self._held_is_body = resume, False
         self._held, self._scan = data[cut:], resume - cut
         return data[:cut]
+
+    def _open_tag(self, data: bytes, start: int, end: int, tag_at: int) -> int:
+        """Where the tag that ``data[start:end]``, read in the data state, ends inside of
+        begins: -1 if it ends inside none, -2 if in a tag begun in an earlier chunk;
+        ``tag_at`` is the same for ``start``. A tag ends at its first ">": attribute values
+        are not tokenized, so a "<" in one is inside the tag, but a ">" in one ends it."""
+        syntax = self._syntax
+        assert syntax is not None
+        unit = len(syntax.lt)
+        gt = data.rfind(syntax.gt, start, end)
+        while gt >= start and (gt - start) % unit:  # (UTF-16/32: a whole code unit only)
+            gt = data.rfind(syntax.gt, start, gt)
+        if gt >= start:
+            start, tag_at = gt + unit, -1
+        m = syntax.tag_start.search(data, start, end)
+        while m is not None and (m.start() - start) % unit:
+            m = syntax.tag_start.search(data, m.start() + 1, end)
+        return tag_at if m is None else m.start()
 
     def _resume(self, data: bytes, pos: int) -> int:
         """Where the search must go on when more data comes: the start of a token that the data
@@ -362,6 +465,15 @@ class Injector:
             anchor, window, words = syntax.dash, syntax.comment_window, _COMMENT_WORDS
         elif skip is syntax.tag_end:
             return end
+        elif skip in syntax.script_words:  # "</script", and "<!--" / "-->" / "<script"
+            words = syntax.script_words[skip]
+            start = max(pos, end - syntax.raw_window["script"])
+            for i in range(start + (end - start) % len(syntax.lt), end, len(syntax.lt)):
+                if data.startswith((syntax.lt, syntax.dash), i) and syntax.could_start(
+                    data[i:], words, ()
+                ):
+                    return i
+            return end
         else:
             name = self._skip_name
             anchor, window, words = syntax.lt, syntax.raw_window[name], (f"</{name}",)
@@ -381,16 +493,41 @@ class Injector:
         return held
 
     def finish(self) -> bytes:
-        """The rest of the body, with the snippet if it has not gone in yet (and can)."""
-        held, self._held = self._held, b""
+        """The rest of the body, with the snippet if it has not gone in yet (and can).
+
+        "At the end" means where the document's data ends: before a token it ends in the
+        middle of (a lone ``</``, ``<!-``, an unfinished tag), which is what is held back, as a
+        snippet after it would be swallowed by it (``</<script>`` is a bogus comment). A
+        document that ends inside a comment, raw text (an unclosed ``<script>``) or a bogus
+        comment has no such place left, as those bytes went out already: it goes out
+        without the snippet (``done`` stays false), rather than with a snippet that is
+        text, or part of the page's own script."""
         if self.done or self._failed:
+            held, self._held = self._held, b""
             return held
-        if self._syntax is None and not self._setup(held):
-            return held  # empty body, or shorter than a byte order mark
-        self.done = True
-        if self._held_is_body:
+        if self._syntax is None:  # shorter than a byte order mark: never searched
+            held, self._held = self._held, b""
+            if not self._setup(held):
+                return held
+            return self.feed(held) + self.finish()
+        held, self._held = self._held, b""
+        if self._held_is_body:  # (before that </body>, whatever follows it)
+            self.done = True
             return self._snippet + held
-        return held + self._snippet
+        if self._skip is not None or self._in_tag:
+            syntax = self._syntax
+            log.warning(
+                "page served without the session: it ends inside %s, where a script would not run",
+                "a tag"
+                if self._skip is None
+                else "a comment"
+                if self._skip in (syntax.comment_end, syntax.tag_end)
+                else f"the text of a <{self._skip_name}> element",
+            )
+            self._failed = True
+            return held
+        self.done = True
+        return self._snippet + held
 
 
 def inject(body: bytes, snippet: str, *, charset: str | None = None) -> bytes:

@@ -126,6 +126,20 @@ def test_unused_session_is_terminated(
     assert_dead(bosh.service_url, session.sid, session.rid)
 
 
+@pytest.mark.parametrize("path", ["/cut-off/", "/cut-off-stream/"])
+def test_a_page_with_no_place_for_the_script_ends_its_session(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore], path: str
+) -> None:
+    """The page ends inside a comment: it goes out as the view made it, and the session
+    prebound for it, which reached no one, is ended rather than left live."""
+    r = logged_in(alice).get(path, headers=PAGE_HEADERS)
+    assert (b"".join(r.streaming_content) if r.streaming else r.content) == views.CUT_OFF
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
 def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCore]) -> None:
     views.SLOW_STARTED.clear()
     r = logged_in(alice).get("/slow/", headers=PAGE_HEADERS)

@@ -20,6 +20,8 @@ urlpatterns = [
     path("not-modified/", views.not_modified),
     path("gzip/", views.gzipped),
     path("browser/", views.browser),
+    path("cut-off/", views.cut_off),
+    path("cut-off-stream/", views.cut_off_stream),
     path("quiet/", views.quiet),
     path("aquiet/", views.aquiet),
     path("bye/", views.bye),

@@ -123,6 +123,18 @@ def browser(request: HttpRequest) -> HttpResponse:
     return render(request, "browser.html", context)
 
 
+# --- pages that end inside a comment: no place for a script that runs ----------------------
+CUT_OFF = b"<!doctype html><html><body><p>x</p><!-- never closed"
+
+
+def cut_off(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(CUT_OFF)
+
+
+def cut_off_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([CUT_OFF[:20], CUT_OFF[20:]]))
+
+
 # --- views that say their page carries no session ------------------------------------------
 def quiet(request: HttpRequest) -> HttpResponse:
     no_prebind(request)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -252,6 +252,7 @@ class BOSHPrebindMiddleware:
         self, request: HttpRequest, response: HttpResponseBase, session: PrebindSession
     ) -> HttpResponseBase:
         core, streaming, length = self.core, response.streaming, None
+        end = core.terminate_async if self.async_mode else core.terminate_sync
         if core.rewrites_body:
             try:
                 nonce = csp_nonce(request)
@@ -266,15 +267,16 @@ class BOSHPrebindMiddleware:
                     exc,
                     _SELF,
                 )
-                end = core.terminate_async if self.async_mode else core.terminate_sync
                 end(session)
                 return response
             injector = Injector(core.snippet(session, nonce), charset=response.charset)
             if streaming:
-                response.streaming_content = _injected(response, injector)  # type: ignore[attr-defined]
+                response.streaming_content = _injected(response, injector, lambda: end(session))  # type: ignore[attr-defined]
             else:
                 response.content = injector.feed(response.content) + injector.finish()  # type: ignore[attr-defined]
                 length = len(response.content)  # type: ignore[attr-defined]
+                if not injector.done:  # (a charset that cannot carry it, a cut-off page)
+                    end(session)
         sets, removes = core.header_edits(
             response.headers.get, session, body_length=length, streaming=streaming
         )
@@ -285,8 +287,11 @@ class BOSHPrebindMiddleware:
         return response
 
 
-def _injected(response: Any, injector: Injector) -> Iterator[bytes] | AsyncIterator[bytes]:
-    """The streamed body through ``injector``, async if it was (whitenoise#531)."""
+def _injected(
+    response: Any, injector: Injector, undelivered: Callable[[], None]
+) -> Iterator[bytes] | AsyncIterator[bytes]:
+    """The streamed body through ``injector``, async if it was (whitenoise#531).
+    ``undelivered()`` once the body has ended without the snippet in it."""
     content = response.streaming_content
     if response.is_async:
 
@@ -295,6 +300,8 @@ def _injected(response: Any, injector: Injector) -> Iterator[bytes] | AsyncItera
                 if out := injector.feed(chunk):
                     yield out
             yield injector.finish()
+            if not injector.done:
+                undelivered()
 
         return agen()
 
@@ -303,6 +310,8 @@ def _injected(response: Any, injector: Injector) -> Iterator[bytes] | AsyncItera
             if out := injector.feed(chunk):
                 yield out
         yield injector.finish()
+        if not injector.done:
+            undelivered()
 
     return gen()
 
