@@ -231,6 +231,43 @@ def test_values_of_the_right_type_are_kept() -> None:
         assert MiddlewareConfig(URL, creds, verify=verify).verify == verify
 
 
+@pytest.mark.parametrize(
+    "verify,message",
+    [
+        ("/nonexistent/ca.pem", "no CA bundle at '/nonexistent/ca.pem'"),
+        (__file__, "no CA bundle at"),  # a file, but no certificates in it
+    ],
+)
+def test_a_ca_bundle_that_cannot_be_read_is_refused_at_setup(verify: str, message: str) -> None:
+    """Not at the first page: every page's prebind would fail (and a build error at request
+    time carried the settings, secret headers included, in its traceback)."""
+    with pytest.raises(ValueError, match=message):
+        MiddlewareConfig("https://xmpp.example.org/http-bind", creds, verify=verify)
+
+
+@pytest.mark.parametrize(
+    "headers,named",
+    [
+        ({"X-Secret": "a\r\nX-Injected: 1"}, "'X-Secret'"),
+        ({"X-Secret": "nul\x00"}, "'X-Secret'"),
+        ({"X-Secret": "euro-\u20ac-topsecret"}, "'X-Secret'"),
+        ({"Bad Name": "v"}, "'Bad Name'"),
+    ],
+)
+def test_a_header_that_cannot_go_on_the_wire_is_refused_at_setup(
+    headers: dict[str, str], named: str
+) -> None:
+    for make in (
+        lambda: PrebindOptions(headers=headers),
+        lambda: MiddlewareConfig.from_mapping(
+            {"headers": headers}, service_url=URL, credentials=creds
+        ),
+    ):
+        with pytest.raises(ValueError, match=named) as info:
+            make()
+        assert "topsecret" not in str(info.value) and "Injected" not in str(info.value)
+
+
 # --- Secrets in reprs ---------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from bosh_middleware import (
     StaticCredentials,
     derive_password,
 )
-from bosh_middleware.credentials import escape_localpart, unescape_localpart
+from bosh_middleware.credentials import escape_localpart, page_safe_jid, unescape_localpart
 
 SECRET = "s3cret-for-tests"
 DOMAIN = "example.org"
@@ -217,3 +217,24 @@ def test_a_user_the_default_lookup_finds_no_username_on_is_reported_once_per_typ
     assert "alice@example.org" not in message
     caplog.clear()
     assert shared(None) is None and caplog.records == []  # no user at all: nothing to say
+
+
+@pytest.mark.parametrize(
+    "jid,safe",
+    [
+        ("alice@example.org/web-3f9c2a1b7d0e", True),
+        ("a=b@example.org/web-1", True),  # "=" is a localpart character
+        ("alice\\20smith@example.org/web-1", True),  # XEP-0106 escapes
+        ("alice@example.org/phone/1@x", True),  # a resource may hold "/" and "@"
+        ("alice@example.org/onerror=alert(1)//", False),  # an attribute value
+        ("a:b=c@example.org/r", False),  # a "javascript:" URL would need the ":" first
+        ("alice@example.org/a b", False),
+        ("alice@exa=mple.org/r", False),
+        ('alice@example.org/"', False),
+        ("alice@example.org/<b>", False),
+        ("alice@example.org", False),  # no resource
+        ("example.org/r", False),  # no localpart
+    ],
+)
+def test_page_safe_jid(jid: str, safe: bool) -> None:
+    assert page_safe_jid(jid) is safe

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import logging
 import re
 import socket
 import threading
@@ -30,6 +31,7 @@ from bosh_middleware import (
     ServiceUnavailable,
 )
 from bosh_middleware.config import MiddlewareConfig
+from support.fake_bosh import FEATURES as FEATURES_PLAIN
 from support.fake_bosh import Exchange, FakeBOSH, at_label, xmpp_ok
 
 CREDS = Credentials("alice@localhost", "pw-not-secret-1")
@@ -140,6 +142,71 @@ def test_healthy_fake_prebinds(fake, prebind) -> None:
     assert session.sid == "fake-sid-0001" and session.round_trips == 3
     assert srv.labels[0] == "create" and sorted(srv.labels[1:3]) == ["auth", "restart"]
     assert srv.labels[3:] == ["bind"]
+
+
+# ------------------------------------------------------------------------------------------
+# what goes into the page: a SID and a JID only as servers send them
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sid",
+    ['a" onerror=alert(1) x="', "a'b", "a<b", "a b", "a\tb", "x" * 257],
+    ids=["double-quote", "single-quote", "lt", "space", "tab", "too-long"],
+)
+def test_a_sid_no_server_sends_is_refused(fake, prebind, sid: str) -> None:
+    """A server (or anyone on a plain-HTTP path to it) choosing the SID would choose what the
+    page says: it is refused before any login, as a protocol error (the page goes without)."""
+    escaped = sid.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&apos;")
+    escaped = escaped.replace("<", "&lt;").replace("\t", "&#9;")
+
+    def create(ctx: Exchange) -> None:
+        ctx.xml(FEATURES_PLAIN, sid=escaped, wait="59", requests="2", ver="1.6")
+
+    srv = fake(at_label("create", create))
+    err = _expect(ProtocolError, lambda: prebind(srv.url), within=5.0)
+    assert "sid" in str(err) and sid not in str(err)
+    assert srv.labels == ["create"]
+
+
+@pytest.mark.parametrize(
+    "jid",
+    [
+        "alice@localhost/onerror=alert(1)//",
+        "alice@localhost/x onerror",
+        'alice@localhost/a"b',
+        "alice@localhost/a<b",
+        "alice@localhost",  # no resource
+        "localhost/res",  # no localpart
+    ],
+)
+def test_a_bound_jid_no_server_binds_is_refused(fake, prebind, jid: str) -> None:
+    escaped = jid.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+
+    def bind(ctx: Exchange) -> None:
+        iq_id = re.search(rb"<iq id='([^']+)'", ctx.body)
+        assert iq_id
+        ctx.xml(
+            f"<iq type='result' id='{iq_id.group(1).decode()}' xmlns='jabber:client'>"
+            f"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>{escaped}</jid></bind></iq>"
+        )
+
+    srv = fake(at_label("bind", bind))
+    err = _expect(ProtocolError, lambda: prebind(srv.url), within=5.0)
+    assert "JID" in str(err)
+    assert srv.wait_for_label("terminate")  # the session it made is ended
+
+
+@pytest.mark.parametrize(
+    "sid", ["0f6a4d2e-3b1c-4a7e-9d2f-8c5b6a7e1f00", "3f9c2a1b7d0e", "aGVsbG8gd29ybGQ=", "a.b_c~d"]
+)
+def test_the_sids_servers_send_are_taken(fake, prebind, sid: str) -> None:
+    """UUIDs (Prosody, Tigase), hex (ejabberd), base64 and other URL-safe tokens."""
+
+    def create(ctx: Exchange) -> None:
+        ctx.xml(FEATURES_PLAIN, sid=sid, wait="59", requests="2", ver="1.6")
+
+    assert prebind(fake(at_label("create", create)).url).sid == sid
 
 
 # ------------------------------------------------------------------------------------------
@@ -559,6 +626,16 @@ def test_a_password_in_the_service_url_is_still_sent(fake, prebind) -> None:
     prebind(_with_password(fake(healthy).url))
     expected = "Basic " + base64.b64encode(f"proxyuser:{URL_PASSWORD}".encode()).decode()
     assert seen and set(seen) == {expected}
+
+
+def test_a_password_in_the_service_url_is_not_logged(fake, prebind, caplog) -> None:
+    """Not by the HTTP client either: httpx logs every request's URL at INFO, so it is given
+    the URL without the password, and the Basic auth as a header."""
+    with caplog.at_level(logging.DEBUG):
+        prebind(_with_password(fake().url))
+    assert caplog.records, "nothing was logged: the check would prove nothing"
+    assert URL_PASSWORD not in caplog.text
+    assert all(URL_PASSWORD not in str(r.args) for r in caplog.records)
 
 
 @pytest.mark.parametrize("transport", ["builtin", "httpx"])

@@ -1228,13 +1228,13 @@ def test_request_bytes_on_the_wire(serve, pool) -> None:
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b"])
 def test_origin_refuses_a_header_value_that_would_split_the_request(value: str) -> None:
-    with pytest.raises(ValueError, match="invalid HTTP header"):
+    with pytest.raises(ValueError, match="HTTP header"):
         http11.origin("http://127.0.0.1/http-bind", {"X-Secret": value}, True)
 
 
 @pytest.mark.parametrize("name", ["X Secret", "X:Secret", "", "X\r\nY"])
 def test_origin_refuses_a_bad_header_name(name: str) -> None:
-    with pytest.raises(ValueError, match="invalid HTTP header"):
+    with pytest.raises(ValueError, match="HTTP header"):
         http11.origin("http://127.0.0.1/http-bind", {name: "v"}, True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -321,6 +322,43 @@ def test_scram_sha256_against_hashed_storage_uses_the_key_cache(
             assert_attachable(session)
     finally:
         scram.clear_cache()
+
+
+def test_key_derivation_runs_off_the_event_loop(
+    prosody, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PBKDF2 for a login the cache has not seen takes milliseconds of CPU (more for a server
+    that asks many iterations): the async drivers make it in a thread, so that it does not
+    stall every other request on the loop; the sync one in its own (a web worker's) thread."""
+    threads: list[int] = []
+    real = scram.hashlib.pbkdf2_hmac
+
+    def recording(*args: Any) -> bytes:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", recording)
+    sync, transport = driver_options(driver)
+    jid, password = prosody.new_user()
+    scram.clear_cache()
+    try:
+        if sync:
+            with Prebinder(prosody.service_url, **transport) as p:
+                session = p.prebind(Credentials(jid, password))
+            driver_thread = threading.get_ident()
+        else:
+
+            async def go() -> tuple[PrebindSession, int]:
+                async with AsyncPrebinder(prosody.service_url, **transport) as p:
+                    return await p.prebind(Credentials(jid, password)), threading.get_ident()
+
+            session, driver_thread = run_async(go)
+    finally:
+        scram.clear_cache()
+    assert session.mechanism is not None and session.mechanism.startswith("SCRAM")
+    assert len(threads) == 1
+    assert (threads[0] == driver_thread) is sync
+    assert_attachable(session)
 
 
 @pytest.mark.ejabberd

@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from bosh_middleware.errors import AuthenticationFailed, ProtocolError
-from bosh_middleware.scram import MAX_ITERATIONS, ScramClient, clear_cache, saslprep
+from bosh_middleware.scram import MAX_ITERATIONS, MIN_ITERATIONS, ScramClient, clear_cache, saslprep
 
 # RFC 5802 section 5 (SCRAM-SHA-1) and RFC 7677 section 3 (SCRAM-SHA-256), user "user",
 # password "pencil".
@@ -109,7 +109,7 @@ def test_server_nonce_must_extend_client_nonce(server_first: bytes) -> None:
 
 def test_iteration_count_bounds(pbkdf2_calls: list) -> None:
     nonce = VECTORS["SCRAM-SHA-1"]["nonce"]
-    for count in (MAX_ITERATIONS + 1, 10**9, 0, -1):
+    for count in (MAX_ITERATIONS + 1, 10**9, MIN_ITERATIONS - 1, 1, 0, -1):
         sf = f"r={nonce}srv,s=QSXCR+Q6sek8bf92,i={count}".encode()
         with pytest.raises(ProtocolError, match="iteration"):
             _client("SCRAM-SHA-1").client_final(sf)
@@ -118,6 +118,14 @@ def test_iteration_count_bounds(pbkdf2_calls: list) -> None:
     sf = f"r={nonce}srv,s=QSXCR+Q6sek8bf92,i={MAX_ITERATIONS}".encode()
     assert _client("SCRAM-SHA-1").client_final(sf).startswith(b"c=biws,")
     assert [c[2] for c in pbkdf2_calls] == [MAX_ITERATIONS]
+
+
+def test_an_empty_salt_is_refused(pbkdf2_calls: list) -> None:
+    """With no salt the derived keys could be precomputed for common passwords."""
+    nonce = VECTORS["SCRAM-SHA-1"]["nonce"]
+    with pytest.raises(ProtocolError, match="salt"):
+        _client("SCRAM-SHA-1").client_final(f"r={nonce}srv,s=,i=4096".encode())
+    assert pbkdf2_calls == []
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from .errors import BOSHError, ProtocolError, ResponseTooLarge, ServiceUnavailab
 from .protocol import (
     BOSHRequest,
     BOSHResponse,
+    Derive,
     Flow,
     PrebindProtocol,
     ServerInfo,
@@ -322,6 +323,8 @@ class _Base:
         self._shown_url = http11.redact_url(service_url)
         self.options = options
         self._headers = {**_HEADERS, **options.headers}
+        #: what httpx is given: the URL without a password, which goes in the headers
+        self._request_url, self._request_headers = http11.basic_auth(service_url, self._headers)
         #: a request's timeout, by its ``best_effort``: a cleanup waits _CLEANUP_TIMEOUT at most
         self._timeouts = (options.timeout, min(_CLEANUP_TIMEOUT, options.timeout))
 
@@ -429,9 +432,9 @@ class Prebinder(_Base):
                 _transport_errors(self._shown_url),
                 client.stream(
                     "POST",
-                    self.service_url,
+                    self._request_url,
                     content=req.body,
-                    headers=self._headers,
+                    headers=self._request_headers,
                     timeout=timeout,
                 ) as response,
             ):
@@ -491,6 +494,11 @@ class Prebinder(_Base):
         try:
             batch = next(flow)
             while True:
+                if type(batch) is Derive:  # (this thread is a web worker's: work here)
+                    batch.run()
+                    batch = flow.send([])
+                    continue
+                assert type(batch) is list
                 try:
                     responses = self._send_batch(batch)
                 except BOSHError as exc:
@@ -575,6 +583,11 @@ class _Drive(Generic[T]):
                 batch = next(flow)
             else:
                 batch = flow.send([None if a is None else _new(BOSHResponse, a) for a in answers])
+            if type(batch) is Derive:  # off the event loop; then on from here, with no answers
+                work = self._pool.loop().run_in_executor(None, batch.run)
+                work.add_done_callback(self._derived)
+                return
+            assert type(batch) is list
             _log_batch(batch)
             p = self._prebinder
             timeouts = p._timeouts
@@ -592,6 +605,9 @@ class _Drive(Generic[T]):
             self.future.set_result(stop.value)
         except BaseException as error:  # (a flow's own errors, and bugs: the awaiter's)
             self.future.set_exception(error)
+
+    def _derived(self, work: asyncio.Future[object]) -> None:
+        self.step([], None if work.cancelled() else work.exception())
 
     def cancel(self) -> None:
         if self._batch is not None:
@@ -667,9 +683,9 @@ class AsyncPrebinder(_Base):
                 asyncio.timeout(timeout),
                 self._http().stream(
                     "POST",
-                    self.service_url,
+                    self._request_url,
                     content=req.body,
-                    headers=self._headers,
+                    headers=self._request_headers,
                     timeout=timeout,
                     extensions=extensions,
                 ) as response,
@@ -716,6 +732,11 @@ class AsyncPrebinder(_Base):
         try:
             batch = next(flow)
             while True:
+                if type(batch) is Derive:  # off the event loop
+                    await asyncio.get_running_loop().run_in_executor(None, batch.run)
+                    batch = flow.send([])
+                    continue
+                assert type(batch) is list
                 try:
                     responses = await self._send_batch(batch)
                 except BOSHError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .credentials import Credentials
-from .http11 import check_url, redact_url
+from .http11 import check_url, redact_url, ssl_context
 from .inject import script_snippet
 from .session import (
     OPTION_CHECKS,
@@ -171,19 +171,25 @@ _BOOLEAN_WORDS = frozenset({"", "true", "false", "yes", "no", "on", "off", "0", 
 
 
 def _check_verify(name: str, value: Any) -> Any:
-    if isinstance(value, (bool, ssl.SSLContext, os.PathLike)):
+    if isinstance(value, (bool, ssl.SSLContext)):
         return value
-    if isinstance(value, str):
-        if value.strip().lower() in _BOOLEAN_WORDS:
-            raise ValueError(
-                f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
-                f"not the string {value!r}"
-            )
-        return value
-    raise TypeError(
-        f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
-        f"not {type(value).__name__}"
-    )
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
+            f"not {type(value).__name__}"
+        )
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+        raise ValueError(
+            f"{name} must be True, False, a CA bundle path or an ssl.SSLContext, "
+            f"not the string {value!r}"
+        )
+    # Read it now: a path that is missing or holds no CA bundle would fail every prebind.
+    try:
+        ssl_context(value)
+    except (OSError, ssl.SSLError) as exc:
+        detail = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ValueError(f"{name}: no CA bundle at {os.fspath(value)!r} ({detail})") from None
+    return value
 
 
 #: How each ``MiddlewareConfig`` field is checked (and normalised): ``(name, value) -> value``.

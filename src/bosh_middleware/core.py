@@ -680,6 +680,9 @@ _CDN_CACHE_FIELDS = (
     "Cloudflare-CDN-Cache-Control",
     "Surrogate-Control",
     "Edge-Control",
+    # nginx and LiteSpeed caches read these before Cache-Control, whatever their order
+    "X-Accel-Expires",
+    "X-LiteSpeed-Cache-Control",
 )
 
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,30 @@ log = logging.getLogger("bosh_middleware")
 _ESCAPED = " \"&'/:<>@\\"
 _ESCAPE = str.maketrans({c: f"\\{ord(c):02x}" for c in _ESCAPED})
 _UNESCAPE = {f"{ord(c):02x}": c for c in _ESCAPED}
+
+
+#: Never in a JID handed to a page: whitespace, controls, quotes, markup, a backtick.
+_PAGE_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f\"'<>&`]")
+
+
+def page_safe_resource(resource: str) -> bool:
+    return bool(resource) and not _PAGE_UNSAFE.search(resource) and "=" not in resource
+
+
+def page_safe_jid(jid: str) -> bool:
+    """Whether a full JID may go into a page as it is. The page puts it in a script, but a page
+    may also put that script where an attribute value was meant to end (the injector does not
+    read attribute values): its text must then make no attribute value and no markup. So "="
+    only in the localpart, which holds no ":" or "/" (RFC 7622): no "javascript:" URL either."""
+    local, at, rest = jid.partition("@")
+    domain, slash, resource = rest.partition("/")
+    return (
+        bool(local and at and domain and slash)
+        and page_safe_resource(resource)
+        and not _PAGE_UNSAFE.search(jid)
+        and not any(c in local for c in ":/")
+        and "=" not in domain
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,11 @@ class Credentials:
                 raise ValueError(f"not a user JID: {self.jid!r}")
             if not self.password:
                 raise ValueError("credentials need a password (or use Credentials.anonymous)")
+        if self.resource is not None and not page_safe_resource(self.resource):
+            raise ValueError(
+                f"resource {self.resource!r} is empty or holds whitespace, a quote, '<', '>',"
+                " '&', '=' or '`': the page could not carry the JID"
+            )
 
     @classmethod
     def anonymous(cls, domain: str) -> Credentials:

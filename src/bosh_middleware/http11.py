@@ -193,6 +193,34 @@ def check_url(url: str) -> SplitResult:
     return parts
 
 
+def check_header(name: str, value: str) -> None:
+    """Raise ValueError for a header field that cannot go on the wire as it is, naming it but
+    never showing its value (it may be a secret). A line break in a configured value would
+    smuggle lines into every request; a character outside Latin-1 has no byte there."""
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"not an HTTP header name: {name!r}")
+    if any(c in value for c in "\r\n\0") or not all(ord(c) < 256 for c in value):
+        raise ValueError(
+            f"HTTP header {name!r}: its value has a line break, a NUL or a character"
+            " outside Latin-1"
+        )
+
+
+def basic_auth(url: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """``url`` without its ``user:password@``, and ``headers`` with the Basic auth that it
+    means (as in httpx: a reverse proxy in front), unless they have an Authorization already.
+    The password then never is part of a URL that an HTTP client may log (httpx logs each
+    request's URL at INFO)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, headers
+    fields = dict(headers)
+    if not any(k.lower() == "authorization" for k in fields):
+        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        fields["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl(), fields
+
+
 def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     parts = check_url(url)
     tls = parts.scheme == "https"
@@ -200,11 +228,7 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     target = quote(parts.path or "/", safe=_TARGET_SAFE)
     if parts.query:
         target += "?" + quote(parts.query, safe=_TARGET_SAFE)
-    fields = dict(headers)
-    if parts.username is not None and not any(k.lower() == "authorization" for k in fields):
-        # user:password@ in the URL means Basic auth, as in httpx (a reverse proxy in front)
-        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        fields["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+    _, fields = basic_auth(url, headers)
     host = parts.netloc.rsplit("@", 1)[-1]
     if not host.isascii():  # an internationalised domain name goes on the wire as IDNA
         host = host.encode("idna").decode("ascii")
@@ -212,9 +236,7 @@ def origin(url: str, headers: dict[str, str], verify: Any) -> Origin:
     host = next((v for k, v in fields.items() if k.lower() == "host"), host)
     lines = [f"POST {target} HTTP/1.1", f"Host: {host}"]
     for k, v in fields.items():
-        if not _TOKEN.fullmatch(k) or any(c in v for c in "\r\n\0"):
-            # a newline in a configured header would smuggle lines into every request
-            raise ValueError(f"invalid HTTP header for the BOSH requests: {k!r}")
+        check_header(k, v)
         if k.lower() not in ("host", "content-length", "transfer-encoding"):
             lines.append(f"{k}: {v}")
     prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import ipaddress
+import re
 import secrets
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from . import body as b
-from .credentials import Credentials
+from .credentials import Credentials, page_safe_jid
 from .errors import (
     AuthenticationFailed,
     BOSHError,
@@ -83,6 +84,11 @@ _MECHANISMS = f"{{{b.NS_SASL}}}mechanisms"
 _BIND = f"{{{b.NS_BIND}}}bind"
 _SESSION = f"{{{b.NS_SESSION}}}session"
 _RESTART = "\x00restart"  # marker in a step list: "a stream restart request goes here"
+# The SID and the bound JID go into the page. They come from the server, which the engine may
+# reach over plain HTTP (SCRAM protects the password, not them), so they are held to what
+# servers send: a UUID, hex or base64 SID, a JID ``page_safe_jid`` takes (the escaping alone
+# is not enough where a page put the snippet inside an attribute value).
+_SID = re.compile(r"[A-Za-z0-9._~:+/=-]{1,256}")
 
 
 class BOSHRequest(NamedTuple):
@@ -110,7 +116,15 @@ class BOSHResponse(NamedTuple):
     body: bytes
 
 
-Flow = Generator[list[BOSHRequest], list["BOSHResponse | None"], T]
+class Derive(NamedTuple):
+    """A step of a flow that is no request: CPU work (SCRAM's PBKDF2) for the driver to do
+    before it sends the flow an empty list and goes on, inline (sync) or in a thread (async,
+    so that the event loop is not stalled)."""
+
+    run: Callable[[], object]
+
+
+Flow = Generator["list[BOSHRequest] | Derive", list["BOSHResponse | None"], T]
 
 #: ``tuple.__new__``: a ``BOSHRequest`` made in C, without the named tuple's Python ``__new__``.
 _new = tuple.__new__
@@ -320,6 +334,8 @@ class _Conversation:
         sid = attrs.get("sid")
         if not sid:
             raise ProtocolError("BOSH session creation response has no sid")
+        if not _SID.fullmatch(sid):
+            raise ProtocolError("BOSH session creation response has a sid no server sends")
         self.sid = sid
         self.attrs = attrs
         requests = parsed.int_attr("requests") or 1
@@ -526,7 +542,11 @@ class PrebindProtocol:
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
-            final = _b64encode(scram.client_final(_b64decode(answer.text)))
+            server_first = _b64decode(answer.text)
+            work = scram.derivation(server_first)
+            if work is not None:  # (not cached: the driver does it first, off the loop)
+                yield Derive(work)
+            final = _b64encode(scram.client_final(server_first))
             last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{final}</response>")
         elif mech == "PLAIN":
             token = f"\0{creds.localpart}\0{creds.password}".encode()
@@ -614,7 +634,10 @@ class PrebindProtocol:
         jid_el = result.find(f"{_BIND}/{{{b.NS_BIND}}}jid")
         if jid_el is None or not (jid_el.text or "").strip():
             raise ProtocolError("bind result carries no JID")
-        return (jid_el.text or "").strip()
+        jid = (jid_el.text or "").strip()
+        if not page_safe_jid(jid):
+            raise ProtocolError("bind result carries a JID no server binds")
+        return jid
 
 
 def probe_flow(domain: str, options: PrebindOptions, *, rid: int | None = None) -> Flow[ServerInfo]:

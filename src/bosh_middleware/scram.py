@@ -9,6 +9,7 @@ repeat login into a handful of HMACs.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -16,10 +17,18 @@ import stringprep
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .errors import AuthenticationFailed, ProtocolError
 
-__all__ = ["MAX_ITERATIONS", "SCRAM_HASHES", "ScramClient", "clear_cache", "saslprep"]
+__all__ = [
+    "MAX_ITERATIONS",
+    "MIN_ITERATIONS",
+    "SCRAM_HASHES",
+    "ScramClient",
+    "clear_cache",
+    "saslprep",
+]
 
 #: SASL mechanism name -> hashlib name. Order is not preference; see ``sasl.py``.
 SCRAM_HASHES = {
@@ -30,6 +39,10 @@ SCRAM_HASHES = {
 
 #: A hostile server could ask for 10**9 iterations and pin a web worker's CPU; refuse instead.
 MAX_ITERATIONS = 200_000
+#: RFC 5802/7677: "at least 4096" (Prosody asks 10,000, ejabberd 4096). Fewer, or an empty salt,
+#: would make the proof that goes over the wire cheap to attack offline: over plain HTTP anyone
+#: on the path could ask for one iteration.
+MIN_ITERATIONS = 4096
 _CACHE_SIZE = 4096
 
 _cache: OrderedDict[tuple[str, str, bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
@@ -41,13 +54,19 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _cache_key(
+    hash_name: str, username: str, password: str, salt: bytes, iterations: int
+) -> tuple[str, str, bytes, bytes, int]:
+    # A digest of the password, not the password: a changed password must miss.
+    return (hash_name, username, hashlib.sha256(password.encode()).digest(), salt, iterations)
+
+
 def _keys(
     hash_name: str, username: str, password: str, salt: bytes, iterations: int
 ) -> tuple[bytes, bytes]:
     """(ClientKey, ServerKey), from the cache when possible."""
     pw = password.encode()
-    # The key holds a digest of the password, not the password: a changed password must miss.
-    key = (hash_name, username, hashlib.sha256(pw).digest(), salt, iterations)
+    key = _cache_key(hash_name, username, password, salt, iterations)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -151,7 +170,8 @@ class ScramClient:
         # "n,," : no channel binding, no authzid.
         return f"n,,{self._client_first_bare}".encode()
 
-    def client_final(self, server_first: bytes) -> bytes:
+    def _server_first(self, server_first: bytes) -> tuple[str, bytes, int]:
+        """The server-first message's nonce, salt and iteration count, checked."""
         attrs = _parse_attributes(server_first)
         if "m" in attrs:
             raise ProtocolError("SCRAM server requires an unsupported extension")
@@ -166,8 +186,29 @@ class ScramClient:
             iterations = int(iterations_s)
         except (ValueError, TypeError):
             raise ProtocolError("SCRAM salt or iteration count is malformed") from None
-        if not 1 <= iterations <= MAX_ITERATIONS:
+        if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
             raise ProtocolError(f"SCRAM iteration count {iterations} is out of range")
+        if not salt:
+            raise ProtocolError("SCRAM salt is empty")
+        return nonce, salt, iterations
+
+    def derivation(self, server_first: bytes) -> Callable[[], object] | None:
+        """The key derivation (PBKDF2) that ``client_final`` would do, as a call to make first,
+        elsewhere: the async drivers make it in a thread, so that a login the cache has not
+        seen (milliseconds of CPU, more for a server that asks many iterations) does not stall
+        the event loop. None when the keys are cached, or the message will be refused."""
+        try:
+            _, salt, iterations = self._server_first(server_first)
+        except ProtocolError:
+            return None
+        args = (self._hash, self._username, self._password, salt, iterations)
+        with _cache_lock:
+            if _cache_key(*args) in _cache:
+                return None
+        return functools.partial(_keys, *args)
+
+    def client_final(self, server_first: bytes) -> bytes:
+        nonce, salt, iterations = self._server_first(server_first)
         client_key, server_key = _keys(self._hash, self._username, self._password, salt, iterations)
         stored_key = hashlib.new(self._hash, client_key).digest()
         without_proof = f"c=biws,r={nonce}"

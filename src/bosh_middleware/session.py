@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .http11 import redact_url
+from .credentials import page_safe_resource
+from .http11 import check_header, redact_url
 
 __all__ = ["PrebindOptions", "PrebindSession"]
 
@@ -80,6 +81,10 @@ def check_headers(name: str, value: Any) -> dict[str, str]:
         if not isinstance(key, str) or not isinstance(item, str):
             # (the value may be a secret: only its type is shown)
             raise TypeError(f"{name} must map str to str; {key!r} maps to a {type(item).__name__}")
+        try:
+            check_header(key, item)  # now, not at the first page: every page would fail
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return dict(value)
 
 
@@ -154,6 +159,16 @@ def _check_mechanisms(name: str, value: Any) -> tuple[str, ...] | None:
     return None if value is None else check_strs(name, value)
 
 
+def _check_resource_prefix(name: str, value: Any) -> str | None:
+    prefix = check_str(name, value)
+    if not page_safe_resource(f"{prefix}-0"):  # (the prebind adds "-" and 12 hex digits)
+        raise ValueError(
+            f"{name} {prefix!r} holds whitespace, a quote, '<', '>', '&', '=' or '`':"
+            " the page could not carry the JID"
+        )
+    return prefix
+
+
 #: How each ``PrebindOptions`` field is checked (and normalised): ``(name, value) -> value``.
 #: ``MiddlewareConfig.from_mapping`` runs them too, with the setting as the user spelt it.
 OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
@@ -163,7 +178,7 @@ OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "route": lambda n, v: check_str(n, v, optional=True),
     "mechanisms": _check_mechanisms,
     "allow_insecure_plain": check_bool,
-    "resource_prefix": check_str,
+    "resource_prefix": _check_resource_prefix,
     "timeout": lambda n, v: check_float(n, v, positive=True),
     "max_response_size": lambda n, v: check_int(n, v, minimum=1),
     "pipeline": check_bool,
