@@ -140,6 +140,7 @@ class ScramClient:
 
     __slots__ = (
         "_auth_message",
+        "_checked",
         "_client_first_bare",
         "_hash",
         "_nonce",
@@ -162,6 +163,9 @@ class ScramClient:
         self._client_first_bare = f"n={_escape_username(self._username)},r={self._nonce}"
         self._auth_message = b""
         self._server_signature = b""
+        #: ``derivation``'s reading of a server-first message, for ``client_final``:
+        #: (message, nonce, salt, iterations, keys or None)
+        self._checked: tuple[bytes, str, bytes, int, tuple[bytes, bytes] | None] | None = None
 
     def __repr__(self) -> str:
         return f"<ScramClient {self.mechanism} user={self._username!r}>"
@@ -198,18 +202,34 @@ class ScramClient:
         seen (milliseconds of CPU, more for a server that asks many iterations) does not stall
         the event loop. None when the keys are cached, or the message will be refused."""
         try:
-            _, salt, iterations = self._server_first(server_first)
+            nonce, salt, iterations = self._server_first(server_first)
         except ProtocolError:
             return None
         args = (self._hash, self._username, self._password, salt, iterations)
+        key = _cache_key(*args)
         with _cache_lock:
-            if _cache_key(*args) in _cache:
-                return None
-        return functools.partial(_keys, *args)
+            keys = _cache.get(key)
+            if keys is not None:
+                _cache.move_to_end(key)
+        # (what was read and found is kept: client_final does not do it all again)
+        self._checked = (server_first, nonce, salt, iterations, keys)
+        return None if keys is not None else functools.partial(self._derive, args)
+
+    def _derive(self, args: tuple[str, str, str, bytes, int]) -> None:
+        keys = _keys(*args)
+        if self._checked is not None:
+            self._checked = (*self._checked[:4], keys)
 
     def client_final(self, server_first: bytes) -> bytes:
-        nonce, salt, iterations = self._server_first(server_first)
-        client_key, server_key = _keys(self._hash, self._username, self._password, salt, iterations)
+        checked = self._checked
+        if checked is not None and checked[0] is server_first:
+            _, nonce, salt, iterations, keys = checked
+        else:
+            nonce, salt, iterations = self._server_first(server_first)
+            keys = None
+        if keys is None:
+            keys = _keys(self._hash, self._username, self._password, salt, iterations)
+        client_key, server_key = keys
         stored_key = hashlib.new(self._hash, client_key).digest()
         without_proof = f"c=biws,r={nonce}"
         self._auth_message = (
