@@ -11,6 +11,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bosh_middleware import no_prebind
+from bosh_middleware import Credentials, no_prebind
 from bosh_middleware.asgi import BOSHPrebindMiddleware, scope_user
+from bosh_middleware.config import MiddlewareConfig
+from bosh_middleware.core import PrebindCore
 from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
 from support.asgi_recorder import (
@@ -791,6 +794,43 @@ async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(
     (session,) = spy.sessions
     assert spy.terminated == [session] and spy.in_flight == 0
     assert await dead(prosody, session)
+
+
+def test_a_terminate_its_loop_ended_before_is_done_at_exit(
+    prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """Django under an ASGI server has no lifespan to wait for the termination of unused
+    sessions: the loop ends, cancelling them. ``close()``, which runs at exit, ends those with
+    the sync engine instead of leaving them live until the server's inactivity timeout."""
+    core = PrebindCore(MiddlewareConfig(prosody.service_url, StaticCredentials({"alice": alice})))
+    try:
+        session = core.prebinder.prebind(Credentials(*alice))
+
+        async def page_that_did_not_use_it() -> None:
+            core.terminate_async(session)  # then the loop ends (asyncio.run cancels it)
+
+        asyncio.run(page_that_did_not_use_it())
+        assert list(core._ending.values()) == [session]  # (cut short, so still to be ended)
+    finally:
+        core.close()
+    assert is_dead(prosody.service_url, session)
+
+
+def test_the_prebind_pool_is_made_again_after_a_fork(
+    prosody: XMPPServer, alice: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool made before a fork has no threads in the child: work given to it never runs."""
+    core = PrebindCore(MiddlewareConfig(prosody.service_url, lambda user: None))
+    try:
+        before = core._pool()
+        assert core._pool() is before
+        monkeypatch.setattr(os, "getpid", lambda: -1)  # (as the child sees it)
+        after = core._pool()
+        assert after is not before and core._pool() is after
+    finally:
+        monkeypatch.undo()
+        before.shutdown()
+        core.close()
 
 
 async def test_session_is_terminated_when_the_app_fails_after_start(

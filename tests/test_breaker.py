@@ -93,9 +93,10 @@ def test_trial_success_closes(clock: Clock) -> None:
     b.record_failure()
     clock.now += 10
     assert b.allow()
-    b.record_success()
+    assert b.record_success() is True  # (it was open: the caller says the server is back)
     assert b.state == "closed"
     assert all(b.allow() for _ in range(5))
+    assert b.record_success() is False  # closed already
 
 
 def test_trial_failure_reopens_for_a_full_period(clock: Clock) -> None:
@@ -231,6 +232,7 @@ async def test_asgi_breaker_opens_skips_and_closes_again(
         fake.mode = "forward"
         rec, _ = await asgi_page(mw)  # the trial succeeds: closed again
         assert mw.core.breaker.state == "closed"
+        assert caplog.text.count("circuit breaker closed: the XMPP server answers again") == 1
         assert bare(page_vars(rec.body)["BOSH_JID"]) == accounts["alice"][0]
         rec, _ = await asgi_page(mw)
         assert page_vars(rec.body) is not None

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bosh_middleware import no_prebind
+from bosh_middleware.core import SyncPending
 from bosh_middleware.credentials import StaticCredentials
 from bosh_middleware.inject import inject
 from bosh_middleware.wsgi import BOSHPrebindMiddleware
@@ -425,6 +426,32 @@ def test_unused_session_is_terminated_at_once(make_mw: Any, prosody: XMPPServer,
     (session,) = spy.sessions
     assert spy.terminated == [session]
     assert is_dead(prosody.service_url, session)
+
+
+def test_a_wait_cut_short_by_a_worker_exit_still_ends_the_session(
+    make_mw: Any, prosody: XMPPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker told to stop (SIGTERM, Ctrl-C: SystemExit or KeyboardInterrupt raised in the
+    page's thread) while the page waits for its session: the page is gone, and its session,
+    claimed by that wait, is ended rather than left live at the server."""
+    real = SyncPending.session
+
+    def interrupted(self: SyncPending) -> Any:
+        self._future.result(timeout=10)  # the prebind is done: there is a session to end
+
+        def result(timeout: float | None = None) -> Any:
+            del self._future.result  # (once: the termination reads the real one)
+            raise SystemExit(0)
+
+        self._future.result = result  # type: ignore[method-assign]
+        return real(self)
+
+    monkeypatch.setattr(SyncPending, "session", interrupted)
+    mw, spy = make_mw(html_app())
+    with pytest.raises(SystemExit):
+        get(mw)
+    assert spy.wait_terminated(1, timeout=5.0)
+    assert is_dead(prosody.service_url, spy.sessions[0])
 
 
 def opting_out(app: Any) -> Any:

@@ -53,11 +53,14 @@ class CircuitBreaker:
             self._trial_running = True
             return True
 
-    def record_success(self) -> None:
+    def record_success(self) -> bool:
+        """Count a success; returns True if this one closed the breaker (the trial passed)."""
         with self._lock:
+            was_open = self._opened_at is not None
             self._failures = 0
             self._opened_at = None
             self._trial_running = False
+            return was_open
 
     def record_failure(self) -> bool:
         """Count a failure; returns True if this one opened the breaker."""

@@ -11,6 +11,7 @@ import atexit
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -250,6 +251,12 @@ class SyncPending(_Pending):
             # A Future wakes its waiters before it runs its callbacks: record (log, breaker) now,
             # before this page goes out, not a moment later from _done.
             self._settle(exc)
+        except BaseException:
+            # The wait itself was interrupted (SystemExit from a signal handler as a worker
+            # stops, KeyboardInterrupt): this page will not carry the session, which is
+            # claimed, so no discard() will end it. End it once it exists, then go on out.
+            self._future.add_done_callback(self.core._terminate_later_sync)
+            raise
         else:
             self._settle(None)
             return session
@@ -332,7 +339,12 @@ class PrebindCore:
         self._sync: Prebinder | None = None
         self._async: AsyncPrebinder | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Unused sessions whose terminate runs on an event loop, until it has: one that the
+        #: loop's end cut short (Django under ASGI has no lifespan to wait for them) is ended
+        #: by ``close()`` at exit, with the sync engine.
+        self._ending: dict[asyncio.Task[Any], PrebindSession] = {}
         self._told_compressed = False
         # WSGI servers and frameworks never tell a middleware they are shutting down: close the
         # pooled connections at exit (weakly: a discarded middleware is not kept alive).
@@ -383,16 +395,23 @@ class PrebindCore:
         return self._async
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
+        # A pool made before a fork (a prebind in a preloading master) has no threads in the
+        # child: its work would never run. Each process makes its own, as the engines do.
+        if self._executor is None or self._executor_pid != os.getpid():
             with self._lock:
-                if self._executor is None:
+                if self._executor is None or self._executor_pid != os.getpid():
                     self._executor = ThreadPoolExecutor(64, thread_name_prefix="bosh-prebind")
+                    self._executor_pid = os.getpid()
         return self._executor
 
     def close(self) -> None:
         """Wait for prebinds in flight (and the termination of unused ones), then close."""
-        if self._executor is not None:
+        if self._executor is not None and self._executor_pid == os.getpid():
             self._executor.shutdown(wait=True)
+        for task, session in list(self._ending.items()):
+            if task.done():  # cut short by its loop's end: the loop is gone, end it from here
+                del self._ending[task]
+                self.prebinder.terminate(session)
         if self._sync is not None:
             self._sync.close()
 
@@ -486,12 +505,19 @@ class PrebindCore:
         task.add_done_callback(self._tasks.discard)
         return AsyncPending(self, credentials, task)
 
+    @staticmethod
+    def _log_closed() -> None:
+        # (at the level of the "opened" line's neighbours: logs that said the server was
+        # gone also say it is back)
+        log.warning("BOSH circuit breaker closed: the XMPP server answers again")
+
     def _record(
         self, credentials: Credentials, error: BaseException | None, elapsed: float
     ) -> None:
         user, ms = credentials.user_key, round(elapsed * 1000, 1)
         if error is None:
-            self.breaker.record_success()
+            if self.breaker.record_success():
+                self._log_closed()
             log.debug("BOSH prebind for %s took %.1f ms", user, ms)
             return
         condition = getattr(error, "condition", None) or type(error).__name__
@@ -500,7 +526,8 @@ class PrebindCore:
             # The server answered; this account or setting is wrong. That proves the server up,
             # so it counts as a success for the breaker (which also ends a half-open trial:
             # leaving the trial running would keep the breaker open for good).
-            self.breaker.record_success()
+            if self.breaker.record_success():
+                self._log_closed()
             if isinstance(error, AuthenticationFailed):
                 log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
             else:
@@ -542,7 +569,13 @@ class PrebindCore:
         """End, in the background, a session that was prebound but will not reach a page."""
         t = asyncio.ensure_future(self.async_prebinder.terminate(session))
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        self._ending[t] = session
+        t.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():  # (cancelled as its loop ended: close() ends the session)
+            self._ending.pop(task, None)
 
     # --- response side ---------------------------------------------------------------------
     def snippet(self, session: PrebindSession, nonce: str | None = None) -> str:

@@ -140,6 +140,19 @@ def test_a_page_with_no_place_for_the_script_ends_its_session(
     assert_dead(bosh.service_url, session.sid, session.rid)
 
 
+def test_a_page_compressed_below_the_middleware_is_reported_once(
+    alice: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(@gzip_page, or GZipMiddleware listed below ours: the system check W003 that says so
+    does not run under gunicorn or uvicorn.) Every such page goes out without a session."""
+    client = logged_in(alice)
+    with caplog.at_level("WARNING", logger="bosh_middleware"):
+        for _ in range(2):
+            r = client.get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+            assert r["Content-Encoding"] == "gzip"
+    assert len([m for m in caplog.messages if "compressed" in m]) == 1
+
+
 def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCore]) -> None:
     views.SLOW_STARTED.clear()
     r = logged_in(alice).get("/slow/", headers=PAGE_HEADERS)

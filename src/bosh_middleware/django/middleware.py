@@ -202,6 +202,8 @@ class BOSHPrebindMiddleware:
         if not _injectable(request, response):
             if pending is not None:
                 pending.discard()
+            if not opted_out(request.META):  # (a page compressed below us: said once)
+                core.check_compressed(response.status_code, response.headers.get)
             return response
         after = _user(request)
         # A navigation's prebind is for whoever was logged in before the view: if the view
@@ -238,6 +240,8 @@ class BOSHPrebindMiddleware:
         if not _injectable(request, response):
             if pending is not None:
                 pending.discard()
+            if not opted_out(request.META):  # (a page compressed below us: said once)
+                core.check_compressed(response.status_code, response.headers.get)
             return response
         after = await _auser(request)  # (as in ``__call__``)
         if not navigation or after != user:
