@@ -12,6 +12,8 @@ import inspect
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -48,6 +50,7 @@ from support.bosh_check import (
     is_dead,
     is_live,
     page_vars,
+    wait_until,
 )
 from support.xmpp_servers import XMPPServer
 
@@ -122,6 +125,7 @@ def response(status: int, headers: list[tuple[str, str]], *bodies: bytes) -> lis
 
 
 HTML = [("content-type", "text/html; charset=utf-8")]
+HTML_RAW = [(b"content-type", b"text/html; charset=utf-8")]
 
 
 async def live(prosody: XMPPServer, session: Any) -> bool:
@@ -794,6 +798,90 @@ async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(
     (session,) = spy.sessions
     assert spy.terminated == [session] and spy.in_flight == 0
     assert await dead(prosody, session)
+
+
+async def test_a_client_gone_before_its_session_gets_none_and_it_is_ended(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """A browser that gives up on a page (a reset connection) while its prebind is still
+    running: the server says http.disconnect, and drops what is sent after it without a word,
+    so a session sent then would stay live at the XMPP server until it timed out."""
+    mw, spy = make_mw(html_app(PAGE), spy_delay=1.0)
+    sent: list[dict[str, Any]] = []
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        if received == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.1)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/", headers=NAV, user=ALICE)
+    t0 = time.monotonic()
+    await asyncio.wait_for(mw(scope, receive, send), 10)
+    assert time.monotonic() - t0 < 0.8  # at the disconnect, not after the prebind
+    assert b"BOSH_" not in b"".join(m.get("body", b"") for m in sent)
+    assert await spy.await_terminated(1, timeout=5.0)
+    (session,) = spy.sessions
+    assert await dead(prosody, session)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_connection_reset_while_the_page_waits_ends_its_session(
+    server: str, prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """The same through real servers, which say http.disconnect when the browser resets the
+    connection and then drop the page without an error."""
+    page = html_app(PAGE)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await page(scope, receive, send)
+
+    mw = BOSHPrebindMiddleware(
+        app,
+        service_url=prosody.service_url,
+        credentials=StaticCredentials({"alice": alice}),
+        get_user=header_user,
+    )
+    spy = PrebindSpy.on(mw.core, sync=False, delay=1.0)
+    with serve(server, mw) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            lines = [f"{k}: {v}" for k, v in {**NAV, "x-user": "alice"}.items()]
+            request = "\r\n".join(["GET / HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""])
+            sock.sendall(request.encode())
+            time.sleep(0.3)  # the prebind has started, and takes a second
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert wait_until(lambda: len(spy.terminated) == 1, 10, 0.05)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
+
+
+async def test_what_the_watch_read_goes_to_the_app(make_mw: Any) -> None:
+    """While the page waits for its session, the middleware reads the request's messages to
+    see a disconnect: the app, asking afterwards, still gets them, once each."""
+    got: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": HTML_RAW})
+        got.append((await receive())["type"])
+        await send({"type": "http.response.body", "body": PAGE})
+
+    mw, _ = make_mw(app, spy_delay=0.2)
+    rec = await run(mw)
+    assert got == ["http.request"]
+    assert page_vars(rec.body) is not None
 
 
 def test_a_terminate_its_loop_ended_before_is_done_at_exit(

@@ -7,6 +7,8 @@ passed through as it comes, unbuffered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from operator import itemgetter
 from typing import Any
@@ -25,6 +27,7 @@ from .core import (
     exclusions,
     is_authenticated,
     is_injectable,
+    log,
     request_kind,
     request_kind_of,
 )
@@ -179,7 +182,11 @@ def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[t
 
 class _Responder:
     __slots__ = (
+        "_receive",
         "_send",
+        "_stash",
+        "_watcher",
+        "app_receiving",
         "core",
         "credentials",
         "delivered",
@@ -201,11 +208,18 @@ class _Responder:
         credentials: Credentials | None,
         pending: AsyncPending | None,
         user: Any = None,
+        receive: Receive | None = None,
     ) -> None:
         self.mw = middleware
         self.core = middleware.core
         self.scope = scope
         self._send = send
+        # The server's receive, when the app was given ours (a navigation): then the wait for
+        # the session also watches for the client going away (see ``_wait``).
+        self._receive = receive
+        self._stash: list[Message] = []  # messages the watch read that the app has not yet
+        self._watcher: asyncio.Task[Message] | None = None
+        self.app_receiving = False
         self.credentials = credentials  # None: looked up from ``user`` once a page needs it
         self.user = user
         self.pending = pending
@@ -222,7 +236,60 @@ class _Responder:
                 if self.credentials is None:
                     return None
             self.pending = self.core.start_async(self.credentials)
-        return await self.pending.session() if self.pending is not None else None
+        if self.pending is None:
+            return None
+        if self._receive is None or self.app_receiving:
+            # (an app that listens for the disconnect itself cancels the page, which ends it)
+            return await self.pending.session()
+        return await self._wait(self.pending)
+
+    async def _wait(self, pending: AsyncPending) -> PrebindSession | None:
+        """The session, unless the client goes away first: a browser that gave up on a slow
+        page (or a reset connection) gets nothing, and the server drops what is sent to it
+        without a word, so the session would seem delivered and stay live until it timed out
+        at the XMPP server. Its prebind is ended instead. The request's messages read
+        meanwhile go to the app when it asks (``receive``)."""
+        waiting = asyncio.ensure_future(pending.session())
+        self._watcher = watcher = asyncio.ensure_future(self._watch())
+        try:
+            await asyncio.wait((waiting, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # (the page itself cancelled: the pending ends its session)
+            waiting.cancel()
+            raise
+        finally:
+            watcher.cancel()
+            self._watcher = None
+        if waiting.done():
+            return waiting.result()
+        self._stash.append(watcher.result())  # (the app's next receive says so too)
+        waiting.cancel()  # (the pending ends the session once it exists)
+        log.info("client went away before its page: session not sent, ended")
+        return None
+
+    async def _watch(self) -> Message:
+        assert self._receive is not None
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return message
+            self._stash.append(message)
+
+    async def receive(self) -> Message:
+        """The app's receive: what the watch read first, and no read of its own while one is
+        in flight (an ASGI server serves one receive at a time)."""
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if self._stash:
+            return self._stash.pop(0)
+        assert self._receive is not None
+        self.app_receiving = True
+        try:
+            return await self._receive()
+        finally:
+            self.app_receiving = False
 
     def cleanup(self) -> None:
         if self.pending is not None:
@@ -510,9 +577,9 @@ class BOSHPrebindMiddleware:
             await self.app(scope, receive, send)
             return
         pending = core.start_async(credentials)  # now, next to the view
-        responder = _Responder(self, scope, send, credentials, pending, user)
+        responder = _Responder(self, scope, send, credentials, pending, user, receive)
         try:
-            await self.app(scope, receive, responder.send)
+            await self.app(scope, responder.receive, responder.send)
         finally:
             responder.cleanup()
 

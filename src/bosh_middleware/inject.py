@@ -439,6 +439,8 @@ class Injector:
             gt = data.rfind(syntax.gt, start, gt)
         if gt >= start:
             start, tag_at = gt + unit, -1
+        elif tag_at != -1:  # still in the tag that start is in (a "<x" in it is part of it)
+            return tag_at
         m = syntax.tag_start.search(data, start, end)
         while m is not None and (m.start() - start) % unit:
             m = syntax.tag_start.search(data, m.start() + 1, end)
