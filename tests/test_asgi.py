@@ -868,6 +868,24 @@ def test_a_connection_reset_while_the_page_waits_ends_its_session(
     assert is_dead(prosody.service_url, session)
 
 
+async def test_a_receive_that_always_says_request_is_read_twice_at_most(make_mw: Any) -> None:
+    """No ASGI server does it, but harnesses do (the benchmarks' did): every call answered
+    with the request. The watch must not loop on it while the session is awaited (it did,
+    holding every message, until the machine ran out of memory)."""
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sink = ASGIRecorder()
+    mw, _ = make_mw(html_app(PAGE), spy_delay=0.3)
+    await asyncio.wait_for(mw(http_scope("/", headers=NAV, user=ALICE), receive, sink.send), 10)
+    assert page_vars(sink.body) is not None
+    assert calls <= 2
+
+
 async def test_what_the_watch_read_goes_to_the_app(make_mw: Any) -> None:
     """While the page waits for its session, the middleware reads the request's messages to
     see a disconnect: the app, asking afterwards, still gets them, once each."""

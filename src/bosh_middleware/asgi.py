@@ -267,12 +267,24 @@ class _Responder:
         return None
 
     async def _watch(self) -> Message:
-        assert self._receive is not None
-        while True:
-            message = await self._receive()
+        receive = self._receive
+        assert receive is not None
+        while True:  # the rest of the request's body, if the app has not read it
+            message = await receive()
             if message["type"] == "http.disconnect":
                 return message
             self._stash.append(message)
+            if not message.get("more_body", False):
+                break
+        # Read whole: the server's next message can only be the disconnect. A receive that
+        # says anything else (a harness that answers every call with the request) is read no
+        # further: one message, not one per turn of the loop while the session is awaited.
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message
+        self._stash.append(message)
+        await asyncio.Future()  # (cancelled once the session is there)
+        raise AssertionError("unreachable")
 
     async def receive(self) -> Message:
         """The app's receive: what the watch read first, and no read of its own while one is
