@@ -494,11 +494,10 @@ class Prebinder(_Base):
         try:
             batch = next(flow)
             while True:
-                if type(batch) is Derive:  # (this thread is a web worker's: work here)
+                if isinstance(batch, Derive):  # (this thread is a web worker's: work here)
                     batch.run()
                     batch = flow.send([])
                     continue
-                assert type(batch) is list
                 try:
                     responses = self._send_batch(batch)
                 except BOSHError as exc:
@@ -583,11 +582,10 @@ class _Drive(Generic[T]):
                 batch = next(flow)
             else:
                 batch = flow.send([None if a is None else _new(BOSHResponse, a) for a in answers])
-            if type(batch) is Derive:  # off the event loop; then on from here, with no answers
+            if isinstance(batch, Derive):  # off the event loop; then on from here, no answers
                 work = self._pool.loop().run_in_executor(None, batch.run)
                 work.add_done_callback(self._derived)
                 return
-            assert type(batch) is list
             _log_batch(batch)
             p = self._prebinder
             timeouts = p._timeouts
@@ -732,11 +730,10 @@ class AsyncPrebinder(_Base):
         try:
             batch = next(flow)
             while True:
-                if type(batch) is Derive:  # off the event loop
+                if isinstance(batch, Derive):  # off the event loop
                     await asyncio.get_running_loop().run_in_executor(None, batch.run)
                     batch = flow.send([])
                     continue
-                assert type(batch) is list
                 try:
                     responses = await self._send_batch(batch)
                 except BOSHError as exc:
