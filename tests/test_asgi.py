@@ -637,6 +637,33 @@ async def test_passthrough_is_streamed_and_start_not_held(make_mw: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def served_page(
+    prosody: XMPPServer, alice: tuple[str, str], lifespan: list[str] | None = None
+) -> BOSHPrebindMiddleware:
+    """The page app with a lifespan (its messages recorded in ``lifespan``), behind the
+    middleware as a server loads it: the outermost app, so the user is the X-User header."""
+    page, seen = html_app(PAGE), ([] if lifespan is None else lifespan)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                seen.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await page(scope, receive, send)
+
+    return BOSHPrebindMiddleware(
+        app,
+        service_url=prosody.service_url,
+        credentials=StaticCredentials({"alice": alice}),
+        get_user=header_user,
+    )
+
+
 @pytest.mark.parametrize("server", SERVERS)
 def test_asgi_servers_take_it_for_an_asgi3_app(
     server: str, prosody: XMPPServer, alice: tuple[str, str]
@@ -645,26 +672,7 @@ def test_asgi_servers_take_it_for_an_asgi3_app(
     at it (hypercorn's choice is ASGI or WSGI, by ``inspect.iscoroutinefunction``), run its
     lifespan, and serve a page with a session and the requests it leaves alone."""
     lifespan: list[str] = []
-    page = html_app(PAGE)
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                lifespan.append(message["type"])
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        await page(scope, receive, send)
-
-    mw = BOSHPrebindMiddleware(
-        app,
-        service_url=prosody.service_url,
-        credentials=StaticCredentials({"alice": alice}),
-        get_user=header_user,  # the outermost app: no auth layer around it
-    )
+    mw = served_page(prosody, alice, lifespan)
     spy = PrebindSpy.on(mw.core, sync=False)
     closed: list[bool] = []
     aclose = mw.core.aclose
@@ -837,22 +845,7 @@ def test_a_connection_reset_while_the_page_waits_ends_its_session(
 ) -> None:
     """The same through real servers, which say http.disconnect when the browser resets the
     connection and then drop the page without an error."""
-    page = html_app(PAGE)
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        await page(scope, receive, send)
-
-    mw = BOSHPrebindMiddleware(
-        app,
-        service_url=prosody.service_url,
-        credentials=StaticCredentials({"alice": alice}),
-        get_user=header_user,
-    )
+    mw = served_page(prosody, alice)
     spy = PrebindSpy.on(mw.core, sync=False, delay=1.0)
     with serve(server, mw) as base:
         port = int(base.rsplit(":", 1)[1])
