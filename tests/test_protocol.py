@@ -498,6 +498,13 @@ def test_a_resource_the_page_could_not_carry_is_refused(resource: str) -> None:
         Credentials(JID, PASSWORD, resource=resource)
 
 
+@pytest.mark.parametrize("prefix", ["a<b", "a'b", "a b", "a=b"])
+def test_a_resource_prefix_the_page_could_not_carry_is_refused(prefix: str) -> None:
+    with pytest.raises(ValueError, match=r"resource_prefix .* no page could carry it"):
+        PrebindOptions(resource_prefix=prefix)
+    PrebindOptions(resource_prefix="phone.tab_1")  # (what is safe is taken)
+
+
 # ------------------------------------------------------------------------------------------
 # Mechanism choice
 # ------------------------------------------------------------------------------------------

@@ -505,19 +505,18 @@ class PrebindCore:
         task.add_done_callback(self._tasks.discard)
         return AsyncPending(self, credentials, task)
 
-    @staticmethod
-    def _log_closed() -> None:
-        # (at the level of the "opened" line's neighbours: logs that said the server was
-        # gone also say it is back)
-        log.warning("BOSH circuit breaker closed: the XMPP server answers again")
+    def _server_answered(self) -> None:
+        """A success for the breaker; said when it closes the breaker (at the level of the
+        "opened" line's neighbours: logs that said the server was gone also say it is back)."""
+        if self.breaker.record_success():
+            log.warning("BOSH circuit breaker closed: the XMPP server answers again")
 
     def _record(
         self, credentials: Credentials, error: BaseException | None, elapsed: float
     ) -> None:
         user, ms = credentials.user_key, round(elapsed * 1000, 1)
         if error is None:
-            if self.breaker.record_success():
-                self._log_closed()
+            self._server_answered()
             log.debug("BOSH prebind for %s took %.1f ms", user, ms)
             return
         condition = getattr(error, "condition", None) or type(error).__name__
@@ -526,8 +525,7 @@ class PrebindCore:
             # The server answered; this account or setting is wrong. That proves the server up,
             # so it counts as a success for the breaker (which also ends a half-open trial:
             # leaving the trial running would keep the breaker open for good).
-            if self.breaker.record_success():
-                self._log_closed()
+            self._server_answered()
             if isinstance(error, AuthenticationFailed):
                 log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
             else:

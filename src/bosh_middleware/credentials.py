@@ -35,6 +35,10 @@ _RESOURCE = re.compile(rf"[^{_UNSAFE}=]+")
 _JID = re.compile(rf"[^{_UNSAFE}@/:]+@[^{_UNSAFE}@/=]+/[^{_UNSAFE}=]+")
 
 
+#: Why a resource (or its prefix) is refused, as ``Credentials`` and the settings say it.
+UNSAFE_RESOURCE = "holds whitespace, a quote, '<', '>', '&', '=' or '`': no page could carry it"
+
+
 def page_safe_resource(resource: str) -> bool:
     return _RESOURCE.fullmatch(resource) is not None
 
@@ -71,10 +75,7 @@ class Credentials:
             if not self.password:
                 raise ValueError("credentials need a password (or use Credentials.anonymous)")
         if self.resource is not None and not page_safe_resource(self.resource):
-            raise ValueError(
-                f"resource {self.resource!r} is empty or holds whitespace, a quote, '<', '>',"
-                " '&', '=' or '`': the page could not carry the JID"
-            )
+            raise ValueError(f"resource {self.resource!r} is empty or {UNSAFE_RESOURCE}")
 
     @classmethod
     def anonymous(cls, domain: str) -> Credentials:

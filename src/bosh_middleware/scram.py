@@ -61,18 +61,23 @@ def _cache_key(
     return (hash_name, username, hashlib.sha256(password.encode()).digest(), salt, iterations)
 
 
-def _keys(
-    hash_name: str, username: str, password: str, salt: bytes, iterations: int
-) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey), from the cache when possible."""
-    pw = password.encode()
-    key = _cache_key(hash_name, username, password, salt, iterations)
+def _cached(key: tuple[str, str, bytes, bytes, int]) -> tuple[bytes, bytes] | None:
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
-            return hit
-    salted = hashlib.pbkdf2_hmac(hash_name, pw, salt, iterations)
+        return hit
+
+
+def _keys(
+    hash_name: str, username: str, password: str, salt: bytes, iterations: int
+) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey), from the cache when possible."""
+    key = _cache_key(hash_name, username, password, salt, iterations)
+    hit = _cached(key)
+    if hit is not None:
+        return hit
+    salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), salt, iterations)
     keys = (
         hmac.digest(salted, b"Client Key", hash_name),
         hmac.digest(salted, b"Server Key", hash_name),
@@ -206,11 +211,7 @@ class ScramClient:
         except ProtocolError:
             return None
         args = (self._hash, self._username, self._password, salt, iterations)
-        key = _cache_key(*args)
-        with _cache_lock:
-            keys = _cache.get(key)
-            if keys is not None:
-                _cache.move_to_end(key)
+        keys = _cached(_cache_key(*args))
         # (what was read and found is kept: client_final does not do it all again)
         self._checked = (server_first, nonce, salt, iterations, keys)
         return None if keys is not None else functools.partial(self._derive, args)

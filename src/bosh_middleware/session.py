@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .credentials import page_safe_resource
+from .credentials import UNSAFE_RESOURCE, page_safe_resource
 from .http11 import check_header, redact_url
 
 __all__ = ["PrebindOptions", "PrebindSession"]
@@ -162,10 +162,7 @@ def _check_mechanisms(name: str, value: Any) -> tuple[str, ...] | None:
 def _check_resource_prefix(name: str, value: Any) -> str | None:
     prefix = check_str(name, value)
     if not page_safe_resource(f"{prefix}-0"):  # (the prebind adds "-" and 12 hex digits)
-        raise ValueError(
-            f"{name} {prefix!r} holds whitespace, a quote, '<', '>', '&', '=' or '`':"
-            " the page could not carry the JID"
-        )
+        raise ValueError(f"{name} {prefix!r} {UNSAFE_RESOURCE}")
     return prefix
 
 

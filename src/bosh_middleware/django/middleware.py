@@ -120,10 +120,15 @@ def _warn_unset() -> None:
     )
 
 
-def _injectable(request: HttpRequest, response: HttpResponseBase) -> bool:
-    return is_injectable(
-        request.method or "", response.status_code, response.headers.get
-    ) and not opted_out(request.META)
+def _no_page(core: PrebindCore, request: HttpRequest, response: HttpResponseBase) -> bool:
+    """Whether ``response`` cannot carry the session: no injectable page, or a page its view
+    said ``no_prebind`` for. A compressed page is reported (once), as no other page is."""
+    if opted_out(request.META):
+        return True
+    if is_injectable(request.method or "", response.status_code, response.headers.get):
+        return False
+    core.check_compressed(response.status_code, response.headers.get)
+    return True
 
 
 def _is_async(fn: Any) -> bool:
@@ -199,11 +204,9 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        if not _injectable(request, response):
+        if _no_page(core, request, response):
             if pending is not None:
                 pending.discard()
-            if not opted_out(request.META):  # (a page compressed below us: said once)
-                core.check_compressed(response.status_code, response.headers.get)
             return response
         after = _user(request)
         # A navigation's prebind is for whoever was logged in before the view: if the view
@@ -237,11 +240,9 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        if not _injectable(request, response):
+        if _no_page(core, request, response):
             if pending is not None:
                 pending.discard()
-            if not opted_out(request.META):  # (a page compressed below us: said once)
-                core.check_compressed(response.status_code, response.headers.get)
             return response
         after = await _auser(request)  # (as in ``__call__``)
         if not navigation or after != user:
