@@ -1,9 +1,9 @@
 """The floor: the engine's wire exchange with as few Python operations as a working client can
 do it in, for the CPU section to say how far above it the engine is.
 
-Same requests as the engine sends for a warm SCRAM prebind (create | client-first |
-client-final | restart + bind, the last two pipelined on two keep-alive connections with the
-engine's 0.5 ms stagger), and the same C work: lxml parses each answer, ``hmac`` computes the
+Same requests as the engine sends for a warm SCRAM prebind against Prosody (quickstart:
+create with client-first in it | client-final | restart with the bind in it, on one keep-alive
+connection), and the same C work: lxml parses each answer, ``hmac`` computes the
 proof, the salted password is cached. What it leaves out is everything a library needs and a
 measurement of the floor does not: a pool, locks, fork and staleness checks, deadlines across
 steps, HTTP framing other than one Content-Length, size caps, error conditions, logging,
@@ -11,9 +11,10 @@ mechanism choice, the flow/driver split. It still checks the server's signature 
 result, and its sessions are checked live like the others. Not for use anywhere else.
 
 ``FloorIOPrebinder`` is the shipped engine (its flows, SCRAM, XML checks and driver loop)
-over the floor's I/O instead of ``http11``: the same two sockets, the same one-Content-Length
-read. Between the floor and the engine, it says which half of the difference is the
-transport (pool, deadlines, strict HTTP framing) and which the protocol layers.
+over the floor's I/O instead of ``http11``: the same one-Content-Length read, on one socket
+(and a second for the pipelined restart + bind of a prebind that is not warm yet). Between the
+floor and the engine, it says which half of the difference is the transport (pool, deadlines,
+strict HTTP framing) and which the protocol layers.
 """
 
 from __future__ import annotations
@@ -30,10 +31,6 @@ from urllib.parse import urlsplit
 from lxml import etree
 
 from bosh_middleware import Prebinder, PrebindSession
-
-# the engine's stagger and its bound (module names: tests/test_benchmarks.py sets them to 0)
-from bosh_middleware.client import _MAX_STAGGER
-from bosh_middleware.client import _PIPELINE_STAGGER as _STAGGER
 from bosh_middleware.protocol import BOSHRequest, BOSHResponse
 
 __all__ = ["FloorIOPrebinder", "FloorPrebinder"]
@@ -90,59 +87,34 @@ class FloorPrebinder:
         self.mechanism = mechanism
         self._hash = "sha1" if mechanism == "SCRAM-SHA-1" else "sha256"
         self._addr, self._prefix = _origin(service_url)
-        self._socks = [self._connect(), self._connect()]
+        self._sock = _connect(self._addr)
         self._keys: dict[tuple[str, bytes, int], tuple[bytes, bytes]] = {}
-        self._stagger = _STAGGER  # learnt as the engine learns it (see client.py)
-
-    def _connect(self) -> socket.socket:
-        return _connect(self._addr)
 
     def close(self) -> None:
-        for sock in self._socks:
-            sock.close()
-
-    def _send(self, sock: socket.socket, body: str) -> None:
-        data = body.encode()
-        sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data))
-
-    def _read(self, sock: socket.socket) -> etree._Element:
-        return etree.fromstring(_read_body(sock), _PARSER)
+        self._sock.close()
 
     def _round_trip(self, body: str) -> etree._Element:
-        sock = self._socks[0]
-        self._send(sock, body)
-        return self._read(sock)
+        data = body.encode()
+        self._sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data))
+        return etree.fromstring(_read_body(self._sock), _PARSER)
 
     def prebind(self, jid: str, password: str) -> PrebindSession:
-        # The bind overtakes the restart now and then on a busy server: both answers then
-        # come on the first connection and the second is held open, which makes the session
-        # unusable (see protocol.py). As the engine does, end it, prebind again, and double
-        # the stagger; ease it back 10 % a prebind that went in order.
-        for _ in range(5):
-            session = self._attempt(jid, password)
-            if session is not None:
-                self._stagger = max(self._stagger * 0.9, _STAGGER)
-                return session
-            self._stagger = min(self._stagger * 2, _MAX_STAGGER)
-        raise ConnectionError("the bind kept overtaking the restart")
-
-    def _attempt(self, jid: str, password: str) -> PrebindSession | None:
         user, _, domain = jid.partition("@")
         rid = 2**32 + secrets.randbits(44)
-        root = self._round_trip(
-            f"<body content='text/xml; charset=utf-8' hold='1' rid='{rid}' to='{domain}'"
-            f" ver='1.6' wait='60' xml:lang='en' xmpp:version='1.0' {_BOSH}"
-            " xmlns:xmpp='urn:xmpp:xbosh'/>"
-        )
-        sid = root.get("sid")
         nonce = secrets.token_urlsafe(18)
         first_bare = f"n={user},r={nonce}".encode()
         first = base64.b64encode(b"n,," + first_bare).decode()
         root = self._round_trip(
-            f"<body rid='{rid + 1}' sid='{sid}' {_BOSH}><auth xmlns='{_NS[1:-1]}'"
+            f"<body content='text/xml; charset=utf-8' hold='1' rid='{rid}' to='{domain}'"
+            f" ver='1.6' wait='60' xml:lang='en' xmpp:version='1.0' {_BOSH}"
+            f" xmlns:xmpp='urn:xmpp:xbosh'><auth xmlns='{_NS[1:-1]}'"
             f" mechanism='{self.mechanism}'>{first}</auth></body>"
         )
-        server_first = base64.b64decode(root[0].text or "")
+        sid = root.get("sid")
+        challenge = root.find(_NS + "challenge")
+        if challenge is None:
+            raise ConnectionError("no challenge in the creation response")
+        server_first = base64.b64decode(challenge.text or "")
         attrs = dict(part.split(b"=", 1) for part in server_first.split(b","))
         if not attrs[b"r"].startswith(nonce.encode()):
             raise ConnectionError("nonce")
@@ -161,42 +133,29 @@ class FloorPrebinder:
         proof = (int.from_bytes(client_key) ^ int.from_bytes(signature)).to_bytes(len(signature))
         final = base64.b64encode(without_proof + b",p=" + base64.b64encode(proof)).decode()
         root = self._round_trip(
-            f"<body rid='{rid + 2}' sid='{sid}' {_BOSH}>"
+            f"<body rid='{rid + 1}' sid='{sid}' {_BOSH}>"
             f"<response xmlns='{_NS[1:-1]}'>{final}</response></body>"
         )
         verifier = base64.b64decode(root[0].text or "")
         expected = b"v=" + base64.b64encode(hmac.digest(server_key, message, self._hash))
         if root[0].tag != _NS + "success" or not hmac.compare_digest(verifier, expected):
             raise ConnectionError("server signature")
-        s0, s1 = self._socks
-        self._send(
-            s0,
-            f"<body rid='{rid + 3}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
-            f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'/>",
-        )
-        time.sleep(self._stagger)
-        self._send(
-            s1,
-            f"<body rid='{rid + 4}' sid='{sid}' {_BOSH}><iq id='bind_1' type='set'"
+        bound = self._round_trip(
+            f"<body rid='{rid + 2}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
+            f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'><iq id='bind_1' type='set'"
             " xmlns='jabber:client'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
             f"<resource>floor-{secrets.token_hex(6)}</resource></bind></iq></body>",
-        )
-        if len(self._read(s0)) > 1:  # features and the bind result: overtaken
-            s1.close()
-            self._socks[1] = self._connect()
-            self._round_trip(f"<body rid='{rid + 5}' sid='{sid}' type='terminate' {_BOSH}/>")
-            return None
-        bound = self._read(s1).find(_JID)
+        ).find(_JID)
         if bound is None or not bound.text:
             raise ConnectionError("bind")
         return PrebindSession(
             jid=bound.text,
             sid=sid or "",
-            rid=rid + 5,
+            rid=rid + 3,
             service_url=self.url,
             mechanism=self.mechanism,
-            round_trips=4,
-            request_count=5,
+            round_trips=3,
+            request_count=3,
         )
 
 

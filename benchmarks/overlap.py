@@ -129,7 +129,7 @@ def run(
     *, quick: bool = False, rtt_ms: float = 5.0, log_level: str = "info", **_: object
 ) -> Result:
     n = 6 if quick else 30
-    link_rtt = 10.0  # ms: SCRAM's 4 round trips then cost about as much as the view
+    link_rtt = 10.0  # ms: SCRAM's round trips (3 warm, with quickstart) then cost about the view
     rows: list[list[object]] = []
     data: dict[str, object] = {}
     with contextlib.ExitStack() as stack:

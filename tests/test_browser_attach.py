@@ -21,9 +21,12 @@ from support.xmpp_servers import XMPPServer
 pytestmark = pytest.mark.browser
 
 
-def _prebind(server: XMPPServer, **options) -> tuple[PrebindSession, str]:  # type: ignore[no-untyped-def]
+def _prebind(server: XMPPServer, *, learnt: bool = False, **options) -> tuple[PrebindSession, str]:  # type: ignore[no-untyped-def]
+    """A prebound session; ``learnt``: the engine's second, made with quickstart."""
     jid, password = server.new_user("att")
     with Prebinder(server.service_url, **options) as p:
+        if learnt:
+            p.terminate(p.prebind(Credentials(jid, password)))
         session = p.prebind(Credentials(jid, password))
     return session, jid
 
@@ -70,6 +73,20 @@ def test_prosody_plain_session_attaches(browser, static_server, prosody_secure) 
     session, _ = _prebind(prosody_secure, mechanisms=["PLAIN"])
     assert session.mechanism == "PLAIN" and session.round_trips == 3
     _attach(browser, static_server, prosody_secure, session, "hello from a PLAIN prebind <&>")
+
+
+def test_prosody_scram_quickstart_session_attaches(browser, static_server, prosody) -> None:
+    """A session whose first SASL message went with the creation request (3 round trips)."""
+    session, _jid = _prebind(prosody, learnt=True)
+    assert session.mechanism and session.mechanism.startswith("SCRAM-")
+    assert session.round_trips == 3 and not session.retried
+    _attach(browser, static_server, prosody, session, "hello from a quickstart prebind")
+
+
+def test_prosody_plain_quickstart_session_attaches(browser, static_server, prosody_secure) -> None:
+    session, _ = _prebind(prosody_secure, learnt=True, mechanisms=["PLAIN"])
+    assert session.mechanism == "PLAIN" and session.round_trips == 2 and not session.retried
+    _attach(browser, static_server, prosody_secure, session, "two round trips, PLAIN")
 
 
 @pytest.mark.ejabberd

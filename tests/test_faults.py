@@ -700,12 +700,14 @@ def test_held_request_session_is_replaced_by_a_sequential_prebind(fake, prebind)
     session = prebind(srv.url, timeout=5)
     assert session.jid.startswith("alice@localhost/web-")
     assert session.retried
-    # create | auth | restart+bind, then terminate, then create | auth | restart | bind
-    assert session.round_trips == 3 + 4
+    # create | auth | restart+bind, then terminate; then the redo's quickstart (it knows that
+    # PLAIN is offered now; this server does not answer it in the creation response, so that
+    # session is ended too); then create | auth | restart | bind, one request at a time
+    assert session.round_trips == 3 + 1 + 4
     labels = srv.labels
     first_terminate = labels.index("terminate")
-    assert labels[first_terminate + 1] == "create"
-    assert labels[first_terminate + 1 :] == ["create", "auth", "restart", "bind"]
+    after = ["create", "terminate", "create", "auth", "restart", "bind"]
+    assert labels[first_terminate + 1 :] == after
 
 
 @pytest.mark.parametrize("transport", ["builtin", "httpx"])

@@ -36,6 +36,7 @@ from bosh_middleware.protocol import (
     BOSHResponse,
     Derive,
     PrebindProtocol,
+    ServiceMemory,
     choose_mechanism,
     initial_rid,
     is_secure_transport,
@@ -120,6 +121,13 @@ class ScriptedServer:
     bound_jid: Callable[[str], str] | None = None  # requested full JID -> bound one
     forge_server_signature: bool = False
     anonymous_jid: str = "abc123@anon.example.org"
+    # a SASL message in the creation request (quickstart): answered in the creation response
+    # ("answer", as Prosody does), on the next request ("later", as ejabberd does), or never
+    create_payload: str = "answer"
+    later: bytes | None = None
+    # a stanza in the restart request: handled after the restart ("answer", as Prosody does),
+    # or dropped ("ignore", as ejabberd does)
+    restart_payload: str = "answer"
     # hooks: label -> BOSHResponse to send instead of the normal answer
     override: dict[str, BOSHResponse] = field(default_factory=dict)
 
@@ -177,6 +185,9 @@ class ScriptedServer:
         self.parsed.append(root)
         assert root.tag == f"{{{HB}}}body", req.body
         assert int(root.get("rid")) == req.rid
+        if req.label == "create" and self.stage != "new":  # a new session, from the start
+            assert self.stage == "terminated", "a new session before the last one ended"
+            self.stage, self.next_rid, self.scram, self.later = "new", None, None, None
         if self.next_rid is not None:
             assert req.rid == self.next_rid, f"RID {req.rid} out of order"
         self.next_rid = req.rid + 1
@@ -192,6 +203,15 @@ class ScriptedServer:
             self.stage = "sasl"
             children = _features(self.mechanisms) if self.features_in_create else ""
             self.pending_features = not self.features_in_create
+            if len(root) and self.create_payload != "ignore":
+                (auth,) = root
+                assert auth.tag == f"{{{SASL}}}auth"
+                answered = self._auth(auth)
+                inner = re.sub(rb"^<body[^>]*>|</body>$", b"", answered.body).decode()
+                if self.create_payload == "answer":
+                    children += inner
+                else:
+                    self.later = inner.encode()
             return BOSHResponse(
                 200,
                 _body(
@@ -216,9 +236,17 @@ class ScriptedServer:
                 feats += f"<session xmlns='{SESSION}'><optional/></session>"
             elif self.session_feature == "required":
                 feats += f"<session xmlns='{SESSION}'/>"
-            return BOSHResponse(200, _body(f"<stream:features>{feats}</stream:features>"))
+            children = f"<stream:features>{feats}</stream:features>"
+            if len(root) and self.restart_payload == "answer":
+                (iq,) = root
+                answered = self._iq(iq).body
+                children += re.sub(rb"^<body[^>]*>|</body>$", b"", answered).decode()
+            return BOSHResponse(200, _body(children))
         children = list(root)
         if not children:  # empty poll
+            if self.later is not None:
+                later, self.later = self.later, None
+                return BOSHResponse(200, _body(later.decode()))
             if self.pending_features:
                 self.pending_features = False
                 return BOSHResponse(200, _body(_features(self.mechanisms)))
@@ -247,7 +275,8 @@ class ScriptedServer:
 
     def _auth(self, auth: etree._Element) -> BOSHResponse:
         mech = auth.get("mechanism")
-        assert mech in self.mechanisms, mech
+        if mech not in self.mechanisms:
+            return self._failure("invalid-mechanism")
         payload = base64.b64decode(auth.text or "")
         if mech == "PLAIN":
             _, user, pw = payload.split(b"\0")
@@ -424,6 +453,183 @@ def test_pipeline_off_is_sequential(mech: str, labels: list[list[str]]) -> None:
     assert server.labels() == labels
     assert session.round_trips == len(labels)
     _check_rids(server, session)
+
+
+# ------------------------------------------------------------------------------------------
+# Quickstart: the first SASL message in the session creation request
+# ------------------------------------------------------------------------------------------
+def _with_memory(
+    memory: ServiceMemory,
+    server: ScriptedServer,
+    creds: Credentials | None = None,
+    url: str = LOCAL_URL,
+    **opts,
+) -> PrebindSession:  # type: ignore[no-untyped-def]
+    proto = PrebindProtocol(
+        creds or Credentials(JID, PASSWORD), PrebindOptions(**opts), service_url=url, memory=memory
+    )
+    return server.run(proto.flow())
+
+
+def _create_payload(server: ScriptedServer, n: int = 0) -> list[etree._Element]:
+    """The children of the ``n``-th creation request."""
+    creates = [p for p, r in zip(server.parsed, server.requests) if r.label == "create"]
+    return list(creates[n])
+
+
+@pytest.mark.parametrize(
+    ("mech", "labels"),
+    [
+        ("SCRAM-SHA-1", [["create"], ["auth-response"], ["restart+bind"]]),
+        ("SCRAM-SHA-256", [["create"], ["auth-response"], ["restart+bind"]]),
+        ("PLAIN", [["create"], ["restart+bind"]]),
+    ],
+)
+def test_quickstart_saves_a_round_trip_once_the_mechanisms_are_known(
+    mech: str, labels: list[list[str]]
+) -> None:
+    memory = ServiceMemory()
+    first = ScriptedServer(mechanisms=[mech, "X-OTHER"])
+    s1 = _with_memory(memory, first)
+    assert len(first.batches) == len(labels) + 1  # learnt here: nothing sent with the create
+    assert _create_payload(first) == []
+    assert memory.quickstart("example.org") == (mech, "X-OTHER")
+
+    second = ScriptedServer(mechanisms=[mech, "X-OTHER"])
+    s2 = _with_memory(memory, second)
+    assert second.labels() == labels
+    (auth,) = _create_payload(second)
+    assert auth.tag == f"{{{SASL}}}auth" and auth.get("mechanism") == mech
+    assert s2.round_trips == len(labels) and s2.mechanism == mech and not s2.retried
+    assert s2.jid.startswith(JID + "/web-") and s2.jid != s1.jid
+    _check_rids(second, s2)
+    # the bind went in the restart request's body, after the restart (the server checked it)
+    restart = second.parsed[-1]
+    assert restart.get(f"{{{XBOSH}}}restart") == "true" and restart.get("to") == "example.org"
+    (iq,) = restart
+    assert iq.find(f"{{{BIND}}}bind") is not None and second.stage == "bound"
+    if mech.startswith("SCRAM"):  # the server checked the proof and the client its signature
+        assert second.scram is not None
+
+
+def test_quickstart_for_anonymous_logins() -> None:
+    memory = ServiceMemory()
+    creds = Credentials.anonymous("anon.example.org")
+    _with_memory(memory, ScriptedServer(mechanisms=["ANONYMOUS"]), creds)
+    server = ScriptedServer(mechanisms=["ANONYMOUS"])
+    session = _with_memory(memory, server, creds)
+    assert server.labels() == [["create"], ["restart+bind"]]
+    (auth,) = _create_payload(server)
+    assert auth.get("mechanism") == "ANONYMOUS" and not auth.text
+    assert session.mechanism == "ANONYMOUS" and session.round_trips == 2
+
+
+@pytest.mark.parametrize("create_payload", ["later", "ignore"])
+def test_quickstart_unanswered_in_the_creation_response_is_turned_off(create_payload) -> None:
+    """ejabberd answers the SASL message on the next request; another server may ignore it,
+    and a poll for it would be held for ``wait`` seconds. Either way that session is ended,
+    the prebind made again the usual way, and quickstart not tried again for the domain."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["SCRAM-SHA-1"])
+    server = ScriptedServer(create_payload=create_payload)
+    session = _with_memory(memory, server, mechanisms=["SCRAM-SHA-1"])
+    assert server.labels() == [
+        ["create"],
+        ["terminate"],
+        ["create"],
+        ["auth"],
+        ["auth-response"],
+        ["restart", "bind"],
+    ]
+    assert len(_create_payload(server, 0)) == 1 and _create_payload(server, 1) == []
+    # (the terminate between the two is not counted, as after a redone pipelined batch)
+    assert session.round_trips == 1 + 4 and session.request_count == 1 + 5
+    assert not session.retried  # (that is for a pipelined batch gone wrong)
+    assert memory.quickstart("example.org") is None
+    third = ScriptedServer(create_payload=create_payload)
+    assert _with_memory(memory, third, mechanisms=["SCRAM-SHA-1"]).round_trips == 4
+    assert _create_payload(third) == []
+
+
+def test_a_bind_the_restart_request_did_not_answer_ends_quickstart() -> None:
+    """A server that answers the creation request's SASL message at once but drops a bind
+    sent with the restart: that session (restarted, never bound) is ended, the prebind made
+    again the usual way, and quickstart turned off."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+    server = ScriptedServer(restart_payload="ignore")
+    session = _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert server.labels() == [
+        ["create"],
+        ["restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth"],
+        ["restart", "bind"],
+    ]
+    assert session.round_trips == 2 + 3 and not session.retried
+    assert memory.quickstart("example.org") is None
+
+
+def test_quickstart_with_a_mechanism_no_longer_offered_is_done_again() -> None:
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(mechanisms=["SCRAM-SHA-256"]))
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])  # reconfigured since
+    session = _with_memory(memory, server)
+    assert server.labels()[:3] == [["create"], ["terminate"], ["create"]]
+    assert session.mechanism == "SCRAM-SHA-1" and session.round_trips == 1 + 4
+    # what the server offers now is what the next prebind starts with
+    assert memory.quickstart("example.org") == ("SCRAM-SHA-1",)
+    nxt = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    assert _with_memory(memory, nxt).round_trips == 3
+    assert nxt.labels() == [["create"], ["auth-response"], ["restart+bind"]]
+
+
+def test_quickstart_wrong_password_is_an_auth_failure_and_terminates() -> None:
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+    server = ScriptedServer(password="other")
+    with pytest.raises(AuthenticationFailed) as info:
+        _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert info.value.condition == "not-authorized"
+    assert server.labels() == [["create"], ["terminate"]]
+    assert memory.quickstart("example.org") is not None  # the server did answer at once
+
+
+def test_quickstart_never_sends_plain_where_plain_is_refused() -> None:
+    """The memory says PLAIN, but PLAIN over plain HTTP to another host is refused: the
+    creation request carries nothing, and the refusal is what it was without quickstart."""
+    memory = ServiceMemory()
+    memory.learn("example.org", ("PLAIN",))
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    with pytest.raises(MechanismUnavailable, match="refused over plain HTTP"):
+        _with_memory(memory, server, url=REMOTE_HTTP)
+    assert _create_payload(server) == []
+    assert b"s3cret" not in b"".join(r.body for r in server.requests)
+
+
+def test_quickstart_off() -> None:
+    memory = ServiceMemory()
+    for _ in range(2):
+        server = ScriptedServer()
+        session = _with_memory(memory, server, mechanisms=["SCRAM-SHA-1"], quickstart=False)
+        assert _create_payload(server) == [] and session.round_trips == 4
+    assert memory.quickstart("example.org") is None  # nothing learnt either
+
+
+def test_service_memory_is_per_domain_and_bounded() -> None:
+    memory = ServiceMemory()
+    memory.learn("a.example", ("PLAIN",))
+    memory.learn("b.example", ("SCRAM-SHA-1",))
+    memory.turn_off("b.example")
+    assert memory.quickstart("a.example") == ("PLAIN",)
+    assert memory.quickstart("b.example") is None
+    assert memory.quickstart("c.example") is None
+    for i in range(ServiceMemory.MAX_DOMAINS + 5):
+        memory.learn(f"d{i}.example", ("PLAIN",))
+        memory.turn_off(f"e{i}.example")
+    assert len(memory._offered) <= ServiceMemory.MAX_DOMAINS
+    assert len(memory._off) <= ServiceMemory.MAX_DOMAINS
 
 
 def test_server_window_of_one_is_respected() -> None:

@@ -54,14 +54,22 @@ escape: Callable[[str], str] = methodcaller("translate", _ESCAPES)
 
 
 def create_body(
-    *, rid: int, to: str, wait: int, hold: int, lang: str, route: str | None = None
+    *,
+    rid: int,
+    to: str,
+    wait: int,
+    hold: int,
+    lang: str,
+    route: str | None = None,
+    payload: str = "",
 ) -> bytes:
     route_attr = f" route='{escape(route)}'" if route else ""
-    return (
+    head = (
         f"<body content='text/xml; charset=utf-8' hold='{hold}' rid='{rid}'{route_attr}"
         f" to='{escape(to)}' ver='1.6' wait='{wait}' xml:lang='{escape(lang)}'"
-        f" xmpp:version='1.0' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'/>"
-    ).encode()
+        f" xmpp:version='1.0' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'"
+    )
+    return (f"{head}>{payload}</body>" if payload else f"{head}/>").encode()
 
 
 def request_body(*, rid: int, sid: str, payload: str = "") -> bytes:
@@ -72,11 +80,12 @@ def request_body(*, rid: int, sid: str, payload: str = "") -> bytes:
     ).encode()
 
 
-def restart_body(*, rid: int, sid: str, to: str, lang: str) -> bytes:
-    return (
+def restart_body(*, rid: int, sid: str, to: str, lang: str, payload: str = "") -> bytes:
+    head = (
         f"<body rid='{rid}' sid='{escape(sid)}' to='{escape(to)}' xml:lang='{escape(lang)}'"
-        f" xmpp:restart='true' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'/>"
-    ).encode()
+        f" xmpp:restart='true' xmlns='{NS_HTTPBIND}' xmlns:xmpp='{NS_XBOSH}'"
+    )
+    return (f"{head}>{payload}</body>" if payload else f"{head}/>").encode()
 
 
 def terminate_body(*, rid: int, sid: str) -> bytes:

@@ -44,6 +44,7 @@ from .protocol import (
     Flow,
     PrebindProtocol,
     ServerInfo,
+    ServiceMemory,
     probe_flow,
     terminate_flow,
 )
@@ -327,12 +328,16 @@ class _Base:
         self._request_url, self._request_headers = http11.basic_auth(service_url, self._headers)
         #: a request's timeout, by its ``best_effort``: a cleanup waits _CLEANUP_TIMEOUT at most
         self._timeouts = (options.timeout, min(_CLEANUP_TIMEOUT, options.timeout))
+        #: what the prebinds learn of the service, for quickstart
+        self.memory = ServiceMemory()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._shown_url}>"
 
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
-        return PrebindProtocol(credentials, self.options, service_url=self.service_url, rid=rid)
+        return PrebindProtocol(
+            credentials, self.options, service_url=self.service_url, rid=rid, memory=self.memory
+        )
 
     #: The pause between a pipelined batch's requests (see ``_PIPELINE_STAGGER``), learnt per
     #: client: a busy or slow server (one core, debug logging) can still take the second

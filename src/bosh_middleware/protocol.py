@@ -14,7 +14,15 @@ does not need the previous answer can travel with it:
 * PLAIN / ANONYMOUS: create | auth | restart + bind                       -> 3 round trips
 * SCRAM:             create | client-first | client-final | restart + bind -> 4 round trips
 
-Only restart + bind are pipelined. Two requests in flight use two TCP connections, and nothing
+With quickstart (``ServiceMemory``: the mechanisms are known from an earlier prebind, and the
+server answers a SASL message sent with the creation request in its response, as Prosody does):
+
+* PLAIN / ANONYMOUS: create + auth | restart + bind                       -> 2 round trips
+* SCRAM:             create + client-first | client-final | restart + bind -> 3 round trips
+
+and there restart + bind are one request: the bind iq in the restart request's body, which
+Prosody handles after the restart, answering both in one response. Otherwise only restart +
+bind are pipelined. Two requests in flight use two TCP connections, and nothing
 makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
 and handles its *stanzas* afterwards, which is right for the bind, but it loses the
 ``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
@@ -63,6 +71,7 @@ __all__ = [
     "Flow",
     "PrebindProtocol",
     "ServerInfo",
+    "ServiceMemory",
     "choose_mechanism",
     "initial_rid",
     "is_secure_transport",
@@ -271,9 +280,15 @@ class _Conversation:
         self, label: str, payload: str, settles: Callable[[list[BOSHResponse]], bool] | None
     ) -> BOSHRequest:
         assert self.sid is not None
-        if payload == _RESTART:
-            body = b.restart_body(rid=self.rid, sid=self.sid, to=self.to, lang=self.options.lang)
-            return self._request("restart", body, settles=settles)
+        if payload.startswith(_RESTART):  # (what follows the marker goes in the same body)
+            body = b.restart_body(
+                rid=self.rid,
+                sid=self.sid,
+                to=self.to,
+                lang=self.options.lang,
+                payload=payload[len(_RESTART) :],
+            )
+            return self._request(label, body, settles=settles)
         body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
         return self._request(label, body, settles=settles)
 
@@ -308,12 +323,19 @@ class _Conversation:
             raise ServiceUnavailable(f"BOSH session terminated by server: {cond}", condition=cond)
         return parsed
 
-    def create(self) -> Flow[None]:
+    def create(self, payload: str = "") -> Flow[None]:
+        """Open the session; ``payload`` travels in the creation request (quickstart)."""
         o = self.options
         req = self._request(
             "create",
             b.create_body(
-                rid=self.rid, to=self.to, wait=o.wait, hold=o.hold, lang=o.lang, route=o.route
+                rid=self.rid,
+                to=self.to,
+                wait=o.wait,
+                hold=o.hold,
+                lang=o.lang,
+                route=o.route,
+                payload=payload,
             ),
         )
         (response,) = yield [req]
@@ -412,16 +434,25 @@ class _Conversation:
         """The first received element that matches (its tag is one of ``match``, or
         ``match(el)`` is true), polling (bounded) until it comes. Tags are looked up without a
         call per element."""
-        tags = match if type(match) is frozenset else None
         while True:
-            for i, el in enumerate(self.inbox):
-                if (el.tag in tags) if tags is not None else match(el):  # type: ignore[operator]
-                    del self.inbox[i]
-                    return el
+            el = self.take(match)
+            if el is not None:
+                return el
             if self.polls >= self.options.max_polls:
                 raise ProtocolError(f"server never sent {what}")
             self.polls += 1
             yield from self.exchange([("poll", "")])
+
+    def take(
+        self, match: frozenset[str] | Callable[[etree._Element], bool]
+    ) -> etree._Element | None:
+        """The first received element that matches, taken out of the inbox, or ``None``."""
+        tags = match if type(match) is frozenset else None
+        for i, el in enumerate(self.inbox):
+            if (el.tag in tags) if tags is not None else match(el):  # type: ignore[operator]
+                del self.inbox[i]
+                return el
+        return None
 
 
 def _tag_in(*tags: str) -> Callable[[etree._Element], bool]:
@@ -449,6 +480,59 @@ class _HeldRequest(Exception):
     """A pipelined request is still open at the server: the session must not be handed out."""
 
 
+class _NoQuickstart(Exception):
+    """The SASL message sent with the creation request got no answer in its response, or was
+    for a mechanism the server no longer offers: this session is ended, and prebound again
+    the usual way."""
+
+
+#: SASL failures that say "not this mechanism" rather than "not these credentials".
+_MECHANISM_REFUSED = frozenset({"invalid-mechanism", "mechanism-too-weak", "encryption-required"})
+
+
+class ServiceMemory:
+    """What earlier prebinds learnt of one BOSH service, for the next ones: the SASL mechanisms
+    each domain offered, and the domains where quickstart is off.
+
+    Quickstart (after XEP-0305's pipelining of stream negotiation): the first SASL message
+    travels in the session creation request, so the creation response brings the features and
+    the server's first SASL answer at once. That saves a round trip where the server handles
+    a creation request's payload before it answers it, as Prosody does. ejabberd handles it
+    too, but answers on the next request, which saves nothing; a server could also ignore it,
+    and a poll for the answer would then be held until the session's ``wait``. So a creation
+    response without the answer ends that session (the prebind is made again the usual way,
+    at once) and turns quickstart off for the domain, for good: one extra request, once.
+
+    One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
+    threads and tasks without a lock: each update is one dict or set operation, and a lost one
+    is learnt again by the next prebind.
+    """
+
+    #: Domains remembered at most (a service hosting more forgets and learns them again).
+    MAX_DOMAINS = 1024
+
+    def __init__(self) -> None:
+        self._offered: dict[str, tuple[str, ...]] = {}
+        self._off: set[str] = set()
+
+    def quickstart(self, domain: str) -> tuple[str, ...] | None:
+        """The mechanisms ``domain`` offered last, if quickstart may be tried there."""
+        if domain in self._off:
+            return None
+        return self._offered.get(domain)
+
+    def learn(self, domain: str, offered: tuple[str, ...]) -> None:
+        if self._offered.get(domain) != offered:
+            if len(self._offered) >= self.MAX_DOMAINS:
+                self._offered.clear()
+            self._offered[domain] = offered
+
+    def turn_off(self, domain: str) -> None:
+        if len(self._off) >= self.MAX_DOMAINS:
+            self._off.clear()
+        self._off.add(domain)
+
+
 class PrebindProtocol:
     """One prebind: ``flow()`` is the generator a driver runs.
 
@@ -463,10 +547,13 @@ class PrebindProtocol:
         *,
         service_url: str,
         rid: int | None = None,
+        memory: ServiceMemory | None = None,
     ) -> None:
         self.credentials = credentials
         self.options = options
         self.service_url = service_url
+        #: Where quickstart learns (``None``: never tried; see ``ServiceMemory``).
+        self.memory = memory if options.quickstart else None
         self.secure = is_secure_transport(service_url)
         self._conv = _Conversation(credentials.domain, options, rid)
         self.finished = False
@@ -486,28 +573,22 @@ class PrebindProtocol:
         return self._conv.terminate_request()
 
     def flow(self) -> Flow[PrebindSession]:
+        spent: list[_Conversation] = []
+        retried = False
         try:
-            try:
-                session = yield from self._run()
-            except _HeldRequest:
-                # The pipelined bind overtook the restart and the server now holds a request
-                # that would swallow the browser's first answers: this session is unusable.
-                # End it and prebind again with exactly one request open at any time.
-                cleanup = self.abort_request()
-                if cleanup is not None:
-                    with contextlib.suppress(BOSHError):
-                        yield [cleanup]
-                spent = self._conv
-                self.options = dataclasses.replace(self.options, pipeline=False)
-                self._conv = _Conversation(self.credentials.domain, self.options, None)
-                self.finished = False
-                session = yield from self._run()
-                session = dataclasses.replace(
-                    session,
-                    round_trips=session.round_trips + spent.round_trips,
-                    request_count=session.request_count + spent.request_count,
-                    retried=True,
-                )
+            # At most three attempts: each way out below turns off what caused it.
+            while True:
+                try:
+                    session = yield from self._run()
+                    break
+                except _NoQuickstart:
+                    spent.append((yield from self._restart_conversation(quickstart=False)))
+                except _HeldRequest:
+                    # The pipelined bind overtook the restart and the server now holds a
+                    # request that would swallow the browser's first answers: this session is
+                    # unusable. End it and prebind again with one request open at any time.
+                    spent.append((yield from self._restart_conversation(pipeline=False)))
+                    retried = True
         except Exception:
             cleanup = self.abort_request()
             if cleanup is not None:
@@ -515,13 +596,64 @@ class PrebindProtocol:
                     yield [cleanup]
             raise
         self.finished = True
+        if spent:
+            session = dataclasses.replace(
+                session,
+                round_trips=session.round_trips + sum(c.round_trips for c in spent),
+                request_count=session.request_count + sum(c.request_count for c in spent),
+                retried=retried,
+            )
         return session
+
+    def _restart_conversation(
+        self, *, quickstart: bool = True, pipeline: bool = True
+    ) -> Flow[_Conversation]:
+        """End this attempt's session and start a new conversation, with quickstart or
+        pipelining turned off: the spent conversation, for its counts."""
+        cleanup = self.abort_request()
+        if cleanup is not None:
+            with contextlib.suppress(BOSHError):
+                yield [cleanup]
+        spent = self._conv
+        if not quickstart:
+            self.memory = None
+        if not pipeline:
+            self.options = dataclasses.replace(self.options, pipeline=False)
+        self._conv = _Conversation(self.credentials.domain, self.options, None)
+        self.finished = False
+        return spent
 
     def _run(self) -> Flow[PrebindSession]:
         conv, creds, opts = self._conv, self.credentials, self.options
-        yield from conv.create()
+        memory, domain = self.memory, creds.domain
+        known = memory.quickstart(domain) if memory is not None else None
+        answer: etree._Element | None = None
+        mech = quick = ""
+        if known is not None:
+            # (a mechanism refused here is refused again below, on what the server offers now)
+            with contextlib.suppress(MechanismUnavailable):
+                mech = choose_mechanism(known, creds, opts, secure=self.secure)
+            if mech:
+                scram, quick = self._first_message(mech)
+                auth = quick
+        yield from conv.create(quick)
         features = yield from conv.wait_for(_IS_FEATURES, "stream features")
-        mech = choose_mechanism(_mechanisms(features), creds, opts, secure=self.secure)
+        offered = tuple(_mechanisms(features))
+        if memory is not None:
+            memory.learn(domain, offered)
+        if quick:
+            answer = conv.take(_IS_SASL_ANSWER)
+            if answer is None:
+                assert memory is not None
+                memory.turn_off(domain)
+                raise _NoQuickstart
+            if mech not in {m.upper() for m in offered} or (
+                answer.tag == _FAILURE and _condition(answer) in _MECHANISM_REFUSED
+            ):
+                raise _NoQuickstart
+        else:
+            mech = choose_mechanism(offered, creds, opts, secure=self.secure)
+            scram, auth = self._first_message(mech)
 
         drawn = secrets.token_hex(10)  # one draw: 12 hex digits for the resource, 8 for the id
         resource = creds.resource or f"{opts.resource_prefix}-{drawn[:12]}"
@@ -530,15 +662,10 @@ class PrebindProtocol:
             f"<iq id='{bind_id}' type='set' xmlns='{b.NS_CLIENT}'><bind xmlns='{b.NS_BIND}'>"
             f"<resource>{b.escape(resource)}</resource></bind></iq>"
         )
-        scram: ScramClient | None = None
-        if mech in SCRAM_HASHES:
-            try:
-                scram = ScramClient(mech, creds.localpart, creds.password or "")
-            except ValueError as exc:
-                raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
-            first = _b64encode(scram.client_first())
-            yield from conv.exchange([("auth", self._auth(mech, first))])
-            answer = yield from conv.wait_for(_IS_SASL_ANSWER, "a SASL answer")
+        if scram is not None:
+            if answer is None:
+                yield from conv.exchange([("auth", auth)])
+                answer = yield from conv.wait_for(_IS_SASL_ANSWER, "a SASL answer")
             self._raise_if_failure(answer)
             if answer.tag != _CHALLENGE:
                 raise ProtocolError("server skipped the SCRAM challenge")
@@ -548,17 +675,16 @@ class PrebindProtocol:
                 yield Derive(work)
             final = _b64encode(scram.client_final(server_first))
             last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{final}</response>")
-        elif mech == "PLAIN":
-            token = f"\0{creds.localpart}\0{creds.password}".encode()
-            last = ("auth", self._auth(mech, _b64encode(token)))
-        else:  # ANONYMOUS
-            last = ("auth", self._auth(mech, ""))
-
-        # The last SASL step travels alone: a restart must not be pipelined with it, because
-        # Prosody, when the restart overtakes it on another connection (and nothing orders two
-        # TCP connections), defers the restart and then drops its xmpp:restart.
-        yield from conv.exchange([last])
-        answer = yield from conv.wait_for(_IS_SASL_ANSWER, "SASL success")
+            answer = None
+        else:
+            last = ("auth", auth)
+        if answer is None:
+            # The last SASL step travels alone: a restart must not be pipelined with it,
+            # because Prosody, when the restart overtakes it on another connection (and
+            # nothing orders two TCP connections), defers the restart and then drops its
+            # xmpp:restart.
+            yield from conv.exchange([last])
+            answer = yield from conv.wait_for(_IS_SASL_ANSWER, "SASL success")
         self._raise_if_failure(answer)
         if answer.tag == _CHALLENGE:
             raise ProtocolError(
@@ -567,16 +693,29 @@ class PrebindProtocol:
         if scram is not None:
             scram.verify_server_final(_b64decode(answer.text))
 
-        # Restart and bind together: a bind that overtakes the restart is deferred by the server
-        # and its stanza processed right after the restart, which is what RID order promises.
-        yield from conv.exchange(
-            [("restart", _RESTART), ("bind", bind_iq)],
-            needs=[_tag_in(_FEATURES), _iq_result(bind_id)],
-        )
-        if conv.held:
-            raise _HeldRequest
-        bound_features = yield from conv.wait_for(_IS_FEATURES, "stream features after restart")
-        result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
+        if quick:
+            # A server that answered the SASL message of the creation request at once also
+            # handles the bind in the restart request's body, after the restart (Prosody):
+            # one request, no second connection, nothing to overtake.
+            yield from conv.exchange([("restart+bind", _RESTART + bind_iq)])
+            bound_features = conv.take(_IS_FEATURES)
+            result = conv.take(_iq_result(bind_id))
+            if bound_features is None or result is None:
+                assert memory is not None
+                memory.turn_off(domain)
+                raise _NoQuickstart
+        else:
+            # Restart and bind together: a bind that overtakes the restart is deferred by the
+            # server and its stanza processed right after the restart, which is what RID order
+            # promises.
+            yield from conv.exchange(
+                [("restart", _RESTART), ("bind", bind_iq)],
+                needs=[_tag_in(_FEATURES), _iq_result(bind_id)],
+            )
+            if conv.held:
+                raise _HeldRequest
+            bound_features = yield from conv.wait_for(_IS_FEATURES, "stream features after restart")
+            result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
         jid = self._bound_jid(result)
 
         # The legacy RFC 3921 session costs a round trip: only when offered and not <optional/>.
@@ -613,11 +752,21 @@ class PrebindProtocol:
             request_count=conv.request_count,
         )
 
-    @staticmethod
-    def _auth(mech: str, payload: str) -> str:
-        if not payload:
-            return f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'/>"
-        return f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'>{payload}</auth>"
+    def _first_message(self, mech: str) -> tuple[ScramClient | None, str]:
+        """The SASL client for ``mech`` (SCRAM only) and the ``<auth/>`` that starts it."""
+        creds = self.credentials
+        scram: ScramClient | None = None
+        if mech in SCRAM_HASHES:
+            try:
+                scram = ScramClient(mech, creds.localpart, creds.password or "")
+            except ValueError as exc:
+                raise ConfigurationError(f"credentials unusable with SCRAM: {exc}") from None
+            payload = _b64encode(scram.client_first())
+        elif mech == "PLAIN":
+            payload = _b64encode(f"\0{creds.localpart}\0{creds.password}".encode())
+        else:  # ANONYMOUS
+            return None, f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'/>"
+        return scram, f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'>{payload}</auth>"
 
     @staticmethod
     def _raise_if_failure(answer: etree._Element) -> None:

@@ -125,6 +125,11 @@ class PrebindOptions:
     #: Send independent steps together (RID order keeps them in sequence at the server). Only
     #: turn off for a server that mishandles concurrent requests.
     pipeline: bool = True
+    #: Send the first SASL message with the session creation request, once an earlier prebind
+    #: has seen which mechanisms the server offers: one round trip fewer wherever the server
+    #: answers it in the creation response (Prosody does). Tried once per domain elsewhere,
+    #: then left off (see ``protocol.ServiceMemory``).
+    quickstart: bool = True
     #: Upper bound of requests in flight, further bounded by the server's ``requests`` attribute.
     max_in_flight: int = 2
     #: Empty polls allowed while waiting for stream features or a SASL answer.
@@ -179,6 +184,7 @@ OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "timeout": lambda n, v: check_float(n, v, positive=True),
     "max_response_size": lambda n, v: check_int(n, v, minimum=1),
     "pipeline": check_bool,
+    "quickstart": check_bool,
     "max_in_flight": lambda n, v: check_int(n, v, minimum=1),
     "max_polls": lambda n, v: check_int(n, v, minimum=0),
     "headers": check_headers,
