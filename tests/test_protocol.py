@@ -193,10 +193,13 @@ class ScriptedServer:
         self.next_rid = req.rid + 1
         if req.label in self.override:
             resp = self.override[req.label]
-            if req.label == "create":  # the session the flow will talk to
+            if req.label == "create":  # the session the flow will talk to, if any
                 self.stage = "sasl"
                 with contextlib.suppress(etree.XMLSyntaxError):
-                    self.sid = etree.fromstring(resp.body).get("sid") or self.sid
+                    root = etree.fromstring(resp.body)
+                    self.sid = root.get("sid") or self.sid
+                    if root.get("type") == "terminate":
+                        self.stage = "terminated"
             return resp
         if self.stage == "new":
             assert root.get("sid") is None
@@ -525,10 +528,13 @@ def test_quickstart_for_anonymous_logins() -> None:
 
 
 @pytest.mark.parametrize("create_payload", ["later", "ignore"])
-def test_quickstart_unanswered_in_the_creation_response_is_turned_off(create_payload) -> None:
+def test_quickstart_unanswered_in_the_creation_response_is_turned_off(
+    create_payload, caplog: pytest.LogCaptureFixture
+) -> None:
     """ejabberd answers the SASL message on the next request; another server may ignore it,
     and a poll for it would be held for ``wait`` seconds. Either way that session is ended,
     the prebind made again the usual way, and quickstart not tried again for the domain."""
+    caplog.set_level("INFO", logger="bosh_middleware")
     memory = ServiceMemory()
     _with_memory(memory, ScriptedServer(), mechanisms=["SCRAM-SHA-1"])
     server = ScriptedServer(create_payload=create_payload)
@@ -546,6 +552,8 @@ def test_quickstart_unanswered_in_the_creation_response_is_turned_off(create_pay
     assert session.round_trips == 1 + 4 and session.request_count == 1 + 5
     assert not session.retried  # (that is for a pipelined batch gone wrong)
     assert memory.quickstart("example.org") is None
+    (said,) = [r.getMessage() for r in caplog.records if "quickstart" in r.getMessage()]
+    assert said.startswith("quickstart off for example.org: the creation response did not")
     third = ScriptedServer(create_payload=create_payload)
     assert _with_memory(memory, third, mechanisms=["SCRAM-SHA-1"]).round_trips == 4
     assert _create_payload(third) == []
@@ -569,6 +577,42 @@ def test_a_bind_the_restart_request_did_not_answer_ends_quickstart() -> None:
     ]
     assert session.round_trips == 2 + 3 and not session.retried
     assert memory.quickstart("example.org") is None
+
+
+def test_a_refused_quickstart_creation_request_turns_it_off_if_the_usual_way_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that refuses a creation request with a payload (bad-request) but serves the
+    usual one: the prebind is made again the usual way, and quickstart is off from then on."""
+    caplog.set_level("INFO", logger="bosh_middleware")
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+
+    class Refusing(ScriptedServer):
+        def answer(self, req: BOSHRequest) -> BOSHResponse:
+            if req.label == "create" and b"<auth" in req.body:
+                return BOSHResponse(200, _body(type="terminate", condition="bad-request"))
+            return super().answer(req)
+
+    server = Refusing()
+    session = _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert server.labels() == [["create"], ["create"], ["auth"], ["restart", "bind"]]
+    assert session.mechanism == "PLAIN" and session.round_trips == 1 + 3
+    assert memory.quickstart("example.org") is None
+    assert any("refused a creation request" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_quickstart_creation_request_keeps_it_if_the_usual_way_fails_too() -> None:
+    """The server refuses every creation request (the domain is gone, the server is down):
+    nothing to do with quickstart, which stays on for when it is back."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, _body(type="terminate", condition="host-unknown"))
+    with pytest.raises(ServiceUnavailable, match="host-unknown"):
+        _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert server.labels() == [["create"], ["create"]]
+    assert memory.quickstart("example.org") == tuple(ScriptedServer().mechanisms)
 
 
 def test_quickstart_with_a_mechanism_no_longer_offered_is_done_again() -> None:
@@ -621,13 +665,13 @@ def test_service_memory_is_per_domain_and_bounded() -> None:
     memory = ServiceMemory()
     memory.learn("a.example", ("PLAIN",))
     memory.learn("b.example", ("SCRAM-SHA-1",))
-    memory.turn_off("b.example")
+    memory.turn_off("b.example", "test")
     assert memory.quickstart("a.example") == ("PLAIN",)
     assert memory.quickstart("b.example") is None
     assert memory.quickstart("c.example") is None
     for i in range(ServiceMemory.MAX_DOMAINS + 5):
         memory.learn(f"d{i}.example", ("PLAIN",))
-        memory.turn_off(f"e{i}.example")
+        memory.turn_off(f"e{i}.example", "test")
     assert len(memory._offered) <= ServiceMemory.MAX_DOMAINS
     assert len(memory._off) <= ServiceMemory.MAX_DOMAINS
 

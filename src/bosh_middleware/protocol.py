@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import ipaddress
+import logging
 import re
 import secrets
 from collections.abc import Callable, Generator, Sequence
@@ -80,6 +81,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("bosh_middleware")
 
 #: Strongest first. ANONYMOUS is used only for anonymous credentials.
 MECHANISM_PREFERENCE = ("SCRAM-SHA-512", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
@@ -483,7 +486,13 @@ class _HeldRequest(Exception):
 class _NoQuickstart(Exception):
     """The SASL message sent with the creation request got no answer in its response, or was
     for a mechanism the server no longer offers: this session is ended, and prebound again
-    the usual way."""
+    the usual way. ``refused``: the creation request itself was refused, which turns
+    quickstart off only if the usual way then works (else it was no matter of quickstart: the
+    server is down, or refuses the domain)."""
+
+    def __init__(self, refused: BOSHError | None = None) -> None:
+        super().__init__()
+        self.refused = refused
 
 
 #: SASL failures that say "not this mechanism" rather than "not these credentials".
@@ -527,10 +536,13 @@ class ServiceMemory:
                 self._offered.clear()
             self._offered[domain] = offered
 
-    def turn_off(self, domain: str) -> None:
+    def turn_off(self, domain: str, why: str) -> None:
+        if domain in self._off:
+            return
         if len(self._off) >= self.MAX_DOMAINS:
             self._off.clear()
         self._off.add(domain)
+        log.info("quickstart off for %s: %s; prebinding the usual way", domain, why)
 
 
 class PrebindProtocol:
@@ -575,13 +587,16 @@ class PrebindProtocol:
     def flow(self) -> Flow[PrebindSession]:
         spent: list[_Conversation] = []
         retried = False
+        refused: BOSHError | None = None
+        memory = self.memory
         try:
             # At most three attempts: each way out below turns off what caused it.
             while True:
                 try:
                     session = yield from self._run()
                     break
-                except _NoQuickstart:
+                except _NoQuickstart as exc:
+                    refused = exc.refused
                     spent.append((yield from self._restart_conversation(quickstart=False)))
                 except _HeldRequest:
                     # The pipelined bind overtook the restart and the server now holds a
@@ -596,6 +611,9 @@ class PrebindProtocol:
                     yield [cleanup]
             raise
         self.finished = True
+        if refused is not None and memory is not None:  # (the usual way worked)
+            why = f"it refused a creation request with a SASL message in it ({refused})"
+            memory.turn_off(self.credentials.domain, why)
         if spent:
             session = dataclasses.replace(
                 session,
@@ -636,7 +654,13 @@ class PrebindProtocol:
             if mech:
                 scram, quick = self._first_message(mech)
                 auth = quick
-        yield from conv.create(quick)
+        if quick:
+            try:
+                yield from conv.create(quick)
+            except (ServiceUnavailable, ProtocolError) as exc:
+                raise _NoQuickstart(refused=exc) from None
+        else:
+            yield from conv.create()
         features = yield from conv.wait_for(_IS_FEATURES, "stream features")
         offered = tuple(_mechanisms(features))
         if memory is not None:
@@ -645,7 +669,7 @@ class PrebindProtocol:
             answer = conv.take(_IS_SASL_ANSWER)
             if answer is None:
                 assert memory is not None
-                memory.turn_off(domain)
+                memory.turn_off(domain, "the creation response did not answer its SASL message")
                 raise _NoQuickstart
             if mech not in {m.upper() for m in offered} or (
                 answer.tag == _FAILURE and _condition(answer) in _MECHANISM_REFUSED
@@ -702,7 +726,7 @@ class PrebindProtocol:
             result = conv.take(_iq_result(bind_id))
             if bound_features is None or result is None:
                 assert memory is not None
-                memory.turn_off(domain)
+                memory.turn_off(domain, "the restart response did not answer its bind")
                 raise _NoQuickstart
         else:
             # Restart and bind together: a bind that overtakes the restart is deferred by the
