@@ -505,12 +505,15 @@ class ServiceMemory:
 
     Quickstart (after XEP-0305's pipelining of stream negotiation): the first SASL message
     travels in the session creation request, so the creation response brings the features and
-    the server's first SASL answer at once. That saves a round trip where the server handles
-    a creation request's payload before it answers it, as Prosody does. ejabberd handles it
-    too, but answers on the next request, which saves nothing; a server could also ignore it,
-    and a poll for the answer would then be held until the session's ``wait``. So a creation
-    response without the answer ends that session (the prebind is made again the usual way,
-    at once) and turns quickstart off for the domain, for good: one extra request, once.
+    the server's first SASL answer at once; and then the bind travels in the restart request,
+    so its response brings the new features and the bind result. That saves a round trip, and
+    the pipelined restart + bind pair, where the server handles a creation or restart
+    request's payload before it answers it, as Prosody does. ejabberd handles the SASL message
+    too, but answers on the next request, which saves nothing (and it drops a bind sent with
+    the restart); a server could also ignore it, and a poll for the answer would then be held
+    until the session's ``wait``. So a response without the answer ends that session (the
+    prebind is made again the usual way, at once) and turns quickstart off for the domain,
+    for good: one extra request or two, once.
 
     One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
     threads and tasks without a lock: each update is one dict or set operation, and a lost one
