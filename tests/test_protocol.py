@@ -24,6 +24,7 @@ from lxml import etree
 
 from bosh_middleware import (
     AuthenticationFailed,
+    BOSHError,
     Credentials,
     MechanismUnavailable,
     PrebindOptions,
@@ -128,8 +129,9 @@ class ScriptedServer:
     # a stanza in the restart request: handled after the restart ("answer", as Prosody does),
     # or dropped ("ignore", as ejabberd does)
     restart_payload: str = "answer"
-    # hooks: label -> BOSHResponse to send instead of the normal answer
-    override: dict[str, BOSHResponse] = field(default_factory=dict)
+    # hooks: label -> BOSHResponse to send instead of the normal answer, or a BOSHError the
+    # driver raises (thrown into the flow)
+    override: dict[str, BOSHResponse | BOSHError] = field(default_factory=dict)
 
     batches: list[list[BOSHRequest]] = field(default_factory=list)
     parsed: list[etree._Element] = field(default_factory=list)
@@ -150,7 +152,12 @@ class ScriptedServer:
                     batch.run()
                     batch = flow.send([])
                     continue
-                batch = flow.send(self.respond(batch, settle=settle))
+                try:
+                    answers = self.respond(batch, settle=settle)
+                except BOSHError as exc:  # (a driver's failure: a timeout, a reset)
+                    batch = flow.throw(exc)
+                    continue
+                batch = flow.send(answers)
         except StopIteration as stop:
             return stop.value
 
@@ -193,6 +200,8 @@ class ScriptedServer:
         self.next_rid = req.rid + 1
         if req.label in self.override:
             resp = self.override[req.label]
+            if isinstance(resp, BOSHError):
+                raise resp
             if req.label == "create":  # the session the flow will talk to, if any
                 self.stage = "sasl"
                 with contextlib.suppress(etree.XMLSyntaxError):
@@ -602,17 +611,151 @@ def test_a_refused_quickstart_creation_request_turns_it_off_if_the_usual_way_wor
     assert any("refused a creation request" in r.getMessage() for r in caplog.records)
 
 
-def test_a_refused_quickstart_creation_request_keeps_it_if_the_usual_way_fails_too() -> None:
-    """The server refuses every creation request (the domain is gone, the server is down):
-    nothing to do with quickstart, which stays on for when it is back."""
+@pytest.mark.parametrize(
+    "failure",
+    [
+        BOSHResponse(200, _body(type="terminate", condition="host-unknown")),
+        BOSHResponse(503, b""),
+        ServiceUnavailable("timed out", condition="timeout"),
+        ServiceUnavailable("reset", condition="connection-failed"),
+    ],
+    ids=["host-unknown", "http-503", "timeout", "connection-failed"],
+)
+def test_a_quickstart_creation_request_failing_for_reasons_of_its_own_is_not_redone(
+    failure: BOSHResponse | BOSHError,
+) -> None:
+    """A server that is down, slow or refuses the domain: nothing quickstart caused. The
+    failure is raised as it is, at once (a timeout is not doubled by a second try), and
+    quickstart stays on for when the server is back."""
     memory = ServiceMemory()
     _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
     server = ScriptedServer()
-    server.override["create"] = BOSHResponse(200, _body(type="terminate", condition="host-unknown"))
-    with pytest.raises(ServiceUnavailable, match="host-unknown"):
+    server.override["create"] = failure
+    with pytest.raises(ServiceUnavailable):
         _with_memory(memory, server, mechanisms=["PLAIN"])
-    assert server.labels() == [["create"], ["create"]]
+    assert server.labels() == [["create"]]
     assert memory.quickstart("example.org") == tuple(ScriptedServer().mechanisms)
+    again = ScriptedServer()
+    assert _with_memory(memory, again, mechanisms=["PLAIN"]).round_trips == 2
+
+
+class _RefusesRestartPayload(ScriptedServer):
+    """Wants the restart request empty, as XEP-0206 shows it: ``refusal`` answers one with a
+    payload; the usual, empty one works."""
+
+    refusal: BOSHResponse | None = None
+
+    def answer(self, req: BOSHRequest) -> BOSHResponse:
+        root = etree.fromstring(req.body)
+        if root.get(f"{{{XBOSH}}}restart") == "true" and len(root):
+            assert self.refusal is not None
+            self.parsed.append(root)
+            self.next_rid = req.rid + 1
+            if b"type='terminate'" in self.refusal.body or self.refusal.status_code != 200:
+                self.stage = "terminated"
+            return self.refusal
+        return super().answer(req)
+
+
+_STREAM_ERROR = (
+    "<stream:error><bad-format xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>"
+)
+_BIND_ERROR = (
+    "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>"
+    "<iq type='error' id='{id}' xmlns='jabber:client'><error type='cancel'>"
+    "<not-allowed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        BOSHResponse(200, _body(type="terminate", condition="bad-request")),
+        BOSHResponse(400, b""),
+        BOSHResponse(200, _body(_STREAM_ERROR)),
+        "bind error",
+    ],
+    ids=["terminate-bad-request", "http-400", "stream-error", "bind-error"],
+)
+def test_a_server_refusing_the_bind_in_the_restart_request_gets_the_usual_prebind(
+    refusal: BOSHResponse | str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bind goes in the restart request only with quickstart. A server that refuses a
+    restart request with a payload is prebound again the usual way, and quickstart turned off
+    for good once that worked: pages get sessions, not errors."""
+    caplog.set_level("INFO", logger="bosh_middleware")
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+    for i in range(2):
+        server = _RefusesRestartPayload()
+        if refusal == "bind error":
+
+            class BindError(_RefusesRestartPayload):
+                def answer(self, req: BOSHRequest) -> BOSHResponse:
+                    iq_id = re.search(rb"<iq id='([^']+)'", req.body)
+                    if req.label == "restart+bind" and iq_id:
+                        self.refusal = BOSHResponse(
+                            200, _body(_BIND_ERROR.format(id=iq_id[1].decode()))
+                        )
+                    return super().answer(req)
+
+            server = BindError()
+        else:
+            assert isinstance(refusal, BOSHResponse)
+            server.refusal = refusal
+        session = _with_memory(memory, server, mechanisms=["PLAIN"])
+        assert session.mechanism == "PLAIN" and session.jid.startswith(JID + "/web-")
+        if i == 0:
+            labels = [r.label for r in server.requests]
+            assert labels[:2] == ["create", "restart+bind"] and "create" in labels[2:4]
+            assert labels[-2:] == ["restart", "bind"]
+        else:  # quickstart is off: the usual prebind at once
+            assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+    assert memory.quickstart("example.org") is None
+    (said,) = [r.getMessage() for r in caplog.records if "quickstart off" in r.getMessage()]
+    assert "refused" in said
+
+
+@pytest.mark.parametrize("cond", ["aborted", "malformed-request", "invalid-mechanism"])
+def test_an_odd_sasl_failure_in_the_creation_response_gets_the_usual_prebind(cond: str) -> None:
+    """A SASL failure that is not about the credentials may be the server refusing SASL before
+    its features went out: the usual way is tried, and quickstart turned off once it works."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+
+    class Odd(ScriptedServer):
+        def answer(self, req: BOSHRequest) -> BOSHResponse:
+            resp = super().answer(req)
+            if req.label == "create" and b"<auth" in req.body:
+                self.stage = "failed"
+                fail = f"<failure xmlns='{SASL}'><{cond}/></failure>".encode()
+                resp = BOSHResponse(200, re.sub(rb"<success[^>]*/>", fail, resp.body))
+            return resp
+
+    server = Odd()
+    session = _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert session.round_trips == 1 + 3 and session.mechanism == "PLAIN"
+    assert memory.quickstart("example.org") is None
+
+
+def test_a_sasl_failure_in_a_terminating_creation_response_is_one_failed_login() -> None:
+    """A server that ends the session with the SASL failure in the same body: an
+    authentication failure at once, not a second login (lockouts count attempts)."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(
+        200,
+        _body(
+            f"<failure xmlns='{SASL}'><not-authorized/></failure>",
+            type="terminate",
+            condition="policy-violation",
+        ),
+    )
+    with pytest.raises(AuthenticationFailed) as info:
+        _with_memory(memory, server, mechanisms=["PLAIN"])
+    assert info.value.condition == "not-authorized"
+    assert server.labels() == [["create"]]
 
 
 def test_quickstart_with_a_mechanism_no_longer_offered_is_done_again() -> None:

@@ -353,6 +353,10 @@ class _Conversation:
             )
         parsed = b.parse_body(response.body, max_size=o.max_response_size)
         if parsed.type == "terminate":
+            for child in parsed.children:  # (a quickstart SASL message refused at once)
+                if child.tag == _FAILURE:
+                    cond = _condition(child) or "not-authorized"
+                    raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs
@@ -484,19 +488,44 @@ class _HeldRequest(Exception):
 
 
 class _NoQuickstart(Exception):
-    """The SASL message sent with the creation request got no answer in its response, or was
-    for a mechanism the server no longer offers: this session is ended, and prebound again
-    the usual way. ``refused``: the creation request itself was refused, which turns
-    quickstart off only if the usual way then works (else it was no matter of quickstart: the
-    server is down, or refuses the domain)."""
-
-    def __init__(self, refused: BOSHError | None = None) -> None:
-        super().__init__()
-        self.refused = refused
+    """The SASL message sent with the creation request, or the bind sent with the restart,
+    got no answer in its response, or the mechanism is no longer offered: this session is
+    ended, and prebound again the usual way."""
 
 
-#: SASL failures that say "not this mechanism" rather than "not these credentials".
-_MECHANISM_REFUSED = frozenset({"invalid-mechanism", "mechanism-too-weak", "encryption-required"})
+#: SASL failures that are about the credentials, and would be the same the usual way: raised
+#: at once, so that a wrong password costs one attempt, not two.
+_CREDENTIALS_REFUSED = frozenset({"not-authorized", "account-disabled", "credentials-expired"})
+#: Failures that say the server is down, slow or elsewhere, or refuses the domain: nothing a
+#: quickstart payload causes. Raised as they are, not tried again (a timeout is not doubled).
+_NOT_THE_PAYLOAD = frozenset(
+    {
+        "timeout",
+        "connection-failed",
+        "http-error",
+        "closed",
+        "system-shutdown",
+        "remote-connection-failed",
+        "host-gone",
+        "host-unknown",
+        "improper-addressing",
+        "see-other-uri",
+        "other-request",
+        "item-not-found",
+    }
+)
+
+
+def _payload_refused(exc: BOSHError) -> bool:
+    """Whether a failure of a prebind that sent quickstart's payloads may be the server
+    refusing them (a server that wants the restart request empty, as XEP-0206's examples
+    show it, or no SASL before the features): worth one more try the usual way."""
+    if isinstance(exc, ConfigurationError | MechanismUnavailable):
+        return False
+    if isinstance(exc, AuthenticationFailed):
+        return exc.condition not in _CREDENTIALS_REFUSED
+    cond = exc.condition or ""
+    return cond not in _NOT_THE_PAYLOAD and not cond.startswith("http-5")
 
 
 class ServiceMemory:
@@ -513,7 +542,9 @@ class ServiceMemory:
     the restart); a server could also ignore it, and a poll for the answer would then be held
     until the session's ``wait``. So a response without the answer ends that session (the
     prebind is made again the usual way, at once) and turns quickstart off for the domain,
-    for good: one extra request or two, once.
+    for good: one extra request or two, once. A failure that may be a server refusing the
+    payloads (``_payload_refused``: not a wrong password, a timeout, a refused connection or
+    a 5xx) is tried again the usual way too, and turns quickstart off if that works.
 
     One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
     threads and tasks without a lock: each update is one dict or set operation, and a lost one
@@ -572,6 +603,8 @@ class PrebindProtocol:
         self.secure = is_secure_transport(service_url)
         self._conv = _Conversation(credentials.domain, options, rid)
         self.finished = False
+        #: This attempt sent quickstart's payloads.
+        self._quick = False
 
     def __repr__(self) -> str:
         return f"<PrebindProtocol {self.credentials.user_key} sid={self._conv.sid!r}>"
@@ -598,8 +631,13 @@ class PrebindProtocol:
                 try:
                     session = yield from self._run()
                     break
-                except _NoQuickstart as exc:
-                    refused = exc.refused
+                except _NoQuickstart:
+                    spent.append((yield from self._restart_conversation(quickstart=False)))
+                except BOSHError as exc:
+                    if not self._quick or not _payload_refused(exc):
+                        raise
+                    # Quickstart off for this domain only if the usual way works (below).
+                    refused = exc
                     spent.append((yield from self._restart_conversation(quickstart=False)))
                 except _HeldRequest:
                     # The pipelined bind overtook the restart and the server now holds a
@@ -642,6 +680,7 @@ class PrebindProtocol:
             self.options = dataclasses.replace(self.options, pipeline=False)
         self._conv = _Conversation(self.credentials.domain, self.options, None)
         self.finished = False
+        self._quick = False
         return spent
 
     def _run(self) -> Flow[PrebindSession]:
@@ -657,13 +696,8 @@ class PrebindProtocol:
             if mech:
                 scram, quick = self._first_message(mech)
                 auth = quick
-        if quick:
-            try:
-                yield from conv.create(quick)
-            except (ServiceUnavailable, ProtocolError) as exc:
-                raise _NoQuickstart(refused=exc) from None
-        else:
-            yield from conv.create()
+        self._quick = bool(quick)
+        yield from conv.create(quick)
         features = yield from conv.wait_for(_IS_FEATURES, "stream features")
         offered = tuple(_mechanisms(features))
         if memory is not None:
@@ -674,10 +708,8 @@ class PrebindProtocol:
                 assert memory is not None
                 memory.turn_off(domain, "the creation response did not answer its SASL message")
                 raise _NoQuickstart
-            if mech not in {m.upper() for m in offered} or (
-                answer.tag == _FAILURE and _condition(answer) in _MECHANISM_REFUSED
-            ):
-                raise _NoQuickstart
+            if mech not in {m.upper() for m in offered}:
+                raise _NoQuickstart  # (what the server offers now is learnt)
         else:
             mech = choose_mechanism(offered, creds, opts, secure=self.secure)
             scram, auth = self._first_message(mech)
