@@ -608,7 +608,10 @@ def test_a_refused_quickstart_creation_request_turns_it_off_if_the_usual_way_wor
     assert server.labels() == [["create"], ["create"], ["auth"], ["restart", "bind"]]
     assert session.mechanism == "PLAIN" and session.round_trips == 1 + 3
     assert memory.quickstart("example.org") is None
-    assert any("refused a creation request" in r.getMessage() for r in caplog.records)
+    assert any(
+        "refused a prebind that carried quickstart's payloads" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize(
@@ -667,6 +670,16 @@ _BIND_ERROR = (
 )
 
 
+class _BindErrorInRestart(_RefusesRestartPayload):
+    """Answers a bind sent with the restart with a bind error (its id echoed)."""
+
+    def answer(self, req: BOSHRequest) -> BOSHResponse:
+        iq_id = re.search(rb"<iq id='([^']+)'", req.body)
+        if req.label == "restart+bind" and iq_id:
+            self.refusal = BOSHResponse(200, _body(_BIND_ERROR.format(id=iq_id[1].decode())))
+        return super().answer(req)
+
+
 @pytest.mark.parametrize(
     "refusal",
     [
@@ -687,21 +700,11 @@ def test_a_server_refusing_the_bind_in_the_restart_request_gets_the_usual_prebin
     memory = ServiceMemory()
     _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
     for i in range(2):
-        server = _RefusesRestartPayload()
         if refusal == "bind error":
-
-            class BindError(_RefusesRestartPayload):
-                def answer(self, req: BOSHRequest) -> BOSHResponse:
-                    iq_id = re.search(rb"<iq id='([^']+)'", req.body)
-                    if req.label == "restart+bind" and iq_id:
-                        self.refusal = BOSHResponse(
-                            200, _body(_BIND_ERROR.format(id=iq_id[1].decode()))
-                        )
-                    return super().answer(req)
-
-            server = BindError()
+            server: _RefusesRestartPayload = _BindErrorInRestart()
         else:
             assert isinstance(refusal, BOSHResponse)
+            server = _RefusesRestartPayload()
             server.refusal = refusal
         session = _with_memory(memory, server, mechanisms=["PLAIN"])
         assert session.mechanism == "PLAIN" and session.jid.startswith(JID + "/web-")
@@ -713,7 +716,7 @@ def test_a_server_refusing_the_bind_in_the_restart_request_gets_the_usual_prebin
             assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
     assert memory.quickstart("example.org") is None
     (said,) = [r.getMessage() for r in caplog.records if "quickstart off" in r.getMessage()]
-    assert "refused" in said
+    assert "refused a prebind that carried quickstart's payloads" in said
 
 
 @pytest.mark.parametrize("cond", ["aborted", "malformed-request", "invalid-mechanism"])

@@ -653,7 +653,8 @@ class PrebindProtocol:
             raise
         self.finished = True
         if refused is not None and memory is not None:  # (the usual way worked)
-            why = f"it refused a creation request with a SASL message in it ({refused})"
+            # (the refusal may have been of the creation or of the restart request)
+            why = f"it refused a prebind that carried quickstart's payloads ({refused})"
             memory.turn_off(self.credentials.domain, why)
         if spent:
             session = dataclasses.replace(
