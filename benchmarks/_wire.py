@@ -4,12 +4,14 @@ critical path, counted below the engine rather than taken from what it reports a
 ``install()`` wraps, for the whole process, httpx's own transports
 (``HTTPTransport.handle_request`` and ``AsyncHTTPTransport.handle_async_request``) and the
 builtin transport's pools (``http11.SyncPool`` / ``AsyncPool``: connection set-up, single
-exchanges and pipelined batches), so whatever clients the engine builds internally are counted,
-on either transport. Counting happens only while a ``WireLog`` is ``active()``.
+exchanges, batches on several connections and pipelines on one), so whatever clients the
+engine builds internally are counted, on either transport. Counting happens only while a
+``WireLog`` is ``active()``.
 
-A pipelined batch of the builtin transport is logged as its requests all sent at the batch's
-start and answered at its end (a request the server still held, closed by the client, is never
-answered): they overlap, so they share one round trip, as on the wire.
+A batch (or an ordered one, pipelined on one connection) of the builtin transport is logged as
+its requests all sent at the batch's start and answered at its end (a request the server still
+held, closed by the client, is never answered): they overlap, so they share one round trip, as
+on the wire.
 
 A *round trip* is measured from timestamps: request B depends on request A when B was sent after
 A's response headers arrived. The round trips of a prebind are the longest such chain; requests
@@ -165,6 +167,7 @@ def _install_http11() -> None:
 
     sync_acquire, async_acquire = http11.SyncPool._acquire, http11.AsyncPool._acquire
     sync_exchange, sync_batch = http11.SyncPool.exchange, http11.SyncPool.batch
+    sync_pipeline = http11.SyncPool.pipeline
     async_start = http11.AsyncPool.start  # (its exchange and batch run through it too)
 
     # (*args: whatever the pools take, so that a change of signature there cannot break this)
@@ -194,21 +197,37 @@ def _install_http11() -> None:
             _answered(recs, results)
         return results
 
-    def a_start(self: http11.AsyncPool, bodies: Any, *args: Any) -> Any:
+    def s_pipeline(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
+        recs = [_active.begin() for _ in bodies] if _active is not None else []
+        results = sync_pipeline(self, bodies, *args)
+        if recs:
+            _answered(recs, results)
+        return results
+
+    def a_start(
+        self: http11.AsyncPool,
+        bodies: Any,
+        timeout: Any,
+        limit: Any,
+        settles: Any,
+        stagger: Any,
+        done: Any,
+        *more: Any,
+    ) -> Any:
         if _active is None:
-            return async_start(self, bodies, *args)
+            return async_start(self, bodies, timeout, limit, settles, stagger, done, *more)
         recs = [_active.begin() for _ in bodies]
-        *rest, done = args
 
         def counted(answers: Any, exc: Any) -> None:
             if answers is not None:
                 _answered(recs, answers)
             done(answers, exc)
 
-        return async_start(self, bodies, *rest, counted)
+        return async_start(self, bodies, timeout, limit, settles, stagger, counted, *more)
 
     http11.SyncPool._acquire = s_acquire  # type: ignore[method-assign]
     http11.AsyncPool._acquire = a_acquire  # type: ignore[method-assign]
     http11.SyncPool.exchange = s_exchange  # type: ignore[method-assign]
     http11.SyncPool.batch = s_batch  # type: ignore[method-assign]
+    http11.SyncPool.pipeline = s_pipeline  # type: ignore[method-assign]
     http11.AsyncPool.start = a_start  # type: ignore[method-assign]

@@ -198,23 +198,23 @@ def _spin(passes: int) -> int:
 
 
 class _SpinningFloor(FloorPrebinder):
-    """The floor, plus ``_spin(spins)`` after each answer: as many bytecodes as the engine's
-    prebind executes, but cheap ones (the same few instructions over and over)."""
+    """The floor, plus ``_spin(spins)`` after each round trip: as many bytecodes as the
+    engine's prebind executes, but cheap ones (the same few instructions over and over)."""
 
     spins = 0
 
-    def _round_trip(self, body: str) -> etree._Element:
-        root = super()._round_trip(body)
+    def _round_trip(self, *bodies: str) -> list[etree._Element]:
+        roots = super()._round_trip(*bodies)
         _spin(self.spins)
-        return root
+        return roots
 
 
 def _spins_to_match(extra: int) -> int:
-    """Passes of ``_spin`` per answer (3 answers a prebind) that make ``extra`` bytecodes."""
+    """Passes of ``_spin`` per round trip (2 a prebind) that make ``extra`` bytecodes."""
     with Bytecodes() as counts:
         _spin(1000)
     per_pass = counts.total() / 1000
-    return max(0, round(extra / 3 / per_pass))
+    return max(0, round(extra / 2 / per_pass))
 
 
 def _sample_bytecodes(impl: SyncImpl, creds: Credentials) -> collections.Counter[str]:

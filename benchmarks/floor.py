@@ -2,19 +2,21 @@
 do it in, for the CPU section to say how far above it the engine is.
 
 Same requests as the engine sends for a warm SCRAM prebind against Prosody (quickstart:
-create with client-first in it | client-final | restart with the bind in it, on one keep-alive
-connection), and the same C work: lxml parses each answer, ``hmac`` computes the
-proof, the salted password is cached. What it leaves out is everything a library needs and a
-measurement of the floor does not: a pool, locks, fork and staleness checks, deadlines across
-steps, HTTP framing other than one Content-Length, size caps, error conditions, logging,
-mechanism choice, the flow/driver split. It still checks the server's signature and the bind
-result, and its sessions are checked live like the others. Not for use anywhere else.
+create with client-first in it | client-final + restart with the bind in it, those two
+pipelined; all on one keep-alive connection), and the same C work: lxml parses each answer,
+``hmac`` computes the proof, the salted password is cached. What it leaves out is everything a
+library needs and a measurement of the floor does not: a pool, locks, fork and staleness
+checks, deadlines across steps, HTTP framing other than one Content-Length, size caps, error
+conditions, logging, mechanism choice, the flow/driver split. It still checks the server's
+signature and the bind result, and its sessions are checked live like the others. Not for use
+anywhere else.
 
 ``FloorIOPrebinder`` is the shipped engine (its flows, SCRAM, XML checks and driver loop)
 over the floor's I/O instead of ``http11``: the same one-Content-Length read, on one socket
-(and a second for the pipelined restart + bind of a prebind that is not warm yet). Between the
-floor and the engine, it says which half of the difference is the transport (pool, deadlines,
-strict HTTP framing) and which the protocol layers.
+(an ordered batch pipelined on it), and a second for the concurrent restart + bind of a
+prebind that is not warm yet. Between the floor and the engine, it says which half of the
+difference is the transport (pool, deadlines, strict HTTP framing) and which the protocol
+layers.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def _connect(addr: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _read_body(sock: socket.socket) -> bytes:
-    """One answer's body: HTTP/1.1 200 with a Content-Length, nothing else handled."""
-    data = sock.recv(65536)
+def _read_body(sock: socket.socket, data: bytes = b"") -> tuple[bytes, bytes]:
+    """One answer's body, and the bytes after it (the next pipelined answer's): HTTP/1.1 200
+    with a Content-Length, nothing else handled. ``data``: what came of it already."""
+    if b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
     while b"\r\n\r\n" not in data:
         more = sock.recv(65536)
         if not more:
@@ -76,7 +80,7 @@ def _read_body(sock: socket.socket) -> bytes:
         if not more:
             raise ConnectionError("closed")
         body += more
-    return body[:length]
+    return body[:length], body[length:]
 
 
 class FloorPrebinder:
@@ -93,10 +97,18 @@ class FloorPrebinder:
     def close(self) -> None:
         self._sock.close()
 
-    def _round_trip(self, body: str) -> etree._Element:
-        data = body.encode()
-        self._sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data))
-        return etree.fromstring(_read_body(self._sock), _PARSER)
+    def _round_trip(self, *bodies: str) -> list[etree._Element]:
+        """POST the bodies back to back (HTTP/1.1 pipelining) and parse their answers."""
+        request = b""
+        for body in bodies:
+            data = body.encode()
+            request += b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(data), data)
+        self._sock.sendall(request)
+        roots, rest = [], b""
+        for _ in bodies:
+            answer, rest = _read_body(self._sock, rest)
+            roots.append(etree.fromstring(answer, _PARSER))
+        return roots
 
     def prebind(self, jid: str, password: str) -> PrebindSession:
         user, _, domain = jid.partition("@")
@@ -104,7 +116,7 @@ class FloorPrebinder:
         nonce = secrets.token_urlsafe(18)
         first_bare = f"n={user},r={nonce}".encode()
         first = base64.b64encode(b"n,," + first_bare).decode()
-        root = self._round_trip(
+        (root,) = self._round_trip(
             f"<body content='text/xml; charset=utf-8' hold='1' rid='{rid}' to='{domain}'"
             f" ver='1.6' wait='60' xml:lang='en' xmpp:version='1.0' {_BOSH}"
             f" xmlns:xmpp='urn:xmpp:xbosh'><auth xmlns='{_NS[1:-1]}'"
@@ -132,20 +144,19 @@ class FloorPrebinder:
         signature = hmac.digest(hashlib.new(self._hash, client_key).digest(), message, self._hash)
         proof = (int.from_bytes(client_key) ^ int.from_bytes(signature)).to_bytes(len(signature))
         final = base64.b64encode(without_proof + b",p=" + base64.b64encode(proof)).decode()
-        root = self._round_trip(
+        root, restarted = self._round_trip(
             f"<body rid='{rid + 1}' sid='{sid}' {_BOSH}>"
-            f"<response xmlns='{_NS[1:-1]}'>{final}</response></body>"
+            f"<response xmlns='{_NS[1:-1]}'>{final}</response></body>",
+            f"<body rid='{rid + 2}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
+            f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'><iq id='bind_1' type='set'"
+            " xmlns='jabber:client'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            f"<resource>floor-{secrets.token_hex(6)}</resource></bind></iq></body>",
         )
         verifier = base64.b64decode(root[0].text or "")
         expected = b"v=" + base64.b64encode(hmac.digest(server_key, message, self._hash))
         if root[0].tag != _NS + "success" or not hmac.compare_digest(verifier, expected):
             raise ConnectionError("server signature")
-        bound = self._round_trip(
-            f"<body rid='{rid + 2}' sid='{sid}' to='{domain}' xml:lang='en' xmpp:restart='true'"
-            f" {_BOSH} xmlns:xmpp='urn:xmpp:xbosh'><iq id='bind_1' type='set'"
-            " xmlns='jabber:client'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-            f"<resource>floor-{secrets.token_hex(6)}</resource></bind></iq></body>",
-        ).find(_JID)
+        bound = restarted.find(_JID)
         if bound is None or not bound.text:
             raise ConnectionError("bind")
         return PrebindSession(
@@ -154,7 +165,7 @@ class FloorPrebinder:
             rid=rid + 3,
             service_url=self.url,
             mechanism=self.mechanism,
-            round_trips=3,
+            round_trips=2,
             request_count=3,
         )
 
@@ -167,23 +178,31 @@ class FloorIOPrebinder(Prebinder):
         self._addr, self._prefix = _origin(service_url)
         self._socks = [_connect(self._addr), _connect(self._addr)]
 
-    def _post(self, sock: socket.socket, body: bytes) -> None:
-        sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(body), body))
+    def _request(self, body: bytes) -> bytes:
+        return b"%sContent-Length: %d\r\n\r\n%s" % (self._prefix, len(body), body)
 
     def _send_batch(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         s0, s1 = self._socks
-        self._post(s0, batch[0].body)
+        if batch[0].ordered:  # back to back on one connection
+            s0.sendall(b"".join(self._request(r.body) for r in batch))
+            answers: list[BOSHResponse | None] = []
+            rest = b""
+            for _ in batch:
+                body, rest = _read_body(s0, rest)
+                answers.append(BOSHResponse(200, body))
+            return answers
+        s0.sendall(self._request(batch[0].body))
         if len(batch) == 1:
-            return [BOSHResponse(200, _read_body(s0))]
+            return [BOSHResponse(200, _read_body(s0)[0])]
         time.sleep(self.stagger)
-        self._post(s1, batch[1].body)
-        first = BOSHResponse(200, _read_body(s0))
+        s1.sendall(self._request(batch[1].body))
+        first = BOSHResponse(200, _read_body(s0)[0])
         settles = batch[0].settles
         if settles is not None and settles([first]):  # overtaken: the second one is held
             s1.close()
             self._socks[1] = _connect(self._addr)
             return [first, None]
-        return [first, BOSHResponse(200, _read_body(s1))]
+        return [first, BOSHResponse(200, _read_body(s1)[0])]
 
     def close(self) -> None:
         for sock in self._socks:

@@ -75,12 +75,19 @@ def test_prosody_plain_session_attaches(browser, static_server, prosody_secure) 
     _attach(browser, static_server, prosody_secure, session, "hello from a PLAIN prebind <&>")
 
 
-def test_prosody_scram_quickstart_session_attaches(browser, static_server, prosody) -> None:
-    """A session whose first SASL message went with the creation request (3 round trips)."""
-    session, _jid = _prebind(prosody, learnt=True)
+@pytest.mark.parametrize(("transport", "round_trips"), [("builtin", 2), ("httpx", 3)])
+def test_prosody_scram_quickstart_session_attaches(
+    browser, static_server, prosody, transport: str, round_trips: int
+) -> None:
+    """A session whose first SASL message went with the creation request, and (builtin
+    transport) whose last one went pipelined with the restart + bind on one connection."""
+    session, _jid = _prebind(prosody, learnt=True, transport=transport)
     assert session.mechanism and session.mechanism.startswith("SCRAM-")
-    assert session.round_trips == 3 and not session.retried
-    _attach(browser, static_server, prosody, session, "hello from a quickstart prebind")
+    assert session.round_trips == round_trips and session.request_count == 3
+    assert not session.retried
+    _attach(
+        browser, static_server, prosody, session, f"hello from a quickstart prebind {transport}"
+    )
 
 
 def test_prosody_plain_quickstart_session_attaches(browser, static_server, prosody_secure) -> None:

@@ -646,6 +646,12 @@ class Pool:
         assert self.runner is not None and self.aio is not None
         return self.runner.run(self.aio.batch(bodies, timeout, LIMIT, settles, 0.02))
 
+    def pipeline(self, bodies: list[bytes], timeout: float = 3.0) -> list[http11.Response]:
+        if self.sync is not None:
+            return self.sync.pipeline(bodies, timeout, LIMIT)
+        assert self.runner is not None and self.aio is not None
+        return self.runner.run(self.aio.pipeline(bodies, timeout, LIMIT))
+
     def idle(self, seconds: float, *, loop_running: bool = True) -> None:
         """Let time pass between requests; for the async pool, with its event loop running
         (as in a server) or not (bytes that came meanwhile are then still in the socket)."""
@@ -1203,6 +1209,127 @@ def test_batch_times_out_if_nothing_settles(serve, pool) -> None:
     unavailable(lambda: client.batch([b"hold"], settles=lambda a: False, timeout=0.3), "timeout")
     assert time.monotonic() - start < 1.3
     assert server.eof_seen.wait(3.0)
+
+
+class Requests:
+    """The requests of one connection, pipelined or not: what ``read_request`` would drop of
+    a second request that came in the same segment is kept for the next call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def next(self) -> bytes | None:
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                assert not self.buf, self.buf
+                return None
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        match = re.search(rb"(?im)^content-length: *(\d+)\r?$", head)
+        assert match is not None, head
+        while len(rest) < int(match[1]):
+            chunk = self.sock.recv(65536)
+            assert chunk, "client closed mid-request"
+            rest += chunk
+        body, self.buf = rest[: int(match[1])], rest[int(match[1]) :]
+        return head + b"\r\n\r\n" + body
+
+
+def serve_pipelined(how: str) -> Handler:
+    """Answers every request of a connection with ``<index>:<body>``, in order, the second
+    of a pair: with the first in one write ("together"), 20 ms after it ("apart"), both a few
+    bytes at a time ("trickle"), chunked ("chunked"); or the connection ends after the first
+    answer, said ("close": Connection: close) or not ("drop"); or the second is never
+    answered ("hang")."""
+
+    def handler(index: int, sock: socket.socket, server: RawServer) -> None:
+        requests = Requests(sock)
+        while True:
+            pair = [requests.next(), requests.next()]
+            if pair[0] is None:
+                return
+            assert pair[1] is not None, "the second request of the pair never came"
+            server.requests += pair  # type: ignore[arg-type]
+            first, second = (b"%d:%s" % (index, body_of(r)) for r in pair)  # type: ignore[arg-type]
+            if how == "together":
+                sock.sendall(ok(first) + ok(second))
+            elif how == "apart":
+                sock.sendall(ok(first))
+                time.sleep(0.02)
+                sock.sendall(ok(second))
+            elif how == "trickle":
+                data = ok(first) + ok(second)
+                for i in range(0, len(data), 7):
+                    sock.sendall(data[i : i + 7])
+                    time.sleep(0.001)
+            elif how == "chunked":
+                sock.sendall(
+                    ok(first)
+                    + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(second), second)
+                )
+            elif how == "close":
+                sock.sendall(ok(first, b"Connection: close\r\n"))
+                return
+            elif how == "drop":
+                sock.sendall(ok(first))
+                return
+            else:
+                assert how == "hang", how
+                sock.sendall(ok(first))
+                with contextlib.suppress(OSError):
+                    sock.recv(1)  # until the client gives up
+                return
+
+    return handler
+
+
+@pytest.mark.parametrize("how", ["together", "apart", "trickle", "chunked"])
+def test_pipeline_answers_in_order_on_one_connection(serve, pool, how) -> None:
+    server = serve(serve_pipelined(how))
+    client = pool(server.url)
+    for round_ in range(2):  # and the connection is kept for the next pipeline
+        answers = client.pipeline([b"a%d" % round_, b"b%d" % round_])
+        assert answers == [(200, b"0:a%d" % round_), (200, b"0:b%d" % round_)]
+    assert server.connections == 1
+    assert [body_of(r) for r in server.requests] == [b"a0", b"b0", b"a1", b"b1"]
+
+
+@pytest.mark.parametrize("how", ["close", "drop", "hang"])
+def test_pipeline_whose_second_answer_never_comes_fails(serve, pool, how) -> None:
+    """A connection that ends after the first answer (or a server that never answers the
+    second): an http-error (a timeout), and nothing is sent twice: the server has handled the
+    first request, and may have handled the second."""
+    server = serve(serve_pipelined(how))
+    client = pool(server.url)
+    start = time.monotonic()
+    unavailable(
+        lambda: client.pipeline([b"a", b"b"], timeout=0.5),
+        "timeout" if how == "hang" else "http-error",
+    )
+    assert time.monotonic() - start < 2.0
+    assert [body_of(r) for r in server.requests] == [b"a", b"b"]
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_pipeline_sent_again_whole_when_a_stale_reused_connection_dropped_it(
+    serve, pool, how
+) -> None:
+    """As ``exchange`` does: the idle connection the server closed just as the pipeline went
+    out on it got no answer at all, so both requests go again, once, on a new connection."""
+    dropping = drop_second(how)
+    pipelined = serve_pipelined("together")
+
+    def handler(index: int, sock: socket.socket, server: RawServer) -> None:
+        (dropping if index == 0 else pipelined)(index, sock, server)
+
+    server = serve(handler)
+    client = pool(server.url)
+    assert client.exchange(b"warm") == (200, b"0:warm")
+    assert client.pipeline([b"a", b"b"]) == [(200, b"1:a"), (200, b"1:b")]
+    assert server.connections == 2
 
 
 def test_request_bytes_on_the_wire(serve, pool) -> None:

@@ -50,6 +50,12 @@ def expected_round_trips(mechanism: str, *, pipeline: bool = True) -> int:
     return base if pipeline else base + 1
 
 
+def quickstart_round_trips(mechanism: str, transport: str = "builtin") -> int:
+    """A warm prebind against Prosody: 2 round trips, but 3 for SCRAM where the transport
+    cannot pipeline its last step with the restart + bind on one connection (httpx)."""
+    return 2 if mechanism in PLAIN_LIKE or transport == "builtin" else 3
+
+
 # ------------------------------------------------------------------------------------------
 # a BOSH request by hand (also used by test_cli.py)
 # ------------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ def test_prosody_pipelining_is_the_usual_path(prosody_secure, mech) -> None:
             s = p.prebind(Credentials(jid, password))
             trips.append(s.round_trips)
             p.terminate(s)
-    assert trips[0] >= want and trips[1:].count(want - 1) >= 5, trips
+    assert trips[0] >= want and trips[1:].count(quickstart_round_trips(mech)) >= 5, trips
 
 
 def _prebinds(
@@ -327,8 +333,9 @@ def test_prosody_answers_quickstart_in_the_creation_response(
 ) -> None:
     """Once a prebind has seen what the server offers, the next ones send their first SASL
     message with the session creation request. Prosody answers it in the creation response:
-    one round trip fewer (2 with PLAIN, 3 with SCRAM), and the sessions are as attachable as
-    any."""
+    one round trip fewer (2 with PLAIN, 3 with SCRAM). Over the builtin transport SCRAM's last
+    step and the restart + bind go pipelined on one connection, which Prosody reads in order:
+    2 round trips for SCRAM too. The sessions are as attachable as any."""
     jid, password = prosody_secure.new_user()
     want = expected_round_trips(mech)
     sessions, memory = _prebinds(
@@ -336,10 +343,13 @@ def test_prosody_answers_quickstart_in_the_creation_response(
     )
     assert sessions[0].round_trips >= want  # the first one learns
     quick = [s for s in sessions[1:] if not s.retried]  # (see test_bind_overtaking_...)
-    assert quick and all(s.round_trips == want - 1 for s in quick), sessions
-    # restart + bind in one request: as many requests as round trips
-    assert all(s.request_count == s.round_trips for s in quick)
+    transport = driver_options(driver)[1]["transport"]
+    rts = quickstart_round_trips(mech, transport)
+    assert quick and all(s.round_trips == rts for s in quick), sessions
+    # restart + bind in one request: 2 requests for PLAIN, 3 for SCRAM
+    assert all(s.request_count == (2 if mech == "PLAIN" else 3) for s in quick), sessions
     assert memory.quickstart(prosody_secure.domain) is not None
+    assert memory.pipelines(prosody_secure.domain) is (transport == "builtin")
     assert len({s.sid for s in sessions}) == 4
     for s in sessions:
         assert s.mechanism == mech
@@ -352,6 +362,9 @@ def test_ejabberd_quickstart_is_tried_once_then_left_off(ejabberd, driver: str) 
     request, which saves nothing: the one prebind that tries it pays one round trip more
     (that session is ended and the prebind made again), and quickstart stays off."""
     jid, password = ejabberd.new_user()
+    # A freshly started ejabberd may answer its first login's bind a poll or two late: warm it
+    # up with an engine of its own (the one measured below learns from nothing).
+    run_prebind(driver, ejabberd.service_url, Credentials(jid, password))
     sessions, memory = _prebinds(
         driver, ejabberd.service_url, Credentials(jid, password), 3, mechanisms=["SCRAM-SHA-1"]
     )
@@ -577,10 +590,11 @@ def test_concurrent_async_prebinds(prosody, transport: str) -> None:
     sessions = run_async(go)
     assert len({s.sid for s in sessions}) == 9
     assert len({s.jid for s in sessions}) == 9
-    # 4 round trips (3 for a quickstart, if one began after another's creation response), or
-    # 7-9 when the pipelined bind overtook the restart and the prebind was redone sequentially
-    # (rare; correct either way)
-    assert all(s.round_trips in ({7, 8, 9} if s.retried else {3, 4}) for s in sessions)
+    # 4 round trips (2 or 3 for a quickstart, if one began after another's creation
+    # response), or 6-9 when the pipelined bind overtook the restart and the prebind was redone
+    # (4 + 2 to 5: with quickstart, if another prebind has learnt meanwhile; rare, and correct
+    # either way)
+    assert all(s.round_trips in ({6, 7, 8, 9} if s.retried else {2, 3, 4}) for s in sessions)
     for s in sessions[::4]:
         assert_attachable(s)
 

@@ -51,6 +51,7 @@ SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION = "urn:ietf:params:xml:ns:xmpp-session"
 STREAMS = "http://etherx.jabber.org/streams"
+STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
 LOCAL_URL = "http://127.0.0.1:5280/http-bind"
 REMOTE_HTTP = "http://xmpp.example.org/http-bind"
 REMOTE_HTTPS = "https://xmpp.example.org/http-bind"
@@ -129,6 +130,11 @@ class ScriptedServer:
     # a stanza in the restart request: handled after the restart ("answer", as Prosody does),
     # or dropped ("ignore", as ejabberd does)
     restart_payload: str = "answer"
+    # an ordered batch (pipelined on one connection): read in order and answered ("answer",
+    # as Prosody does); the SASL outcome only in the second answer ("late": a server that
+    # checks the proof in the background); the second answered HTTP 400 ("refuse"); or the
+    # driver fails with that condition ("http-error", "timeout")
+    pipelined: str = "answer"
     # hooks: label -> BOSHResponse to send instead of the normal answer, or a BOSHError the
     # driver raises (thrown into the flow)
     override: dict[str, BOSHResponse | BOSHError] = field(default_factory=dict)
@@ -167,6 +173,10 @@ class ScriptedServer:
         """Answer one batch; after an answer that settles it, the rest get ``None`` (they
         reached the server but are never answered, as with a real one)."""
         self.batches.append(batch)
+        if batch[0].ordered:
+            assert all(r.ordered for r in batch) and batch[0].settles is None
+            if self.pipelined != "answer":
+                return self._pipelined_oddly(batch)
         responses: list[BOSHResponse | None] = []
         settles = batch[0].settles
         for i, req in enumerate(batch):
@@ -178,6 +188,18 @@ class ScriptedServer:
                     responses.append(None)
                 break
         return responses
+
+    def _pipelined_oddly(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
+        first, second = batch
+        if self.pipelined in ("http-error", "timeout"):
+            self.next_rid = second.rid + 1  # (sent, whatever became of them)
+            raise ServiceUnavailable(f"scripted {self.pipelined}", condition=self.pipelined)
+        answered = self.answer(first)
+        self.next_rid = second.rid + 1  # (read, but not handled)
+        if self.pipelined == "late":
+            return [BOSHResponse(200, _body()), answered]
+        assert self.pipelined == "refuse", self.pipelined
+        return [answered, BOSHResponse(400, b"")]
 
     @property
     def requests(self) -> list[BOSHRequest]:
@@ -241,6 +263,12 @@ class ScriptedServer:
             self.stage = "terminated"
             return BOSHResponse(200, _body(type="terminate"))
         if root.get(f"{{{XBOSH}}}restart") == "true":
+            if self.stage == "failed" and req.ordered:  # pipelined behind a refused proof
+                self.stage = "terminated"
+                error = f"<stream:error><not-authorized xmlns='{STREAM_ERRORS}'/></stream:error>"
+                return BOSHResponse(
+                    200, _body(error, type="terminate", condition="remote-stream-error")
+                )
             assert self.stage == "authenticated", "restart before SASL success"
             self.stage = "bind"
             feats = f"<bind xmlns='{BIND}'/>"
@@ -805,6 +833,208 @@ def test_quickstart_off() -> None:
         session = _with_memory(memory, server, mechanisms=["SCRAM-SHA-1"], quickstart=False)
         assert _create_payload(server) == [] and session.round_trips == 4
     assert memory.quickstart("example.org") is None  # nothing learnt either
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelining: SCRAM's last step and the restart + bind back to back on one connection
+# ------------------------------------------------------------------------------------------
+def _pipelining(mech: str = "SCRAM-SHA-1") -> ServiceMemory:
+    """A memory that knows the server, on a driver that pipelines."""
+    memory = ServiceMemory(pipelining=True)
+    memory.learn("example.org", (mech,))
+    return memory
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_pipelined_scram_finish_takes_two_round_trips(mech: str) -> None:
+    memory = _pipelining(mech)
+    server = ScriptedServer(mechanisms=[mech])
+    session = _with_memory(memory, server)
+    assert server.labels() == [["create"], ["auth-response", "restart+bind"]]
+    assert [r.ordered for r in server.requests] == [False, True, True]
+    assert session.round_trips == 2 and session.request_count == 3 and not session.retried
+    assert session.mechanism == mech and server.stage == "bound"
+    assert session.jid.startswith(JID + "/web-")
+    _check_rids(server, session)
+    assert memory.pipelines("example.org")
+
+
+def test_pipelining_only_where_the_driver_can_and_pipeline_is_on() -> None:
+    for memory, opts in (
+        (ServiceMemory(), {}),  # (a driver that cannot: the memory says so)
+        (_pipelining(), {"pipeline": False}),
+    ):
+        memory.learn("example.org", ("SCRAM-SHA-1",))
+        server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+        session = _with_memory(memory, server, **opts)
+        assert server.labels() == [["create"], ["auth-response"], ["restart+bind"]]
+        assert not any(r.ordered for r in server.requests) and session.round_trips == 3
+
+
+def test_pipelining_needs_quickstart_and_scram() -> None:
+    # the first prebind learns (no quickstart yet: nothing pipelined on one connection)
+    memory = ServiceMemory(pipelining=True)
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    _with_memory(memory, server)
+    assert not any(r.ordered for r in server.requests)
+    # PLAIN: its restart + bind is its second request, nothing to pipeline it with
+    memory = _pipelining("PLAIN")
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    session = _with_memory(memory, server)
+    assert server.labels() == [["create"], ["restart+bind"]] and session.round_trips == 2
+
+
+def test_pipelined_finish_with_the_sasl_outcome_late_is_redone_one_at_a_time(caplog) -> None:
+    """A server that checks the proof in the background answers the first request before it
+    knows: that session is ended, the prebind made again with quickstart, one request at a
+    time, and pipelining stays off for the domain."""
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="late")
+    with caplog.at_level("INFO", logger="bosh_middleware"):
+        session = _with_memory(memory, server)
+    assert server.labels() == [
+        ["create"],
+        ["auth-response", "restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth-response"],
+        ["restart+bind"],
+    ]
+    assert session.round_trips == 2 + 3 and session.request_count == 3 + 3
+    assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+    assert "pipelining off for example.org" in caplog.text
+    nxt = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    _with_memory(memory, nxt)
+    assert nxt.labels() == [["create"], ["auth-response"], ["restart+bind"]]
+
+
+def test_pipelined_finish_without_the_bind_in_the_restart_answer_is_redone() -> None:
+    """A server that drops a bind sent with the restart: pipelining goes off first, then
+    quickstart (the bind is dropped without pipelining too), and the usual way works."""
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], restart_payload="ignore")
+    session = _with_memory(memory, server)
+    assert server.labels() == [
+        ["create"],
+        ["auth-response", "restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth-response"],
+        ["restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth"],
+        ["auth-response"],
+        ["restart", "bind"],
+    ]
+    assert session.jid.startswith(JID + "/web-") and session.round_trips == 2 + 3 + 4
+    assert not memory.pipelines("example.org")
+    assert memory.quickstart("example.org") is None
+
+
+@pytest.mark.parametrize(("how", "round_trips"), [("refuse", 5), ("http-error", 4)])
+def test_pipelined_finish_refused_is_redone_and_off_once_that_works(
+    how: str, round_trips: int
+) -> None:
+    """An HTTP 400 on the second request (a server that read both as one), or a connection
+    that ends between the answers: the session is ended and made again one request at a
+    time; pipelining goes off because that worked."""
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined=how)
+    session = _with_memory(memory, server)
+    assert server.labels() == [
+        ["create"],
+        ["auth-response", "restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth-response"],
+        ["restart+bind"],
+    ]
+    # (a batch the driver failed is not counted: nothing came back)
+    assert session.round_trips == round_trips and session.mechanism == "SCRAM-SHA-1"
+    assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+
+
+def test_pipelined_finish_refused_then_a_timeout_leaves_pipelining_on() -> None:
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="refuse")
+    server.override["restart+bind"] = ServiceUnavailable("slow", condition="timeout")
+    with pytest.raises(ServiceUnavailable, match="slow"):
+        _with_memory(memory, server)
+    assert memory.pipelines("example.org")  # nothing said it was the pipelining
+    assert server.labels()[-4:] == [["create"], ["auth-response"], ["restart+bind"], ["terminate"]]
+
+
+def test_pipelined_finish_timing_out_is_raised_once_and_turns_pipelining_off() -> None:
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="timeout")
+    with pytest.raises(ServiceUnavailable) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "timeout"
+    # not tried again (a timeout is not doubled), but no more pipelined requests to stall
+    assert server.labels() == [["create"], ["auth-response", "restart+bind"], ["terminate"]]
+    assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+
+
+def test_pipelined_finish_with_a_wrong_password_is_one_auth_failure() -> None:
+    """The SASL failure in the first answer is what the prebind raises, not the stream error
+    the server gave the restart pipelined behind it; once, and pipelining stays on."""
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], password="other")
+    with pytest.raises(AuthenticationFailed) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "not-authorized"
+    assert server.labels() == [["create"], ["auth-response", "restart+bind"], ["terminate"]]
+    assert memory.pipelines("example.org") and memory.quickstart("example.org")
+
+
+def test_pipelined_finish_with_a_forged_server_signature_is_not_handed_out() -> None:
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], forge_server_signature=True)
+    with pytest.raises(ProtocolError) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "server-signature-mismatch"
+    # the bind went ahead of the check, but the session is ended, and not tried again
+    assert server.labels() == [["create"], ["auth-response", "restart+bind"], ["terminate"]]
+
+
+def test_pipelined_finish_with_the_bind_refused_is_redone_one_at_a_time() -> None:
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    refused = (
+        "<iq type='error' id='{id}' xmlns='jabber:client'><error type='cancel'>"
+        "<not-allowed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    )
+    real_iq = server._iq
+    calls = []
+
+    def iq_once_refused(iq: etree._Element) -> BOSHResponse:
+        calls.append(iq.get("id"))
+        if len(calls) == 1:
+            return BOSHResponse(200, _body(refused.format(id=iq.get("id"))))
+        return real_iq(iq)
+
+    server._iq = iq_once_refused  # type: ignore[method-assign]
+    session = _with_memory(memory, server)
+    assert server.labels()[1:] == [
+        ["auth-response", "restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth-response"],
+        ["restart+bind"],
+    ]
+    assert session.jid.startswith(JID + "/web-") and len(calls) == 2
+    assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+
+
+def test_service_memory_pipelining_is_per_domain_and_bounded() -> None:
+    memory = ServiceMemory(pipelining=True)
+    memory.stop_pipelining("b.example", "test")
+    assert memory.pipelines("a.example") and not memory.pipelines("b.example")
+    for i in range(ServiceMemory.MAX_DOMAINS + 5):
+        memory.stop_pipelining(f"e{i}.example", "test")
+    assert len(memory._unpipelined) <= ServiceMemory.MAX_DOMAINS
+    assert not ServiceMemory().pipelines("a.example")
 
 
 def test_service_memory_is_per_domain_and_bounded() -> None:

@@ -388,6 +388,7 @@ class Prebinder(_Base):
             if _wants_builtin(service_url, self.options, client)
             else None
         )
+        self.memory.pipelining = self._builtin is not None
 
     def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         assert self._builtin is not None
@@ -403,6 +404,9 @@ class Prebinder(_Base):
                 )
             ]
         timeout = max(self._timeouts[r.best_effort] for r in batch)
+        if batch[0].ordered:
+            answers = self._builtin.pipeline([r.body for r in batch], timeout, limit)
+            return [_new(BOSHResponse, a) for a in answers]
         results = self._builtin.batch(
             [r.body for r in batch], timeout, limit, _settles(batch), self.stagger
         )
@@ -463,9 +467,9 @@ class Prebinder(_Base):
         if self._builtin is not None:
             _log_batch(batch)
             return self._builtin_send(batch)
-        if len(batch) == 1:
+        if len(batch) == 1 or batch[0].ordered:  # (httpx does not pipeline: one by one)
             _log_batch(batch)
-            return [self._send(batch[0])]
+            return [self._send(req) for req in batch]
         # A pipelined batch may end with a request the server holds open; it must be closed,
         # not abandoned (the server would put the browser's first answers on it), and a
         # blocking httpx.Client read cannot be interrupted from another thread. So pipelined
@@ -603,6 +607,7 @@ class _Drive(Generic[T]):
                 _settles(batch),
                 p.stagger,
                 self.step,
+                batch[0].ordered,
             )
         except StopIteration as stop:
             self.future.set_result(stop.value)
@@ -643,6 +648,7 @@ class AsyncPrebinder(_Base):
             if _wants_builtin(service_url, self.options, client)
             else None
         )
+        self.memory.pipelining = self._origin is not None
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, http11.AsyncPool] = (
             weakref.WeakKeyDictionary()
         )
@@ -705,8 +711,8 @@ class AsyncPrebinder(_Base):
         if self._origin is not None:  # (logged by _Drive.step)
             return await self.run(_one_batch(batch))
         _log_batch(batch)
-        if len(batch) == 1:
-            return [await self._send(batch[0])]
+        if len(batch) == 1 or batch[0].ordered:  # (httpx does not pipeline: one by one)
+            return [await self._send(req) for req in batch]
         # In RID order on the wire, as in Prebinder._send_batch.
         tasks = []
         for req in batch:

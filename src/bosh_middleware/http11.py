@@ -7,11 +7,14 @@ own machinery (httpx + httpcore + h11 + anyio: ~300 us per request; this: ~15 us
 * One pool of idle keep-alive connections per endpoint (per event loop for async). An idle
   connection that has become readable (the server closed it) is dropped before reuse, and a
   request on a reused connection that gets no byte back is retried once on a new one.
-* ``batch()`` sends a pipelined batch as the httpx path does (one connection per request, in
+* ``batch()`` sends a concurrent batch as the httpx path does (one connection per request, in
   RID order with a stagger, read until the batch settles, a request still held closed and
-  answered ``None``), but with no thread or event-loop hand-off. (HTTP/1.1 pipelining on one
-  connection is not an option: ejabberd 23.01 reads a second pipelined request into the body
-  of the first and answers 400.)
+  answered ``None``), but with no thread or event-loop hand-off.
+* ``pipeline()`` sends an ordered batch back to back on one connection (HTTP/1.1 pipelining)
+  and reads every answer in order. Not for any server: ejabberd 23.01 reads a second pipelined
+  request into the body of the first and answers 400. The flow asks for it only where the
+  server has shown itself Prosody-like (see ``protocol.ServiceMemory``), and stops where it
+  fails.
 * Responses are framed by Content-Length, chunked coding or connection close, and read under a
   size limit and one deadline per exchange (DNS lookup, connect, TLS handshake, send and read
   included). Framing is parsed strictly, since a lenient parser is how a hostile or broken server
@@ -655,6 +658,46 @@ class SyncPool:
         except OSError as exc:  # (ServiceUnavailable is no OSError)
             raise _unavailable(exc, self.origin.url) from None
 
+    def pipeline(self, bodies: Sequence[bytes], timeout: float, limit: int) -> list[Response]:
+        """POST the bodies back to back on one connection (HTTP/1.1 pipelining: the server
+        reads them in order) and read every answer, in order; ``timeout`` bounds it all. As in
+        ``exchange``, when a reused connection turns out closed before any byte came back, the
+        whole pipeline goes again, once, on a new connection. A connection that ends after an
+        answer with more to come is an ``http-error``: something on the way does not
+        pipeline."""
+        try:
+            deadline = time.monotonic() + timeout
+            request = b"".join([self.origin.request(body) for body in bodies])
+            for _attempt in range(2):
+                sock, reused = self._acquire(deadline)
+                parser = _Parser(limit)
+                results: list[Response] = []
+                try:
+                    _round_trip(sock, request, parser, deadline)
+                    results.append((parser.status, bytes(parser.body)))
+                    while len(results) < len(bodies):
+                        if not parser.keep_alive:
+                            raise _http_error("BOSH server ended a pipelined connection early")
+                        parser = _Parser(limit, parser.leftover())
+                        _read(sock, parser, deadline)
+                        results.append((parser.status, bytes(parser.body)))
+                except _RETRYABLE as exc:
+                    sock.close()
+                    if reused and not results and not parser.got:
+                        self.close()
+                        continue
+                    if isinstance(exc, _Stale):
+                        raise _http_error("BOSH server closed the connection") from None
+                    raise
+                except BaseException:
+                    sock.close()
+                    raise
+                self._finish(sock, parser)
+                return results
+            raise _http_error("BOSH server keeps closing connections")
+        except OSError as exc:  # (ServiceUnavailable is no OSError)
+            raise _unavailable(exc, self.origin.url) from None
+
     def batch(
         self,
         bodies: Sequence[bytes],
@@ -797,6 +840,14 @@ def _round_trip(sock: socket.socket, request: bytes, parser: _Parser, deadline: 
     one wait and one recv(): one poll object serves every wait of the read, where ``_wait``
     would make one per wait."""
     _send(sock, request, deadline)
+    _read(sock, parser, deadline)
+
+
+def _read(sock: socket.socket, parser: _Parser, deadline: float) -> None:
+    """Read an answer into ``parser`` (which may have it already: a pipelined answer that
+    came with the one before)."""
+    if parser.done:
+        return
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     while not parser.done:
@@ -1016,6 +1067,7 @@ class _Batch:
         "_limit",
         "_loop",
         "_next",
+        "_ordered",
         "_over",
         "_pending",
         "_pool",
@@ -1039,18 +1091,25 @@ class _Batch:
         settles: Settles | None,
         stagger: float,
         done: Done,
+        ordered: bool = False,
     ) -> None:
         self._pool = pool
         self._loop = loop = pool.loop()
         self._requests = [pool.origin.request(body) for body in bodies]
         n = len(bodies)
-        self._conns: list[_Conn | None] = [None] * n
-        self._reused = [False] * n
-        self._retried = [False] * n
+        #: Ordered: all the requests in one write on one connection (HTTP/1.1 pipelining),
+        #: sent as request 0; their answers come on it in order (see ``_answered``).
+        self._ordered = ordered
+        if ordered:
+            self._requests = [b"".join(self._requests)]
+        sent = len(self._requests)
+        self._conns: list[_Conn | None] = [None] * sent
+        self._reused = [False] * sent
+        self._retried = [False] * sent
         self._results: list[Response | None] = [None] * n
         self._tasks: list[asyncio.Task[None]] = []
         self._pending = n
-        self._unsent = n
+        self._unsent = sent
         self._limit = limit
         self._settles = settles
         self._stagger = stagger
@@ -1126,8 +1185,14 @@ class _Batch:
         assert parser is not None
         if exc is not None:
             # As in ``SyncPool.exchange``: a request on a reused connection that the server
-            # closed before any byte of the answer is sent again, once, on a new connection.
-            if isinstance(exc, _RETRYABLE) and self._reused[i] and not parser.got:
+            # closed before any byte of the answer is sent again, once, on a new connection
+            # (an ordered batch: only before its first answer).
+            if (
+                isinstance(exc, _RETRYABLE)
+                and self._reused[i]
+                and not parser.got
+                and (not self._ordered or self._pending == len(self._results))
+            ):
                 conn.abort()
                 self._conns[i] = None
                 self._retried[i] = True
@@ -1137,7 +1202,14 @@ class _Batch:
                 return
             self._fail(exc)
             return
-        self._conns[i] = None
+        if self._ordered:
+            i = len(self._results) - self._pending  # (the answers come in order)
+            if i + 1 < len(self._results):  # more to come, on this connection
+                self._results[i] = (parser.status, bytes(parser.body))
+                self._pending -= 1
+                self._next_answer(conn, parser)
+                return
+        self._conns[0 if self._ordered else i] = None
         conn.parser = None
         if parser.keep_alive and not parser._buf:  # (no leftover bytes)
             self._pool._release(conn)
@@ -1146,6 +1218,22 @@ class _Batch:
         self._results[i] = (parser.status, bytes(parser.body))
         self._pending -= 1
         self._maybe_end()
+
+    def _next_answer(self, conn: _Conn, parser: _Parser) -> None:
+        """An ordered batch's next answer, from the bytes that came after the last one (it may
+        be complete already) and those still to come."""
+        if not parser.keep_alive:
+            self._fail(_http_error("BOSH server ended a pipelined connection early"))
+            return
+        try:
+            conn.parser = nxt = _Parser(self._limit, parser.leftover())
+        except Exception as exc:
+            self._fail(exc)
+            return
+        conn.callback = self._answered
+        if nxt.done:
+            conn.callback = None
+            self._answered(conn, None)
 
     def _maybe_end(self) -> None:
         """Done once every answer is in, or once ``settles`` says the answers in are enough,
@@ -1287,12 +1375,14 @@ class AsyncPool:
         settles: Settles | None,
         stagger: float,
         done: Done,
+        ordered: bool = False,
     ) -> _Batch:
-        """``batch`` without a coroutine: ``done(answers, None)`` or ``done(None, error)`` is
-        called later, from the event loop, once. ``cancel()`` on what this returns closes
-        what is still open, and ``done`` is then not called. The async driver runs a whole
-        prebind this way, each batch started from the ``done`` of the one before."""
-        return _Batch(self, bodies, timeout, limit, settles, stagger, done).start()
+        """``batch`` (or ``pipeline``, when ``ordered``) without a coroutine: ``done(answers,
+        None)`` or ``done(None, error)`` is called later, from the event loop, once.
+        ``cancel()`` on what this returns closes what is still open, and ``done`` is then not
+        called. The async driver runs a whole prebind this way, each batch started from the
+        ``done`` of the one before."""
+        return _Batch(self, bodies, timeout, limit, settles, stagger, done, ordered).start()
 
     async def exchange(self, body: bytes, timeout: float, limit: int) -> Response:  # noqa: ASYNC109
         """As ``SyncPool.exchange``; cancelling it closes its connection. (The drivers use
@@ -1302,6 +1392,16 @@ class AsyncPool:
         assert answer is not None
         return answer
 
+    async def pipeline(
+        self,
+        bodies: Sequence[bytes],
+        timeout: float,  # noqa: ASYNC109 - bounds the whole batch, as in SyncPool.pipeline
+        limit: int,
+    ) -> list[Response]:
+        """As ``SyncPool.pipeline``; cancelling it closes its connection."""
+        answers = await self.batch(bodies, timeout, limit, None, 0.0, ordered=True)
+        return [a for a in answers if a is not None]
+
     async def batch(
         self,
         bodies: Sequence[bytes],
@@ -1309,6 +1409,8 @@ class AsyncPool:
         limit: int,
         settles: Settles | None,
         stagger: float,
+        *,
+        ordered: bool = False,
     ) -> list[Response | None]:
         """As ``SyncPool.batch``; cancelling it closes its connections."""
         future: asyncio.Future[list[Response | None]] = self.loop().create_future()
@@ -1321,7 +1423,7 @@ class AsyncPool:
             else:
                 future.set_result(answers)  # type: ignore[arg-type]
 
-        batch = self.start(bodies, timeout, limit, settles, stagger, done)
+        batch = self.start(bodies, timeout, limit, settles, stagger, done, ordered)
         try:
             return await future
         except BaseException:

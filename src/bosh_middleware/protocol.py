@@ -19,10 +19,13 @@ server answers a SASL message sent with the creation request in its response, as
 
 * PLAIN / ANONYMOUS: create + auth | restart + bind                       -> 2 round trips
 * SCRAM:             create + client-first | client-final | restart + bind -> 3 round trips
+* SCRAM, pipelined:  create + client-first | client-final, restart + bind -> 2 round trips
 
 and there restart + bind are one request: the bind iq in the restart request's body, which
-Prosody handles after the restart, answering both in one response. Otherwise only restart +
-bind are pipelined. Two requests in flight use two TCP connections, and nothing
+Prosody handles after the restart, answering both in one response. Where the driver can
+(``http11``), SCRAM's client-final and that request go back to back on one connection (an
+*ordered* batch, HTTP/1.1 pipelining), which the server reads in RID order: nothing can
+overtake anything there. Otherwise only restart + bind are pipelined, on two connections. Two requests in flight use two TCP connections, and nothing
 makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
 and handles its *stanzas* afterwards, which is right for the bind, but it loses the
 ``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
@@ -121,6 +124,11 @@ class BOSHRequest(NamedTuple):
     #: response and keep the other request open with nothing to say (Prosody does when the
     #: second request overtakes the first); that request is not waited for.
     settles: Callable[[list[BOSHResponse]], bool] | None = None
+    #: Set on every request of an *ordered* batch: the requests go back to back on one
+    #: connection (HTTP/1.1 pipelining), so that the server reads them in RID order, and every
+    #: one is answered, in that order (``settles`` is None). A driver that cannot pipeline sends
+    #: each after the answer to the one before, which is as correct, one round trip slower.
+    ordered: bool = False
 
 
 class BOSHResponse(NamedTuple):
@@ -274,13 +282,18 @@ class _Conversation:
         *,
         best_effort: bool = False,
         settles: Callable[[list[BOSHResponse]], bool] | None = None,
+        ordered: bool = False,
     ) -> BOSHRequest:
-        req = _new(BOSHRequest, (self.rid, body, label, best_effort, settles))
+        req = _new(BOSHRequest, (self.rid, body, label, best_effort, settles, ordered))
         self.rid += 1
         return req
 
     def _build(
-        self, label: str, payload: str, settles: Callable[[list[BOSHResponse]], bool] | None
+        self,
+        label: str,
+        payload: str,
+        settles: Callable[[list[BOSHResponse]], bool] | None,
+        ordered: bool = False,
     ) -> BOSHRequest:
         assert self.sid is not None
         if payload.startswith(_RESTART):  # (what follows the marker goes in the same body)
@@ -291,9 +304,9 @@ class _Conversation:
                 lang=self.options.lang,
                 payload=payload[len(_RESTART) :],
             )
-            return self._request(label, body, settles=settles)
-        body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
-        return self._request(label, body, settles=settles)
+        else:
+            body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
+        return self._request(label, body, settles=settles, ordered=ordered)
 
     def terminate_request(self) -> BOSHRequest:
         assert self.sid is not None
@@ -405,6 +418,25 @@ class _Conversation:
                 self._parsed.clear()
             self.held += responses.count(None)
 
+    def pipelined(self, steps: Sequence[tuple[str, str]]) -> Flow[list[BOSHResponse]]:
+        """Send the steps as one ordered batch (back to back on one connection) and return
+        their answers, in order, not yet absorbed: the caller absorbs each when it is ready
+        for what it may say (a SASL failure in the first comes before whatever the server made
+        of the second)."""
+        batch = []
+        for label, payload in steps:
+            batch.append(self._build(label, payload, None, True))
+        responses = yield batch
+        if len(responses) != len(batch) or None in responses:
+            raise ProtocolError("driver did not answer every request of an ordered batch")
+        self.round_trips += 1
+        self.request_count += len(batch)
+        return responses  # type: ignore[return-value]
+
+    def absorb(self, response: BOSHResponse) -> None:
+        """One answer of ``pipelined``: its stanzas go to the inbox, its errors are raised."""
+        self._absorb(response, False)
+
     def _settles(
         self, needs: Sequence[Callable[[etree._Element], bool]]
     ) -> Callable[[list[BOSHResponse]], bool]:
@@ -493,6 +525,18 @@ class _NoQuickstart(Exception):
     ended, and prebound again the usual way."""
 
 
+class _NoPipelining(Exception):
+    """The pipelined finish (SCRAM's last step with the restart + bind, one connection) did
+    not work: this session is ended, and prebound again with quickstart but one request at a
+    time. ``refusal``: the error, where it may be the server (or a proxy) refusing pipelined
+    requests; pipelining then goes off once the next attempt has worked. ``None``: the server
+    answered, just not as a pipelining server does; pipelining is off already."""
+
+    def __init__(self, refusal: BOSHError | None) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal
+
+
 #: SASL failures that are about the credentials, and would be the same the usual way: raised
 #: at once, so that a wrong password costs one attempt, not two.
 _CREDENTIALS_REFUSED = frozenset({"not-authorized", "account-disabled", "credentials-expired"})
@@ -512,6 +556,7 @@ _NOT_THE_PAYLOAD = frozenset(
         "see-other-uri",
         "other-request",
         "item-not-found",
+        "server-signature-mismatch",  # (an impostor, or a broken server: not asked twice)
     }
 )
 
@@ -546,6 +591,15 @@ class ServiceMemory:
     payloads (``_payload_refused``: not a wrong password, a timeout, a refused connection or
     a 5xx) is tried again the usual way too, and turns quickstart off if that works.
 
+    Pipelining (``pipelines``; only where the driver sends an ordered batch on one
+    connection): with quickstart, SCRAM's last step and the restart + bind go back to back,
+    and a warm SCRAM prebind takes two round trips. A server (or proxy) that gets that wrong
+    (no SASL outcome in the first answer, no bind result in the second, a 4xx, a connection
+    that ends between the answers) has that session ended and the prebind made again with
+    quickstart, one request at a time; pipelining then stays off for the domain, logged at
+    INFO. A timeout of the pipelined pair is raised as it is, and turns pipelining off too:
+    a proxy that stalls the second request would otherwise time out every prebind.
+
     One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
     threads and tasks without a lock: each update is one dict or set operation, and a lost one
     is learnt again by the next prebind.
@@ -554,9 +608,13 @@ class ServiceMemory:
     #: Domains remembered at most (a service hosting more forgets and learns them again).
     MAX_DOMAINS = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = False) -> None:
         self._offered: dict[str, tuple[str, ...]] = {}
         self._off: set[str] = set()
+        #: The driver sends an ordered batch on one connection (``BOSHRequest.ordered``): then,
+        #: with quickstart, SCRAM's last step and restart + bind travel together.
+        self.pipelining = pipelining
+        self._unpipelined: set[str] = set()
 
     def quickstart(self, domain: str) -> tuple[str, ...] | None:
         """The mechanisms ``domain`` offered last, if quickstart may be tried there."""
@@ -577,6 +635,18 @@ class ServiceMemory:
             self._off.clear()
         self._off.add(domain)
         log.info("quickstart off for %s: %s; prebinding the usual way", domain, why)
+
+    def pipelines(self, domain: str) -> bool:
+        """Whether SCRAM's last step and the restart + bind may be pipelined for ``domain``."""
+        return self.pipelining and domain not in self._unpipelined
+
+    def stop_pipelining(self, domain: str, why: str) -> None:
+        if domain in self._unpipelined:
+            return
+        if len(self._unpipelined) >= self.MAX_DOMAINS:
+            self._unpipelined.clear()
+        self._unpipelined.add(domain)
+        log.info("pipelining off for %s: %s; one request at a time", domain, why)
 
 
 class PrebindProtocol:
@@ -605,6 +675,8 @@ class PrebindProtocol:
         self.finished = False
         #: This attempt sent quickstart's payloads.
         self._quick = False
+        #: Whether this prebind may pipeline SCRAM's finish (see ``_finish_pipelined``).
+        self._pipelining = options.pipeline
 
     def __repr__(self) -> str:
         return f"<PrebindProtocol {self.credentials.user_key} sid={self._conv.sid!r}>"
@@ -624,13 +696,17 @@ class PrebindProtocol:
         spent: list[_Conversation] = []
         retried = False
         refused: BOSHError | None = None
+        unpiped: BOSHError | None = None
         memory = self.memory
         try:
-            # At most three attempts: each way out below turns off what caused it.
+            # At most four attempts: each way out below turns off what caused it.
             while True:
                 try:
                     session = yield from self._run()
                     break
+                except _NoPipelining as exc:
+                    unpiped = exc.refusal or unpiped
+                    spent.append((yield from self._restart_conversation(pipelining=False)))
                 except _NoQuickstart:
                     spent.append((yield from self._restart_conversation(quickstart=False)))
                 except BOSHError as exc:
@@ -652,6 +728,9 @@ class PrebindProtocol:
                     yield [cleanup]
             raise
         self.finished = True
+        if unpiped is not None and memory is not None:  # (one request at a time worked)
+            why = f"it refused a pipelined SCRAM finish ({unpiped})"
+            memory.stop_pipelining(self.credentials.domain, why)
         if refused is not None and memory is not None:  # (the usual way worked)
             # (the refusal may have been of the creation or of the restart request)
             why = f"it refused a prebind that carried quickstart's payloads ({refused})"
@@ -666,15 +745,18 @@ class PrebindProtocol:
         return session
 
     def _restart_conversation(
-        self, *, quickstart: bool = True, pipeline: bool = True
+        self, *, quickstart: bool = True, pipeline: bool = True, pipelining: bool = True
     ) -> Flow[_Conversation]:
-        """End this attempt's session and start a new conversation, with quickstart or
-        pipelining turned off: the spent conversation, for its counts."""
+        """End this attempt's session and start a new conversation, with quickstart,
+        pipelining or (``pipeline``) every concurrent request turned off: the spent
+        conversation, for its counts."""
         cleanup = self.abort_request()
         if cleanup is not None:
             with contextlib.suppress(BOSHError):
                 yield [cleanup]
         spent = self._conv
+        if not pipelining:
+            self._pipelining = False
         if not quickstart:
             self.memory = None
         if not pipeline:
@@ -736,13 +818,18 @@ class PrebindProtocol:
             final = _b64encode(scram.client_final(server_first))
             last = ("auth-response", f"<response xmlns='{b.NS_SASL}'>{final}</response>")
             answer = None
+            if quick and self._pipelining:
+                assert memory is not None
+                if memory.pipelines(domain):
+                    bound = yield from self._finish_pipelined(last, bind_id, bind_iq, scram)
+                    return (yield from self._finish(*bound, mech))
         else:
             last = ("auth", auth)
         if answer is None:
-            # The last SASL step travels alone: a restart must not be pipelined with it,
-            # because Prosody, when the restart overtakes it on another connection (and
-            # nothing orders two TCP connections), defers the restart and then drops its
-            # xmpp:restart.
+            # The last SASL step travels alone here: a restart must not be pipelined with it
+            # on two connections, because Prosody, when the restart overtakes it (nothing
+            # orders two TCP connections), defers the restart and then drops its
+            # xmpp:restart. (On one connection nothing overtakes: ``_finish_pipelined``.)
             yield from conv.exchange([last])
             answer = yield from conv.wait_for(_IS_SASL_ANSWER, "SASL success")
         self._raise_if_failure(answer)
@@ -776,6 +863,67 @@ class PrebindProtocol:
                 raise _HeldRequest
             bound_features = yield from conv.wait_for(_IS_FEATURES, "stream features after restart")
             result = yield from conv.wait_for(_iq_result(bind_id), "the bind result")
+        return (yield from self._finish(bound_features, result, mech))
+
+    def _finish_pipelined(
+        self, last: tuple[str, str], bind_id: str, bind_iq: str, scram: ScramClient
+    ) -> Flow[tuple[etree._Element, etree._Element]]:
+        """SCRAM's last step and the restart + bind as one ordered batch: back to back on one
+        connection, so the server reads them in RID order (checks the proof, answers, then
+        restarts and binds, as Prosody does), and a warm SCRAM prebind takes two round trips.
+        The answers are taken in order: a SASL failure in the first is what it is, whatever
+        the server made of the second, and the server's signature is verified before anything
+        of the second is used (a session whose signature is wrong is ended like any failed
+        one; the bind sent ahead of it carries nothing secret). The features and the bind
+        result, for ``_finish``."""
+        conv, memory, domain = self._conv, self.memory, self.credentials.domain
+        assert memory is not None
+        try:
+            first, second = yield from conv.pipelined([last, ("restart+bind", _RESTART + bind_iq)])
+        except BOSHError as exc:
+            if exc.condition == "timeout":  # not tried again; but a proxy that stalls a
+                # pipelined request would time out every prebind: one request at a time now
+                memory.stop_pipelining(domain, f"a pipelined request failed ({exc})")
+                raise
+            if exc.condition != "http-error":  # (refused connection, closed engine ...)
+                raise
+            raise _NoPipelining(exc) from None  # (a connection closed, a garbled answer)
+        try:
+            conv.absorb(first)
+        except BOSHError as exc:  # (e.g. a 400: a server that read both as one request)
+            if not _payload_refused(exc):
+                raise
+            raise _NoPipelining(exc) from None
+        answer = conv.take(_IS_SASL_ANSWER)
+        if answer is None:  # (a server that checks the proof in the background)
+            memory.stop_pipelining(domain, "the first answer did not carry the SASL outcome")
+            raise _NoPipelining(None)
+        self._raise_if_failure(answer)
+        if answer.tag == _CHALLENGE:
+            raise ProtocolError(
+                "unexpected SASL challenge (server-final must come with <success/>)"
+            )
+        scram.verify_server_final(_b64decode(answer.text))
+        try:
+            conv.absorb(second)
+            bound_features = conv.take(_IS_FEATURES)
+            result = conv.take(_iq_result(bind_id))
+            if bound_features is None or result is None:
+                memory.stop_pipelining(domain, "the restart response did not answer its bind")
+                raise _NoPipelining(None)
+            if result.get("type") != "result":  # (a bind handled before the restart?)
+                self._bound_jid(result)  # raises
+        except BOSHError as exc:
+            if not _payload_refused(exc):
+                raise
+            raise _NoPipelining(exc) from None
+        return bound_features, result
+
+    def _finish(
+        self, bound_features: etree._Element, result: etree._Element, mech: str
+    ) -> Flow[PrebindSession]:
+        """The bound JID, the legacy session if the server wants it, and the session."""
+        conv = self._conv
         jid = self._bound_jid(result)
 
         # The legacy RFC 3921 session costs a round trip: only when offered and not <optional/>.
