@@ -25,8 +25,8 @@ and there restart + bind are one request: the bind iq in the restart request's b
 Prosody handles after the restart, answering both in one response. Where the driver can
 (``http11``), SCRAM's client-final and that request go back to back on one connection (an
 *ordered* batch, HTTP/1.1 pipelining), which the server reads in RID order: nothing can
-overtake anything there. Otherwise only restart + bind are pipelined, on two connections. Two requests in flight use two TCP connections, and nothing
-makes the server read them in RID order. Prosody defers a request that overtakes its predecessor
+overtake anything there. Otherwise only restart + bind are pipelined, on two connections,
+and nothing makes the server read two connections' requests in RID order. Prosody defers a request that overtakes its predecessor
 and handles its *stanzas* afterwards, which is right for the bind, but it loses the
 ``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
 When the bind does overtake the restart (new connections and a busy server make that a few
