@@ -26,9 +26,10 @@ Prosody handles after the restart, answering both in one response. Where the dri
 (``http11``), SCRAM's client-final and that request go back to back on one connection (an
 *ordered* batch, HTTP/1.1 pipelining), which the server reads in RID order: nothing can
 overtake anything there. Otherwise only restart + bind are pipelined, on two connections,
-and nothing makes the server read two connections' requests in RID order. Prosody defers a request that overtakes its predecessor
-and handles its *stanzas* afterwards, which is right for the bind, but it loses the
-``xmpp:restart`` of a deferred restart, so a restart never travels behind an unanswered request.
+and nothing makes the server read two connections' requests in RID order. Prosody defers a
+request that overtakes its predecessor and handles its *stanzas* afterwards, which is right
+for the bind, but it loses the ``xmpp:restart`` of a deferred restart, so a restart never
+travels behind an unanswered request on another connection.
 When the bind does overtake the restart (new connections and a busy server make that a few
 percent of prebinds), Prosody puts features and bind result on one request and, as hold=1
 allows, keeps the other open with nothing to say. That open request would become the "oldest
