@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import secrets
 import threading
 import time
@@ -597,6 +598,32 @@ def test_concurrent_async_prebinds(prosody, transport: str) -> None:
     assert all(s.round_trips in ({6, 7, 8, 9} if s.retried else {2, 3, 4}) for s in sessions)
     for s in sessions[::4]:
         assert_attachable(s)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_proxy_that_does_not_pipeline_turns_pipelining_off(prosody, driver, caplog) -> None:
+    """A reverse proxy in front of Prosody that takes one request per connection (it reads
+    the first, forwards it, answers and closes): the pipelined SCRAM finish gets its first
+    answer and then the connection's end. That session is ended, the prebind made again one
+    request at a time, and pipelining stays off; every session is Prosody's, and attachable."""
+    jid, password = prosody.new_user()
+    with FakeBOSH(forward_to(prosody.service_url)) as proxy:
+        with caplog.at_level("INFO", logger="bosh_middleware"):
+            sessions, memory = _prebinds(
+                driver, proxy.url, Credentials(jid, password), 3, mechanisms=["SCRAM-SHA-1"]
+            )
+        labels = proxy.labels
+    assert "pipelining off for localhost" in caplog.text
+    assert not memory.pipelines("localhost") and memory.quickstart("localhost") is not None
+    first, redone, quick = sessions
+    assert first.round_trips == 4  # learns
+    # the pipelined pair reached the proxy (it forwarded the first of them), then the redo
+    assert labels.count("auth-response") == 1 + 2 + 1 and "terminate" in labels
+    assert redone.request_count == 1 + 3 and redone.round_trips == 1 + 3
+    assert quick.round_trips == 3 and quick.request_count == 3
+    for s in sessions:
+        assert s.jid.startswith(jid + "/")
+        assert_attachable(dataclasses.replace(s, service_url=prosody.service_url))
 
 
 @pytest.mark.parametrize("engine", DRIVERS)
