@@ -838,6 +838,17 @@ def test_quickstart_off() -> None:
 # ------------------------------------------------------------------------------------------
 # Pipelining: SCRAM's last step and the restart + bind back to back on one connection
 # ------------------------------------------------------------------------------------------
+#: A warm SCRAM prebind whose pipelined finish did not work, made again one request at a time.
+PIPELINED_THEN_ONE_AT_A_TIME = [
+    ["create"],
+    ["auth-response", "restart+bind"],
+    ["terminate"],
+    ["create"],
+    ["auth-response"],
+    ["restart+bind"],
+]
+
+
 def _pipelining(mech: str = "SCRAM-SHA-1") -> ServiceMemory:
     """A memory that knows the server, on a driver that pipelines."""
     memory = ServiceMemory(pipelining=True)
@@ -892,14 +903,7 @@ def test_pipelined_finish_with_the_sasl_outcome_late_is_redone_one_at_a_time(cap
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="late")
     with caplog.at_level("INFO", logger="bosh_middleware"):
         session = _with_memory(memory, server)
-    assert server.labels() == [
-        ["create"],
-        ["auth-response", "restart+bind"],
-        ["terminate"],
-        ["create"],
-        ["auth-response"],
-        ["restart+bind"],
-    ]
+    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
     assert session.round_trips == 2 + 3 and session.request_count == 3 + 3
     assert not memory.pipelines("example.org") and memory.quickstart("example.org")
     assert "pipelining off for example.org" in caplog.text
@@ -915,12 +919,7 @@ def test_pipelined_finish_without_the_bind_in_the_restart_answer_is_redone() -> 
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], restart_payload="ignore")
     session = _with_memory(memory, server)
     assert server.labels() == [
-        ["create"],
-        ["auth-response", "restart+bind"],
-        ["terminate"],
-        ["create"],
-        ["auth-response"],
-        ["restart+bind"],
+        *PIPELINED_THEN_ONE_AT_A_TIME,
         ["terminate"],
         ["create"],
         ["auth"],
@@ -942,14 +941,7 @@ def test_pipelined_finish_refused_is_redone_and_off_once_that_works(
     memory = _pipelining()
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined=how)
     session = _with_memory(memory, server)
-    assert server.labels() == [
-        ["create"],
-        ["auth-response", "restart+bind"],
-        ["terminate"],
-        ["create"],
-        ["auth-response"],
-        ["restart+bind"],
-    ]
+    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
     # (a batch the driver failed is not counted: nothing came back)
     assert session.round_trips == round_trips and session.mechanism == "SCRAM-SHA-1"
     assert not memory.pipelines("example.org") and memory.quickstart("example.org")
@@ -1016,13 +1008,7 @@ def test_pipelined_finish_with_the_bind_refused_is_redone_one_at_a_time() -> Non
 
     server._iq = iq_once_refused  # type: ignore[method-assign]
     session = _with_memory(memory, server)
-    assert server.labels()[1:] == [
-        ["auth-response", "restart+bind"],
-        ["terminate"],
-        ["create"],
-        ["auth-response"],
-        ["restart+bind"],
-    ]
+    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
     assert session.jid.startswith(JID + "/web-") and len(calls) == 2
     assert not memory.pipelines("example.org") and memory.quickstart("example.org")
 

@@ -633,30 +633,7 @@ class SyncPool:
 
     def exchange(self, body: bytes, timeout: float, limit: int) -> Response:
         """POST ``body``; ``timeout`` bounds the whole exchange, connecting included."""
-        try:
-            deadline = time.monotonic() + timeout
-            request = self.origin.request(body)
-            for _attempt in range(2):
-                sock, reused = self._acquire(deadline)
-                parser = _Parser(limit)
-                try:
-                    _round_trip(sock, request, parser, deadline)
-                except _RETRYABLE as exc:
-                    sock.close()
-                    if reused and not parser.got:
-                        self.close()
-                        continue
-                    if isinstance(exc, _Stale):
-                        raise _http_error("BOSH server closed the connection") from None
-                    raise
-                except BaseException:
-                    sock.close()
-                    raise
-                self._finish(sock, parser)
-                return parser.status, bytes(parser.body)
-            raise _http_error("BOSH server keeps closing connections")
-        except OSError as exc:  # (ServiceUnavailable is no OSError)
-            raise _unavailable(exc, self.origin.url) from None
+        return self._pipeline((body,), timeout, limit)[0]
 
     def pipeline(self, bodies: Sequence[bytes], timeout: float, limit: int) -> list[Response]:
         """POST the bodies back to back on one connection (HTTP/1.1 pipelining: the server
@@ -665,9 +642,13 @@ class SyncPool:
         whole pipeline goes again, once, on a new connection. A connection that ends after an
         answer with more to come is an ``http-error``: something on the way does not
         pipeline."""
+        return self._pipeline(bodies, timeout, limit)
+
+    def _pipeline(self, bodies: Sequence[bytes], timeout: float, limit: int) -> list[Response]:
         try:
             deadline = time.monotonic() + timeout
-            request = b"".join([self.origin.request(body) for body in bodies])
+            origin = self.origin
+            request = b"".join([origin.request(body) for body in bodies])
             for _attempt in range(2):
                 sock, reused = self._acquire(deadline)
                 parser = _Parser(limit)
@@ -683,6 +664,7 @@ class SyncPool:
                         results.append((parser.status, bytes(parser.body)))
                 except _RETRYABLE as exc:
                     sock.close()
+                    # (a request on a reused connection the server had closed: sent again)
                     if reused and not results and not parser.got:
                         self.close()
                         continue
@@ -696,7 +678,7 @@ class SyncPool:
                 return results
             raise _http_error("BOSH server keeps closing connections")
         except OSError as exc:  # (ServiceUnavailable is no OSError)
-            raise _unavailable(exc, self.origin.url) from None
+            raise _unavailable(exc, origin.url) from None
 
     def batch(
         self,
