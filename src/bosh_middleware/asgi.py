@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from operator import itemgetter
 from typing import Any
 
 from asgiref.compatibility import guarantee_single_callable
@@ -136,23 +135,25 @@ class _Headers:
         return found
 
 
-_value = itemgetter(1)
-
-
 def _may_be_html(raw: Any) -> bool:
     """False when no ``Content-Type`` line so much as mentions html: then the response is no
     page (``is_injectable`` wants text/html or application/xhtml+xml). A logged-in request
     that did not say what it wants (a script, curl) pays this for every response it gets, so
-    the usual answer comes from C: no header value mentions html at all. Only when one does
-    is each line looked at."""
-    try:
-        if b"html" not in b"\n".join(map(_value, raw)).lower():
-            return False
-    except TypeError:  # a value that is not bytes-like: the loop says what to make of it
-        pass
+    the usual line costs no call at all: ``len()`` settles most names, and the usual spelling
+    of the one left (lower-case bytes, as ASGI apps send it) is one compare; a ``Content-Type``
+    spelt otherwise still counts. (Measured on 3.11, instructions: a third to almost half
+    fewer than joining the values in C and searching that, on responses of 7 and 2 lines.)"""
     for k, v in raw:
-        # len() first: most lines are settled without a call that makes a new object
-        if len(k) == 12 and bytes(k).lower() == b"content-type" and b"html" in bytes(v).lower():
+        if len(k) != 12:
+            continue
+        # (``bytes()`` only for what is bytes-like but no bytes: on bytes it is one more call)
+        name = k if type(k) is bytes else bytes(k)
+        if name != b"content-type" and name.lower() != b"content-type":
+            continue
+        # ``partition`` rather than ``b"html" in``: bytes' ``in`` first tries the needle as an
+        # int, and raises and clears a TypeError to learn it is none (0.2-0.5 us more than a
+        # search, measured on 3.11 to 3.13); ``find`` parses its arguments the slow way
+        if (v if type(v) is bytes else bytes(v)).lower().partition(b"html")[1]:
             return True
     return False
 
@@ -431,7 +432,9 @@ class _Sniffer:
             return responder.send(message)
         if message["type"] == "http.response.start":
             raw = message.get("headers") or ()
-            if not isinstance(raw, (list, tuple)):  # read more than once from here on
+            # read more than once from here on (``type`` first: a list, the usual, is settled
+            # without a call)
+            if type(raw) is not list and not isinstance(raw, (list, tuple)):
                 raw = message["headers"] = list(raw)
             if _may_be_html(raw):
                 self.responder = responder = _Responder(

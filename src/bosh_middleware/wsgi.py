@@ -68,10 +68,20 @@ def _request_kind(environ: dict[str, Any]) -> str:
     dest = get("HTTP_SEC_FETCH_DEST")
     if dest == "empty":  # every browser's fetch()/XHR: no page, whatever else it says
         return NOT_A_PAGE
+    if (
+        dest is None
+        and "HTTP_ACCEPT" not in environ
+        and "HTTP_HX_REQUEST" not in environ
+        and "HTTP_X_REQUESTED_WITH" not in environ
+    ):
+        # Said nothing (a script, curl): what request_kind_of answers. Settled with ``in``,
+        # which is no call, rather than three ``get`` calls: such a request pays for the
+        # response's inspection too, and this is what it costs most often.
+        return UNDECIDED
     accept = get("HTTP_ACCEPT")
     xhr = get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH")
     if dest is None and accept is None and not xhr:
-        return UNDECIDED  # said nothing (a script, curl): what request_kind_of answers
+        return UNDECIDED  # (the same, for a value of None)
     return request_kind_of(
         xhr,
         dest if isinstance(dest, str) else None,
@@ -81,9 +91,15 @@ def _request_kind(environ: dict[str, Any]) -> str:
 
 def _may_be_html(headers: list[tuple[str, str]]) -> bool:
     """False when no ``Content-Type`` line so much as mentions html: the response is no page,
-    settled without ``is_injectable`` (see the ASGI adapter's twin)."""
+    settled without ``is_injectable`` (see the ASGI adapter's twin). Every line a request
+    that did not say what it wants (a script, curl) gets back passes here: ``len()`` settles
+    most names, and the usual spellings of the one left with a compare, not a ``lower()``."""
     for k, v in headers:
-        if len(k) == 12 and k.lower() == "content-type" and "html" in v.lower():
+        if (
+            len(k) == 12
+            and (k == "Content-Type" or k == "content-type" or k.lower() == "content-type")
+            and "html" in v.lower()
+        ):
             return True
     return False
 
@@ -227,7 +243,10 @@ class _Exchange:
     ) -> Callable[[bytes], object]:
         if exc_info is None and self.mode == "undecided" and not _may_be_html(headers):
             self.mode = "pass"  # no page: nothing to rewrite, and no session for it
-            self.discard()
+            # (``discard``, without its call when there is nothing to discard: the usual case
+            # of a response that is no page, which pays for this wrapper already)
+            if self.pending is not None or ENVIRON_PENDING in self.environ:
+                self.discard()
             return self._start_response(status, headers)
         if exc_info is not None and self.mode == "sent":
             return self._replace(status, headers, exc_info)
