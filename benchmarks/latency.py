@@ -234,7 +234,9 @@ def run(*, quick: bool = False, rtt_ms: float = 5.0, log_level: str = "info") ->
             " PBKDF2 each time, legacy session IQ); engine = src as shipped (builtin transport);"
             " httpx = the same engine with transport='httpx'. After the warm-up both send the"
             " first SASL message with the session creation request (quickstart), which Prosody"
-            " answers in the creation response: one round trip fewer than the targets allow.",
+            " answers in the creation response: one round trip fewer than the targets allow;"
+            " with SCRAM the engine also pipelines its last SASL message and the restart + bind"
+            " on one connection (httpx does not pipeline): two fewer.",
             "Prosody CPU + client PBKDF2: medians per prebind of Prosody's CPU time while it"
             " ran (/proc schedstat) and of this process's time in hashlib.pbkdf2_hmac; '=' is"
             " the median of their sum against the baseline's median latency. Neither can be"
