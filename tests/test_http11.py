@@ -1332,6 +1332,165 @@ def test_pipeline_sent_again_whole_when_a_stale_reused_connection_dropped_it(
     assert server.connections == 2
 
 
+def pair_handler(respond):
+    def handler(index, sock, server):
+        requests = Requests(sock)
+        while True:
+            pair = [requests.next(), requests.next()]
+            if pair[0] is None:
+                return
+            server.requests += pair
+            bodies = [b"%d:%s" % (index, body_of(r)) for r in pair]
+            if respond(sock, bodies) is False:
+                return
+
+    return handler
+
+
+def bytewise(sock, bodies):
+    data = ok(bodies[0]) + ok(bodies[1])
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i in range(len(data)):
+        sock.sendall(data[i : i + 1])
+        time.sleep(0.0005)
+
+
+def interim(sock, bodies):
+    sock.sendall(
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        + ok(bodies[0])
+        + b"HTTP/1.1 102 Processing\r\nX: y\r\n\r\n"
+        + ok(bodies[1])
+    )
+
+
+def http10(sock, bodies):
+    sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(bodies[0]), bodies[0]))
+    return False
+
+
+def garbage_after(sock, bodies):
+    sock.sendall(ok(bodies[0]) + ok(bodies[1]) + b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("how", [bytewise, interim])
+def test_pipeline_odd_framing(serve, pool, how) -> None:
+    server = serve(pair_handler(how))
+    client = pool(server.url)
+    for r in range(2):
+        assert client.pipeline([b"a%d" % r, b"b%d" % r], timeout=5) == [
+            (200, b"0:a%d" % r),
+            (200, b"0:b%d" % r),
+        ]
+    assert server.connections == 1
+
+
+def test_pipeline_http10_first_answer_is_http_error_with_the_answer(serve, pool) -> None:
+    server = serve(pair_handler(http10))
+    client = pool(server.url)
+    err = unavailable(lambda: client.pipeline([b"a", b"b"]), "http-error")
+    assert err.answers == ((200, b"0:a"),)  # (review fix: the first answer goes with it)
+    assert [body_of(r) for r in server.requests] == [b"a", b"b"]
+
+
+def test_pipeline_garbage_after_last_answer_not_reused(serve, pool) -> None:
+    server = serve(pair_handler(garbage_after))
+    client = pool(server.url)
+    assert client.pipeline([b"a", b"b"]) == [(200, b"0:a"), (200, b"0:b")]
+    assert client.pipeline([b"c", b"d"]) == [(200, b"1:c"), (200, b"1:d")]
+    assert server.connections == 2
+
+
+def test_pipeline_over_tls(serve, pool, pki) -> None:
+    server = serve(pair_handler(lambda s, b: s.sendall(ok(b[0]) + ok(b[1]))), tls=pki.good)
+    client = pool(server.url, verify=str(pki.ca))
+    for r in range(3):
+        assert client.pipeline([b"a%d" % r, b"b%d" % r]) == [
+            (200, b"0:a%d" % r),
+            (200, b"0:b%d" % r),
+        ]
+    assert server.connections == 1
+
+
+def test_pipeline_over_tls_apart(serve, pool, pki) -> None:
+    def apart(sock, bodies):
+        sock.sendall(ok(bodies[0]))
+        time.sleep(0.05)
+        sock.sendall(ok(bodies[1]))
+
+    server = serve(pair_handler(apart), tls=pki.good)
+    client = pool(server.url, verify=str(pki.ca))
+    assert client.pipeline([b"a", b"b"]) == [(200, b"0:a"), (200, b"0:b")]
+
+
+def test_pipeline_deadline_bounds_a_trickling_second_answer(serve, pool) -> None:
+    def trickle_second(sock, bodies):
+        sock.sendall(ok(bodies[0]) + b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        try:
+            for _ in range(200):
+                sock.sendall(b"x")
+                time.sleep(0.05)
+        except OSError:
+            pass
+        return False
+
+    server = serve(pair_handler(trickle_second))
+    client = pool(server.url)
+    t = time.monotonic()
+    err = unavailable(lambda: client.pipeline([b"a", b"b"], timeout=0.5), "timeout")
+    assert time.monotonic() - t < 1.5
+    assert err.answers == ((200, b"0:a"),)
+
+
+def test_async_pipeline_cancelled_after_first_answer_closes_connection(serve) -> None:
+    seen_eof = []
+
+    def hang(sock, bodies):
+        sock.sendall(ok(bodies[0]))
+        sock.settimeout(3)
+        try:
+            seen_eof.append(sock.recv(1) == b"")
+        except OSError:
+            seen_eof.append(True)
+        return False
+
+    server = serve(pair_handler(hang))
+    aio = http11.AsyncPool(http11.origin(server.url, {}, True))
+
+    async def go():
+        task = asyncio.ensure_future(aio.pipeline([b"a", b"b"], 5.0, 65536))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert not aio._idle
+        aio.close()
+
+    asyncio.run(go())
+    assert seen_eof == [True]
+
+
+def test_pipeline_over_tls_two_records_back_to_back(serve, pool, pki) -> None:
+    def two_records(sock, bodies):
+        sock.sendall(ok(bodies[0]))
+        sock.sendall(ok(bodies[1]))
+
+    server = serve(pair_handler(two_records), tls=pki.good)
+    client = pool(server.url, verify=str(pki.ca))
+    for r in range(5):
+        assert client.pipeline([b"a%d" % r, b"b%d" % r], timeout=2) == [
+            (200, b"0:a%d" % r),
+            (200, b"0:b%d" % r),
+        ]
+
+
+def test_pipeline_over_tls_bytewise(serve, pool, pki) -> None:
+    server = serve(pair_handler(bytewise), tls=pki.good)
+    client = pool(server.url, verify=str(pki.ca))
+    assert client.pipeline([b"a", b"b"], timeout=5) == [(200, b"0:a"), (200, b"0:b")]
+
+
 def test_request_bytes_on_the_wire(serve, pool) -> None:
     server = serve(serve_keepalive)
     url = f"http://us%65r:p%40ss:w@127.0.0.1:{server.port}/http-bind/a b?x=1&y=ä"

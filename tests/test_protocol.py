@@ -990,7 +990,7 @@ def test_pipelined_finish_with_a_forged_server_signature_is_not_handed_out() -> 
     assert server.labels() == [["create"], ["auth-response", "restart+bind"], ["terminate"]]
 
 
-def test_pipelined_finish_with_the_bind_refused_is_redone_one_at_a_time() -> None:
+def test_pipelined_finish_with_the_bind_refused_is_redone_the_usual_way() -> None:
     memory = _pipelining()
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
     refused = (
@@ -1008,9 +1008,77 @@ def test_pipelined_finish_with_the_bind_refused_is_redone_one_at_a_time() -> Non
 
     server._iq = iq_once_refused  # type: ignore[method-assign]
     session = _with_memory(memory, server)
-    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
+    # the bind's own answer, after the SASL success: not pipelining's doing (pipelining is not
+    # blamed); redone as the unpipelined quickstart's bind error is, the usual way, once
+    assert server.labels() == [
+        ["create"],
+        ["auth-response", "restart+bind"],
+        ["terminate"],
+        ["create"],
+        ["auth"],
+        ["auth-response"],
+        ["restart", "bind"],
+    ]
     assert session.jid.startswith(JID + "/web-") and len(calls) == 2
-    assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+    assert memory.pipelines("example.org")
+
+
+def test_late_sasl_failure_in_the_second_answer_is_one_auth_failure() -> None:
+    """A server that answers the first pipelined request before it has checked the proof
+    (the 'late' server): its SASL failure comes in the second answer. A
+    wrong password must still cost one SASL attempt, not two."""
+
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="late", password="other")
+    with pytest.raises(AuthenticationFailed) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "not-authorized"
+    labels = [label for batch in server.labels() for label in batch]
+    assert labels.count("auth-response") == 1, server.labels()
+
+
+def _refusing_binds(server: ScriptedServer, times: int) -> list[str | None]:
+
+    refused = (
+        "<iq type='error' id='{id}' xmlns='jabber:client'><error type='wait'>"
+        "<resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    )
+    real_iq = server._iq
+    calls: list[str | None] = []
+
+    def iq(iq_el: etree._Element) -> BOSHResponse:
+        calls.append(iq_el.get("id"))
+        if len(calls) <= times:
+            return BOSHResponse(200, _body(refused.format(id=iq_el.get("id"))))
+        return real_iq(iq_el)
+
+    server._iq = iq  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_bind_refused_every_time_costs_no_more_logins_than_without_pipelining() -> None:
+    """A bind error (resource-constraint: the account has too many resources) is the
+    server's answer to the bind, handled after the restart, in order: not a pipelining
+    failure. Without pipelining, the quickstart prebind is redone the usual way once (2
+    logins); with it, 3."""
+
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    _refusing_binds(server, 99)
+    with pytest.raises(ProtocolError) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "resource-constraint"
+    labels = [label for batch in server.labels() for label in batch]
+    assert labels.count("auth-response") <= 2, server.labels()
+
+
+def test_one_users_transient_bind_error_does_not_turn_pipelining_off_for_the_domain() -> None:
+
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    _refusing_binds(server, 1)
+    _with_memory(memory, server)
+    assert memory.pipelines("example.org")
 
 
 def test_service_memory_pipelining_is_per_domain_and_bounded() -> None:

@@ -21,6 +21,11 @@ __all__ = [
 class BOSHError(Exception):
     """Base class of everything the engine raises on purpose."""
 
+    #: The transport's: the answers (status, body) of a pipeline that came, in order, before
+    #: it failed. The server has acted on those requests (a SASL failure in one is the
+    #: prebind's outcome, not a reason to log in again).
+    answers: tuple[tuple[int, bytes], ...] = ()
+
     def __init__(self, message: str, *, condition: str | None = None) -> None:
         super().__init__(message)
         #: A machine-readable cause: a SASL condition (``not-authorized``), a BOSH terminate

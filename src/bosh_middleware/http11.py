@@ -47,7 +47,7 @@ from operator import attrgetter
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
-from .errors import ProtocolError, ResponseTooLarge, ServiceUnavailable
+from .errors import BOSHError, ProtocolError, ResponseTooLarge, ServiceUnavailable
 
 __all__ = [
     "SUPPORTED",
@@ -490,6 +490,15 @@ def _left(deadline: float) -> float:
     return left
 
 
+def _with_answers(exc: BOSHError, answers: Sequence[Response]) -> BOSHError:
+    """``exc`` of a pipeline that failed after some of its answers had come: those answers,
+    in order, go with it (``exc.answers``), since the server has acted on those requests (a
+    SASL failure in the first one must be reported, not the request made again)."""
+    if answers:
+        exc.answers = tuple(answers)
+    return exc
+
+
 def _connect_failed(url: str, exc: OSError) -> ServiceUnavailable:
     return ServiceUnavailable(f"cannot connect to {url}: {exc}", condition="connection-failed")
 
@@ -645,6 +654,7 @@ class SyncPool:
         return self._pipeline(bodies, timeout, limit)
 
     def _pipeline(self, bodies: Sequence[bytes], timeout: float, limit: int) -> list[Response]:
+        results: list[Response] = []
         try:
             deadline = time.monotonic() + timeout
             origin = self.origin
@@ -652,7 +662,7 @@ class SyncPool:
             for _attempt in range(2):
                 sock, reused = self._acquire(deadline)
                 parser = _Parser(limit)
-                results: list[Response] = []
+                results = []
                 try:
                     _round_trip(sock, request, parser, deadline)
                     results.append((parser.status, bytes(parser.body)))
@@ -678,7 +688,10 @@ class SyncPool:
                 return results
             raise _http_error("BOSH server keeps closing connections")
         except OSError as exc:  # (ServiceUnavailable is no OSError)
-            raise _unavailable(exc, origin.url) from None
+            raise _with_answers(_unavailable(exc, origin.url), results) from None
+        except BOSHError as exc:
+            _with_answers(exc, results)
+            raise
 
     def batch(
         self,
@@ -1242,6 +1255,8 @@ class _Batch:
             exc = _http_error("BOSH server closed the connection")
         elif isinstance(exc, OSError):  # (ServiceUnavailable is no OSError)
             exc = _unavailable(exc, self._pool.origin.url)
+        if self._ordered and isinstance(exc, BOSHError):  # (the answers in, in order)
+            _with_answers(exc, [r for r in self._results if r is not None])
         self._done(None, exc)
 
     def _clean_up(self) -> None:

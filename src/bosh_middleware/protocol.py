@@ -885,8 +885,11 @@ class PrebindProtocol:
             if exc.condition == "timeout":  # not tried again; but a proxy that stalls a
                 # pipelined request would time out every prebind: one request at a time now
                 memory.stop_pipelining(domain, f"a pipelined request failed ({exc})")
-                raise
-            if exc.condition != "http-error":  # (refused connection, closed engine ...)
+            # The answers that came before it failed (a proxy that closes the connection
+            # after one): a SASL failure there is the prebind's outcome, not worth a second
+            # login (a wrong password must cost one attempt).
+            self._raise_sasl_failure(exc.answers)
+            if exc.condition != "http-error":  # (timeout, refused connection, closed engine)
                 raise
             raise _NoPipelining(exc) from None  # (a connection closed, a garbled answer)
         try:
@@ -898,6 +901,8 @@ class PrebindProtocol:
         answer = conv.take(_IS_SASL_ANSWER)
         if answer is None:  # (a server that checks the proof in the background)
             memory.stop_pipelining(domain, "the first answer did not carry the SASL outcome")
+            # (its outcome may be in the second answer: a failure is not tried again)
+            self._raise_sasl_failure((second,))
             raise _NoPipelining(None)
         self._raise_if_failure(answer)
         if answer.tag == _CHALLENGE:
@@ -912,13 +917,30 @@ class PrebindProtocol:
             if bound_features is None or result is None:
                 memory.stop_pipelining(domain, "the restart response did not answer its bind")
                 raise _NoPipelining(None)
-            if result.get("type") != "result":  # (a bind handled before the restart?)
-                self._bound_jid(result)  # raises
+            # (a bind error is the server's answer to the bind, after a SASL success that came
+            # first: nothing pipelining did. ``_finish`` raises it, and the flow takes it as
+            # the unpipelined quickstart does: one more try the usual way, not two.)
         except BOSHError as exc:
             if not _payload_refused(exc):
                 raise
             raise _NoPipelining(exc) from None
         return bound_features, result
+
+    def _raise_sasl_failure(self, answers: Sequence[tuple[int, bytes]]) -> None:
+        """Raise the SASL failure the first of ``answers`` that has a SASL outcome carries
+        (answers of a pipelined finish that went wrong, before its session is ended)."""
+        conv = self._conv
+        for status, body in answers:
+            try:
+                conv.absorb(_new(BOSHResponse, (status, body)))
+            except AuthenticationFailed:
+                raise
+            except BOSHError:
+                continue
+            outcome = conv.take(_IS_SASL_ANSWER)
+            if outcome is not None:
+                self._raise_if_failure(outcome)
+                return
 
     def _finish(
         self, bound_features: etree._Element, result: etree._Element, mech: str
