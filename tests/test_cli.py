@@ -132,6 +132,50 @@ def test_check_json(prosody) -> None:
     assert "hint" not in report
 
 
+def test_check_with_a_login_reports_quickstart_and_pipelining(prosody) -> None:
+    """With --jid, check logs in three times with one engine: the first learns, the next take
+    quickstart and the pipelined SCRAM finish against Prosody (2 round trips). The JID's
+    domain is the one asked for, and the password is never printed."""
+    jid, password = prosody.new_user()
+    res = cli("check", prosody.service_url, "--jid", jid, "--json", password=password)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["reachable"] is True and report["domain"] == prosody.domain
+    login = report["login"]
+    assert login["jid"] == jid and login["mechanism"] == "SCRAM-SHA-1"
+    assert login["round_trips"] == [4, 2, 2], login
+    assert login["quickstart"] is True and login["pipelining"] is True
+    assert login["transport"] == "builtin"
+    assert not any("round trips" in w for w in report["warnings"]), report["warnings"]
+    assert password not in res.stdout + res.stderr
+
+
+def test_check_with_a_wrong_password_is_an_auth_failure(prosody) -> None:
+    jid, password = prosody.new_user()
+    res = cli("check", prosody.service_url, "--jid", jid, "--json", password="wrong-" + password)
+    assert res.returncode == 3, res.stderr
+    report = json.loads(res.stdout)
+    assert report["reachable"] is True
+    assert "not-authorized" in report["login"]["error"]
+    assert "round_trips" not in report["login"]
+    assert "wrong-" + password not in res.stdout + res.stderr
+
+
+def test_check_login_needs_the_password_in_the_environment(prosody) -> None:
+    res = cli("check", prosody.service_url, "--jid", "someone@localhost")
+    assert res.returncode == 2 and res.stdout == "" and "BOSH_PASSWORD" in res.stderr
+
+
+@pytest.mark.ejabberd
+def test_check_with_a_login_on_ejabberd_warns_that_quickstart_does_not_hold(ejabberd) -> None:
+    jid, password = ejabberd.new_user()
+    res = cli("check", ejabberd.service_url, "--jid", jid, "--json", password=password)
+    assert res.returncode == 0, res.stderr
+    login = json.loads(res.stdout)["login"]
+    assert login["quickstart"] is False and login["round_trips"][-1] >= 4, login
+    assert any("quickstart" in w for w in json.loads(res.stdout)["warnings"])
+
+
 def test_check_human_output_and_anonymous_host(prosody) -> None:
     res = cli("check", prosody.service_url, "--domain", prosody.anon_domain)
     assert res.returncode == 0, res.stderr

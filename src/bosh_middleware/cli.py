@@ -180,12 +180,55 @@ def _wrong_domain_hint(condition: str | None, domain: str, guessed: bool) -> str
     )
 
 
+#: Logins ``check --jid`` makes with one engine: the first learns what the server offers, the
+#: second tries quickstart (and pipelining), the third shows what stays on.
+_CHECK_LOGINS = 3
+
+
+def _check_login(url: str, creds: Credentials, timeout: float) -> tuple[dict[str, Any], int]:
+    """Log in ``_CHECK_LOGINS`` times with one engine, as a web process would, and say what
+    the warm prebind costs here: whether the server takes quickstart and pipelining (the
+    README's "Round trips"). Each session is ended at once. (The report, and the exit code.)"""
+    prebinder = Prebinder(url, timeout=timeout)
+    login: dict[str, Any] = {"jid": creds.jid, "transport": "builtin"}
+    if prebinder._builtin is None:  # (a proxy in the environment: httpx, which does not pipeline)
+        login["transport"] = "httpx"
+    trips: list[int] = []
+    try:
+        with prebinder:
+            for _ in range(_CHECK_LOGINS):
+                session = prebinder.prebind(creds)
+                trips.append(session.round_trips)
+                login["mechanism"] = session.mechanism
+                prebinder.terminate(session)
+    except BOSHError as exc:
+        login["error"] = f"{type(exc).__name__} ({exc.condition}): {exc}"
+        code = EXIT_AUTH if isinstance(exc, AuthenticationFailed) else EXIT_FAILED
+        return login, code
+    domain = creds.domain
+    login.update(
+        round_trips=trips,
+        quickstart=prebinder.memory.quickstart(domain) is not None,
+        pipelining=prebinder.memory.pipelines(domain),
+    )
+    return login, 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     prebinder = _prebinder(args.service_url, timeout=args.timeout)
     if isinstance(prebinder, str):
         return _usage(prebinder)
-    guessed = not args.domain
-    domain = args.domain or urlsplit(args.service_url).hostname or ""
+    creds: Credentials | None = None
+    if args.jid:
+        password = os.environ.get("BOSH_PASSWORD")
+        if not password:
+            return _usage("--jid needs the password in the BOSH_PASSWORD environment variable")
+        try:
+            creds = Credentials(args.jid, password)
+        except ValueError as exc:  # (the message names the JID, never the password)
+            return _usage(f"--jid: {exc}")
+    guessed = not args.domain and creds is None
+    domain = args.domain or (creds.domain if creds else urlsplit(args.service_url).hostname or "")
     # (printed, and so without the password of a user:password@ in the URL)
     report: dict[str, Any] = {"service_url": redact_url(args.service_url), "domain": domain}
     warnings: list[str] = []
@@ -242,6 +285,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
     report["cors"] = cors = _cors(args.service_url, args.timeout)
     if not cors.get("access-control-allow-origin"):
         warnings.append("no CORS headers: browsers can only use this endpoint from the same origin")
+    code = 0 if report.get("reachable") else EXIT_FAILED
+    if creds is not None and info is not None:
+        login, code = _check_login(args.service_url, creds, args.timeout)
+        report["login"] = login
+        if code == 0 and not login["quickstart"]:
+            warnings.append(
+                "the server does not answer a SASL message sent with the session creation "
+                "request (quickstart): every prebind takes 3-4 round trips"
+            )
+        elif (
+            code == 0
+            and not login["pipelining"]
+            and str(login.get("mechanism", "")).startswith("SCRAM-")
+        ):
+            warnings.append(
+                "SCRAM's last message is not pipelined with the restart + bind here"
+                + (" (httpx, behind a proxy)" if login["transport"] == "httpx" else "")
+                + ": warm prebinds take 3 round trips, not 2"
+            )
     report["warnings"] = warnings
     if args.json:
         print(json.dumps(report, indent=2))
@@ -252,7 +314,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"{key:>12}: {value}")
         for w in warnings:
             print(f"     warning: {w}")
-    return 0 if report.get("reachable") else EXIT_FAILED
+    return code
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
@@ -336,13 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="report what a BOSH endpoint offers",
         description="Open a session on a BOSH endpoint and report what it offers (SASL "
         "mechanisms, wait, inactivity, requests, CORS headers), with warnings about what will "
-        "bite browser clients.",
+        "bite browser clients. With --jid, also log in and report what a prebind costs there.",
     )
     c.add_argument("service_url", metavar="URL", help=url_help)
     c.add_argument(
         "--domain",
         help="the XMPP domain to ask for, the part after @ in your users' JIDs "
         "(default: the URL's host, rarely right for an address such as 127.0.0.1)",
+    )
+    c.add_argument(
+        "--jid",
+        help="also log in as this account (its password read from $BOSH_PASSWORD) three times "
+        "with one engine, and report the round trips and whether quickstart and pipelining "
+        "hold; its domain is the default --domain",
     )
     c.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help=timeout_help)
     c.add_argument("--json", action="store_true", help="print the report as JSON")
