@@ -166,8 +166,7 @@ def _install_http11() -> None:
     from bosh_middleware import http11
 
     sync_acquire, async_acquire = http11.SyncPool._acquire, http11.AsyncPool._acquire
-    sync_exchange, sync_batch = http11.SyncPool.exchange, http11.SyncPool.batch
-    sync_pipeline = http11.SyncPool.pipeline
+    sync_exchange = http11.SyncPool.exchange
     async_start = http11.AsyncPool.start  # (its exchange and batch run through it too)
 
     # (*args: whatever the pools take, so that a change of signature there cannot break this)
@@ -190,19 +189,18 @@ def _install_http11() -> None:
             rec.end = time.perf_counter()
         return result
 
-    def s_batch(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
-        recs = [_active.begin() for _ in bodies] if _active is not None else []
-        results = sync_batch(self, bodies, *args)
-        if recs:
-            _answered(recs, results)
-        return results
+    def s_several(send: Any) -> Any:
+        """A wrapper of ``send``, a sync pool's method that sends several bodies at once
+        (``batch``: on several connections; ``pipeline``: on one)."""
 
-    def s_pipeline(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
-        recs = [_active.begin() for _ in bodies] if _active is not None else []
-        results = sync_pipeline(self, bodies, *args)
-        if recs:
-            _answered(recs, results)
-        return results
+        def counted(self: http11.SyncPool, bodies: Any, *args: Any) -> Any:
+            recs = [_active.begin() for _ in bodies] if _active is not None else []
+            results = send(self, bodies, *args)
+            if recs:
+                _answered(recs, results)
+            return results
+
+        return counted
 
     def a_start(
         self: http11.AsyncPool,
@@ -228,6 +226,6 @@ def _install_http11() -> None:
     http11.SyncPool._acquire = s_acquire  # type: ignore[method-assign]
     http11.AsyncPool._acquire = a_acquire  # type: ignore[method-assign]
     http11.SyncPool.exchange = s_exchange  # type: ignore[method-assign]
-    http11.SyncPool.batch = s_batch  # type: ignore[method-assign]
-    http11.SyncPool.pipeline = s_pipeline  # type: ignore[method-assign]
+    http11.SyncPool.batch = s_several(http11.SyncPool.batch)  # type: ignore[method-assign]
+    http11.SyncPool.pipeline = s_several(http11.SyncPool.pipeline)  # type: ignore[method-assign]
     http11.AsyncPool.start = a_start  # type: ignore[method-assign]

@@ -993,20 +993,7 @@ def test_pipelined_finish_with_a_forged_server_signature_is_not_handed_out() -> 
 def test_pipelined_finish_with_the_bind_refused_is_redone_the_usual_way() -> None:
     memory = _pipelining()
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
-    refused = (
-        "<iq type='error' id='{id}' xmlns='jabber:client'><error type='cancel'>"
-        "<not-allowed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
-    )
-    real_iq = server._iq
-    calls = []
-
-    def iq_once_refused(iq: etree._Element) -> BOSHResponse:
-        calls.append(iq.get("id"))
-        if len(calls) == 1:
-            return BOSHResponse(200, _body(refused.format(id=iq.get("id"))))
-        return real_iq(iq)
-
-    server._iq = iq_once_refused  # type: ignore[method-assign]
+    calls = _refusing_binds(server, 1)
     session = _with_memory(memory, server)
     # the bind's own answer, after the SASL success: not pipelining's doing (pipelining is not
     # blamed); redone as the unpipelined quickstart's bind error is, the usual way, once
@@ -1038,7 +1025,8 @@ def test_late_sasl_failure_in_the_second_answer_is_one_auth_failure() -> None:
 
 
 def _refusing_binds(server: ScriptedServer, times: int) -> list[str | None]:
-
+    """The first ``times`` binds the server gets are refused (resource-constraint); the ids of
+    every bind it gets."""
     refused = (
         "<iq type='error' id='{id}' xmlns='jabber:client'><error type='wait'>"
         "<resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"

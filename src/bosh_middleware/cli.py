@@ -106,6 +106,18 @@ def _prebinder(url: str, **options: Any) -> Prebinder | str:
         return str(exc)
 
 
+def _password_credentials(jid: str, resource: str | None = None) -> Credentials | int:
+    """``jid`` with the password of ``$BOSH_PASSWORD`` (never the command line, which other
+    users of the machine can read), or the exit code of a usage error, already reported."""
+    password = os.environ.get("BOSH_PASSWORD")
+    if not password:
+        return _usage("set the password in the BOSH_PASSWORD environment variable")
+    try:
+        return Credentials(jid, password, resource=resource)
+    except ValueError as exc:  # (the message names the JID, never the password)
+        return _usage(f"--jid: {exc}")
+
+
 def _cmd_prebind(args: argparse.Namespace) -> int:
     if args.anonymous:
         if not args.domain:
@@ -119,16 +131,10 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
         if not args.jid:
             print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
             return EXIT_USAGE
-        password = os.environ.get("BOSH_PASSWORD")
-        if not password:
-            print(
-                "error: set the password in the BOSH_PASSWORD environment variable", file=sys.stderr
-            )
-            return EXIT_USAGE
-        try:
-            creds = Credentials(args.jid, password, resource=args.resource)
-        except ValueError as exc:  # (the message names the JID, never the password)
-            return _usage(f"--jid: {exc}")
+        made = _password_credentials(args.jid, args.resource)
+        if isinstance(made, int):
+            return made
+        creds = made
     prebinder = _prebinder(args.service_url, **_options(args))
     if isinstance(prebinder, str):
         return _usage(prebinder)
@@ -190,9 +196,9 @@ def _check_login(url: str, creds: Credentials, timeout: float) -> tuple[dict[str
     the warm prebind costs here: whether the server takes quickstart and pipelining (the
     README's "Round trips"). Each session is ended at once. (The report, and the exit code.)"""
     prebinder = Prebinder(url, timeout=timeout)
-    login: dict[str, Any] = {"jid": creds.jid, "transport": "builtin"}
-    if prebinder._builtin is None:  # (a proxy in the environment: httpx, which does not pipeline)
-        login["transport"] = "httpx"
+    # (httpx, which does not pipeline, where a proxy is set in the environment)
+    transport = "builtin" if prebinder.memory.pipelining else "httpx"
+    login: dict[str, Any] = {"jid": creds.jid, "transport": transport}
     trips: list[int] = []
     try:
         with prebinder:
@@ -220,13 +226,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return _usage(prebinder)
     creds: Credentials | None = None
     if args.jid:
-        password = os.environ.get("BOSH_PASSWORD")
-        if not password:
-            return _usage("--jid needs the password in the BOSH_PASSWORD environment variable")
-        try:
-            creds = Credentials(args.jid, password)
-        except ValueError as exc:  # (the message names the JID, never the password)
-            return _usage(f"--jid: {exc}")
+        made = _password_credentials(args.jid)
+        if isinstance(made, int):
+            return made
+        creds = made
     guessed = not args.domain and creds is None
     domain = args.domain or (creds.domain if creds else urlsplit(args.service_url).hostname or "")
     # (printed, and so without the password of a user:password@ in the URL)

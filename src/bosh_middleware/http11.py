@@ -651,6 +651,7 @@ class SyncPool:
         whole pipeline goes again, once, on a new connection. A connection that ends after an
         answer with more to come is an ``http-error``: something on the way does not
         pipeline."""
+        # (``exchange`` runs ``_pipeline`` too, not this: a wrapper of either sees only its own)
         return self._pipeline(bodies, timeout, limit)
 
     def _pipeline(self, bodies: Sequence[bytes], timeout: float, limit: int) -> list[Response]:
@@ -1197,21 +1198,19 @@ class _Batch:
                 return
             self._fail(exc)
             return
-        if self._ordered:
-            i = len(self._results) - self._pending  # (the answers come in order)
-            if i + 1 < len(self._results):  # more to come, on this connection
-                self._results[i] = (parser.status, bytes(parser.body))
-                self._pending -= 1
-                self._next_answer(conn, parser)
-                return
-        self._conns[0 if self._ordered else i] = None
+        # (an ordered batch's answers come in order, all on its one connection)
+        answer = len(self._results) - self._pending if self._ordered else i
+        self._results[answer] = (parser.status, bytes(parser.body))
+        self._pending -= 1
+        if self._ordered and self._pending:  # more to come, on this connection
+            self._next_answer(conn, parser)
+            return
+        self._conns[i] = None
         conn.parser = None
         if parser.keep_alive and not parser._buf:  # (no leftover bytes)
             self._pool._release(conn)
         else:
             conn.close()
-        self._results[i] = (parser.status, bytes(parser.body))
-        self._pending -= 1
         self._maybe_end()
 
     def _next_answer(self, conn: _Conn, parser: _Parser) -> None:
@@ -1225,10 +1224,10 @@ class _Batch:
         except Exception as exc:
             self._fail(exc)
             return
-        conn.callback = self._answered
         if nxt.done:
-            conn.callback = None
             self._answered(conn, None)
+        else:
+            conn.callback = self._answered
 
     def _maybe_end(self) -> None:
         """Done once every answer is in, or once ``settles`` says the answers in are enough,

@@ -245,6 +245,15 @@ def _b64decode(text: str | None) -> bytes:
         raise ProtocolError("SASL payload is not valid base64") from None
 
 
+def _raise_sasl_failure_in(children: list[etree._Element]) -> None:
+    """A SASL ``<failure/>`` among a terminating body's children is the login refused (one
+    ``AuthenticationFailed``), not the session ended for another reason."""
+    for child in children:
+        if child.tag == _FAILURE:
+            cond = _condition(child) or "not-authorized"
+            raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
+
+
 class _Conversation:
     """RID counter, SID and the stanzas received so far: what all flows share."""
 
@@ -331,10 +340,7 @@ class _Conversation:
                 cond = _condition(child) or "undefined-condition"
                 raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
         if parsed.type == "terminate":
-            for child in parsed.children:
-                if child.tag == _FAILURE:
-                    cond = _condition(child) or "not-authorized"
-                    raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
+            _raise_sasl_failure_in(parsed.children)
             cond = parsed.condition or "terminate"
             self.sid = None  # nothing left to clean up
             raise ServiceUnavailable(f"BOSH session terminated by server: {cond}", condition=cond)
@@ -367,10 +373,7 @@ class _Conversation:
             )
         parsed = b.parse_body(response.body, max_size=o.max_response_size)
         if parsed.type == "terminate":
-            for child in parsed.children:  # (a quickstart SASL message refused at once)
-                if child.tag == _FAILURE:
-                    cond = _condition(child) or "not-authorized"
-                    raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
+            _raise_sasl_failure_in(parsed.children)  # (a quickstart SASL message refused)
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs
@@ -630,24 +633,23 @@ class ServiceMemory:
             self._offered[domain] = offered
 
     def turn_off(self, domain: str, why: str) -> None:
-        if domain in self._off:
-            return
-        if len(self._off) >= self.MAX_DOMAINS:
-            self._off.clear()
-        self._off.add(domain)
-        log.info("quickstart off for %s: %s; prebinding the usual way", domain, why)
+        self._switch_off(self._off, "quickstart", domain, why, "prebinding the usual way")
 
     def pipelines(self, domain: str) -> bool:
         """Whether SCRAM's last step and the restart + bind may be pipelined for ``domain``."""
         return self.pipelining and domain not in self._unpipelined
 
     def stop_pipelining(self, domain: str, why: str) -> None:
-        if domain in self._unpipelined:
+        self._switch_off(self._unpipelined, "pipelining", domain, why, "one request at a time")
+
+    def _switch_off(self, off: set[str], what: str, domain: str, why: str, then: str) -> None:
+        """Add ``domain`` to ``off`` (bounded), saying so at INFO the first time."""
+        if domain in off:
             return
-        if len(self._unpipelined) >= self.MAX_DOMAINS:
-            self._unpipelined.clear()
-        self._unpipelined.add(domain)
-        log.info("pipelining off for %s: %s; one request at a time", domain, why)
+        if len(off) >= self.MAX_DOMAINS:
+            off.clear()
+        off.add(domain)
+        log.info("%s off for %s: %s; %s", what, domain, why, then)
 
 
 class PrebindProtocol:
@@ -833,13 +835,7 @@ class PrebindProtocol:
             # xmpp:restart. (On one connection nothing overtakes: ``_finish_pipelined``.)
             yield from conv.exchange([last])
             answer = yield from conv.wait_for(_IS_SASL_ANSWER, "SASL success")
-        self._raise_if_failure(answer)
-        if answer.tag == _CHALLENGE:
-            raise ProtocolError(
-                "unexpected SASL challenge (server-final must come with <success/>)"
-            )
-        if scram is not None:
-            scram.verify_server_final(_b64decode(answer.text))
+        self._check_success(answer, scram)
 
         if quick:
             # A server that answered the SASL message of the creation request at once also
@@ -904,12 +900,7 @@ class PrebindProtocol:
             # (its outcome may be in the second answer: a failure is not tried again)
             self._raise_sasl_failure((second,))
             raise _NoPipelining(None)
-        self._raise_if_failure(answer)
-        if answer.tag == _CHALLENGE:
-            raise ProtocolError(
-                "unexpected SASL challenge (server-final must come with <success/>)"
-            )
-        scram.verify_server_final(_b64decode(answer.text))
+        self._check_success(answer, scram)
         try:
             conv.absorb(second)
             bound_features = conv.take(_IS_FEATURES)
@@ -998,6 +989,16 @@ class PrebindProtocol:
         else:  # ANONYMOUS
             return None, f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'/>"
         return scram, f"<auth xmlns='{b.NS_SASL}' mechanism='{mech}'>{payload}</auth>"
+
+    def _check_success(self, answer: etree._Element, scram: ScramClient | None) -> None:
+        """The last SASL answer is a success, and (SCRAM) carries the server's signature."""
+        self._raise_if_failure(answer)
+        if answer.tag == _CHALLENGE:
+            raise ProtocolError(
+                "unexpected SASL challenge (server-final must come with <success/>)"
+            )
+        if scram is not None:
+            scram.verify_server_final(_b64decode(answer.text))
 
     @staticmethod
     def _raise_if_failure(answer: etree._Element) -> None:

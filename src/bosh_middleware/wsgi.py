@@ -243,10 +243,7 @@ class _Exchange:
     ) -> Callable[[bytes], object]:
         if exc_info is None and self.mode == "undecided" and not _may_be_html(headers):
             self.mode = "pass"  # no page: nothing to rewrite, and no session for it
-            # (``discard``, without its call when there is nothing to discard: the usual case
-            # of a response that is no page, which pays for this wrapper already)
-            if self.pending is not None or ENVIRON_PENDING in self.environ:
-                self.discard()
+            self.discard()
             return self._start_response(status, headers)
         if exc_info is not None and self.mode == "sent":
             return self._replace(status, headers, exc_info)
