@@ -69,6 +69,13 @@ pid = int(sys.argv[4])
 series = latency._measure(url, "SCRAM-SHA-1", creds, 3, 1, lambda: cpu_ns(pid))
 out["latency"] = {k: [v.server_cpu, v.pbkdf2, v.live, v.n] for k, v in series.items()}
 out["pbkdf2 restored"] = hashlib.pbkdf2_hmac is real
+
+# The CPU section's "at once" rows: one wave of 64 prebinds, 4 users at a time, each checked.
+from benchmarks import cpu
+for name, at_once in (("sync", cpu._at_once_sync), ("async", cpu._at_once_async)):
+    args = (url, "SCRAM-SHA-1", [creds] * 4, 1, 4, 1)
+    result = at_once(*args) if name == "sync" else asyncio.run(at_once(*args))
+    out[f"at once, {name}"] = result
 print(json.dumps(out))
 """
 
@@ -116,3 +123,8 @@ def test_wire_counters_and_floor_run_against_prosody(prosody: XMPPServer) -> Non
         else:
             assert pbkdf2 == [0.0, 0.0, 0.0], (kind, pbkdf2)
     assert out["pbkdf2 restored"] is True
+    # one wave of 64 at once, in sync threads and async tasks: all live, CPU counted
+    for name in ("sync", "async"):
+        per, live, checked, redone, done = out[f"at once, {name}"]
+        assert (done, checked, live) == (64, 64, 64), (name, out[f"at once, {name}"])
+        assert per > 0, (name, per)  # (counted; no timing is asserted)

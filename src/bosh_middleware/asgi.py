@@ -406,45 +406,6 @@ class _Responder:
         await self._send(message)
 
 
-class _Sniffer:
-    """The ``send`` of a request that did not say what it wants (a script, curl, a test
-    client): a ``_Responder`` (and with it the prebind) only once the response's start says
-    HTML; anything else goes through as it comes. Most such responses are JSON or files, and
-    this keeps what they pay to one look at their Content-Type.
-
-    ``send`` is a plain function that returns the awaitable to await (the server's ``send``,
-    or the responder's), which is all ASGI asks of it: no coroutine of its own per message."""
-
-    __slots__ = ("_send", "mw", "responder", "scope", "user")
-
-    def __init__(self, mw: BOSHPrebindMiddleware, scope: Scope, send: Send, user: Any) -> None:
-        self.mw: BOSHPrebindMiddleware | None = mw  # None once the response is known no page
-        self.scope = scope
-        self._send = send
-        self.user = user
-        self.responder: _Responder | None = None
-
-    def send(self, message: Message) -> Awaitable[None]:
-        if self.mw is None:
-            return self._send(message)
-        responder = self.responder
-        if responder is not None:
-            return responder.send(message)
-        if message["type"] == "http.response.start":
-            raw = message.get("headers") or ()
-            # read more than once from here on (``type`` first: a list, the usual, is settled
-            # without a call)
-            if type(raw) is not list and not isinstance(raw, (list, tuple)):
-                raw = message["headers"] = list(raw)
-            if _may_be_html(raw):
-                self.responder = responder = _Responder(
-                    self.mw, self.scope, self._send, None, None, self.user
-                )
-                return responder.send(message)
-            self.mw = None
-        return self._send(message)
-
-
 class BOSHPrebindMiddleware:
     """Prebind an XMPP session for authenticated users' HTML pages.
 
@@ -578,12 +539,39 @@ class BOSHPrebindMiddleware:
         await type(self).__call__(self, scope, receive, send)
 
     async def _sniffed(self, scope: Scope, receive: Receive, send: Send, user: Any) -> None:
-        sniffer = _Sniffer(self, scope, send, user)
+        """A request that did not say what it wants (a script, curl, a test client): a
+        ``_Responder`` (and with it the prebind) only once the response's start says HTML;
+        anything else goes through as it comes. Most such responses are JSON or files, and
+        this keeps what they pay to one look at their Content-Type.
+
+        The app's ``send`` is a closure that returns the awaitable to await (the server's
+        ``send``, or the responder's), which is all ASGI asks of it: no coroutine of its own
+        per message, and no object but the closure per request (measured: a class with
+        ``__slots__`` took 0.3 us more per request to set up)."""
+        responder: _Responder | None = None
+        looked = False  # the response's start has been seen
+
+        def sniff(message: Message) -> Awaitable[None]:
+            nonlocal responder, looked
+            if looked:
+                return send(message) if responder is None else responder.send(message)
+            if message["type"] == "http.response.start":
+                looked = True
+                raw = message.get("headers") or ()
+                # read more than once from here on (``type`` first: a list, the usual, is
+                # settled without a call)
+                if type(raw) is not list and not isinstance(raw, (list, tuple)):
+                    raw = message["headers"] = list(raw)
+                if _may_be_html(raw):
+                    responder = _Responder(self, scope, send, None, None, user)
+                    return responder.send(message)
+            return send(message)
+
         try:
-            await self.app(scope, receive, sniffer.send)
+            await self.app(scope, receive, sniff)
         finally:
-            if sniffer.responder is not None:
-                sniffer.responder.cleanup()
+            if responder is not None:
+                responder.cleanup()
 
     async def _navigation(self, scope: Scope, receive: Receive, send: Send, user: Any) -> None:
         core = self.core
