@@ -125,6 +125,6 @@ def test_wire_counters_and_floor_run_against_prosody(prosody: XMPPServer) -> Non
     assert out["pbkdf2 restored"] is True
     # one wave of 64 at once, in sync threads and async tasks: all live, CPU counted
     for name in ("sync", "async"):
-        per, live, checked, redone, done = out[f"at once, {name}"]
+        per, live, checked, _redone, done = out[f"at once, {name}"]
         assert (done, checked, live) == (64, 64, 64), (name, out[f"at once, {name}"])
         assert per > 0, (name, per)  # (counted; no timing is asserted)

@@ -1,9 +1,10 @@
 """The pipelined SCRAM finish against the real Prosody, directly and behind a reverse proxy
 that takes one request per connection (so that the pipelined pair's second request is lost):
 a wrong password costs one SASL attempt either way, no secret reaches a log or an error,
-engines under concurrent load turn pipelining off cleanly, and a prebind cancelled mid-pipeline
-ends its session. (The protocol's side is in test_protocol.py, the transport's in
-test_http11.py; the usual paths in test_prebind_servers.py.)"""
+engines under concurrent load turn pipelining off cleanly, pipelining turned off is back on
+once its period has run out, and a prebind cancelled mid-pipeline ends its session. (The
+protocol's side is in test_protocol.py, the transport's in test_http11.py; the usual paths in
+test_prebind_servers.py.)"""
 
 from __future__ import annotations
 
@@ -182,3 +183,58 @@ def test_async_prebind_cancelled_mid_pipeline_terminates_the_session(prosody) ->
         labels = proxy.labels
     assert labels[-1] == "terminate", labels
     assert memory.pipelines("localhost")
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_pipelining_turned_off_is_tried_again_and_back_on_against_prosody(
+    prosody, driver, caplog
+) -> None:
+    """Off is for a while: once its period has run out, a real prebind pipelines again, and
+    pipelining (and quickstart) are back on for the engine's later prebinds."""
+    caplog.set_level("INFO", logger="bosh_middleware")
+    jid, password = prosody.new_user()
+    creds = Credentials(jid, password)
+    opts = {"mechanisms": ["SCRAM-SHA-1"], "transport": "builtin"}
+    now = [1000.0]
+
+    def switch_off(p) -> None:  # type: ignore[no-untyped-def]
+        p.memory._clock = lambda: now[0]
+        p.memory.stop_pipelining(prosody.domain, "a test")
+        p.memory.turn_off(prosody.domain, "a test")
+
+    def after(p) -> None:  # type: ignore[no-untyped-def]
+        now[0] += p.memory.RETRY_AFTER
+
+    if driver == "sync":
+        with Prebinder(prosody.service_url, **opts) as p:
+            p.terminate(p.prebind(creds))  # learns the mechanisms
+            switch_off(p)
+            seen = []
+            for i in range(4):
+                if i == 1:
+                    after(p)  # quickstart's period runs out (pipelining's too)
+                s = p.prebind(creds)
+                seen.append((s.round_trips, s.retried))
+                p.terminate(s)
+            memory = p.memory
+    else:
+
+        async def go():  # type: ignore[no-untyped-def]
+            async with AsyncPrebinder(prosody.service_url, **opts) as p:
+                await p.terminate(await p.prebind(creds))
+                switch_off(p)
+                seen = []
+                for i in range(4):
+                    if i == 1:
+                        after(p)
+                    s = await p.prebind(creds)
+                    seen.append((s.round_trips, s.retried))
+                    await p.terminate(s)
+                return seen, p.memory
+
+        seen, memory = run_async(go)
+    # off: the usual way (4 round trips); then one prebind tries both again, and they stay on
+    assert seen == [(4, False), (2, False), (2, False), (2, False)], seen
+    assert memory.pipelines(prosody.domain) and memory.quickstart(prosody.domain)
+    assert f"pipelining back on for {prosody.domain}" in caplog.text
+    assert f"quickstart back on for {prosody.domain}" in caplog.text

@@ -1094,6 +1094,112 @@ def test_service_memory_is_per_domain_and_bounded() -> None:
     assert len(memory._off) <= ServiceMemory.MAX_DOMAINS
 
 
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quickstart_off_is_tried_again_later_and_back_on_once_it_works(caplog) -> None:
+    """Off for RETRY_AFTER, then one prebind tries again; a failed try doubles the period; a
+    try that works puts quickstart back on. Other prebinds keep it off while one tries."""
+    caplog.set_level("INFO", logger="bosh_middleware")
+    clock = _Clock()
+    memory = ServiceMemory(clock=clock)
+    memory.learn("example.org", ("SCRAM-SHA-1",))
+    later = ScriptedServer(mechanisms=["SCRAM-SHA-1"], create_payload="later")  # as ejabberd
+    _with_memory(memory, later)
+    assert memory.quickstart("example.org") is None
+    assert "(tried again in 600 s)" in caplog.text
+
+    clock.now += ServiceMemory.RETRY_AFTER - 1  # still off: the usual way, nothing tried
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], create_payload="later")
+    _with_memory(memory, server)
+    assert _create_payload(server) == []
+
+    clock.now += 1  # one prebind tries it again (and fails: off twice as long)
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], create_payload="later")
+    _with_memory(memory, server)
+    assert _create_payload(server) != [] and server.labels()[1] == ["terminate"]
+    assert "quickstart: trying it again for example.org" in caplog.text
+    assert "(tried again in 1200 s)" in caplog.text
+    clock.now += 2 * ServiceMemory.RETRY_AFTER - 1
+    assert memory.quickstart("example.org") is None
+
+    clock.now += 1  # the server was changed meanwhile: the try works, quickstart is back
+    assert memory.quickstart("example.org") == ("SCRAM-SHA-1",)  # (this one tries)
+    assert memory.quickstart("example.org") is None  # others wait for its outcome
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    clock.now += 1
+    _with_memory(memory, server)  # (its period is not over yet, but a try is on)
+    assert _create_payload(server) == []
+    clock.now += 2 * ServiceMemory.RETRY_AFTER  # the next try works
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    session = _with_memory(memory, server)
+    assert _create_payload(server) != [] and session.round_trips == 3
+    assert "quickstart back on for example.org" in caplog.text
+    assert memory.quickstart("example.org") == ("SCRAM-SHA-1",)
+
+
+def test_pipelining_off_is_tried_again_later_and_back_on_once_it_works(caplog) -> None:
+    caplog.set_level("INFO", logger="bosh_middleware")
+    clock = _Clock()
+    memory = ServiceMemory(pipelining=True, clock=clock)
+    memory.learn("example.org", ("SCRAM-SHA-1",))
+    with pytest.raises(ServiceUnavailable):  # one timeout turns it off (a stalling proxy)
+        _with_memory(memory, ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="timeout"))
+    assert not memory.pipelines("example.org")
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    assert _with_memory(memory, server).round_trips == 3  # one request at a time
+
+    clock.now += ServiceMemory.RETRY_AFTER  # tried again, and it times out again
+    with pytest.raises(ServiceUnavailable):
+        _with_memory(memory, ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="timeout"))
+    assert "pipelining: trying it again for example.org" in caplog.text
+    assert "(tried again in 1200 s)" in caplog.text
+    clock.now += ServiceMemory.RETRY_AFTER
+    assert not memory.pipelines("example.org")
+
+    clock.now += ServiceMemory.RETRY_AFTER  # the proxy is gone: back on, two round trips
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    session = _with_memory(memory, server)
+    assert session.round_trips == 2 and [r.ordered for r in server.requests] == [
+        False,
+        True,
+        True,
+    ]
+    assert "pipelining back on for example.org" in caplog.text
+    assert memory.pipelines("example.org") and memory.pipelines("example.org")
+
+
+def test_only_a_try_puts_a_feature_back_on_and_reports_of_one_failure_count_once() -> None:
+    """Prebinds under way together when pipelining went off report the same failure, or
+    succeed: neither changes the period. Each failed try doubles it, up to RETRY_MAX."""
+    clock = _Clock()
+    memory = ServiceMemory(pipelining=True, clock=clock)
+    memory.stop_pipelining("example.org", "first")
+    memory.stop_pipelining("example.org", "the same failure, from a prebind under way")
+    memory.worked("example.org", pipelined=True)  # one that was under way and worked
+    assert memory._unpipelined["example.org"].period == ServiceMemory.RETRY_AFTER
+    assert not memory.pipelines("example.org")
+    periods = []
+    for _ in range(12):
+        clock.now = memory._unpipelined["example.org"].until
+        assert memory.pipelines("example.org")  # the try
+        memory.stop_pipelining("example.org", "failed again")
+        periods.append(memory._unpipelined["example.org"].period)
+    assert periods[:3] == [1200.0, 2400.0, 4800.0]
+    assert max(periods) == periods[-1] == ServiceMemory.RETRY_MAX
+    # quickstart's entries are apart from pipelining's
+    assert memory.quickstart("example.org") is None  # (nothing learnt: not because it is off)
+    memory.learn("example.org", ("SCRAM-SHA-1",))
+    assert memory.quickstart("example.org") == ("SCRAM-SHA-1",)
+
+
 def test_server_window_of_one_is_respected() -> None:
     server = ScriptedServer(requests_attr=1)
     session = _prebind(server, mechanisms=["PLAIN"])

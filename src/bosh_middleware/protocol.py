@@ -49,6 +49,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -577,9 +578,18 @@ def _payload_refused(exc: BOSHError) -> bool:
     return cond not in _NOT_THE_PAYLOAD and not cond.startswith("http-5")
 
 
+class _Off(NamedTuple):
+    """A feature off for a domain: until when, for how long this time, and whether a prebind
+    is trying it again (``ServiceMemory``)."""
+
+    until: float
+    period: float
+    trying: bool
+
+
 class ServiceMemory:
     """What earlier prebinds learnt of one BOSH service, for the next ones: the SASL mechanisms
-    each domain offered, and the domains where quickstart is off.
+    each domain offered, and the domains where quickstart or pipelining is off.
 
     Quickstart (after XEP-0305's pipelining of stream negotiation): the first SASL message
     travels in the session creation request, so the creation response brings the features and
@@ -590,39 +600,54 @@ class ServiceMemory:
     too, but answers on the next request, which saves nothing (and it drops a bind sent with
     the restart); a server could also ignore it, and a poll for the answer would then be held
     until the session's ``wait``. So a response without the answer ends that session (the
-    prebind is made again the usual way, at once) and turns quickstart off for the domain,
-    for good: one extra request or two, once. A failure that may be a server refusing the
-    payloads (``_payload_refused``: not a wrong password, a timeout, a refused connection or
-    a 5xx) is tried again the usual way too, and turns quickstart off if that works.
+    prebind is made again the usual way, at once) and turns quickstart off for the domain:
+    one extra request or two. A failure that may be a server refusing the payloads
+    (``_payload_refused``: not a wrong password, a timeout, a refused connection or a 5xx) is
+    tried again the usual way too, and turns quickstart off if that works.
 
     Pipelining (``pipelines``; only where the driver sends an ordered batch on one
     connection): with quickstart, SCRAM's last step and the restart + bind go back to back,
     and a warm SCRAM prebind takes two round trips. A server (or proxy) that gets that wrong
     (no SASL outcome in the first answer, no bind result in the second, a 4xx, a connection
     that ends between the answers) has that session ended and the prebind made again with
-    quickstart, one request at a time; pipelining then stays off for the domain, logged at
-    INFO. A timeout of the pipelined pair is raised as it is, and turns pipelining off too:
-    a proxy that stalls the second request would otherwise time out every prebind.
+    quickstart, one request at a time; pipelining then goes off for the domain. A timeout of
+    the pipelined pair is raised as it is, and turns pipelining off too: a proxy that stalls
+    the second request would otherwise time out every prebind.
+
+    Off is for a while, not for good: a server gets upgraded, a proxy is replaced, and one
+    timeout of a busy server's must not cost every later prebind a round trip for the life of
+    the process. After ``RETRY_AFTER`` seconds one prebind tries the feature again (the
+    others keep it off until that one knows): if it works, the feature is back on; if not,
+    it stays off twice as long as the last time, up to ``RETRY_MAX``. A server that never
+    takes it costs one redone prebind per period (six in the first day, then one a day).
+    Switching off and on are logged at INFO.
 
     One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
-    threads and tasks without a lock: each update is one dict or set operation, and a lost one
+    threads and tasks without a lock: each update is one dict operation, and a lost one
     is learnt again by the next prebind.
     """
 
     #: Domains remembered at most (a service hosting more forgets and learns them again).
     MAX_DOMAINS = 1024
+    #: Seconds a feature stays off before one prebind tries it again; each failed try doubles
+    #: it, up to ``RETRY_MAX``.
+    RETRY_AFTER = 600.0
+    RETRY_MAX = 86400.0
 
-    def __init__(self, *, pipelining: bool = False) -> None:
+    def __init__(
+        self, *, pipelining: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._offered: dict[str, tuple[str, ...]] = {}
-        self._off: set[str] = set()
+        self._off: dict[str, _Off] = {}
         #: The driver sends an ordered batch on one connection (``BOSHRequest.ordered``): then,
         #: with quickstart, SCRAM's last step and restart + bind travel together.
         self.pipelining = pipelining
-        self._unpipelined: set[str] = set()
+        self._unpipelined: dict[str, _Off] = {}
+        self._clock = clock
 
     def quickstart(self, domain: str) -> tuple[str, ...] | None:
         """The mechanisms ``domain`` offered last, if quickstart may be tried there."""
-        if domain in self._off:
+        if domain in self._off and self._still_off(self._off, "quickstart", domain):
             return None
         return self._offered.get(domain)
 
@@ -637,19 +662,57 @@ class ServiceMemory:
 
     def pipelines(self, domain: str) -> bool:
         """Whether SCRAM's last step and the restart + bind may be pipelined for ``domain``."""
-        return self.pipelining and domain not in self._unpipelined
+        if not self.pipelining:
+            return False
+        return domain not in self._unpipelined or not self._still_off(
+            self._unpipelined, "pipelining", domain
+        )
 
     def stop_pipelining(self, domain: str, why: str) -> None:
         self._switch_off(self._unpipelined, "pipelining", domain, why, "one request at a time")
 
-    def _switch_off(self, off: set[str], what: str, domain: str, why: str, then: str) -> None:
-        """Add ``domain`` to ``off`` (bounded), saying so at INFO the first time."""
-        if domain in off:
+    def worked(self, domain: str, *, pipelined: bool) -> None:
+        """A prebind with quickstart (and, if ``pipelined``, a pipelined finish) succeeded:
+        what was being tried again is back on. (Only a try ends an off period: a prebind that
+        was under way when the feature went off says nothing of the next ones.)"""
+        if self._off:
+            self._back_on(self._off, "quickstart", domain)
+        if pipelined and self._unpipelined:
+            self._back_on(self._unpipelined, "pipelining", domain)
+
+    def _still_off(self, off: dict[str, _Off], what: str, domain: str) -> bool:
+        """Whether ``domain`` is in ``off`` and its period runs; the first prebind to ask once
+        it has run out tries the feature again (the others keep it off meanwhile)."""
+        entry = off.get(domain)
+        if entry is None:
+            return False
+        now = self._clock()
+        if now < entry.until:
+            return True
+        off[domain] = _Off(now + entry.period, entry.period, True)
+        log.info("%s: trying it again for %s", what, domain)
+        return False
+
+    def _switch_off(
+        self, off: dict[str, _Off], what: str, domain: str, why: str, then: str
+    ) -> None:
+        """Put ``domain`` in ``off`` (bounded), saying so at INFO: for ``RETRY_AFTER`` the
+        first time, twice as long as the last time after a failed try. A second report of
+        what is already off (prebinds that were under way together) changes nothing."""
+        entry = off.get(domain)
+        if entry is not None and not entry.trying:
             return
-        if len(off) >= self.MAX_DOMAINS:
+        period = self.RETRY_AFTER if entry is None else min(entry.period * 2, self.RETRY_MAX)
+        if entry is None and len(off) >= self.MAX_DOMAINS:
             off.clear()
-        off.add(domain)
-        log.info("%s off for %s: %s; %s", what, domain, why, then)
+        off[domain] = _Off(self._clock() + period, period, False)
+        log.info("%s off for %s: %s; %s (tried again in %.0f s)", what, domain, why, then, period)
+
+    def _back_on(self, off: dict[str, _Off], what: str, domain: str) -> None:
+        entry = off.get(domain)
+        if entry is not None and entry.trying:
+            off.pop(domain, None)
+            log.info("%s back on for %s", what, domain)
 
 
 class PrebindProtocol:
@@ -676,8 +739,8 @@ class PrebindProtocol:
         self.secure = is_secure_transport(service_url)
         self._conv = _Conversation(credentials.domain, options, rid)
         self.finished = False
-        #: This attempt sent quickstart's payloads.
-        self._quick = False
+        #: This attempt sent quickstart's payloads; and pipelined SCRAM's finish.
+        self._quick = self._piped = False
         #: Whether this prebind may pipeline SCRAM's finish (see ``_finish_pipelined``).
         self._pipelining = options.pipeline
 
@@ -731,6 +794,8 @@ class PrebindProtocol:
                     yield [cleanup]
             raise
         self.finished = True
+        if self._quick and memory is not None:  # (what was being tried again worked)
+            memory.worked(self.credentials.domain, pipelined=self._piped)
         if unpiped is not None and memory is not None:  # (one request at a time worked)
             why = f"it refused a pipelined SCRAM finish ({unpiped})"
             memory.stop_pipelining(self.credentials.domain, why)
@@ -766,7 +831,7 @@ class PrebindProtocol:
             self.options = dataclasses.replace(self.options, pipeline=False)
         self._conv = _Conversation(self.credentials.domain, self.options, None)
         self.finished = False
-        self._quick = False
+        self._quick = self._piped = False
         return spent
 
     def _run(self) -> Flow[PrebindSession]:
@@ -915,6 +980,7 @@ class PrebindProtocol:
             if not _payload_refused(exc):
                 raise
             raise _NoPipelining(exc) from None
+        self._piped = True
         return bound_features, result
 
     def _raise_sasl_failure(self, answers: Sequence[tuple[int, bytes]]) -> None:
