@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from support.reverse_proxy import ReverseProxy, start_nginx
 from support.xmpp_servers import XMPPServer, start_ejabberd, start_prosody
 
 # ===========================================================================
@@ -100,6 +101,34 @@ def pbkdf2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, int]
 # ===========================================================================
 # (end of XMPP server fixtures)
 # ===========================================================================
+
+
+# ===========================================================================
+# Reverse proxy in front of a BOSH endpoint (tests/support/reverse_proxy.py)
+#   nginx_factory  function: (upstream_url, variant="default"|"bosh") -> private
+#                  nginx on 127.0.0.1, stopped at test end
+# ===========================================================================
+
+
+@pytest.fixture
+def nginx_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ReverseProxy]]:
+    _need("nginx")
+    started: list[ReverseProxy] = []
+
+    def factory(upstream_url: str, variant: str = "default") -> ReverseProxy:
+        proxy = start_nginx(
+            tmp_path_factory.mktemp(f"nginx-{variant}"), upstream_url, variant=variant
+        )
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield factory
+    finally:
+        for proxy in started:
+            proxy.stop()
 
 
 # ===========================================================================
