@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 / Ubuntu machine (as root, or with sudo available):
-#   Debian packages: prosody, ejabberd (stock services kept stopped: the tests and the demo run
+#   Debian packages: prosody, ejabberd, nginx (stock services kept stopped: the tests and the demo run
 #   their own instances on 127.0.0.1), chromium (headless browser tests), node/npm if missing;
 #   npm assets (strophe.js, converse.js) from package-lock.json; the Python package with its
 #   test and framework extras, and tox + tox-uv (into .venv when python3 is the distribution's

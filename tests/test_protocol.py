@@ -217,6 +217,14 @@ class ScriptedServer:
         if req.label == "create" and self.stage != "new":  # a new session, from the start
             assert self.stage == "terminated", "a new session before the last one ended"
             self.stage, self.next_rid, self.scram, self.later = "new", None, None, None
+        if req.label == "terminate" and self.next_rid is not None and req.rid != self.next_rid:
+            # one of the terminates for a batch left unanswered (``terminate_requests``): as
+            # Prosody, a repeated RID changes nothing (its answer is replayed, or held until
+            # the session ends), and the session is gone for one after its end
+            if req.rid < self.next_rid:
+                return BOSHResponse(200, _body())
+            assert self.stage == "terminated", f"RID {req.rid} ahead of {self.next_rid}"
+            return BOSHResponse(200, _body(type="terminate", condition="item-not-found"))
         if self.next_rid is not None:
             assert req.rid == self.next_rid, f"RID {req.rid} out of order"
         self.next_rid = req.rid + 1
@@ -941,10 +949,40 @@ def test_pipelined_finish_refused_is_redone_and_off_once_that_works(
     memory = _pipelining()
     server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined=how)
     session = _with_memory(memory, server)
-    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
+    if how == "refuse":
+        assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
+    else:  # nothing came back: a terminate for each RID the server may expect next
+        (ended,) = [b for b in server.batches if b[0].label == "terminate"]
+        pair = server.batches[1]
+        assert [r.rid for r in ended] == [pair[0].rid, pair[1].rid, pair[1].rid + 1]
+        assert all(r.label == "terminate" and r.best_effort for r in ended)
     # (a batch the driver failed is not counted: nothing came back)
     assert session.round_trips == round_trips and session.mechanism == "SCRAM-SHA-1"
     assert not memory.pipelines("example.org") and memory.quickstart("example.org")
+
+
+def test_pipelined_pair_whose_second_request_a_proxy_dropped_is_ended_with_its_rid() -> None:
+    """A proxy that takes one request per connection: the first answer comes, the pipelined
+    restart + bind never reaches the server. Its session is ended with the dropped request's
+    RID (the server expects it; one RID later it would be held, the cleanup would time out
+    and the session live on), and with the next one, for a proxy that did pass it on."""
+    memory = _pipelining()
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"])
+    proto = PrebindProtocol(
+        Credentials(JID, PASSWORD), PrebindOptions(), service_url=LOCAL_URL, memory=memory
+    )
+    flow = proto.flow()
+    batch = flow.send(server.respond(next(flow)))
+    assert [r.label for r in batch] == ["auth-response", "restart+bind"]
+    first = server.answer(batch[0])  # (the second is dropped: the server never sees it)
+    error = ServiceUnavailable("connection closed", condition="http-error")
+    error.answers = ((first.status_code, first.body),)
+    ended = flow.throw(error)
+    assert [r.label for r in ended] == ["terminate", "terminate"]
+    assert [r.rid for r in ended] == [batch[1].rid, batch[1].rid + 1]
+    server.respond(ended)
+    assert server.stage == "terminated"
+    flow.close()
 
 
 def test_pipelined_finish_refused_then_a_timeout_leaves_pipelining_on() -> None:
@@ -954,7 +992,13 @@ def test_pipelined_finish_refused_then_a_timeout_leaves_pipelining_on() -> None:
     with pytest.raises(ServiceUnavailable, match="slow"):
         _with_memory(memory, server)
     assert memory.pipelines("example.org")  # nothing said it was the pipelining
-    assert server.labels()[-4:] == [["create"], ["auth-response"], ["restart+bind"], ["terminate"]]
+    # (the restart + bind went unanswered: a terminate with its RID, and one with the next)
+    assert server.labels()[-4:] == [
+        ["create"],
+        ["auth-response"],
+        ["restart+bind"],
+        ["terminate", "terminate"],
+    ]
 
 
 def test_pipelined_finish_timing_out_is_raised_once_and_turns_pipelining_off() -> None:
@@ -963,8 +1007,14 @@ def test_pipelined_finish_timing_out_is_raised_once_and_turns_pipelining_off() -
     with pytest.raises(ServiceUnavailable) as info:
         _with_memory(memory, server)
     assert info.value.condition == "timeout"
-    # not tried again (a timeout is not doubled), but no more pipelined requests to stall
-    assert server.labels() == [["create"], ["auth-response", "restart+bind"], ["terminate"]]
+    # not tried again (a timeout is not doubled), but no more pipelined requests to stall;
+    # the session is ended whatever the server got of the pair
+    assert server.labels() == [
+        ["create"],
+        ["auth-response", "restart+bind"],
+        ["terminate", "terminate", "terminate"],
+    ]
+    assert server.stage == "terminated"
     assert not memory.pipelines("example.org") and memory.quickstart("example.org")
 
 
@@ -1707,19 +1757,35 @@ def test_cleanup_errors_do_not_hide_the_cause() -> None:
         flow.throw(ServiceUnavailable("down", condition="timeout"))
 
 
-def test_abort_request_for_an_interrupted_flow() -> None:
+def test_abort_requests_for_an_interrupted_flow() -> None:
+    """A flow interrupted from outside (a cancelled task) while a batch was out: the server
+    may have got it or not, so the session is ended with a terminate for each RID it may
+    expect next; once, and nothing before there is a session."""
     proto = _proto()
-    assert proto.abort_request() is None  # no session yet
+    assert proto.abort_requests() == []  # no session yet
     server = ScriptedServer()
     flow = proto.flow()
     batch = next(flow)
-    batch = flow.send(server.respond(batch))  # session created, auth pending
-    req = proto.abort_request()
-    assert req is not None and req.label == "terminate" and req.best_effort
-    root = etree.fromstring(req.body)
-    assert root.get("type") == "terminate" and root.get("sid") == server.sid
-    assert req.rid == batch[-1].rid + 1
-    assert proto.abort_request() is None  # only once
+    batch = flow.send(server.respond(batch))  # session created, auth out and unanswered
+    reqs = proto.abort_requests()
+    assert [r.rid for r in reqs] == [batch[0].rid, batch[-1].rid + 1]
+    for req in reqs:
+        assert req.label == "terminate" and req.best_effort and not req.ordered
+        root = etree.fromstring(req.body)
+        assert root.get("type") == "terminate" and root.get("sid") == server.sid
+        assert int(root.get("rid")) == req.rid
+    assert proto.abort_requests() == []  # only once
+    flow.close()
+
+
+def test_abort_requests_after_every_answer_came_is_one_terminate() -> None:
+    proto = _proto()
+    server = ScriptedServer(password="other", mechanisms=["PLAIN"])
+    flow = proto.flow()
+    batch = next(flow)
+    while batch[0].label != "terminate":  # (the SASL failure: the flow ends the session)
+        last, batch = batch, flow.send(server.respond(batch))
+    assert [r.rid for r in batch] == [last[-1].rid + 1]
     flow.close()
 
 

@@ -5,7 +5,8 @@ no buffering). nginx answers a client's pipelined requests one after another, ea
 turn, so a warm SCRAM prebind must keep its 2 round trips there: no redo, pipelining left on,
 every session live through nginx. A wrong password costs one SASL attempt there too. Behind an
 nginx without client keep-alive (``keepalive_timeout 0``) the pipelined pair cannot work: the
-engine redoes the prebind one request at a time and turns pipelining off.
+engine redoes the prebind one request at a time and turns pipelining off, and ends each spent
+session at once with the RID of the request nginx dropped.
 
 nginx must be installed (tests/support/install-servers.sh): a missing nginx fails these tests.
 (The hand-written proxies are in test_pipelining.py; the helper in support/reverse_proxy.py.)
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -53,18 +53,13 @@ def upstream(prosody: XMPPServer) -> str:
     return f"{u.hostname}:{u.port}"
 
 
-def assert_proxied(
-    entries: Sequence[AccessEntry], prosody: XMPPServer, *, aborted_ok: bool = False
-) -> None:
-    """Each request went through nginx to this Prosody, once, and was answered by it (or,
-    ``aborted_ok``, given up by the client before Prosody answered: nginx's 499)."""
+def assert_proxied(entries: Sequence[AccessEntry], prosody: XMPPServer) -> None:
+    """Each request went through nginx to this Prosody, once, and was answered by it (none
+    given up by the client before Prosody answered: nginx's 499)."""
     for e in entries:
         assert (e.method, e.uri) == ("POST", "/http-bind"), e
         assert e.upstream_addr == upstream(prosody), e  # (one address: nginx did not retry)
-        if aborted_ok and e.status == 499:
-            assert e.upstream_status == "-", e
-        else:
-            assert e.upstream_status == str(e.status), e
+        assert e.upstream_status == str(e.status), e
 
 
 def sasl_stanzas(prosody: XMPPServer, offset: int) -> dict[str, int]:
@@ -163,11 +158,9 @@ def test_warm_scram_prebinds_pipeline_through_nginx(prosody, nginx, driver) -> N
     jid, password = prosody.new_user()
     creds = Credentials(jid, password)
     run = prebinds_sync if driver == "sync" else prebinds_async
-    t0 = time.monotonic()
     first, first_ended, sessions, pipelines, ended = run(
         nginx.url, creds, WARM_PREBINDS, prosody.domain
     )
-    took = time.monotonic() - t0
 
     assert first_ended is True and not first.retried
     shape = [(s.round_trips, s.request_count, s.retried) for s in sessions]
@@ -203,7 +196,6 @@ def test_warm_scram_prebinds_pipeline_through_nginx(prosody, nginx, driver) -> N
         assert restart_bind.connection == final.connection, (final, restart_bind)
         assert restart_bind.connection_requests == final.connection_requests + 1
         assert restart_bind.pipe == "p", (final, restart_bind)
-    assert took < 30, took
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,9 +233,7 @@ def test_wrong_password_through_nginx_is_tried_once(prosody, nginx, driver) -> N
                 counts.append(sasl_stanzas(prosody, offset))
             return errors, p.memory.pipelines(prosody.domain)
 
-    t0 = time.monotonic()
     errors, pipelines = go_sync() if driver == "sync" else run_async(go_async)
-    took = time.monotonic() - t0
     assert [e.condition for e in errors] == ["not-authorized"] * attempts
     # Prosody got one SCRAM exchange per wrong-password prebind: one <auth/> (with the
     # creation request) and one <response/> (SCRAM's last step): no redo
@@ -258,7 +248,6 @@ def test_wrong_password_through_nginx_is_tried_once(prosody, nginx, driver) -> N
         _create, final, restart_bind, _end = entries[6 + 4 * k : 6 + 4 * k + 4]
         assert restart_bind.connection == final.connection
         assert restart_bind.connection_requests == final.connection_requests + 1
-    assert took < 20, took
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,35 +307,43 @@ def test_nginx_without_client_keepalive_turns_pipelining_off(
     # one request at a time from then on: quickstart's creation, SCRAM's last step, restart
     assert (after.round_trips, after.request_count, after.retried) == (3, 3, False)
     entries = proxy.entries()
-    # (the terminate of each session that lost its restart + bind is held by Prosody: see
-    # the next test)
-    assert_proxied(entries, prosody, aborted_ok=True)
+    # (each session that lost its restart + bind is ended with that request's RID: nothing
+    # held by Prosody, nothing given up by the engine; see the next test)
+    assert_proxied(entries, prosody)
     assert all(e.connection_requests == 1 for e in entries)  # (no keep-alive: one each)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the engine ends the session of a failed pipelined pair with the RID after the "
-    "restart + bind's, which nginx dropped: Prosody defers that terminate ('rid skipped: "
-    "..., deferring this request') until the engine gives up after its 2 s cleanup timeout; "
-    "the prebind waits for it and the session lives on until bosh_max_inactivity",
-)
+@pytest.mark.parametrize("driver", ["sync", "async"])
 def test_a_session_spent_behind_nginx_without_keepalive_is_ended_at_once(
-    prosody, nginx_factory
+    prosody, nginx_factory, driver
 ) -> None:
+    """nginx drops the restart + bind pipelined behind the first request. The spent session
+    (a wrong password's, and the one redone one request at a time) is ended with the dropped
+    request's RID, which Prosody expects: answered at once, not held for a missing RID until
+    the engine gives up on its cleanup (nginx's 499) while the session lives on."""
     proxy = nginx_factory(prosody.service_url, "no-keepalive")
     jid, password = prosody.new_user()
-    with Prebinder(proxy.url, **OPTS) as p:
-        assert p.terminate(p.prebind(Credentials(jid, password)))  # learns (quickstart)
-        t0 = time.monotonic()
-        with pytest.raises(AuthenticationFailed):
-            p.prebind(Credentials(jid, "wrong-" + password))
-        t1 = time.monotonic()
-        session = p.prebind(Credentials(jid, password))  # finds out: redone
-        t2 = time.monotonic()
-        assert p.terminate(session)
-    aborted = [e for e in proxy.entries() if e.status == 499]
-    assert t1 - t0 < 1.0, f"wrong password: {t1 - t0:.2f} s; aborted: {aborted}"
-    assert t2 - t1 < 1.0, f"redone prebind: {t2 - t1:.2f} s; aborted: {aborted}"
-    assert not aborted, aborted
+
+    def go_sync() -> None:
+        with Prebinder(proxy.url, **OPTS) as p:
+            assert p.terminate(p.prebind(Credentials(jid, password)))  # learns (quickstart)
+            with pytest.raises(AuthenticationFailed):
+                p.prebind(Credentials(jid, "wrong-" + password))
+            assert p.terminate(p.prebind(Credentials(jid, password)))  # finds out: redone
+
+    async def go_async() -> None:
+        async with AsyncPrebinder(proxy.url, **OPTS) as p:
+            assert await p.terminate(await p.prebind(Credentials(jid, password)))
+            with pytest.raises(AuthenticationFailed):
+                await p.prebind(Credentials(jid, "wrong-" + password))
+            assert await p.terminate(await p.prebind(Credentials(jid, password)))
+
+    offset = log_size(prosody)
+    go_sync() if driver == "sync" else run_async(go_async)
+    entries = proxy.entries()
+    assert not [e for e in entries if e.status == 499], entries
+    assert_proxied(entries, prosody)
+    with open(prosody.log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace")
+    assert "deferring this request" not in text

@@ -760,9 +760,9 @@ class AsyncPrebinder(_Base):
             session = self._learn(await self.run(proto.flow()))
         except asyncio.CancelledError:
             # Cancelled from outside mid-flow (a deadline): do not orphan a half-made session.
-            cleanup = proto.abort_request()
-            if cleanup is not None:
-                task = asyncio.ensure_future(self._send(cleanup))
+            cleanup = proto.abort_requests()
+            if cleanup:
+                task = asyncio.ensure_future(self._send_batch(cleanup))
                 self._cleanup.add(task)
                 task.add_done_callback(self._cleanup_done)
             raise

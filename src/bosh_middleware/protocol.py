@@ -271,6 +271,9 @@ class _Conversation:
         self.polls = 0
         #: Requests of pipelined batches that the server kept open (see ``_HeldRequest``).
         self.held = 0
+        #: The first RID of a batch whose answers did not all come (a driver's error, a
+        #: cancellation): the server may expect any RID from it on (``terminate_requests``).
+        self.unsure: int | None = None
         #: Bodies of the current batch already parsed by ``settles``: id(bytes) -> (bytes, parsed).
         self._parsed: dict[int, tuple[bytes, b.ParsedBody]] = {}
 
@@ -319,11 +322,25 @@ class _Conversation:
             body = b.request_body(rid=self.rid, sid=self.sid, payload=payload)
         return self._request(label, body, settles=settles, ordered=ordered)
 
-    def terminate_request(self) -> BOSHRequest:
+    def terminate_requests(self) -> list[BOSHRequest]:
+        """What ends the session: a terminate with the next RID; after a batch whose answers
+        did not all come (``unsure``), one for each RID the server may expect next. A proxy
+        may have dropped the rest of a pipeline, or the server got a request whose answer was
+        lost: a terminate one RID ahead of what the server got is held until the missing one
+        comes (Prosody: "rid skipped ... deferring"), and would leave the session to its
+        inactivity timeout and the cleanup to its own. Each of these is answered at once once
+        one of them ends the session: Prosody replays (or holds until then) a repeated RID's
+        answer, and ends the session on the RID it expects."""
         assert self.sid is not None
-        return self._request(
-            "terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True
-        )
+        first = self.rid if self.unsure is None else self.unsure
+        self.rid += 1
+        return [
+            _new(
+                BOSHRequest,
+                (rid, b.terminate_body(rid=rid, sid=self.sid), "terminate", True, None, False),
+            )
+            for rid in range(first, self.rid)
+        ]
 
     def _absorb(self, response: BOSHResponse, batched: bool) -> b.ParsedBody:
         if response.status_code != 200:
@@ -410,7 +427,9 @@ class _Conversation:
             batch = []  # (a loop: a list comprehension is one more call in Python 3.11)
             for label, payload in batch_steps:
                 batch.append(self._build(label, payload, settles))
+            self.unsure = batch[0].rid
             responses = yield batch
+            self.unsure = None
             if len(responses) != len(batch):
                 raise ProtocolError("driver returned the wrong number of responses")
             self.round_trips += 1
@@ -431,7 +450,13 @@ class _Conversation:
         batch = []
         for label, payload in steps:
             batch.append(self._build(label, payload, None, True))
-        responses = yield batch
+        self.unsure = batch[0].rid
+        try:
+            responses = yield batch
+        except BOSHError as exc:  # (the answers that came, came in order: those were read)
+            self.unsure += len(exc.answers)
+            raise
+        self.unsure = None
         if len(responses) != len(batch) or None in responses:
             raise ProtocolError("driver did not answer every request of an ordered batch")
         self.round_trips += 1
@@ -751,12 +776,12 @@ class PrebindProtocol:
     def sid(self) -> str | None:
         return self._conv.sid
 
-    def abort_request(self) -> BOSHRequest | None:
-        """A terminate request for a session left half-made, or ``None`` if there is none."""
+    def abort_requests(self) -> list[BOSHRequest]:
+        """What ends a session left half-made (one batch; none if there is no session)."""
         if self._conv.sid is None or self.finished:
-            return None
+            return []
         self.finished = True
-        return self._conv.terminate_request()
+        return self._conv.terminate_requests()
 
     def flow(self) -> Flow[PrebindSession]:
         spent: list[_Conversation] = []
@@ -788,10 +813,10 @@ class PrebindProtocol:
                     spent.append((yield from self._restart_conversation(pipeline=False)))
                     retried = True
         except Exception:
-            cleanup = self.abort_request()
-            if cleanup is not None:
+            cleanup = self.abort_requests()
+            if cleanup:
                 with contextlib.suppress(BOSHError):
-                    yield [cleanup]
+                    yield cleanup
             raise
         self.finished = True
         if self._quick and memory is not None:  # (what was being tried again worked)
@@ -818,10 +843,10 @@ class PrebindProtocol:
         """End this attempt's session and start a new conversation, with quickstart,
         pipelining or (``pipeline``) every concurrent request turned off: the spent
         conversation, for its counts."""
-        cleanup = self.abort_request()
-        if cleanup is not None:
+        cleanup = self.abort_requests()
+        if cleanup:
             with contextlib.suppress(BOSHError):
-                yield [cleanup]
+                yield cleanup
         spent = self._conv
         if not pipelining:
             self._pipelining = False
@@ -1104,7 +1129,7 @@ def probe_flow(domain: str, options: PrebindOptions, *, rid: int | None = None) 
         error = exc
     if conv.sid is not None:
         with contextlib.suppress(BOSHError):
-            yield [conv.terminate_request()]
+            yield conv.terminate_requests()
     if error is not None:
         raise error
     assert info is not None
