@@ -174,6 +174,11 @@ def machine_info() -> dict[str, str]:
         "load generator": (_cmd("wrk", "-v").splitlines() or ["wrk"])[0].split(" [")[0]
         if wrk
         else "python asyncio (wrk not installed)",
+        "reverse proxy (section 1)": (
+            f"nginx {_cmd('dpkg-query', '-W', '-f', '${Version}', 'nginx') or '?'}"
+            if shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
+            else "- (nginx not installed)"
+        ),
     }
 
 
