@@ -1226,6 +1226,24 @@ def test_pipelining_off_is_tried_again_later_and_back_on_once_it_works(caplog) -
     assert memory.pipelines("example.org") and memory.pipelines("example.org")
 
 
+def test_a_quickstart_try_whose_pipelined_finish_fails_is_redone_with_quickstart() -> None:
+    """The prebind that tries quickstart again also pipelines (a proxy that refuses that is
+    in front): its redo, one request at a time, is with quickstart, as it is when quickstart
+    was never off, and the try, which worked, puts quickstart back on. (Asked again, the
+    memory would say "off": this very prebind is the one trying it.)"""
+    clock = _Clock()
+    memory = ServiceMemory(pipelining=True, clock=clock)
+    memory.learn("example.org", ("SCRAM-SHA-1",))
+    memory.turn_off("example.org", "a test")
+    clock.now += ServiceMemory.RETRY_AFTER
+    server = ScriptedServer(mechanisms=["SCRAM-SHA-1"], pipelined="refuse")
+    session = _with_memory(memory, server)
+    assert server.labels() == PIPELINED_THEN_ONE_AT_A_TIME
+    assert session.round_trips == 2 + 3
+    assert memory.quickstart("example.org") == ("SCRAM-SHA-1",)  # back on
+    assert not memory.pipelines("example.org")  # (what the proxy refused stays off)
+
+
 def test_only_a_try_puts_a_feature_back_on_and_reports_of_one_failure_count_once() -> None:
     """Prebinds under way together when pipelining went off report the same failure, or
     succeed: neither changes the period. Each failed try doubles it, up to RETRY_MAX."""

@@ -768,6 +768,10 @@ class PrebindProtocol:
         self._quick = self._piped = False
         #: Whether this prebind may pipeline SCRAM's finish (see ``_finish_pipelined``).
         self._pipelining = options.pipeline
+        #: The mechanisms this attempt's quickstart went by: its redo one request at a time
+        #: (a pipelined finish that failed) goes by them too, rather than ask the memory
+        #: again, which says "off" while this prebind is the one trying quickstart again.
+        self._known: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<PrebindProtocol {self.credentials.user_key} sid={self._conv.sid!r}>"
@@ -850,6 +854,8 @@ class PrebindProtocol:
         spent = self._conv
         if not pipelining:
             self._pipelining = False
+        else:
+            self._known = None
         if not quickstart:
             self.memory = None
         if not pipeline:
@@ -862,7 +868,12 @@ class PrebindProtocol:
     def _run(self) -> Flow[PrebindSession]:
         conv, creds, opts = self._conv, self.credentials, self.options
         memory, domain = self.memory, creds.domain
-        known = memory.quickstart(domain) if memory is not None else None
+        if memory is None:
+            known = None
+        elif self._known is not None:  # (the redo of a pipelined finish: see ``_known``)
+            known = self._known
+        else:
+            known = memory.quickstart(domain)
         answer: etree._Element | None = None
         mech = quick = ""
         if known is not None:
@@ -873,6 +884,7 @@ class PrebindProtocol:
                 scram, quick = self._first_message(mech)
                 auth = quick
         self._quick = bool(quick)
+        self._known = known if quick else None
         yield from conv.create(quick)
         features = yield from conv.wait_for(_IS_FEATURES, "stream features")
         offered = tuple(_mechanisms(features))
