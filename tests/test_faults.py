@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import logging
 import re
 import socket
@@ -31,6 +32,8 @@ from bosh_middleware import (
     ServiceUnavailable,
 )
 from bosh_middleware.config import MiddlewareConfig
+from bosh_middleware.protocol import BOSHRequest, BOSHResponse, Flow, PrebindProtocol
+from bosh_middleware.session import PrebindOptions
 from support.fake_bosh import FEATURES as FEATURES_PLAIN
 from support.fake_bosh import Exchange, FakeBOSH, at_label, xmpp_ok
 
@@ -403,6 +406,64 @@ def test_slow_response_mid_flow_times_out_and_cleanup_is_bounded(fake, prebind) 
     )
     assert err.condition == "timeout"
     assert srv.wait_for_label("terminate"), srv.labels
+
+
+@contextlib.contextmanager
+def unreachable() -> Iterator[str]:
+    """The URL of an endpoint whose connects never complete, as a host that went away without
+    a word: a listener that never accepts, its queue (one connection) full, so that the kernel
+    drops every SYN."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        host, port = listener.getsockname()
+        with socket.create_connection((host, port), timeout=2):
+            yield f"http://{host}:{port}/http-bind"
+    finally:
+        listener.close()
+
+
+def _ending(batch: list[BOSHRequest]) -> Flow[None]:
+    with contextlib.suppress(BOSHError):  # (as the flows send a cleanup)
+        yield batch
+
+
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_the_terminates_of_a_half_made_session_take_one_cleanup_timeout(transport, driver) -> None:
+    """A session whose auth went unanswered (the server went away) is ended with a terminate
+    for each RID the server may expect: best effort, and all of them within one cleanup
+    timeout, as the one terminate of a prebind that failed otherwise, not one after another."""
+    from bosh_middleware.client import _CLEANUP_TIMEOUT
+
+    proto = PrebindProtocol(CREDS, PrebindOptions(), service_url="http://127.0.0.1/http-bind")
+    flow = proto.flow()
+    (_create,) = next(flow)
+    body = (
+        f"<body xmlns='http://jabber.org/protocol/httpbind' sid='s1' wait='59' requests='2'"
+        f" hold='1' xmlns:stream='http://etherx.jabber.org/streams'>{FEATURES_PLAIN}</body>"
+    )
+    (auth,) = flow.send([BOSHResponse(200, body.encode())])
+    assert auth.label == "auth"
+    ending = proto.abort_requests()  # (what a prebind cancelled now sends)
+    assert [r.rid for r in ending] == [auth.rid, auth.rid + 1]
+    flow.close()
+    with unreachable() as url:
+        t0 = time.monotonic()
+        if driver == "sync":
+            with Prebinder(url, transport=transport, timeout=5.0) as p:
+                p.run(_ending(ending))
+        else:
+
+            async def go() -> None:
+                async with AsyncPrebinder(url, transport=transport, timeout=5.0) as p:
+                    await p.run(_ending(ending))
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(lambda: asyncio.run(go())).result(timeout=30)
+        elapsed = time.monotonic() - t0
+    assert elapsed < _CLEANUP_TIMEOUT + 0.8, elapsed
 
 
 def test_trickling_response_is_bounded_by_the_timeout(fake, prebind) -> None:

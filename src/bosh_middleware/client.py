@@ -716,12 +716,16 @@ class AsyncPrebinder(_Base):
         # In RID order on the wire, as in Prebinder._send_batch.
         tasks = []
         for req in batch:
-            sent = asyncio.Event()
-            task = asyncio.ensure_future(self._send(req, sent))
-            tasks.append(task)
-            waiter = asyncio.ensure_future(sent.wait())
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+            if req.best_effort:  # (the terminates of a cleanup: no order to keep, and each
+                # waited for until sent would make one cleanup timeout one per terminate)
+                tasks.append(asyncio.ensure_future(self._send(req)))
+            else:
+                sent = asyncio.Event()
+                task = asyncio.ensure_future(self._send(req, sent))
+                tasks.append(task)
+                waiter = asyncio.ensure_future(sent.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
             if len(tasks) < len(batch):
                 await http11.sleep_not_sooner(self.stagger)
         return await http11.settle(tasks, batch[0].settles)
