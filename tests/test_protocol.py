@@ -1226,6 +1226,23 @@ def test_pipelining_off_is_tried_again_later_and_back_on_once_it_works(caplog) -
     assert memory.pipelines("example.org") and memory.pipelines("example.org")
 
 
+def test_a_feature_a_server_never_takes_is_tried_seven_times_in_the_first_day() -> None:
+    """What the README and ServiceMemory's docstring say: tries 10, 30, 70, 150, 310, 630 and
+    1270 minutes after the first failure, then one a day."""
+    clock = _Clock()
+    start = clock.now
+    memory = ServiceMemory(clock=clock)
+    memory.learn("example.org", ("PLAIN",))
+    memory.turn_off("example.org", "a test")
+    tries = []
+    while clock.now < start + 2 * ServiceMemory.RETRY_MAX:
+        clock.now += 60
+        if memory.quickstart("example.org") is not None:
+            tries.append(round((clock.now - start) / 60))
+            memory.turn_off("example.org", "failed again")
+    assert tries == [10, 30, 70, 150, 310, 630, 1270, 2550]
+
+
 def test_a_quickstart_try_whose_pipelined_finish_fails_is_redone_with_quickstart() -> None:
     """The prebind that tries quickstart again also pipelines (a proxy that refuses that is
     in front): its redo, one request at a time, is with quickstart, as it is when quickstart

@@ -644,8 +644,10 @@ class ServiceMemory:
     the process. After ``RETRY_AFTER`` seconds one prebind tries the feature again (the
     others keep it off until that one knows): if it works, the feature is back on; if not,
     it stays off twice as long as the last time, up to ``RETRY_MAX``. A server that never
-    takes it costs one redone prebind per period (six in the first day, then one a day).
-    Switching off and on are logged at INFO.
+    takes it costs one redone prebind per period (one that times out, for a proxy that
+    stalls the pipelined pair): tries 10, 30, 70, 150, 310, 630 and 1270 minutes after the
+    first failure, seven in the first day, then one a day. Switching off and on are logged
+    at INFO.
 
     One per ``Prebinder``; small (a domain's entry is a tuple of names), bounded, and shared by
     threads and tasks without a lock: each update is one dict operation, and a lost one
