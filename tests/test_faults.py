@@ -429,7 +429,7 @@ def _ending(batch: list[BOSHRequest]) -> Flow[None]:
         yield batch
 
 
-@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+@pytest.mark.parametrize("transport", ["builtin", "httpx", "client="])
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_the_terminates_of_a_half_made_session_take_one_cleanup_timeout(transport, driver) -> None:
     """A session whose auth went unanswered (the server went away) is ended with a terminate
@@ -451,14 +451,24 @@ def test_the_terminates_of_a_half_made_session_take_one_cleanup_timeout(transpor
     flow.close()
     with unreachable() as url:
         t0 = time.monotonic()
+        # ("client=": the caller's own httpx client, which sends every request)
+        kind = "httpx" if transport == "client=" else transport
         if driver == "sync":
-            with Prebinder(url, transport=transport, timeout=5.0) as p:
-                p.run(_ending(ending))
+            with contextlib.ExitStack() as stack:
+                given = {"client": stack.enter_context(httpx.Client())} if kind != transport else {}
+                with Prebinder(url, transport=kind, timeout=5.0, **given) as p:
+                    p.run(_ending(ending))
         else:
 
             async def go() -> None:
-                async with AsyncPrebinder(url, transport=transport, timeout=5.0) as p:
-                    await p.run(_ending(ending))
+                async with contextlib.AsyncExitStack() as stack:
+                    given = (
+                        {"client": await stack.enter_async_context(httpx.AsyncClient())}
+                        if kind != transport
+                        else {}
+                    )
+                    async with AsyncPrebinder(url, transport=kind, timeout=5.0, **given) as p:
+                        await p.run(_ending(ending))
 
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 pool.submit(lambda: asyncio.run(go())).result(timeout=30)

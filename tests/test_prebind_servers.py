@@ -524,6 +524,27 @@ def test_two_prebinds_get_their_own_sessions(server: XMPPServer, driver: str) ->
     assert_attachable(b)
 
 
+def test_a_client_of_the_callers_sends_every_request(server: XMPPServer) -> None:
+    """``Prebinder(client=...)``: the caller's httpx client (its TLS, proxy, auth, transport)
+    sends every request: a first prebind's restart and bind too, which the engine otherwise
+    sends together through a sender of its own, and a failed prebind's cleanup."""
+    jid, password = server.new_user()
+    sent: list[bytes] = []
+    with httpx.Client(event_hooks={"request": [lambda r: sent.append(r.read())]}) as client:
+        with Prebinder(server.service_url, client=client, mechanisms=["SCRAM-SHA-1"]) as p:
+            first = p.prebind(Credentials(jid, password))  # nothing learnt yet: the usual way
+            assert_attachable(first)
+            with pytest.raises(AuthenticationFailed):
+                p.prebind(Credentials(jid, "wrong-" + password))
+    bodies = b"".join(sent)
+    assert len(sent) >= first.request_count + 2  # (the failed one: its SASL, its terminate)
+    assert b"xmpp:restart='true'" in bodies or b'xmpp:restart="true"' in bodies
+    assert b"urn:ietf:params:xml:ns:xmpp-bind" in bodies
+    assert b"type='terminate'" in bodies or b'type="terminate"' in bodies
+    # the first prebind's requests, every one: the creation, SCRAM's two, restart and bind
+    assert [b"xmpp-bind" in body for body in sent[: first.request_count]].count(True) == 1
+
+
 def test_rid_handed_out_is_exactly_the_next_one(server: XMPPServer) -> None:
     jid, password = server.new_user()
     with Prebinder(server.service_url) as p:

@@ -19,6 +19,7 @@ deadline, and transport failures become ``ServiceUnavailable`` with the same con
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -469,6 +470,16 @@ class Prebinder(_Base):
             return self._builtin_send(batch)
         if len(batch) == 1 or batch[0].ordered:  # (httpx does not pipeline: one by one)
             _log_batch(batch)
+            return [self._send(req) for req in batch]
+        if self._given_client is not None:
+            # The caller's client (its TLS, proxy, auth and transport) sends every request; the
+            # private sender below would have none of it. So one by one: the bind once the
+            # restart is answered (a round trip more, on a first prebind), and the terminates
+            # of a cleanup at once, a thread each, within one cleanup timeout.
+            _log_batch(batch)
+            if all(r.best_effort for r in batch):
+                with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                    return list(pool.map(self._send, batch))
             return [self._send(req) for req in batch]
         # A pipelined batch may end with a request the server holds open; it must be closed,
         # not abandoned (the server would put the browser's first answers on it), and a
