@@ -530,12 +530,15 @@ def test_a_client_of_the_callers_sends_every_request(server: XMPPServer) -> None
     sends together through a sender of its own, and a failed prebind's cleanup."""
     jid, password = server.new_user()
     sent: list[bytes] = []
-    with httpx.Client(event_hooks={"request": [lambda r: sent.append(r.read())]}) as client:
-        with Prebinder(server.service_url, client=client, mechanisms=["SCRAM-SHA-1"]) as p:
-            first = p.prebind(Credentials(jid, password))  # nothing learnt yet: the usual way
-            assert_attachable(first)
-            with pytest.raises(AuthenticationFailed):
-                p.prebind(Credentials(jid, "wrong-" + password))
+    hooks = {"request": [lambda r: sent.append(r.read())]}
+    with (
+        httpx.Client(event_hooks=hooks) as client,
+        Prebinder(server.service_url, client=client, mechanisms=["SCRAM-SHA-1"]) as p,
+    ):
+        first = p.prebind(Credentials(jid, password))  # nothing learnt yet: the usual way
+        assert_attachable(first)
+        with pytest.raises(AuthenticationFailed):
+            p.prebind(Credentials(jid, "wrong-" + password))
     bodies = b"".join(sent)
     assert len(sent) >= first.request_count + 2  # (the failed one: its SASL, its terminate)
     assert b"xmpp:restart='true'" in bodies or b'xmpp:restart="true"' in bodies
