@@ -826,7 +826,7 @@ class PrebindProtocol:
             raise
         self.finished = True
         if self._quick and memory is not None:  # (what was being tried again worked)
-            memory.worked(self.credentials.domain, pipelined=self._piped)
+            memory.worked(self._conv.to, pipelined=self._piped)  # (to: the domain, computed)
         if unpiped is not None and memory is not None:  # (one request at a time worked)
             why = f"it refused a pipelined SCRAM finish ({unpiped})"
             memory.stop_pipelining(self.credentials.domain, why)
