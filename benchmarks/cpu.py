@@ -173,6 +173,16 @@ async def _at_once_async(
     return cpu / done, live, checked, redone, done
 
 
+#: The drivers measured with several prebinds at once: (row label, measure).
+_AT_ONCE: dict[str, tuple[str, Callable[..., tuple[float, int, int, int, int]]]] = {
+    "sync (Prebinder)": ("sync (Prebinder), {k} threads at once", _at_once_sync),
+    "async (AsyncPrebinder)": (
+        "async (AsyncPrebinder), {k} at once",
+        lambda *args: asyncio.run(_at_once_async(*args)),
+    ),
+}
+
+
 class _Replayer(Prebinder):
     """A ``Prebinder`` whose transport answers from a recording of one real prebind: the
     engine's own code (protocol, SCRAM, XML) with no sockets and no waits. ``idle`` s are
@@ -517,45 +527,24 @@ def run(*, quick: bool = False, log_level: str = "info", **_: object) -> Result:
             add(kind, driver, cache, count, redone, per, prosody_per, live, checked, wall)
             if cold:
                 continue
-            if driver == "async (AsyncPrebinder)" and kind == "engine":
+            if kind == "engine" and driver in _AT_ONCE:
                 # the same engine in a busy process: others' answers arrive while one is
                 # worked on, so the process seldom idles between round trips
+                label, measure = _AT_ONCE[driver]
                 for k in (8, 64):
                     p0, t0 = srv.cpu_ns() / 1e9, time.perf_counter()
-                    with asyncio.Runner() as runner:
-                        per, live, checked, redone, count = runner.run(
-                            _at_once_async(
-                                url, mech, [Credentials(*u) for u in srv.users(k)], n, k, live_every
-                            )
-                        )
+                    users = [Credentials(*u) for u in srv.users(k)]
+                    per, live, checked, redone, count = measure(url, mech, users, n, k, live_every)
+                    prosody_per = (srv.cpu_ns() / 1e9 - p0) / count
                     wall = time.perf_counter() - t0
                     add(
                         kind,
-                        f"async (AsyncPrebinder), {k} at once",
+                        label.format(k=k),
                         cache,
                         count,
                         redone,
                         per,
-                        (srv.cpu_ns() / 1e9 - p0) / count,
-                        live,
-                        checked,
-                        wall,
-                    )
-            if driver == "sync (Prebinder)" and kind == "engine":
-                for k in (8, 64):
-                    p0, t0 = srv.cpu_ns() / 1e9, time.perf_counter()
-                    per, live, checked, redone, count = _at_once_sync(
-                        url, mech, [Credentials(*u) for u in srv.users(k)], n, k, live_every
-                    )
-                    wall = time.perf_counter() - t0
-                    add(
-                        kind,
-                        f"sync (Prebinder), {k} threads at once",
-                        cache,
-                        count,
-                        redone,
-                        per,
-                        (srv.cpu_ns() / 1e9 - p0) / count,
+                        prosody_per,
                         live,
                         checked,
                         wall,

@@ -128,6 +128,16 @@ def assert_attachable(session: PrebindSession, service_url: str | None = None) -
 # ------------------------------------------------------------------------------------------
 
 
+def assert_ended(service_url: str, sid: str, rid: int) -> None:
+    """The session is gone: a request with ``sid`` finds nothing there."""
+    reply, iq = roster_get(service_url, sid, rid, timeout=5)
+    assert iq is None
+    assert reply.status == 404 or (reply.type, reply.condition) == (
+        "terminate",
+        "item-not-found",
+    ), reply
+
+
 @pytest.fixture(params=SERVERS)
 def server(request: pytest.FixtureRequest) -> XMPPServer:
     return request.getfixturevalue(request.param)
@@ -581,12 +591,7 @@ def test_terminate_ends_the_session(server: XMPPServer, driver: str) -> None:
                 return s
 
         session = run_async(go)
-    reply, iq = roster_get(server.service_url, session.sid, session.rid + 1, timeout=5)
-    assert iq is None
-    assert reply.status == 404 or (reply.type, reply.condition) == (
-        "terminate",
-        "item-not-found",
-    ), reply
+    assert_ended(server.service_url, session.sid, session.rid + 1)
 
 
 def test_terminate_of_a_dead_session_is_harmless(server: XMPPServer) -> None:

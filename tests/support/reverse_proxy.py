@@ -35,13 +35,9 @@ Python process that started it is gone.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -51,14 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from support.xmpp_servers import (
-    _WATCHDOG,
     HOST,
+    ManagedProcess,
     ServerStartError,
     _as_user,
     _give_to,
-    _group_alive,
-    _killpg,
-    _port_open,
     _system_user,
     _tail,
     free_port,
@@ -189,23 +182,8 @@ class AccessEntry:
         )
 
 
-_RUNNING: set[ReverseProxy] = set()
-_RUNNING_LOCK = threading.Lock()
-
-
-def _stop_all() -> None:
-    with _RUNNING_LOCK:
-        proxies = list(_RUNNING)
-    for proxy in proxies:
-        with contextlib.suppress(Exception):
-            proxy.stop()
-
-
-atexit.register(_stop_all)
-
-
 @dataclass(eq=False)
-class ReverseProxy:
+class ReverseProxy(ManagedProcess):
     variant: str
     url: str  # http://127.0.0.1:PORT/http-bind (the upstream's path)
     upstream_url: str
@@ -214,7 +192,16 @@ class ReverseProxy:
     config_path: Path = field(repr=False)
     access_log: Path = field(repr=False)
     error_log: Path = field(repr=False)
+    name: str = field(repr=False, default="nginx")
+    start_timeout: float = field(repr=False, default=NGINX_START_TIMEOUT)
+    stop_timeout: float = field(repr=False, default=NGINX_STOP_TIMEOUT)
+    last_start_seconds: float = field(repr=False, default=0.0)
     _argv: list[str] = field(repr=False, default_factory=list)
+    _env: dict[str, str] = field(
+        repr=False,
+        default_factory=lambda: {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+    )
+    _console_path: Path | None = field(repr=False, default=None)
     _proc: subprocess.Popen[bytes] | None = field(repr=False, default=None)
     _watchdog: subprocess.Popen[bytes] | None = field(repr=False, default=None)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
@@ -246,103 +233,25 @@ class ReverseProxy:
     def error_log_text(self) -> str:
         return _tail(self.error_log, 80)
 
-    # -- process --------------------------------------------------------------------------
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    # -- process (ManagedProcess: own process group, watchdog, bounded start and stop) -----
+    def _ports(self) -> tuple[int, ...]:
+        return (self.port,)
 
-    def start(self) -> None:
-        with self._lock:
-            if self.is_running():
-                return
-            if _port_open(self.port):
-                raise ServerStartError(f"nginx: port {self.port} is already in use")
-            console = open(self.workdir / "console.log", "ab")  # noqa: SIM115
-            try:
-                self._proc = subprocess.Popen(
-                    self._argv,
-                    cwd=self.workdir,
-                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: killpg at stop()
-                )
-            finally:
-                console.close()
-            with _RUNNING_LOCK:
-                _RUNNING.add(self)
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._proc.pid)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            try:
-                self._wait_ready(time.monotonic() + NGINX_START_TIMEOUT)
-            except BaseException:
-                self._kill()
-                raise
+    def _where(self) -> str:
+        return f"http://{HOST}:{self.port}/_nginx_ready"
 
-    def _wait_ready(self, deadline: float) -> None:
-        probe = f"http://{HOST}:{self.port}/_nginx_ready"
-        while True:
-            assert self._proc is not None
-            rc = self._proc.poll()
-            if rc is not None:
-                raise ServerStartError(
-                    f"nginx exited with code {rc} during startup\n{self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(probe, timeout=1) as resp:
-                    if resp.status == 204:
-                        return
-            except (OSError, urllib.error.HTTPError):
-                pass
-            if time.monotonic() > deadline:
-                raise ServerStartError(
-                    f"nginx did not answer on {probe} within {NGINX_START_TIMEOUT:.0f} s\n"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.05)
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self._where(), timeout=1) as resp:
+                return bool(resp.status == 204)
+        except (OSError, urllib.error.HTTPError):
+            return False
 
     def _log_tail(self) -> str:
         return (
             f"--- error.log ---\n{_tail(self.error_log)}\n"
             f"--- console ---\n{_tail(self.workdir / 'console.log', 30)}"
         )
-
-    def stop(self) -> None:
-        with self._lock:
-            self._kill()
-
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            pgid = proc.pid  # start_new_session: nginx's master leads its process group
-            _killpg(pgid, signal.SIGTERM)  # (fast shutdown: held requests are not waited for)
-            deadline = time.monotonic() + NGINX_STOP_TIMEOUT
-            while (proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if proc.poll() is None or _group_alive(pgid):
-                _killpg(pgid, signal.SIGKILL)
-            proc.wait(10)
-            self._proc = None
-        wd, self._watchdog = self._watchdog, None
-        if wd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                wd.kill()
-            wd.wait(5)
-        with _RUNNING_LOCK:
-            _RUNNING.discard(self)
-        deadline = time.monotonic() + NGINX_STOP_TIMEOUT
-        while _port_open(self.port):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nginx: port {self.port} still open after stop()")
-            time.sleep(0.05)
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 def start_nginx(workdir: Path, upstream_url: str, *, variant: str = "default") -> ReverseProxy:
@@ -422,6 +331,7 @@ def start_nginx(workdir: Path, upstream_url: str, *, variant: str = "default") -
         access_log=access_log,
         error_log=error_log,
         _argv=argv,
+        _console_path=workdir / "console.log",
     )
     proxy.start()
     return proxy

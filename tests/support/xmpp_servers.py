@@ -149,72 +149,65 @@ for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 0)):
         time.sleep(0.1)
 """
 
-_RUNNING: set[XMPPServer] = set()
+_RUNNING: set[ManagedProcess] = set()
 _RUNNING_LOCK = threading.Lock()
 
 
 def _stop_all() -> None:
     with _RUNNING_LOCK:
-        servers = list(_RUNNING)
-    for srv in servers:
+        running = list(_RUNNING)
+    for proc in running:
         with contextlib.suppress(Exception):
-            srv.stop()
+            proc.stop()
 
 
 atexit.register(_stop_all)
 
 
-@dataclass(eq=False)
-class XMPPServer:
-    kind: str  # "prosody" or "ejabberd"
-    service_url: str  # BOSH endpoint, http://127.0.0.1:PORT/http-bind
-    domain: str  # normal virtual host
-    anon_domain: str | None  # host with SASL ANONYMOUS (None if unsupported)
-    secure: bool  # server treats BOSH as secure (offers PLAIN over http)
-    workdir: Path = field(repr=False)
-    http_port: int = field(repr=False)
-    c2s_port: int = field(repr=False)
-    log_path: Path = field(repr=False)
-    start_timeout: float = field(repr=False, default=PROSODY_START_TIMEOUT)
-    last_start_seconds: float = field(repr=False, default=0.0)
-    _argv: list[str] = field(repr=False, default_factory=list)
-    _env: dict[str, str] = field(repr=False, default_factory=dict)
-    _console_path: Path | None = field(repr=False, default=None)
-    _proc: subprocess.Popen[bytes] | None = field(repr=False, default=None)
-    _watchdog: subprocess.Popen[bytes] | None = field(repr=False, default=None)
-    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+class ManagedProcess:
+    """A server the tests start in its own process group on 127.0.0.1 and always stop: at
+    ``stop()``, at exit (``atexit``), or, once the Python process that started it is gone
+    (a SIGKILLed pytest), by a detached watchdog. Subclasses (dataclasses) hold ``_argv``,
+    ``_env``, ``_console_path``, ``workdir``, ``_proc``, ``_watchdog`` and ``_lock``, and say
+    which ports it listens on, when it is ready and what its logs say."""
 
-    # -- users --------------------------------------------------------------
-    def register(self, username: str, password: str) -> str:
-        """Create (or re-create with this password) ``username@domain``; return the bare JID."""
+    name: str
+    workdir: Path
+    start_timeout: float
+    stop_timeout: float
+    last_start_seconds: float
+    _argv: list[str]
+    _env: dict[str, str]
+    _console_path: Path | None
+    _proc: subprocess.Popen[bytes] | None
+    _watchdog: subprocess.Popen[bytes] | None
+    _lock: threading.Lock
+
+    def _ports(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def new_user(self, prefix: str = "u") -> tuple[str, str]:
-        username = f"{prefix}{secrets.token_hex(5)}".lower()
-        password = secrets.token_urlsafe(12)
-        return self.register(username, password), password
+    def _ready(self) -> bool:
+        """Whether it answers (polled until ``start_timeout``)."""
+        raise NotImplementedError
 
-    # -- process ------------------------------------------------------------
+    def _where(self) -> str:
+        """Where ``_ready`` asks, for the message when it never answers."""
+        raise NotImplementedError
+
+    def _log_tail(self) -> str:
+        raise NotImplementedError
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def log_text(self) -> str:
-        parts = []
-        for p in (self.log_path, self._console_path):
-            if p is not None and p.exists():
-                text = p.read_text(errors="replace")
-                if text.strip():
-                    parts.append(f"===== {p.name} =====\n{text}")
-        return "\n".join(parts)
-
     def start(self) -> None:
-        """(Re)start on the same ports and data; return once BOSH answers."""
+        """(Re)start on the same ports and data; return once it answers."""
         with self._lock:
             if self.is_running():
                 return
             for port in self._ports():
                 if _port_open(port):
-                    raise ServerStartError(f"{self.kind}: port {port} is already in use")
+                    raise ServerStartError(f"{self.name}: port {port} is already in use")
             t0 = time.monotonic()
             assert self._console_path is not None
             console = open(self._console_path, "ab")  # noqa: SIM115
@@ -241,7 +234,7 @@ class XMPPServer:
             self.last_start_seconds = time.monotonic() - t0
 
     def _start_watchdog(self) -> None:
-        """Backstop for a SIGKILLed pytest (atexit does not run): a detached shell that
+        """Backstop for a SIGKILLed pytest (atexit does not run): a detached process that
         SIGTERMs the server's process group once this Python process is gone."""
         assert self._proc is not None
         self._watchdog = subprocess.Popen(
@@ -265,37 +258,20 @@ class XMPPServer:
             rc = self._proc.poll()
             if rc is not None:
                 raise ServerStartError(
-                    f"{self.kind} exited with code {rc} during startup\n"
+                    f"{self.name} exited with code {rc} during startup\n"
                     f"--- log tail ---\n{self._log_tail()}"
                 )
-            if self._bosh_answers():
+            if self._ready():
                 return
             if time.monotonic() > deadline:
                 raise ServerStartError(
-                    f"{self.kind} did not answer on {self.service_url} within "
+                    f"{self.name} did not answer on {self._where()} within "
                     f"{self.start_timeout:.0f} s\n--- log tail ---\n{self._log_tail()}"
                 )
-            time.sleep(0.1)
-
-    def _bosh_answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.service_url, timeout=2) as resp:
-                resp.read()
-                return True
-        except urllib.error.HTTPError as exc:  # any HTTP answer means the listener is up
-            exc.close()
-            return True
-        except OSError:
-            return False
-
-    def _log_tail(self) -> str:
-        out = _tail(self.log_path)
-        if self._console_path is not None:
-            out += "\n--- console ---\n" + _tail(self._console_path, 30)
-        return out
+            time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop the server and wait until its ports are closed."""
+        """Stop it and wait until its ports are closed."""
         with self._lock:
             self._kill()
 
@@ -304,7 +280,7 @@ class XMPPServer:
         if proc is not None:
             pgid = proc.pid  # start_new_session: the server is its own process group
             _killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
+            deadline = time.monotonic() + self.stop_timeout
             # wait for the whole group (ejabberd: beam.smp under bash) to exit gracefully
             while (proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -315,17 +291,83 @@ class XMPPServer:
         self._stop_watchdog()
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + self.stop_timeout
         while any(_port_open(p) for p in self._ports()):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.kind}: ports still open after stop()")
+                raise RuntimeError(f"{self.name}: ports still open after stop()")
             time.sleep(0.05)
-
-    def _ports(self) -> tuple[int, ...]:
-        return (self.http_port, self.c2s_port)
 
     def __hash__(self) -> int:
         return id(self)
+
+
+@dataclass(eq=False)
+class XMPPServer(ManagedProcess):
+    kind: str  # "prosody" or "ejabberd"
+    service_url: str  # BOSH endpoint, http://127.0.0.1:PORT/http-bind
+    domain: str  # normal virtual host
+    anon_domain: str | None  # host with SASL ANONYMOUS (None if unsupported)
+    secure: bool  # server treats BOSH as secure (offers PLAIN over http)
+    workdir: Path = field(repr=False)
+    http_port: int = field(repr=False)
+    c2s_port: int = field(repr=False)
+    log_path: Path = field(repr=False)
+    start_timeout: float = field(repr=False, default=PROSODY_START_TIMEOUT)
+    stop_timeout: float = field(repr=False, default=STOP_TIMEOUT)
+    last_start_seconds: float = field(repr=False, default=0.0)
+    _argv: list[str] = field(repr=False, default_factory=list)
+    _env: dict[str, str] = field(repr=False, default_factory=dict)
+    _console_path: Path | None = field(repr=False, default=None)
+    _proc: subprocess.Popen[bytes] | None = field(repr=False, default=None)
+    _watchdog: subprocess.Popen[bytes] | None = field(repr=False, default=None)
+    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    # -- users --------------------------------------------------------------
+    def register(self, username: str, password: str) -> str:
+        """Create (or re-create with this password) ``username@domain``; return the bare JID."""
+        raise NotImplementedError
+
+    def new_user(self, prefix: str = "u") -> tuple[str, str]:
+        username = f"{prefix}{secrets.token_hex(5)}".lower()
+        password = secrets.token_urlsafe(12)
+        return self.register(username, password), password
+
+    # -- process ------------------------------------------------------------
+    def log_text(self) -> str:
+        parts = []
+        for p in (self.log_path, self._console_path):
+            if p is not None and p.exists():
+                text = p.read_text(errors="replace")
+                if text.strip():
+                    parts.append(f"===== {p.name} =====\n{text}")
+        return "\n".join(parts)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.service_url, timeout=2) as resp:
+                resp.read()
+                return True
+        except urllib.error.HTTPError as exc:  # any HTTP answer means the listener is up
+            exc.close()
+            return True
+        except OSError:
+            return False
+
+    def _where(self) -> str:
+        return self.service_url
+
+    def _log_tail(self) -> str:
+        out = _tail(self.log_path)
+        if self._console_path is not None:
+            out += "\n--- console ---\n" + _tail(self._console_path, 30)
+        return out
+
+    def _ports(self) -> tuple[int, ...]:
+        return (self.http_port, self.c2s_port)
 
 
 # ---------------------------------------------------------------------------
