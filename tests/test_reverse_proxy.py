@@ -30,7 +30,16 @@ from support.xmpp_servers import XMPPServer
 from test_prebind_servers import assert_attachable, assert_ended, run_async
 
 WARM_PREBINDS = 5
-OPTS = {"mechanisms": ["SCRAM-SHA-1"], "transport": "builtin", "timeout": 10.0}
+#: (``max_in_flight=1``: a first prebind sends its restart and bind one after the other, not
+#: on two connections next to each other, where the bind can overtake the restart in nginx
+#: and the prebind is redone, a race of a few per cent under load that would change every
+#: count here; the warm prebinds' pipelined pair, on one connection, is not affected)
+OPTS = {
+    "mechanisms": ["SCRAM-SHA-1"],
+    "transport": "builtin",
+    "timeout": 10.0,
+    "max_in_flight": 1,
+}
 #: A SASL message Prosody received (its debug log names each stanza a BOSH session gets).
 SASL_RECEIVED = {
     "auth": re.compile(r"Received\[[^\]]*\]: <auth\b[^>]*urn:ietf:params:xml:ns:xmpp-sasl"),
@@ -102,7 +111,7 @@ def test_nginx_is_in_the_path_and_on_loopback_only(prosody, nginx) -> None:
     assert b"jabber:iq:roster" in reply.content and b"type='result'" in reply.content
     # every request of the prebind, the roster get and the terminate (5 + 1 + 1), each
     # proxied to Prosody
-    assert session.request_count == 5 and session.round_trips == 4  # (cold: learns quickstart)
+    assert session.request_count == 5 and session.round_trips == 5  # (cold: learns quickstart)
     entries = nginx.wait_for_entries(session.request_count + 2)
     assert len(entries) == session.request_count + 2, entries
     assert_proxied(entries, prosody)
