@@ -332,14 +332,14 @@ class _Conversation:
         one of them ends the session: Prosody replays (or holds until then) a repeated RID's
         answer, and ends the session on the RID it expects."""
         assert self.sid is not None
-        first = self.rid if self.unsure is None else self.unsure
-        self.rid += 1
+        last = self.rid
+        if self.unsure is not None:
+            self.rid = self.unsure  # (``_request`` counts up from there to ``last`` again)
         return [
-            _new(
-                BOSHRequest,
-                (rid, b.terminate_body(rid=rid, sid=self.sid), "terminate", True, None, False),
+            self._request(
+                "terminate", b.terminate_body(rid=self.rid, sid=self.sid), best_effort=True
             )
-            for rid in range(first, self.rid)
+            for _ in range(self.rid, last + 1)
         ]
 
     def _absorb(self, response: BOSHResponse, batched: bool) -> b.ParsedBody:
