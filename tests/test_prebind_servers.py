@@ -380,7 +380,9 @@ def test_ejabberd_quickstart_is_tried_once_then_left_off(ejabberd, driver: str) 
         driver, ejabberd.service_url, Credentials(jid, password), 3, mechanisms=["SCRAM-SHA-1"]
     )
     assert memory.quickstart(ejabberd.domain) is None
-    usual = [s.round_trips for s in sessions if not s.retried]
+    # (less the polls for what ejabberd says a poll late under load, now and then: the
+    # features of a creation response, a bind result)
+    usual = [s.round_trips - s.polls for s in sessions if not s.retried]
     assert len(usual) == 3, sessions  # (a redone pipelined batch would blur the count)
     assert usual == [4, 4 + 1, 4], sessions
     for s in sessions:

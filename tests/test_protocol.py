@@ -1299,7 +1299,7 @@ def test_features_arriving_later_are_polled_for() -> None:
     assert server.labels() == [["create"], ["poll"], ["auth"], ["restart", "bind"]]
     poll = server.parsed[1]
     assert len(poll) == 0 and poll.get("sid") == server.sid  # an empty request
-    assert session.round_trips == 4
+    assert session.round_trips == 4 and session.polls == 1
     _check_rids(server, session)
 
 

@@ -839,6 +839,7 @@ class PrebindProtocol:
                 session,
                 round_trips=session.round_trips + sum(c.round_trips for c in spent),
                 request_count=session.request_count + sum(c.request_count for c in spent),
+                polls=session.polls + sum(c.polls for c in spent),
                 retried=retried,
             )
         return session
@@ -1077,6 +1078,7 @@ class PrebindProtocol:
             mechanism=mech,
             round_trips=conv.round_trips,
             request_count=conv.request_count,
+            polls=conv.polls,
         )
 
     def _first_message(self, mech: str) -> tuple[ScramClient | None, str]:

@@ -215,6 +215,9 @@ class PrebindSession:
     #: HTTP round trips and requests the prebind took.
     round_trips: int = 0
     request_count: int = 0
+    #: Of them, empty polls for what the server had not said yet (ejabberd may send a login's
+    #: stream features or bind result a poll late).
+    polls: int = 0
     #: The pipelined attempt reached the server out of order and was redone sequentially.
     retried: bool = False
 
