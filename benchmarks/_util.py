@@ -154,14 +154,26 @@ def machine_info() -> dict[str, str]:
     prosody_v = _cmd("dpkg-query", "-W", "-f", "${Version}", "prosody") or "?"
     lua = ""
     versions = {}
+    from importlib.metadata import version
+
     for mod in ("httpx", "httpcore", "lxml", "uvicorn", "waitress"):
         try:
-            from importlib.metadata import version
-
             versions[mod] = version(mod)
         except Exception:
             versions[mod] = "-"
     wrk = shutil.which("wrk")
+    from bosh_middleware import scram
+
+    pbkdf2 = scram.pbkdf2_backend()
+    if pbkdf2 == "cryptography":
+        from cryptography.hazmat.backends.openssl import backend
+
+        pbkdf2 += f" {version('cryptography')}"
+        pbkdf2 += f" ({backend.openssl_version_text()})"
+    else:
+        import ssl
+
+        pbkdf2 += f" ({ssl.OPENSSL_VERSION})"
     return {
         "CPU": cpu or platform.processor() or "?",
         "cores": str(os.cpu_count()),
@@ -171,6 +183,7 @@ def machine_info() -> dict[str, str]:
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "Prosody": f"{prosody_v} (dpkg-query -W prosody){lua}",
         "libraries": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "engine's PBKDF2 (scram.pbkdf2_backend)": pbkdf2,
         "load generator": (_cmd("wrk", "-v").splitlines() or ["wrk"])[0].split(" [")[0]
         if wrk
         else "python asyncio (wrk not installed)",

@@ -34,6 +34,7 @@ from lxml import etree
 
 from bosh_middleware import Prebinder, PrebindSession
 from bosh_middleware.protocol import BOSHRequest, BOSHResponse
+from bosh_middleware.scram import salted_password
 
 __all__ = ["FloorIOPrebinder", "FloorPrebinder"]
 
@@ -133,7 +134,7 @@ class FloorPrebinder:
         salt, iterations = base64.b64decode(attrs[b"s"]), int(attrs[b"i"])
         keys = self._keys.get((password, salt, iterations))
         if keys is None:
-            salted = hashlib.pbkdf2_hmac(self._hash, password.encode(), salt, iterations)
+            salted = salted_password(self._hash, password.encode(), salt, iterations)
             keys = self._keys[(password, salt, iterations)] = (
                 hmac.digest(salted, b"Client Key", self._hash),
                 hmac.digest(salted, b"Server Key", self._hash),

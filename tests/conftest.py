@@ -81,20 +81,19 @@ def prosody_factory(
 
 @pytest.fixture
 def pbkdf2_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, int]]:
-    """Counts the PBKDF2 derivations scram.py performs (it calls hashlib.pbkdf2_hmac), as
-    (hash name, salt, iterations): what the salted-password cache is to spare."""
-    import hashlib
-
+    """Counts the PBKDF2 derivations scram.py performs (all go through its
+    ``salted_password``), as (hash name, salt, iterations): what the salted-password cache is
+    to spare."""
     from bosh_middleware import scram
 
     calls: list[tuple[str, bytes, int]] = []
-    real = hashlib.pbkdf2_hmac
+    real = scram.salted_password
 
-    def counting(name, password, salt, iterations, dklen=None):  # type: ignore[no-untyped-def]
+    def counting(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
         calls.append((name, salt, iterations))
-        return real(name, password, salt, iterations, dklen)
+        return real(name, password, salt, iterations)
 
-    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", counting)
+    monkeypatch.setattr(scram, "salted_password", counting)
     return calls
 
 

@@ -418,13 +418,13 @@ def test_key_derivation_runs_off_the_event_loop(
     that asks many iterations): the async drivers make it in a thread, so that it does not
     stall every other request on the loop; the sync one in its own (a web worker's) thread."""
     threads: list[int] = []
-    real = scram.hashlib.pbkdf2_hmac
+    real = scram.salted_password
 
     def recording(*args: Any) -> bytes:
         threads.append(threading.get_ident())
         return real(*args)
 
-    monkeypatch.setattr(scram.hashlib, "pbkdf2_hmac", recording)
+    monkeypatch.setattr(scram, "salted_password", recording)
     sync, transport = driver_options(driver)
     jid, password = prosody.new_user()
     scram.clear_cache()

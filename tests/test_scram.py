@@ -4,9 +4,12 @@ protect against a lying or hostile server, the salted-password cache and SASLpre
 from __future__ import annotations
 
 import base64
+import hashlib
+import sys
 
 import pytest
 
+from bosh_middleware import scram
 from bosh_middleware.errors import AuthenticationFailed, ProtocolError
 from bosh_middleware.scram import MAX_ITERATIONS, MIN_ITERATIONS, ScramClient, clear_cache, saslprep
 
@@ -49,8 +52,17 @@ def _client(mech: str, password: str = "pencil", user: str = "user") -> ScramCli
     return ScramClient(mech, user, password, nonce=VECTORS[mech]["nonce"])
 
 
+@pytest.fixture(params=["cryptography", "hashlib"])
+def pbkdf2_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each PBKDF2 backend in turn (the test extras install cryptography)."""
+    derive = scram._cryptography_pbkdf2() if request.param == "cryptography" else None
+    monkeypatch.setattr(scram, "_pbkdf2", derive or scram._hashlib_pbkdf2)
+    assert scram.pbkdf2_backend() == request.param
+    return str(request.param)
+
+
 @pytest.mark.parametrize("mech", sorted(VECTORS))
-def test_rfc_vectors(mech: str) -> None:
+def test_rfc_vectors(mech: str, pbkdf2_backend: str) -> None:
     v = VECTORS[mech]
     c = _client(mech)
     assert c.client_first() == v["client_first"]
@@ -224,3 +236,64 @@ def test_saslprep_applies_to_the_exchange() -> None:
     assert a.client_final(v["server_first"]) == v["client_final"]
     with pytest.raises(ValueError):
         ScramClient("SCRAM-SHA-1", "user", "bad\u0007pw")
+
+
+# --- the PBKDF2 backend ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
+def test_backends_agree_with_hashlib(hash_name: str, pbkdf2_backend: str) -> None:
+    for password, salt, iterations in [
+        (b"pencil", b"salt", 4096),
+        (b"\xc3\xa9" * 40, b"s" * 64, 1),
+    ]:
+        assert scram.salted_password(hash_name, password, salt, iterations) == hashlib.pbkdf2_hmac(
+            hash_name, password, salt, iterations
+        )
+
+
+def test_cryptography_is_preferred_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scram, "_pbkdf2", None)  # as on first use
+    assert scram.pbkdf2_backend() == "cryptography"
+    assert scram._pbkdf2 is not scram._hashlib_pbkdf2
+
+
+def test_without_cryptography_hashlib_derives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.kdf.pbkdf2", None)
+    monkeypatch.setattr(scram, "_pbkdf2", None)
+    assert scram.pbkdf2_backend() == "hashlib"
+    c = _client("SCRAM-SHA-256")
+    c.client_first()
+    assert (
+        c.client_final(VECTORS["SCRAM-SHA-256"]["server_first"])
+        == (VECTORS["SCRAM-SHA-256"]["client_final"])
+    )
+
+
+def test_a_cryptography_that_derives_wrongly_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+    monkeypatch.setattr(PBKDF2HMAC, "derive", lambda self, key: b"\0" * 32)
+    assert scram._cryptography_pbkdf2() is None
+    monkeypatch.setattr(scram, "_pbkdf2", None)
+    assert scram.pbkdf2_backend() == "hashlib"
+
+
+def test_a_hash_cryptography_refuses_is_derived_by_hashlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A FIPS build refuses SHA-1 in PBKDF2; hashlib then decides, as it would alone.)"""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+
+    derive = scram._cryptography_pbkdf2()
+    assert derive is not None
+
+    class Refused(hashes.SHA1):
+        def __init__(self) -> None:
+            raise UnsupportedAlgorithm("sha1 is not allowed here")
+
+    monkeypatch.setattr(hashes, "SHA1", Refused)
+    derive = scram._cryptography_pbkdf2()  # (the self-check takes hashlib's answer too)
+    assert derive is not None
+    assert derive("sha1", b"pencil", b"salt", 4096) == hashlib.pbkdf2_hmac(
+        "sha1", b"pencil", b"salt", 4096
+    )
