@@ -12,6 +12,7 @@ import time
 import pytest
 
 from bosh_middleware import PrebindSession, SharedSecretCredentials
+from bosh_middleware import cli as cli_module
 from test_prebind_servers import assert_attachable
 
 CLI_TIMEOUT = 30
@@ -146,8 +147,26 @@ def test_check_with_a_login_reports_quickstart_and_pipelining(prosody) -> None:
     assert login["round_trips"] == [4, 2, 2], login
     assert login["quickstart"] is True and login["pipelining"] is True
     assert login["transport"] == "builtin"
+    # hashed storage: the salt stays, so only the first login derives its keys
+    assert login["key_derivations"] == [1, 0, 0] and login["pbkdf2"] == "cryptography"
     assert not any("round trips" in w for w in report["warnings"]), report["warnings"]
+    assert not any("salts" in w for w in report["warnings"]), report["warnings"]
     assert password not in res.stdout + res.stderr
+
+
+def test_check_with_a_login_warns_of_a_server_that_salts_every_login(prosody_secure) -> None:
+    """Prosody's plain password store salts every SCRAM attempt afresh: each of the three
+    logins runs PBKDF2 in the web process, which check says, with what to do about it."""
+    jid, password = prosody_secure.new_user()
+    res = cli("check", prosody_secure.service_url, "--jid", jid, "--json", password=password)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    login = report["login"]
+    assert login["mechanism"].startswith("SCRAM-"), login
+    assert login["key_derivations"] == [1, 1, 1], login
+    (warning,) = [w for w in report["warnings"] if "salts every SCRAM login" in w]
+    assert "internal_plain" in warning and "speedups" not in warning  # (cryptography is here)
+    assert "speedups" in cli_module._resalting_warning("hashlib")
 
 
 def test_check_with_a_wrong_password_is_an_auth_failure(prosody) -> None:

@@ -157,6 +157,17 @@ def test_malformed_server_first(server_first: bytes) -> None:
         _client("SCRAM-SHA-1").client_final(server_first)
 
 
+def test_derivations_count_what_the_cache_did_not_spare() -> None:
+    before = scram.derivations()
+    v = VECTORS["SCRAM-SHA-1"]
+    for _ in range(3):
+        _client("SCRAM-SHA-1").client_final(v["server_first"])
+    assert scram.derivations() - before == 1
+    clear_cache()
+    _client("SCRAM-SHA-1").client_final(v["server_first"])
+    assert scram.derivations() - before == 2
+
+
 def test_salted_password_cache(pbkdf2_calls: list) -> None:
     v = VECTORS["SCRAM-SHA-1"]
     first = _client("SCRAM-SHA-1")

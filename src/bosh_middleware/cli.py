@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from . import scram
 from .client import Prebinder
 from .credentials import (
     Credentials,
@@ -200,10 +201,13 @@ def _check_login(url: str, creds: Credentials, timeout: float) -> tuple[dict[str
     transport = "builtin" if prebinder.memory.pipelining else "httpx"
     login: dict[str, Any] = {"jid": creds.jid, "transport": transport}
     trips: list[int] = []
+    derived: list[int] = []  # PBKDF2 runs per login: more than the first's, a re-salting server
     try:
         with prebinder:
             for _ in range(_CHECK_LOGINS):
+                before = scram.derivations()
                 session = prebinder.prebind(creds)
+                derived.append(scram.derivations() - before)
                 trips.append(session.round_trips)
                 login["mechanism"] = session.mechanism
                 prebinder.terminate(session)
@@ -217,7 +221,23 @@ def _check_login(url: str, creds: Credentials, timeout: float) -> tuple[dict[str
         quickstart=prebinder.memory.quickstart(domain) is not None,
         pipelining=prebinder.memory.pipelines(domain),
     )
+    if str(login.get("mechanism", "")).startswith("SCRAM-"):
+        login.update(key_derivations=derived, pbkdf2=scram.pbkdf2_backend())
     return login, 0
+
+
+def _resalting_warning(backend: str) -> str:
+    """What to say when every SCRAM login needed a key derivation of its own."""
+    return (
+        "the server salts every SCRAM login afresh (a plain password store, such as Prosody's "
+        "internal_plain): every prebind runs PBKDF2 in the web process"
+        + (
+            " (install bosh-middleware[speedups] for cryptography's, about twice as fast)"
+            if backend == "hashlib"
+            else ""
+        )
+        + "; with hashed storage (Prosody's default) repeat logins skip it"
+    )
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -307,6 +327,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 + (" (httpx, behind a proxy)" if login["transport"] == "httpx" else "")
                 + ": warm prebinds take 3 round trips, not 2"
             )
+        if code == 0 and all(login.get("key_derivations", [0, 0])[1:]):
+            warnings.append(_resalting_warning(login["pbkdf2"]))
     report["warnings"] = warnings
     if args.json:
         print(json.dumps(report, indent=2))

@@ -31,6 +31,7 @@ __all__ = [
     "SCRAM_HASHES",
     "ScramClient",
     "clear_cache",
+    "derivations",
     "pbkdf2_backend",
     "salted_password",
     "saslprep",
@@ -53,6 +54,7 @@ _CACHE_SIZE = 4096
 
 _cache: OrderedDict[tuple[str, str, bytes, bytes, int], tuple[bytes, bytes]] = OrderedDict()
 _cache_lock = threading.Lock()
+_derived = 0  # key derivations (PBKDF2) run in this process
 
 
 def clear_cache() -> None:
@@ -119,6 +121,12 @@ def salted_password(hash_name: str, password: bytes, salt: bytes, iterations: in
     return (_pbkdf2 or _pick_pbkdf2())(hash_name, password, salt, iterations)
 
 
+def derivations() -> int:
+    """How many key derivations (PBKDF2) this process has run: against a server that salts
+    every login afresh, one per SCRAM login (``bosh-middleware check --jid`` reports it)."""
+    return _derived
+
+
 def _cache_key(
     hash_name: str, username: str, password: str, salt: bytes, iterations: int
 ) -> tuple[str, str, bytes, bytes, int]:
@@ -147,7 +155,9 @@ def _keys(
         hmac.digest(salted, b"Client Key", hash_name),
         hmac.digest(salted, b"Server Key", hash_name),
     )
+    global _derived
     with _cache_lock:
+        _derived += 1
         _cache[key] = keys
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
