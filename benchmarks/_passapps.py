@@ -144,6 +144,16 @@ asgi_with = _asgi_auth(
         _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
     )
 )
+#: The middleware with ``navigation_only=True``: a request that says nothing is not looked at.
+asgi_navonly = _asgi_auth(
+    ASGIMiddleware(
+        _inner,
+        service_url=SERVICE_URL,
+        credentials=credentials,
+        exclude_paths=("/static/",),
+        navigation_only=True,
+    )
+)
 
 
 # --- WSGI ----------------------------------------------------------------------------------------
@@ -181,6 +191,15 @@ wsgi_with = _wsgi_auth(
         _wsgi_inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
     )
 )
+wsgi_navonly = _wsgi_auth(
+    WSGIMiddleware(
+        _wsgi_inner,
+        service_url=SERVICE_URL,
+        credentials=credentials,
+        exclude_paths=("/static/",),
+        navigation_only=True,
+    )
+)
 
 
 def _starlette_app(*middleware: Any) -> Any:
@@ -215,7 +234,7 @@ def starlette_empty() -> Any:
     return _starlette_app(Middleware(_Empty))
 
 
-def starlette_with() -> Any:
+def starlette_with(**settings: Any) -> Any:
     """The Starlette adapter (bosh_middleware.starlette), added as its docs say."""
     from starlette.middleware import Middleware
 
@@ -227,5 +246,10 @@ def starlette_with() -> Any:
             service_url=SERVICE_URL,
             credentials=credentials,
             exclude_paths=("/static/",),
+            **settings,
         )
     )
+
+
+def starlette_navonly() -> Any:
+    return starlette_with(navigation_only=True)

@@ -163,7 +163,13 @@ def _load(urls: list[str], headers: list[str], seconds: float) -> list[tuple[flo
 
 
 #: The app each variant serves (benchmarks/_passapps.py: ``<prefix>_<app>``).
-_APPS = {"without": "without", "with": "with", "control": "without", "floor": "empty"}
+_APPS = {
+    "without": "without",
+    "with": "with",
+    "control": "without",
+    "floor": "empty",
+    "navonly": "navonly",
+}
 
 
 def _pair(
@@ -296,6 +302,9 @@ def run(*, quick: bool = False, **_: object) -> Result:
         name, key, path, hdrs = SCENARIOS[1]
         cases.append((f"control: {name}, without vs without", "control", path, hdrs, "control"))
         cases.append((f"floor: {name}, an empty middleware", "floor", path, hdrs, "floor"))
+        # the setting that leaves a request that says nothing alone (not the default)
+        name, key, path, hdrs = SCENARIOS[2]
+        cases.append((f"{name}, navigation_only=True", "navonly", path, hdrs, "navonly"))
         for name, key, path, request_headers, other in cases:
             headers = [f"{k}: {v}" for k, v in request_headers]
             results, ratios, errors, per = _pair(
@@ -310,7 +319,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
                 cost = extra["static" if key == "staticfiles" else key][api]
             elif other == "floor":  # the empty wrapper of the in-process table
                 cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
-            else:
+            else:  # (navonly: not in the in-process table)
                 cost = 0.0
             predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
             rows.append(
@@ -323,7 +332,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
                     f"{min(ratios):.2f}-{max(ratios):.2f}",
                     f"{per['without']:.1f} / {per[other]:.1f} us"
                     f" ({per['without'] / per[other]:.3f}x)",
-                    f"{predicted:.3f}x",
+                    "-" if other == "navonly" else f"{predicted:.3f}x",
                     verdict(ratio >= 0.98) if other == "with" else "-",
                     errors,
                 ]
@@ -363,7 +372,10 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " control rows load two copies of the app without the middleware the same way: how"
             " far from 1.00x the method itself strays. The floor rows load the app wrapped in an"
             " empty middleware class (one more await, or call, per request; _passapps._Empty):"
-            " what any middleware at all costs there.",
+            " what any middleware at all costs there. The navigation_only rows send the"
+            " no-browser-headers request to the middleware set up with navigation_only=True"
+            " (README, Settings), which passes a request that says nothing through without"
+            " looking at its response: not the default, so no verdict.",
             "Server CPU per request: each server process's CPU time (all threads, /proc"
             " schedstat) over all runs, divided by the requests it served; the ratio"
             " (without / with) is the throughput ratio a fully loaded server would have, free"

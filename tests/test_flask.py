@@ -27,7 +27,13 @@ from flask_app.checks import (
     page,
     page_session,
 )
-from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy, is_dead
+from support.bosh_check import (
+    REQUEST_KINDS,
+    SAYS_NOTHING,
+    CountingCredentials,
+    PrebindSpy,
+    is_dead,
+)
 from support.xmpp_servers import XMPPServer
 
 NAVIGATION = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8", "Sec-Fetch-Dest": "document"}
@@ -163,6 +169,25 @@ def test_html_view_gets_a_session_only_when_navigated_to(make_app, prosody, acco
         assert r.status_code == 200
         assert r.data == page("home").encode()
         assert int(r.headers["Content-Length"]) == len(r.data)
+        assert "Cache-Control" not in r.headers
+        assert spy.calls == [] and looked_up.calls == []
+
+
+@pytest.mark.parametrize("kind", ["navigation", *SAYS_NOTHING])
+def test_navigation_only_leaves_requests_that_say_nothing_alone(
+    make_app, prosody, account, kind
+) -> None:
+    """``BOSH_NAVIGATION_ONLY``: a request that does not say it loads a page (a script, curl,
+    the test client's default) gets the page untouched, with no prebind and no lookup."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    app = make_app(credentials=looked_up, navigation_only=True)
+    spy = PrebindSpy.on(app.extensions["bosh_prebind"].core, sync=True)
+    r = logged_in(app).get("/", headers={**REQUEST_KINDS, **SAYS_NOTHING}[kind])
+    if kind == "navigation":
+        assert_prebound(r, prosody.service_url)
+        assert len(spy.calls) == 1 and len(looked_up.calls) == 1
+    else:
+        assert r.status_code == 200 and r.data == page("home").encode()
         assert "Cache-Control" not in r.headers
         assert spy.calls == [] and looked_up.calls == []
 

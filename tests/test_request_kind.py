@@ -277,7 +277,9 @@ def raw_scope(headers: list[tuple[str, str]], lower: bool = False) -> dict[str, 
     }
 
 
-async def run_asgi(headers: list[tuple[str, str]], lower: bool = False) -> tuple[bytes, bool, int]:
+async def run_asgi(
+    headers: list[tuple[str, str]], lower: bool = False, **settings: Any
+) -> tuple[bytes, bool, int]:
     """(body, did the app get the server's own send?, credentials calls)"""
     counting = CountingCredentials(lambda user: None)
     seen: list[Any] = []
@@ -287,7 +289,7 @@ async def run_asgi(headers: list[tuple[str, str]], lower: bool = False) -> tuple
         seen.append(send)
         await inner(scope, receive, send)
 
-    mw = asgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting)
+    mw = asgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting, **settings)
     rec = ASGIRecorder()
     send = rec.send
     try:
@@ -297,7 +299,7 @@ async def run_asgi(headers: list[tuple[str, str]], lower: bool = False) -> tuple
     return rec.body, seen == [send] and seen[0] is send, len(counting.calls)
 
 
-def run_wsgi(headers: dict[str, str]) -> tuple[bytes, bool, int]:
+def run_wsgi(headers: dict[str, str], **settings: Any) -> tuple[bytes, bool, int]:
     """(body, did the app get the server's own start_response?, credentials calls)"""
     counting = CountingCredentials(lambda user: None)
     seen: list[Any] = []
@@ -310,7 +312,7 @@ def run_wsgi(headers: dict[str, str]) -> tuple[bytes, bool, int]:
     def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
         return None
 
-    mw = wsgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting)
+    mw = wsgi.BOSHPrebindMiddleware(app, service_url=NOWHERE, credentials=counting, **settings)
     try:
         result = mw(wsgi_environ("/", headers=headers, user="alice"), start_response)
         body = b"".join(result)
@@ -338,6 +340,44 @@ def test_wsgi_adapter_agrees(case: str) -> None:
     assert body == PAGE
     assert asked == (0 if expected else 1)
     if expected:
+        assert unwrapped
+
+
+def _navigation(headers: dict[str, str]) -> bool:
+    return request_kind(lower_getter(headers)) == NAVIGATION
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_navigation_only_makes_a_request_that_says_nothing_no_page(case: str) -> None:
+    """``navigation_only``: only what says it loads a page is one (what Django and Flask ask)."""
+    headers, _ = NOT_A_PAGE[case]
+    config = MiddlewareConfig(
+        service_url=NOWHERE, credentials=lambda user: None, navigation_only=True
+    )
+    kind = PrebindCore(config).kind_of(lower_getter(headers))
+    assert kind == (NAVIGATION if _navigation(headers) else KIND_NOT_A_PAGE)
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["as-sent", "lower-case"])
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+async def test_asgi_navigation_only(case: str, lower: bool) -> None:
+    """With ``navigation_only``, a request that is no navigation reaches the app with the
+    server's own ``send`` and asks for no credentials: nothing is looked at or prebound."""
+    headers, _ = NOT_A_PAGE[case]
+    body, unwrapped, asked = await run_asgi(list(headers.items()), lower, navigation_only=True)
+    assert body == PAGE
+    assert asked == (1 if _navigation(headers) else 0)
+    if not _navigation(headers):
+        assert unwrapped
+
+
+@pytest.mark.parametrize("case", list(NOT_A_PAGE))
+def test_wsgi_navigation_only(case: str) -> None:
+    headers, _ = NOT_A_PAGE[case]
+    body, unwrapped, asked = run_wsgi(headers, navigation_only=True)
+    assert body == PAGE
+    assert asked == (1 if _navigation(headers) else 0)
+    if not _navigation(headers):
         assert unwrapped
 
 

@@ -51,7 +51,13 @@ from flask_app.checks import (
     page_session,
 )
 from support.asgi_servers import serve
-from support.bosh_check import REQUEST_KINDS, CountingCredentials, PrebindSpy, is_dead
+from support.bosh_check import (
+    REQUEST_KINDS,
+    SAYS_NOTHING,
+    CountingCredentials,
+    PrebindSpy,
+    is_dead,
+)
 from support.xmpp_servers import XMPPServer
 
 # FastAPI is tested where it is installed (the tox "fastapi" env, which sets
@@ -349,6 +355,30 @@ async def test_html_view_gets_a_session_only_when_navigated_to(clients, prosody,
         assert len(spy.calls) == 1 and len(looked_up.calls) == 1
     else:
         assert same(r, await bare.get("/", headers=REQUEST_KINDS[kind]))
+        assert "cache-control" not in r.headers
+        assert spy.calls == [] and looked_up.calls == []
+
+
+@pytest.mark.parametrize("kind", ["navigation", *SAYS_NOTHING])
+@own_loop
+async def test_navigation_only_leaves_requests_that_say_nothing_alone(
+    clients, prosody, account, kind
+):
+    """``navigation_only=True``: a request that does not say it loads a page (a script, curl,
+    the test client's ``Accept: */*``) gets the page untouched, with no prebind and no lookup."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    client = await clients(credentials=looked_up, navigation_only=True)
+    mw = ours(clients.made[-1][0])
+    assert mw is not None
+    spy = PrebindSpy.on(mw.core, sync=False)
+    bare = await clients(service_url=None)
+    headers = {**REQUEST_KINDS, **SAYS_NOTHING}[kind]
+    r = await client.get("/", headers=headers)
+    if kind == "navigation":
+        assert_prebound(r, prosody.service_url)
+        assert len(spy.calls) == 1 and len(looked_up.calls) == 1
+    else:
+        assert same(r, await bare.get("/", headers=headers))
         assert "cache-control" not in r.headers
         assert spy.calls == [] and looked_up.calls == []
 

@@ -435,6 +435,7 @@ class BOSHPrebindMiddleware:
         self.core = PrebindCore(config)
         self._endpoint_path = config.endpoint_path
         self._exclude, self._exclude_final = exclusions(config.exclude_paths, self._endpoint_path)
+        self._navigation_only = config.navigation_only
         self.get_user = get_user  # (sets ``_scope_user`` too)
         self.get_nonce = get_nonce
         # Calling the app runs the class's plain ``__call__``; looking it up as an attribute
@@ -500,6 +501,8 @@ class BOSHPrebindMiddleware:
         if kind == NOT_A_PAGE:
             return self.app(scope, receive, send)
         if kind != NAVIGATION:  # undecided: the response's start will say
+            if self._navigation_only:
+                return self.app(scope, receive, send)
             return self._sniffed(scope, receive, send, user)
         return self._navigation(scope, receive, send, user)
 

@@ -17,6 +17,7 @@ from .inject import script_snippet
 from .session import (
     OPTION_CHECKS,
     PrebindOptions,
+    check_bool,
     check_float,
     check_int,
     check_str,
@@ -48,6 +49,12 @@ class MiddlewareConfig:
     endpoint_path: str | None = "/bosh/prebind"
     #: Path prefixes never prebound for (static files, APIs, admin ...).
     exclude_paths: Sequence[str] = ()
+    #: Prebind only for requests that say they load a page (``Sec-Fetch-Dest: document``, an
+    #: ``Accept`` naming HTML: every browser sends them). Those that say nothing (curl, scripts,
+    #: monitors; test clients not told to send ``Accept: text/html``) then pass through
+    #: untouched, unwrapped, where by default their response is looked at and an HTML page gets
+    #: a session.
+    navigation_only: bool = False
     #: Longest a page waits for its session (s); after that it is served without one.
     timeout: float = 3.0
     #: Consecutive failures that open the circuit breaker, and how long it stays open (s).
@@ -204,6 +211,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "header_names": lambda n, v: check_strs(n, v, length=3),
     "endpoint_path": lambda n, v: check_str(n, v, optional=True),
     "exclude_paths": check_strs,  # "/static" is one prefix, not 7 of them
+    "navigation_only": check_bool,
     "timeout": lambda n, v: check_float(n, v, positive=True),
     # 0 (or less) turns the breaker off: see CircuitBreaker.allow
     "breaker_threshold": check_int,

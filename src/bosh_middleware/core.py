@@ -452,6 +452,12 @@ class PrebindCore:
     #: See the module-level ``not_a_page``: the request's headers say it is no navigation.
     not_a_page = staticmethod(not_a_page)
 
+    def kind_of(self, get: HeaderGetter) -> str:
+        """``request_kind``, where ``navigation_only`` makes a request that says nothing no
+        page: what the Django and Flask adapters ask (the ASGI and WSGI ones inline it)."""
+        kind = request_kind(get)
+        return NOT_A_PAGE if kind == UNDECIDED and self.config.navigation_only else kind
+
     @staticmethod
     def looks_like_page(get: HeaderGetter) -> bool:
         """A browser navigation: worth starting the prebind before the view has answered.

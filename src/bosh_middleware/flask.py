@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
     ) from exc
 
 from .config import MiddlewareConfig, did_you_mean
-from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable, request_kind
+from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable
 from .optout import opted_out
 from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
 
@@ -154,7 +154,7 @@ def _kind(core: PrebindCore) -> str:
         if core.is_endpoint(path) or not core.wants_path(request.method, path):
             kind = NOT_A_PAGE
         else:
-            kind = request_kind(request.headers.get)
+            kind = core.kind_of(request.headers.get)
         g._bosh_kind = kind
     return kind
 

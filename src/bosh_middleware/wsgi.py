@@ -391,6 +391,7 @@ class BOSHPrebindMiddleware:
         self.serve_endpoint = serve_endpoint
         self._endpoint_path = self.config.endpoint_path  # (None when there is no endpoint)
         self._exclude, self._exclude_final = exclusions(self.config.exclude_paths)
+        self._navigation_only = self.config.navigation_only
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # Every request passes here: the cheapest checks first (path and method, then the
@@ -421,7 +422,7 @@ class BOSHPrebindMiddleware:
             if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
                 return self.app(environ, start_response)
         kind = _request_kind(environ)
-        if kind == NOT_A_PAGE:
+        if kind == NOT_A_PAGE or (kind != NAVIGATION and self._navigation_only):
             return self.app(environ, start_response)
         credentials = pending = None
         core = self.core

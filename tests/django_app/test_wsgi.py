@@ -19,7 +19,7 @@ from django_app.helpers import (
     assert_page_for_request_kind,
     injected,
 )
-from support.bosh_check import REQUEST_KINDS, CountingCredentials
+from support.bosh_check import REQUEST_KINDS, SAYS_NOTHING, CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -112,6 +112,23 @@ def test_html_view_gets_a_session_only_when_navigated_to(
     looked_up = CountingCredentials(accounts.credentials)
     settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "CREDENTIALS": looked_up}
     r = logged_in(alice).get("/page/", headers=REQUEST_KINDS[kind])
+    assert_page_for_request_kind(r, kind, alice, bosh, cores, looked_up)
+
+
+@pytest.mark.parametrize("kind", ["navigation", *SAYS_NOTHING])
+def test_navigation_only_leaves_requests_that_say_nothing_alone(
+    alice: Account, bosh: XMPPServer, settings: Any, cores: list[RecordingCore], kind: str
+) -> None:
+    """``NAVIGATION_ONLY``: a request that does not say it loads a page (a script, curl, the
+    test client's default) gets the page untouched, with no prebind and no lookup."""
+    looked_up = CountingCredentials(accounts.credentials)
+    settings.BOSH_PREBIND = {
+        **settings.BOSH_PREBIND,
+        "CREDENTIALS": looked_up,
+        "NAVIGATION_ONLY": True,
+    }
+    headers = {**REQUEST_KINDS, **SAYS_NOTHING}[kind]
+    r = logged_in(alice).get("/page/", headers=headers)
     assert_page_for_request_kind(r, kind, alice, bosh, cores, looked_up)
 
 

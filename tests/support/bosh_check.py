@@ -561,3 +561,7 @@ REQUEST_KINDS: dict[str, dict[str, str]] = {
     "xhr": {"Accept": "text/html, */*; q=0.01", "X-Requested-With": "XMLHttpRequest"},
     "json-client": {"Accept": "application/json"},
 }
+
+#: Requests that say nothing of what they want: prebound by default once their response is a
+#: page, passed through untouched with ``NAVIGATION_ONLY``.
+SAYS_NOTHING: dict[str, dict[str, str]] = {"no-headers": {}, "curl": {"Accept": "*/*"}}

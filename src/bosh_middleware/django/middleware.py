@@ -29,7 +29,6 @@ from ..core import (
     PrebindCore,
     is_authenticated,
     is_injectable,
-    request_kind,
 )
 from ..inject import Injector
 from ..optout import opted_out
@@ -189,7 +188,7 @@ class BOSHPrebindMiddleware:
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*core.endpoint_sync(_user(request)))
         # One read of the request headers (not_a_page, then navigation or not).
-        kind = request_kind(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        kind = core.kind_of(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
         if kind == NOT_A_PAGE:
             return self.get_response(request)
         # Reading the user touches the session (Vary: Cookie): only early for navigations.
@@ -227,7 +226,7 @@ class BOSHPrebindMiddleware:
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*await core.endpoint_async(await _auser(request)))
-        kind = request_kind(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        kind = core.kind_of(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
         if kind == NOT_A_PAGE:
             return await self.get_response(request)
         navigation = kind == NAVIGATION
