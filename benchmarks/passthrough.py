@@ -319,9 +319,10 @@ def run(*, quick: bool = False, **_: object) -> Result:
                 cost = extra["static" if key == "staticfiles" else key][api]
             elif other == "floor":  # the empty wrapper of the in-process table
                 cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
-            else:  # (navonly: not in the in-process table)
+            else:
                 cost = 0.0
-            predicted = 1 / (1 + cost * 1e-6 * 2 * wo)
+            # (navonly: its path is not in the in-process table, so nothing to predict from)
+            predicted = None if other == "navonly" else 1 / (1 + cost * 1e-6 * 2 * wo)
             rows.append(
                 [
                     label,
@@ -332,7 +333,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
                     f"{min(ratios):.2f}-{max(ratios):.2f}",
                     f"{per['without']:.1f} / {per[other]:.1f} us"
                     f" ({per['without'] / per[other]:.3f}x)",
-                    "-" if other == "navonly" else f"{predicted:.3f}x",
+                    "-" if predicted is None else f"{predicted:.3f}x",
                     verdict(ratio >= 0.98) if other == "with" else "-",
                     errors,
                 ]
