@@ -9,8 +9,10 @@ middleware marks requests carrying ``X-User`` as logged in (``scope["user"]`` /
 * ``/api/items``     - a JSON API for a logged-in user, requested twice over: as a browser's
   ``fetch()`` sends it (``Accept: application/json``, ``Sec-Fetch-Dest: empty``, ``Sec-Fetch-Mode:
   cors``: the middleware can tell from the request that no page will carry a session) and with
-  no browser headers at all (as curl or a script would: the middleware has to look at the
-  response's start before it lets it through, the residual cost of response inspection);
+  no browser headers at all (as wrk sends it: the middleware has to look at the response's
+  start before it lets it through, the residual cost of response inspection), and a third
+  time with only ``Accept: */*``, what curl, requests and httpx send by default (inspected
+  too: ``*/*`` takes HTML);
 * ``/``              - an HTML page for an anonymous user;
 * ``/static/files/app.js`` - the Starlette app only: the same JavaScript as a file on disk
   (benchmarks/static/), served by Starlette's ``StaticFiles``, as a Starlette app serves its
@@ -57,6 +59,12 @@ SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
     ("JSON API (logged in)", "json-fetch", "/api/items", (*LOGGED_IN, *FETCH_HEADERS)),
     ("JSON API (logged in, no browser headers)", "json-bare", "/api/items", LOGGED_IN),
     ("HTML page (anonymous)", "html-anonymous", "/", ()),
+    (
+        "JSON API (logged in, Accept: */*)",
+        "json-curl",
+        "/api/items",
+        (*LOGGED_IN, ("Accept", "*/*")),
+    ),
 ]
 
 #: Served by the Starlette app alone (its ``StaticFiles``); the same row names and keys.

@@ -395,7 +395,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
             "Logged in = an X-User header (the auth layer). 'JSON API (logged in)' sends what a"
             " browser's fetch() sends (Accept: application/json, Sec-Fetch-Dest: empty,"
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"
-            " browser headers' sends neither Accept nor Sec-Fetch-* (curl, scripts): the"
+            " browser headers' sends neither Accept nor Sec-Fetch-* (as wrk does), 'Accept: */*'"
+            " only that (what curl, requests and httpx send by default): for both the"
             " middleware must look at the response's start, the residual cost of inspection.",
             "Second table: the middleware's own cost per request in process, against the bare app"
             " and an empty pass-through wrapper (the floor): medians of"

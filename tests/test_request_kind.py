@@ -17,14 +17,18 @@ from typing import Any
 import pytest
 
 from bosh_middleware import asgi, wsgi
+from bosh_middleware import core as core_module
 from bosh_middleware.config import MiddlewareConfig
 from bosh_middleware.core import (
+    KIND_MEMO_SIZE,
+    KIND_MEMO_VALUE,
     NAVIGATION,
     UNDECIDED,
     PrebindCore,
     accepts_html,
     not_a_page,
     request_kind,
+    request_kind_of,
 )
 from bosh_middleware.core import NOT_A_PAGE as KIND_NOT_A_PAGE
 from support.asgi_recorder import ASGIRecorder, User, html_app, wsgi_environ
@@ -436,3 +440,67 @@ async def test_asgi_joins_repeated_header_lines() -> None:
         [("accept", "application/json"), ("accept", "image/png")]
     )
     assert body == PAGE and unwrapped and asked == 0
+
+
+# ------------------------------------------------------------------------------------------
+# the remembered answers (core.remember_kind)
+# ------------------------------------------------------------------------------------------
+
+MEMOS = (core_module._KINDS, asgi._KINDS, wsgi._KINDS)
+
+
+@pytest.fixture
+def fresh_memos() -> Any:
+    for memo in MEMOS:
+        memo.clear()
+    yield
+    for memo in MEMOS:
+        memo.clear()
+
+
+def kinds_three_ways(headers: dict[str, str]) -> list[str]:
+    """The core's, the ASGI adapter's and the WSGI adapter's answer for ``headers``."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
+    return [
+        request_kind(lower_getter(headers)),
+        asgi._request_kind(raw),
+        wsgi._request_kind(environ),
+    ]
+
+
+def test_remembered_kinds_are_the_worked_out_ones(fresh_memos: None) -> None:
+    """The whole table twice: worked out (and remembered), then remembered; every answer is
+    what ``request_kind_of`` works out for the same values, which is never remembered."""
+    for round_ in ("worked out", "remembered"):
+        for case, (headers, _) in NOT_A_PAGE.items():
+            get = lower_getter(headers)
+            xhr = get("hx-request") or get("x-requested-with")
+            expected = request_kind_of(xhr, get("sec-fetch-dest"), get("accept"))
+            assert kinds_three_ways(headers) == [expected] * 3, (round_, case)
+    # every one remembered (the adapters settle ``Sec-Fetch-Dest: empty`` before they ask)
+    assert len(core_module._KINDS) > max(len(asgi._KINDS), len(wsgi._KINDS))
+    assert asgi._KINDS and wsgi._KINDS
+
+
+def test_kind_memos_are_bounded(fresh_memos: None) -> None:
+    """Made-up values (a client can send any) are worked out right, and cost no memory beyond
+    the bound: a full memo starts over, and a long value is not kept at all."""
+    for i in range(2 * KIND_MEMO_SIZE + 7):
+        assert kinds_three_ways({"Accept": f"application/x-{i}"}) == [KIND_NOT_A_PAGE] * 3
+        assert all(len(memo) <= KIND_MEMO_SIZE for memo in MEMOS)
+    for memo in MEMOS:
+        memo.clear()
+    long = {"Accept": "text/html," + "x" * KIND_MEMO_VALUE}
+    assert kinds_three_ways(long) == [NAVIGATION] * 3
+    assert kinds_three_ways({"Accept": "*/*"}) == [UNDECIDED] * 3
+    assert [len(memo) for memo in MEMOS] == [1, 1, 1]  # only the short one
+
+
+def test_unhashable_values_are_worked_out_and_not_kept(fresh_memos: None) -> None:
+    """A bytearray value (ASGI allows bytes-like) or a WSGI value that is no str: answered as
+    before, and not remembered."""
+    assert asgi._request_kind([(b"accept", bytearray(b"application/json"))]) == KIND_NOT_A_PAGE
+    assert asgi._request_kind([(b"accept", bytearray(CHROME.encode()))]) == NAVIGATION
+    assert wsgi._request_kind({"HTTP_ACCEPT": ["application/json"]}) == UNDECIDED  # (no str)
+    assert not asgi._KINDS and not wsgi._KINDS

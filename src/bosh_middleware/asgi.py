@@ -18,7 +18,6 @@ from .config import MiddlewareConfig
 from .core import (
     NAVIGATION,
     NOT_A_PAGE,
-    UNDECIDED,
     AsyncPending,
     PrebindCore,
     charset_of,
@@ -27,6 +26,7 @@ from .core import (
     is_authenticated,
     is_injectable,
     log,
+    remember_kind,
     request_kind,
     request_kind_of,
 )
@@ -92,20 +92,32 @@ def _request_kind(raw: Any) -> str:
     return _kind_of_headers(raw)
 
 
+#: ``_kind_of_headers`` answers by the raw values (see ``core.remember_kind``).
+_KINDS: dict[tuple[Any, Any, Any], str] = {}
+
+
 def _kind_of_headers(raw: Any) -> str:
-    """``_request_kind`` once the ``_FETCH`` scan has found nothing."""
+    """``_request_kind`` once the ``_FETCH`` scan has found nothing: looked up by the three
+    values as sent, so that the usual request (curl's ``*/*``, a browser's navigation, or no
+    such header at all) costs no decoding and no parsing of its ``Accept``."""
     fast = _as_dict(raw)
     if fast is None:
         return request_kind(_Headers(raw).get)
-    dest, accept = fast.get(b"sec-fetch-dest"), fast.get(b"accept")
-    xhr = fast.get(b"hx-request") or fast.get(b"x-requested-with")
-    if dest is None and accept is None and not xhr:
-        return UNDECIDED  # said nothing (a script, curl): what request_kind_of answers
-    return request_kind_of(
+    get = fast.get
+    key = (get(b"hx-request") or get(b"x-requested-with"), get(b"sec-fetch-dest"), get(b"accept"))
+    try:
+        return _KINDS[key]
+    except KeyError:
+        keep = True
+    except TypeError:  # a value that is bytes-like but no bytes (a bytearray): no key
+        keep = False
+    xhr, dest, accept = key
+    kind = request_kind_of(
         xhr,
         None if dest is None else bytes(dest).decode("latin-1"),
         None if accept is None else bytes(accept).decode("latin-1"),
     )
+    return remember_kind(_KINDS, key, kind) if keep else kind
 
 
 class _Headers:

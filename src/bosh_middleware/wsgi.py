@@ -25,6 +25,7 @@ from .core import (
     exclusions,
     is_authenticated,
     is_injectable,
+    remember_kind,
     request_kind_of,
 )
 from .credentials import Credentials
@@ -78,15 +79,24 @@ def _request_kind(environ: dict[str, Any]) -> str:
         # which is no call, rather than three ``get`` calls: such a request pays for the
         # response's inspection too, and this is what it costs most often.
         return UNDECIDED
-    accept = get("HTTP_ACCEPT")
-    xhr = get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH")
-    if dest is None and accept is None and not xhr:
-        return UNDECIDED  # (the same, for a value of None)
-    return request_kind_of(
+    key = (get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"), dest, get("HTTP_ACCEPT"))
+    try:  # the usual values (curl's ``*/*``, a browser's navigation): see core.remember_kind
+        return _KINDS[key]
+    except KeyError:
+        keep = True
+    except TypeError:  # an unhashable value (no str): no key
+        keep = False
+    xhr, dest, accept = key
+    kind = request_kind_of(
         xhr,
         dest if isinstance(dest, str) else None,
         accept if isinstance(accept, str) else None,
     )
+    return remember_kind(_KINDS, key, kind) if keep else kind
+
+
+#: ``_request_kind`` answers by the environ's values.
+_KINDS: dict[tuple[Any, Any, Any], str] = {}
 
 
 def _may_be_html(headers: list[tuple[str, str]]) -> bool:
