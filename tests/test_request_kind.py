@@ -503,4 +503,6 @@ def test_unhashable_values_are_worked_out_and_not_kept(fresh_memos: None) -> Non
     assert asgi._request_kind([(b"accept", bytearray(b"application/json"))]) == KIND_NOT_A_PAGE
     assert asgi._request_kind([(b"accept", bytearray(CHROME.encode()))]) == NAVIGATION
     assert wsgi._request_kind({"HTTP_ACCEPT": ["application/json"]}) == UNDECIDED  # (no str)
-    assert not asgi._KINDS and not wsgi._KINDS
+    listed: dict[str, Any] = {"x-requested-with": ["XMLHttpRequest"]}  # (a getter's list)
+    assert request_kind(listed.get) == KIND_NOT_A_PAGE
+    assert not asgi._KINDS and not wsgi._KINDS and not core_module._KINDS

@@ -151,12 +151,14 @@ def request_kind(get: HeaderGetter) -> str:
     """``NOT_A_PAGE`` (see ``not_a_page``), else ``NAVIGATION`` when the request says it is a
     browser navigation (see ``PrebindCore.looks_like_page``), else ``UNDECIDED``. One read of
     each of the four headers: every logged-in request asks this, so the answer is remembered
-    (``kind_memo``)."""
+    (``remember_kind``)."""
     key = (get("hx-request") or get("x-requested-with"), get("sec-fetch-dest"), get("accept"))
     try:
         return _KINDS[key]
     except KeyError:
         pass
+    except TypeError:  # a getter that gives what is no str (unhashable): worked out, not kept
+        return request_kind_of(*key)
     return remember_kind(_KINDS, key, request_kind_of(*key))
 
 
@@ -170,11 +172,11 @@ def remember_kind(memo: dict[Any, str], key: tuple[Any, ...], kind: str) -> str:
     """``kind``, remembered under ``key`` (the request's xhr, ``Sec-Fetch-Dest`` and ``Accept``
     values as sent) for the next request that sends the same. Any app's traffic has a handful
     of these (each browser's navigation and ``fetch()``, curl's ``*/*``), and working one out
-    (``accepts_html`` parses the weights of every media range) took 130 bytecodes on curl's,
-    paid by every logged-in request that did not say ``Sec-Fetch-Dest: empty``. Bounded: long
-    values are not kept, and a full memo starts over, so values a client makes up cost it
-    nothing but the working out, and cannot crowd the usual ones out for long. (Thread-safe as
-    dict operations are: at worst two threads work out the same answer.)"""
+    (``accepts_html`` parses the weights of every media range) took about 130 bytecodes on
+    curl's, paid by every logged-in request that did not say ``Sec-Fetch-Dest: empty``.
+    Bounded: long values are not kept, and a full memo starts over, so values a client makes
+    up cost it nothing but the working out, and cannot crowd the usual ones out for long.
+    (Thread-safe as dict operations are: at worst two threads work out the same answer.)"""
     if all(v is None or (type(v) in (str, bytes) and len(v) <= KIND_MEMO_VALUE) for v in key):
         if len(memo) >= KIND_MEMO_SIZE:
             memo.clear()
