@@ -107,17 +107,15 @@ def _kind_of_headers(raw: Any) -> str:
     key = (get(b"hx-request") or get(b"x-requested-with"), get(b"sec-fetch-dest"), get(b"accept"))
     try:
         return _KINDS[key]
-    except KeyError:
-        keep = True
-    except TypeError:  # a value that is bytes-like but no bytes (a bytearray): no key
-        keep = False
+    except (KeyError, TypeError):  # (TypeError: a bytearray value, which is not kept either)
+        pass
     xhr, dest, accept = key
     kind = request_kind_of(
         xhr,
         None if dest is None else bytes(dest).decode("latin-1"),
         None if accept is None else bytes(accept).decode("latin-1"),
     )
-    return remember_kind(_KINDS, key, kind) if keep else kind
+    return remember_kind(_KINDS, key, kind)
 
 
 class _Headers:

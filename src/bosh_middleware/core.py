@@ -155,10 +155,8 @@ def request_kind(get: HeaderGetter) -> str:
     key = (get("hx-request") or get("x-requested-with"), get("sec-fetch-dest"), get("accept"))
     try:
         return _KINDS[key]
-    except KeyError:
+    except (KeyError, TypeError):  # (TypeError: a getter's unhashable value, not kept either)
         pass
-    except TypeError:  # a getter that gives what is no str (unhashable): worked out, not kept
-        return request_kind_of(*key)
     return remember_kind(_KINDS, key, request_kind_of(*key))
 
 
@@ -176,7 +174,9 @@ def remember_kind(memo: dict[Any, str], key: tuple[Any, ...], kind: str) -> str:
     curl's, paid by every logged-in request that did not say ``Sec-Fetch-Dest: empty``.
     Bounded: long values are not kept, and a full memo starts over, so values a client makes
     up cost it nothing but the working out, and cannot crowd the usual ones out for long.
-    (Thread-safe as dict operations are: at worst two threads work out the same answer.)"""
+    Only str, bytes and None values are kept, so a key that cannot be hashed (the lookup
+    raised TypeError) never is. (Thread-safe as dict operations are: at worst two threads work
+    out the same answer.)"""
     if all(v is None or (type(v) in (str, bytes) and len(v) <= KIND_MEMO_VALUE) for v in key):
         if len(memo) >= KIND_MEMO_SIZE:
             memo.clear()

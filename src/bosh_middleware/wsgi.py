@@ -82,17 +82,15 @@ def _request_kind(environ: dict[str, Any]) -> str:
     key = (get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"), dest, get("HTTP_ACCEPT"))
     try:  # the usual values (curl's ``*/*``, a browser's navigation): see core.remember_kind
         return _KINDS[key]
-    except KeyError:
-        keep = True
-    except TypeError:  # an unhashable value (no str): no key
-        keep = False
+    except (KeyError, TypeError):  # (TypeError: an unhashable value, which is not kept either)
+        pass
     xhr, dest, accept = key
     kind = request_kind_of(
         xhr,
         dest if isinstance(dest, str) else None,
         accept if isinstance(accept, str) else None,
     )
-    return remember_kind(_KINDS, key, kind) if keep else kind
+    return remember_kind(_KINDS, key, kind)
 
 
 #: ``_request_kind`` answers by the environ's values.
