@@ -147,21 +147,23 @@ class _Empty:
 
 asgi_without = _asgi_auth(_inner)
 asgi_empty = _asgi_auth(_Empty(_inner))
-asgi_with = _asgi_auth(
-    ASGIMiddleware(
-        _inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
+
+
+def _asgi_with(**settings: Any) -> Any:
+    return _asgi_auth(
+        ASGIMiddleware(
+            _inner,
+            service_url=SERVICE_URL,
+            credentials=credentials,
+            exclude_paths=("/static/",),
+            **settings,
+        )
     )
-)
+
+
+asgi_with = _asgi_with()
 #: The middleware with ``navigation_only=True``: a request that says nothing is not looked at.
-asgi_navonly = _asgi_auth(
-    ASGIMiddleware(
-        _inner,
-        service_url=SERVICE_URL,
-        credentials=credentials,
-        exclude_paths=("/static/",),
-        navigation_only=True,
-    )
-)
+asgi_navonly = _asgi_with(navigation_only=True)
 
 
 # --- WSGI ----------------------------------------------------------------------------------------
@@ -194,20 +196,22 @@ class _EmptyWSGI:
 
 wsgi_without = _wsgi_auth(_wsgi_inner)
 wsgi_empty = _wsgi_auth(_EmptyWSGI(_wsgi_inner))
-wsgi_with = _wsgi_auth(
-    WSGIMiddleware(
-        _wsgi_inner, service_url=SERVICE_URL, credentials=credentials, exclude_paths=("/static/",)
+
+
+def _wsgi_with(**settings: Any) -> Any:
+    return _wsgi_auth(
+        WSGIMiddleware(
+            _wsgi_inner,
+            service_url=SERVICE_URL,
+            credentials=credentials,
+            exclude_paths=("/static/",),
+            **settings,
+        )
     )
-)
-wsgi_navonly = _wsgi_auth(
-    WSGIMiddleware(
-        _wsgi_inner,
-        service_url=SERVICE_URL,
-        credentials=credentials,
-        exclude_paths=("/static/",),
-        navigation_only=True,
-    )
-)
+
+
+wsgi_with = _wsgi_with()
+wsgi_navonly = _wsgi_with(navigation_only=True)
 
 
 def _starlette_app(*middleware: Any) -> Any:
