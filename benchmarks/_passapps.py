@@ -149,10 +149,12 @@ asgi_without = _asgi_auth(_inner)
 asgi_empty = _asgi_auth(_Empty(_inner))
 
 
-def _asgi_with(**settings: Any) -> Any:
-    return _asgi_auth(
-        ASGIMiddleware(
-            _inner,
+def _with(auth: Any, middleware: Any, app: Any, **settings: Any) -> Any:
+    """``app`` in ``middleware`` (the ASGI or the WSGI one) with the section's settings, behind
+    the auth layer ``auth``."""
+    return auth(
+        middleware(
+            app,
             service_url=SERVICE_URL,
             credentials=credentials,
             exclude_paths=("/static/",),
@@ -161,9 +163,9 @@ def _asgi_with(**settings: Any) -> Any:
     )
 
 
-asgi_with = _asgi_with()
+asgi_with = _with(_asgi_auth, ASGIMiddleware, _inner)
 #: The middleware with ``navigation_only=True``: a request that says nothing is not looked at.
-asgi_navonly = _asgi_with(navigation_only=True)
+asgi_navonly = _with(_asgi_auth, ASGIMiddleware, _inner, navigation_only=True)
 
 
 # --- WSGI ----------------------------------------------------------------------------------------
@@ -198,20 +200,8 @@ wsgi_without = _wsgi_auth(_wsgi_inner)
 wsgi_empty = _wsgi_auth(_EmptyWSGI(_wsgi_inner))
 
 
-def _wsgi_with(**settings: Any) -> Any:
-    return _wsgi_auth(
-        WSGIMiddleware(
-            _wsgi_inner,
-            service_url=SERVICE_URL,
-            credentials=credentials,
-            exclude_paths=("/static/",),
-            **settings,
-        )
-    )
-
-
-wsgi_with = _wsgi_with()
-wsgi_navonly = _wsgi_with(navigation_only=True)
+wsgi_with = _with(_wsgi_auth, WSGIMiddleware, _wsgi_inner)
+wsgi_navonly = _with(_wsgi_auth, WSGIMiddleware, _wsgi_inner, navigation_only=True)
 
 
 def _starlette_app(*middleware: Any) -> Any:
