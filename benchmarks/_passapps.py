@@ -26,6 +26,7 @@ in-process table (benchmarks/_micro.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,18 @@ def starlette_with(**settings: Any) -> Any:
 
 def starlette_navonly() -> Any:
     return starlette_with(navigation_only=True)
+
+
+# --- Flask and Django (benchmarks/_wsgiframeworks.py), built by waitress --call -------------
+def _framework(framework: str, variant: str) -> Any:
+    from . import _wsgiframeworks
+
+    return getattr(_wsgiframeworks, f"{framework}_app")(variant)
+
+
+flask_without, flask_empty, flask_with, flask_navonly = (
+    functools.partial(_framework, "flask", v) for v in ("without", "empty", "with", "navonly")
+)
+django_without, django_empty, django_with, django_navonly = (
+    functools.partial(_framework, "django", v) for v in ("without", "empty", "with", "navonly")
+)

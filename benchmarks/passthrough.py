@@ -60,7 +60,7 @@ def _server(kind: str, app: str) -> Iterator[_Server]:
             [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
         ),
     }
-    factory = app.startswith("starlette")
+    factory = app.startswith(("starlette", "flask", "django"))  # built by a call
     if kind == "uvicorn":
         cmd = [
             sys.executable,
@@ -292,6 +292,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
         (uv, "uvicorn", "asgi"),
         (f"{uv}, Starlette app", "uvicorn", "starlette"),
         ("waitress (4 threads)", "waitress", "wsgi"),
+        ("waitress (4 threads), Flask app", "waitress", "flask"),
+        ("waitress (4 threads), Django app", "waitress", "django"),
     ]
     if quick:  # the smoke run keeps one ASGI and one WSGI server
         servers = [servers[0], servers[2]]
@@ -391,7 +393,11 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " Starlette adapter (bosh_middleware.starlette) in Starlette's own middleware stack,"
             " where app.add_middleware puts it. Their extra StaticFiles row serves the same"
             " JavaScript from a file on disk (benchmarks/static/), as a Starlette app serves its"
-            " static files.",
+            " static files. The Flask and Django rows serve the same routes through those"
+            " frameworks under waitress, each adapter added as the README says (BOSHPrebind(app);"
+            " the middleware in MIDDLEWARE after the auth layer's), in a project with nothing"
+            " else (no sessions, CSRF or templates: benchmarks/_wsgiframeworks.py), so that the"
+            " framework's own share is as small as it gets there.",
             "Logged in = an X-User header (the auth layer). 'JSON API (logged in)' sends what a"
             " browser's fetch() sends (Accept: application/json, Sec-Fetch-Dest: empty,"
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"

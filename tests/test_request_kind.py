@@ -26,6 +26,7 @@ from bosh_middleware.core import (
     UNDECIDED,
     PrebindCore,
     accepts_html,
+    environ_kind,
     not_a_page,
     request_kind,
     request_kind_of,
@@ -176,9 +177,14 @@ NOT_A_PAGE: dict[str, tuple[dict[str, str], bool]] = {
 
 
 def lower_getter(headers: dict[str, str]) -> Callable[[str], str | None]:
-    """What the adapters hand the core: a lookup by lower-case name."""
+    """What ``request_kind`` reads: a lookup by lower-case name."""
     lowered = {k.lower(): v for k, v in headers.items()}
     return lowered.get
+
+
+def cgi_environ(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` as a WSGI server (and Django's ``request.META``) has them."""
+    return {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
 
 
 @pytest.mark.parametrize("case", list(NOT_A_PAGE))
@@ -353,12 +359,13 @@ def _navigation(headers: dict[str, str]) -> bool:
 
 @pytest.mark.parametrize("case", list(NOT_A_PAGE))
 def test_navigation_only_makes_a_request_that_says_nothing_no_page(case: str) -> None:
-    """``navigation_only``: only what says it loads a page is one (what Django and Flask ask)."""
+    """``navigation_only``: only what says it loads a page is one (what Django and Flask ask,
+    of ``request.META`` and ``request.environ``)."""
     headers, _ = NOT_A_PAGE[case]
     config = MiddlewareConfig(
         service_url=NOWHERE, credentials=lambda user: None, navigation_only=True
     )
-    kind = PrebindCore(config).kind_of(lower_getter(headers))
+    kind = PrebindCore(config).kind_of(cgi_environ(headers))
     assert kind == (NAVIGATION if _navigation(headers) else KIND_NOT_A_PAGE)
 
 
@@ -446,7 +453,7 @@ async def test_asgi_joins_repeated_header_lines() -> None:
 # the remembered answers (core.remember_kind)
 # ------------------------------------------------------------------------------------------
 
-MEMOS = (core_module._KINDS, asgi._KINDS, wsgi._KINDS)
+MEMOS = (core_module._KINDS, asgi._KINDS, core_module._ENVIRON_KINDS)
 
 
 @pytest.fixture
@@ -459,13 +466,13 @@ def fresh_memos() -> Any:
 
 
 def kinds_three_ways(headers: dict[str, str]) -> list[str]:
-    """The core's, the ASGI adapter's and the WSGI adapter's answer for ``headers``."""
+    """The core's, the ASGI adapter's and the environ's (WSGI, Django's META, Flask) answer for
+    ``headers``."""
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
     return [
         request_kind(lower_getter(headers)),
         asgi._request_kind(raw),
-        wsgi._request_kind(environ),
+        environ_kind(cgi_environ(headers)),
     ]
 
 
@@ -479,8 +486,8 @@ def test_remembered_kinds_are_the_worked_out_ones(fresh_memos: None) -> None:
             expected = request_kind_of(xhr, get("sec-fetch-dest"), get("accept"))
             assert kinds_three_ways(headers) == [expected] * 3, (round_, case)
     # every one remembered (the adapters settle ``Sec-Fetch-Dest: empty`` before they ask)
-    assert len(core_module._KINDS) > max(len(asgi._KINDS), len(wsgi._KINDS))
-    assert asgi._KINDS and wsgi._KINDS
+    assert len(core_module._KINDS) > max(len(asgi._KINDS), len(core_module._ENVIRON_KINDS))
+    assert asgi._KINDS and core_module._ENVIRON_KINDS
 
 
 def test_kind_memos_are_bounded(fresh_memos: None) -> None:
@@ -502,7 +509,7 @@ def test_unhashable_values_are_worked_out_and_not_kept(fresh_memos: None) -> Non
     before, and not remembered."""
     assert asgi._request_kind([(b"accept", bytearray(b"application/json"))]) == KIND_NOT_A_PAGE
     assert asgi._request_kind([(b"accept", bytearray(CHROME.encode()))]) == NAVIGATION
-    assert wsgi._request_kind({"HTTP_ACCEPT": ["application/json"]}) == UNDECIDED  # (no str)
+    assert environ_kind({"HTTP_ACCEPT": ["application/json"]}) == UNDECIDED  # (no str)
     listed: dict[str, Any] = {"x-requested-with": ["XMLHttpRequest"]}  # (a getter's list)
     assert request_kind(listed.get) == KIND_NOT_A_PAGE
-    assert not asgi._KINDS and not wsgi._KINDS and not core_module._KINDS
+    assert not asgi._KINDS and not core_module._ENVIRON_KINDS and not core_module._KINDS

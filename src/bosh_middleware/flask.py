@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
-    from flask import Flask, Response, current_app, g, request
+    from flask import Flask, Request, Response, current_app, g, request
     from werkzeug.utils import import_string
 except ImportError as exc:  # pragma: no cover - exercised in the no-framework env
     raise ImportError(
@@ -43,6 +43,7 @@ log = logging.getLogger("bosh_middleware")
 #: This adapter's own keys, not ``MiddlewareConfig`` settings.
 _ADAPTER_KEYS = frozenset({f"{PREFIX}NONCE_ATTRIBUTE", f"{PREFIX}ENABLED"})
 _WHOLE = "bosh_middleware.flask.whole_body"
+_KIND = "bosh_middleware.flask.kind"
 _UNSET = object()
 
 
@@ -128,14 +129,23 @@ class BOSHPrebind:
             log.info("BOSHPrebind is off: app.config['%sENABLED'] is False", PREFIX)
             return
         core = PrebindCore(_config(app))
-        app.extensions[EXTENSION_KEY] = _State(
+        state = app.extensions[EXTENSION_KEY] = _State(
             core, self.get_user or flask_login_user, app.config["BOSH_NONCE_ATTRIBUTE"]
         )
         app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
             _whole_bodies(app.wsgi_app), core=core, get_user=None, serve_endpoint=False
         )
-        app.before_request(_before_request)
-        app.after_request(_after_request)
+
+        # This app's state bound in: no lookup through ``current_app`` on every request.
+        # (Closures, not partials, which Flask's ``ensure_sync`` unwraps on every call.)
+        def before_request() -> None:
+            _before_request(state)
+
+        def after_request(response: Response) -> Response:
+            return _after_request(state, response)
+
+        app.before_request(before_request)
+        app.after_request(after_request)
         if core.config.endpoint_path is not None:
             app.add_url_rule(core.config.endpoint_path, EXTENSION_KEY, _endpoint, methods=["GET"])
 
@@ -145,42 +155,46 @@ def _state() -> _State:
     return state
 
 
-def _kind(core: PrebindCore) -> str:
+def _kind(core: PrebindCore, req: Request) -> str:
     """This request's ``request_kind`` (not a page, too, for the endpoint and for paths and
-    methods that never are): both hooks ask, and the headers are read once."""
-    kind: str | None = g.get("_bosh_kind")
+    methods that never are): both hooks ask, and the headers are read once. Kept in the
+    environ and read from ``req`` (the request itself, not the ``request`` proxy): each
+    access through one of Flask's proxies took 30-50 bytecodes, and every request passes
+    here twice."""
+    environ = req.environ
+    kind: str | None = environ.get(_KIND)
     if kind is None:
-        path = request.path
-        if core.is_endpoint(path) or not core.wants_path(request.method, path):
+        path = req.path
+        if core.is_endpoint(path) or not core.wants_path(req.method, path):
             kind = NOT_A_PAGE
         else:
-            kind = core.kind_of(request.headers.get)
-        g._bosh_kind = kind
+            kind = core.kind_of(environ)  # (no header view: see core.environ_kind)
+        environ[_KIND] = kind
     return kind
 
 
-def _before_request() -> None:
-    state = _state()
-    if _kind(state.core) != NAVIGATION:
+def _before_request(state: _State) -> None:
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    if _kind(state.core, req) != NAVIGATION:
         return
     user = g._bosh_user = state.get_user()
     credentials = state.core.credentials_sync(user)
     if credentials is not None:
-        request.environ[ENVIRON_CREDENTIALS] = credentials
+        req.environ[ENVIRON_CREDENTIALS] = credentials
         pending = state.core.start_sync(credentials)
         if pending is not None:
-            request.environ[ENVIRON_PENDING] = pending
+            req.environ[ENVIRON_PENDING] = pending
 
 
-def _after_request(response: Response) -> Response:
-    state = _state()
+def _after_request(state: _State, response: Response) -> Response:
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
     if not (
-        is_injectable(request.method, response.status_code, response.headers.get)
-        and _kind(state.core) != NOT_A_PAGE
-        and not opted_out(request.environ)
+        _kind(state.core, req) != NOT_A_PAGE  # (first: the usual no, from the environ)
+        and is_injectable(req.method, response.status_code, response.headers.get)
+        and not opted_out(environ)
     ):
         return response  # the WSGI middleware discards a started prebind
-    environ = request.environ
     user = state.get_user()
     if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
         pending = environ.pop(ENVIRON_PENDING, None)
@@ -192,7 +206,7 @@ def _after_request(response: Response) -> Response:
             environ[ENVIRON_CREDENTIALS] = credentials
     if ENVIRON_CREDENTIALS in environ:
         environ[_WHOLE] = response.is_sequence and state.core.rewrites_body
-        nonce = g.get(state.nonce_attribute) or getattr(request, state.nonce_attribute, None)
+        nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
         if nonce:
             environ[ENVIRON_NONCE] = str(nonce)
     return response

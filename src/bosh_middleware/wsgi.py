@@ -17,16 +17,14 @@ from .config import MiddlewareConfig
 from .core import (
     NAVIGATION,
     NOT_A_PAGE,
-    UNDECIDED,
     PrebindCore,
     SyncPending,
     charset_of,
+    environ_kind,
     excluded,
     exclusions,
     is_authenticated,
     is_injectable,
-    remember_kind,
-    request_kind_of,
 )
 from .credentials import Credentials
 from .inject import Injector
@@ -60,41 +58,6 @@ def environ_user(environ: dict[str, Any]) -> Any:
 def environ_nonce(environ: dict[str, Any]) -> str | None:
     nonce = environ.get(ENVIRON_NONCE)
     return str(nonce) if nonce else None
-
-
-def _request_kind(environ: dict[str, Any]) -> str:
-    """``request_kind`` of the request, its four values read straight from the environ (a
-    server joins repeated fields with commas already; a value that is not a str is absent)."""
-    get = environ.get
-    dest = get("HTTP_SEC_FETCH_DEST")
-    if dest == "empty":  # every browser's fetch()/XHR: no page, whatever else it says
-        return NOT_A_PAGE
-    if (
-        dest is None
-        and "HTTP_ACCEPT" not in environ
-        and "HTTP_HX_REQUEST" not in environ
-        and "HTTP_X_REQUESTED_WITH" not in environ
-    ):
-        # Said nothing (a script, curl): what request_kind_of answers. Settled with ``in``,
-        # which is no call, rather than three ``get`` calls: such a request pays for the
-        # response's inspection too, and this is what it costs most often.
-        return UNDECIDED
-    key = (get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"), dest, get("HTTP_ACCEPT"))
-    try:  # the usual values (curl's ``*/*``, a browser's navigation): see core.remember_kind
-        return _KINDS[key]
-    except (KeyError, TypeError):  # (TypeError: an unhashable value, which is not kept either)
-        pass
-    xhr, dest, accept = key
-    kind = request_kind_of(
-        xhr,
-        dest if isinstance(dest, str) else None,
-        accept if isinstance(accept, str) else None,
-    )
-    return remember_kind(_KINDS, key, kind)
-
-
-#: ``_request_kind`` answers by the environ's values.
-_KINDS: dict[tuple[Any, Any, Any], str] = {}
 
 
 def _may_be_html(headers: list[tuple[str, str]]) -> bool:
@@ -429,7 +392,7 @@ class BOSHPrebindMiddleware:
             # (REMOTE_USER, a non-empty str, is a user: no call needed for it)
             if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
                 return self.app(environ, start_response)
-        kind = _request_kind(environ)
+        kind = environ_kind(environ)
         if kind == NOT_A_PAGE or (kind != NAVIGATION and self._navigation_only):
             return self.app(environ, start_response)
         credentials = pending = None

@@ -5,6 +5,7 @@ rather than leaving every page without a session in silence."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
 from django.http import HttpRequest, HttpResponse
-from django.test import Client
+from django.test import Client, RequestFactory
 
 from bosh_middleware.django import BOSHPrebindMiddleware, load_config
 from bosh_middleware.django import middleware as django_middleware
@@ -113,3 +114,49 @@ def test_disabled_on_purpose_is_quiet(settings: Any, caplog: pytest.LogCaptureFi
     with pytest.raises(MiddlewareNotUsed):
         BOSHPrebindMiddleware(view)
     assert unset_warnings(caplog) == []
+
+
+class _User:
+    is_authenticated = True
+
+    def get_username(self) -> str:
+        return "alice"
+
+
+@pytest.mark.parametrize("async_mode", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Accept": "application/json", "Sec-Fetch-Dest": "empty"},  # a browser's fetch()
+        {"Accept": "application/json"},  # a JSON client
+        {},  # says nothing: curl, a script
+    ],
+    ids=["fetch", "json", "nothing"],
+)
+def test_request_headers_read_from_meta(
+    settings: Any, async_mode: bool, headers: dict[str, str]
+) -> None:
+    """The middleware reads the four headers it needs from ``request.META``: Django's
+    ``request.headers`` (every META key parsed, a cached property) is not built for a
+    logged-in request that passes through, and the view sees the request as the client sent
+    it."""
+    settings.BOSH_PREBIND = LOWER
+    request = RequestFactory().get("/api/", headers=headers)
+    request.user = _User()
+    seen: list[bool] = []
+
+    def view(request: HttpRequest) -> HttpResponse:
+        seen.append("headers" in request.__dict__)
+        return HttpResponse(b"{}", content_type="application/json")
+
+    async def aview(request: HttpRequest) -> HttpResponse:
+        return view(request)
+
+    middleware = BOSHPrebindMiddleware(aview if async_mode else view)
+    response = middleware(request)
+    if async_mode:
+        response = asyncio.run(response)
+    assert response.content == b"{}"
+    assert seen == [False]
+    assert "headers" not in request.__dict__
+    assert request.headers.get("Accept") == headers.get("Accept")  # (Django still reads them)

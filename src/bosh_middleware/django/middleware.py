@@ -182,13 +182,15 @@ class BOSHPrebindMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        core, path, get = self.core, request.path_info, request.headers.get
+        core, path = self.core, request.path_info
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*core.endpoint_sync(_user(request)))
-        # One read of the request headers (not_a_page, then navigation or not).
-        kind = core.kind_of(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        # The request headers read from META, where Django keeps them as the server sent them:
+        # ``request.headers`` would be built (every META key parsed) for four values.
+        wants = core.wants_path(request.method or "", path)
+        kind = core.kind_of(request.META) if wants else NOT_A_PAGE
         if kind == NOT_A_PAGE:
             return self.get_response(request)
         # Reading the user touches the session (Vary: Cookie): only early for navigations.
@@ -221,12 +223,13 @@ class BOSHPrebindMiddleware:
         return self._rewrite(request, response, session) if session is not None else response
 
     async def __acall__(self, request: HttpRequest) -> Any:
-        core, path, get = self.core, request.path_info, request.headers.get
+        core, path = self.core, request.path_info
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
             return _endpoint_response(*await core.endpoint_async(await _auser(request)))
-        kind = core.kind_of(get) if core.wants_path(request.method or "", path) else NOT_A_PAGE
+        wants = core.wants_path(request.method or "", path)
+        kind = core.kind_of(request.META) if wants else NOT_A_PAGE  # (as in ``__call__``)
         if kind == NOT_A_PAGE:
             return await self.get_response(request)
         navigation = kind == NAVIGATION
