@@ -192,6 +192,25 @@ def test_navigation_only_leaves_requests_that_say_nothing_alone(
         assert spy.calls == [] and looked_up.calls == []
 
 
+def test_paths_the_middleware_lets_by_start_no_prebind(make_app, prosody, account) -> None:
+    """The hooks go by what the WSGI middleware in front of the app found: a page under an
+    excluded path, or the endpoint, asked for as a navigation, starts no page prebind (the
+    endpoint's own answer is its one prebind), and the page is served as the view made it."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    app = make_app(credentials=looked_up, exclude_paths=("/nonce",))
+    spy = PrebindSpy.on(app.extensions["bosh_prebind"].core, sync=True)
+    client = logged_in(app)
+    r = client.get("/nonce", headers=NAVIGATION)
+    assert r.status_code == 200 and "BOSH_SID" not in r.get_data(as_text=True)
+    assert "Cache-Control" not in r.headers
+    assert spy.calls == [] and looked_up.calls == []
+    r = client.get("/bosh/prebind", headers=NAVIGATION)
+    assert r.status_code == 200 and set(r.json) == {"jid", "sid", "rid"}
+    assert len(spy.calls) == 1 and len(looked_up.calls) == 1
+    assert_live(prosody.service_url, r.json)
+    assert_prebound(client.get("/", headers=NAVIGATION), prosody.service_url)  # (the rest: as ever)
+
+
 def test_json_and_head_pass_through(app) -> None:
     client = logged_in(app)
     r = client.get("/api/data", headers=NAVIGATION)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
-    from flask import Flask, Request, Response, current_app, g, request
+    from flask import Flask, Response, current_app, g, request
     from werkzeug.utils import import_string
 except ImportError as exc:  # pragma: no cover - exercised in the no-framework env
     raise ImportError(
@@ -33,7 +33,13 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
 from .config import MiddlewareConfig, did_you_mean
 from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable
 from .optout import opted_out
-from .wsgi import ENVIRON_CREDENTIALS, ENVIRON_NONCE, ENVIRON_PENDING, BOSHPrebindMiddleware
+from .wsgi import (
+    ENVIRON_CREDENTIALS,
+    ENVIRON_KIND,
+    ENVIRON_NONCE,
+    ENVIRON_PENDING,
+    BOSHPrebindMiddleware,
+)
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
 
@@ -43,7 +49,6 @@ log = logging.getLogger("bosh_middleware")
 #: This adapter's own keys, not ``MiddlewareConfig`` settings.
 _ADAPTER_KEYS = frozenset({f"{PREFIX}NONCE_ATTRIBUTE", f"{PREFIX}ENABLED"})
 _WHOLE = "bosh_middleware.flask.whole_body"
-_KIND = "bosh_middleware.flask.kind"
 _UNSET = object()
 
 
@@ -155,27 +160,14 @@ def _state() -> _State:
     return state
 
 
-def _kind(core: PrebindCore, req: Request) -> str:
-    """This request's ``request_kind`` (not a page, too, for the endpoint and for paths and
-    methods that never are): both hooks ask, and the headers are read once. Kept in the
-    environ and read from ``req`` (the request itself, not the ``request`` proxy): each
-    access through one of Flask's proxies took 30-50 bytecodes, and every request passes
-    here twice."""
-    environ = req.environ
-    kind: str | None = environ.get(_KIND)
-    if kind is None:
-        path = req.path
-        if core.is_endpoint(path) or not core.wants_path(req.method, path):
-            kind = NOT_A_PAGE
-        else:
-            kind = core.kind_of(environ)  # (no header view: see core.environ_kind)
-        environ[_KIND] = kind
-    return kind
-
-
 def _before_request(state: _State) -> None:
+    # The request itself, not the ``request`` proxy: each access through one of Flask's
+    # proxies took 30-50 bytecodes, and every request passes both hooks. Its kind is what the
+    # WSGI middleware in front of the app found (none: it let the request by unasked, as it
+    # does an excluded path, another method or the endpoint): the hooks cannot disagree with
+    # the middleware that will rewrite the page or not, and work nothing out again.
     req = request._get_current_object()  # type: ignore[attr-defined]
-    if _kind(state.core, req) != NAVIGATION:
+    if req.environ.get(ENVIRON_KIND) != NAVIGATION:
         return
     user = g._bosh_user = state.get_user()
     credentials = state.core.credentials_sync(user)
@@ -190,7 +182,7 @@ def _after_request(state: _State, response: Response) -> Response:
     req = request._get_current_object()  # type: ignore[attr-defined]
     environ = req.environ
     if not (
-        _kind(state.core, req) != NOT_A_PAGE  # (first: the usual no, from the environ)
+        environ.get(ENVIRON_KIND, NOT_A_PAGE) != NOT_A_PAGE  # (first: the usual no)
         and is_injectable(req.method, response.status_code, response.headers.get)
         and not opted_out(environ)
     ):

@@ -33,6 +33,7 @@ from .session import PrebindSession
 
 __all__ = [
     "ENVIRON_CREDENTIALS",
+    "ENVIRON_KIND",
     "ENVIRON_NONCE",
     "ENVIRON_PENDING",
     "BOSHPrebindMiddleware",
@@ -46,6 +47,11 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 ENVIRON_CREDENTIALS = "bosh_middleware.credentials"
 ENVIRON_PENDING = "bosh_middleware.pending"
+#: The request's kind as the middleware found it (``core.environ_kind``, ``navigation_only``
+#: applied), when an adapter reads the user inside the app (``get_user=None``: Flask's hooks).
+#: Absent: the middleware let the request by unasked (a method, path or the endpoint that is
+#: never a page), so the hooks need not work anything out again.
+ENVIRON_KIND = "bosh_middleware.kind"
 #: Where the app can leave a CSP nonce for the injected ``<script>``.
 ENVIRON_NONCE = "csp_nonce"
 
@@ -372,8 +378,10 @@ class BOSHPrebindMiddleware:
         # (``not_a_page``: fetch/XHR, htmx, a JSON client) goes to the app with the server's own
         # ``start_response``: nothing to inspect, and no orphan session for HTML a script fetched.
         path = environ.get("PATH_INFO", "")
-        if path == self._endpoint_path and self.serve_endpoint and self.get_user is not None:
-            return self._endpoint(environ, start_response)
+        if path == self._endpoint_path:  # (None when there is no endpoint)
+            if self.serve_endpoint and self.get_user is not None:
+                return self._endpoint(environ, start_response)
+            return self.app(environ, start_response)  # the app's own route (Flask's): no page
         # core.wants_path, inlined (every request runs this)
         exclude = self._exclude
         if environ.get("REQUEST_METHOD", "GET") != "GET" or (
@@ -393,7 +401,11 @@ class BOSHPrebindMiddleware:
             if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
                 return self.app(environ, start_response)
         kind = environ_kind(environ)
-        if kind == NOT_A_PAGE or (kind != NAVIGATION and self._navigation_only):
+        if kind != NAVIGATION and self._navigation_only:
+            kind = NOT_A_PAGE
+        if get_user is None:  # the user is read inside the app, whose hooks ask this
+            environ[ENVIRON_KIND] = kind
+        if kind == NOT_A_PAGE:
             return self.app(environ, start_response)
         credentials = pending = None
         core = self.core
