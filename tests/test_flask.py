@@ -6,13 +6,15 @@ Every injected session is proven live with one BOSH request sent by hand (roster
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, Response
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
@@ -209,6 +211,41 @@ def test_paths_the_middleware_lets_by_start_no_prebind(make_app, prosody, accoun
     assert len(spy.calls) == 1 and len(looked_up.calls) == 1
     assert_live(prosody.service_url, r.json)
     assert_prebound(client.get("/", headers=NAVIGATION), prosody.service_url)  # (the rest: as ever)
+
+
+@pytest.mark.parametrize("headers", [{}, NAVIGATION], ids=["says-nothing", "navigation"])
+def test_a_page_compressed_inside_the_extension_is_reported_once(
+    make_app, account, headers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A page compressed by something between the extension and the view goes out untouched,
+    and the order mistake is logged once. A request that said nothing costs no prebind; a
+    navigation's, started next to the view, is ended unused."""
+    looked_up = CountingCredentials(StaticCredentials({"alice": account}))
+    app = make_app(credentials=looked_up)
+    spy = PrebindSpy.on(app.extensions["bosh_prebind"].core, sync=True)
+    body = gzip.compress(page("home").encode())
+
+    @app.route("/gz")
+    def gz() -> Response:
+        return Response(body, content_type="text/html", headers={"Content-Encoding": "gzip"})
+
+    client = logged_in(app)
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        for _ in range(3):
+            r = client.get("/gz", headers=headers)
+            assert r.status_code == 200 and r.data == body
+            assert "Cache-Control" not in r.headers
+    [record] = [r for r in caplog.records if "compressed" in r.getMessage()]
+    assert "Content-Encoding: gzip" in record.getMessage()
+    if not headers:
+        assert spy.calls == [] and looked_up.calls == []
+        return
+    assert len(spy.calls) == 3
+    for _ in range(50):  # (each ended once it exists)
+        if len(spy.terminated) == 3:
+            break
+        time.sleep(0.1)
+    assert len(spy.terminated) == len(spy.sessions) == 3
 
 
 def test_json_and_head_pass_through(app) -> None:

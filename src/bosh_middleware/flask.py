@@ -39,6 +39,7 @@ from .wsgi import (
     ENVIRON_NONCE,
     ENVIRON_PENDING,
     BOSHPrebindMiddleware,
+    header_getter,
 )
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
@@ -181,12 +182,13 @@ def _before_request(state: _State) -> None:
 def _after_request(state: _State, response: Response) -> Response:
     req = request._get_current_object()  # type: ignore[attr-defined]
     environ = req.environ
-    if not (
-        environ.get(ENVIRON_KIND, NOT_A_PAGE) != NOT_A_PAGE  # (first: the usual no)
-        and is_injectable(req.method, response.status_code, response.headers.get)
-        and not opted_out(environ)
-    ):
-        return response  # the WSGI middleware discards a started prebind
+    if environ.get(ENVIRON_KIND, NOT_A_PAGE) == NOT_A_PAGE or opted_out(environ):
+        return response  # (the usual no first) the WSGI middleware discards a started prebind
+    get = header_getter(response.headers)
+    if not is_injectable(req.method, response.status_code, get):
+        # Said here: the WSGI middleware does not look at a response it gets no credentials for
+        state.core.check_compressed(response.status_code, get)
+        return response
     user = state.get_user()
     if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
         pending = environ.pop(ENVIRON_PENDING, None)
