@@ -26,9 +26,8 @@ from .core import (
     is_authenticated,
     is_injectable,
     log,
-    remember_kind,
     request_kind,
-    request_kind_of,
+    work_out_kind,
 )
 from .credentials import Credentials
 from .inject import Injector
@@ -109,13 +108,11 @@ def _kind_of_headers(raw: Any) -> str:
         return _KINDS[key]
     except (KeyError, TypeError):  # (TypeError: a bytearray value, which is not kept either)
         pass
-    xhr, dest, accept = key
-    kind = request_kind_of(
-        xhr,
-        None if dest is None else bytes(dest).decode("latin-1"),
-        None if accept is None else bytes(accept).decode("latin-1"),
-    )
-    return remember_kind(_KINDS, key, kind)
+    return work_out_kind(_KINDS, key, _latin1)
+
+
+def _latin1(value: Any) -> str | None:
+    return None if value is None else bytes(value).decode("latin-1")
 
 
 class _Headers:

@@ -46,6 +46,7 @@ __all__ = [
     "remember_kind",
     "request_kind",
     "request_kind_of",
+    "work_out_kind",
 ]
 
 log = logging.getLogger("bosh_middleware")
@@ -187,13 +188,22 @@ def environ_kind(environ: Mapping[str, Any]) -> str:
         return _ENVIRON_KINDS[key]
     except (KeyError, TypeError):  # (TypeError: an unhashable value, which is not kept either)
         pass
+    return work_out_kind(_ENVIRON_KINDS, key, _str_or_none)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def work_out_kind(
+    memo: dict[Any, str], key: tuple[Any, Any, Any], text: Callable[[Any], str | None]
+) -> str:
+    """``request_kind_of`` for a ``key`` its ``memo`` did not have (the xhr, ``Sec-Fetch-Dest``
+    and ``Accept`` values as sent), remembered there. ``text`` makes a value as sent the str
+    ``request_kind_of`` reads, or None: the adapters' memos differ in the values they are
+    keyed by (the environ's, ASGI's raw bytes), not in this."""
     xhr, dest, accept = key
-    kind = request_kind_of(
-        xhr,
-        dest if isinstance(dest, str) else None,
-        accept if isinstance(accept, str) else None,
-    )
-    return remember_kind(_ENVIRON_KINDS, key, kind)
+    return remember_kind(memo, key, request_kind_of(xhr, text(dest), text(accept)))
 
 
 #: How many request kinds each memo keeps (``remember_kind``), and the longest value kept.
