@@ -227,14 +227,11 @@ class _Exchange:
             and self.mode == "undecided"
             and (
                 not _may_be_html(headers)  # no page: nothing to rewrite, and no session for it
-                # An adapter inside the app (Flask's) reads the user and the response there; it
-                # left no credentials (an anonymous user, or no page, which it reported): no
-                # session to give, and nothing here to look at.
-                or (
-                    self.user is None
-                    and self.credentials is None
-                    and ENVIRON_CREDENTIALS not in self.environ
-                )
+                # An adapter inside the app (Flask's: no user here, and so no credentials
+                # either) reads the user and the response there; it left no credentials (an
+                # anonymous user, or no page, which it reported): no session to give, and
+                # nothing here to look at.
+                or (self.user is None and ENVIRON_CREDENTIALS not in self.environ)
             )
         ):
             self.mode = "pass"
