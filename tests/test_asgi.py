@@ -896,6 +896,50 @@ async def test_what_the_watch_read_goes_to_the_app(make_mw: Any) -> None:
     assert page_vars(rec.body) is not None
 
 
+async def test_an_app_that_listens_for_the_disconnect_while_its_start_waits_gets_its_page(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """Starlette's streamed responses (ASGI spec before 2.4, and any page behind a
+    ``BaseHTTPMiddleware``) listen for the disconnect in a task of their own while they send
+    the start. That receive takes the watch over; the start must still get its session (the
+    watch's cancellation once came out of the app's ``send``, and the session was left live)."""
+    sent: list[dict[str, Any]] = []
+    over = asyncio.Event()
+    first = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:  # as uvicorn: the disconnect once the response is over
+        if first:
+            return first.pop()
+        await over.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            over.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        start = {"type": "http.response.start", "status": 200, "headers": HTML_RAW}
+        starting = asyncio.ensure_future(send(start))
+        await asyncio.sleep(0.1)  # the start is waiting for the session, watching the request
+        listener = asyncio.ensure_future(listen())
+        await starting
+        await send({"type": "http.response.body", "body": PAGE})
+        await listener
+
+    mw, spy = make_mw(app, spy_delay=0.5)
+    await asyncio.wait_for(mw(http_scope("/", headers=NAV, user=ALICE), receive, send), 10)
+    values = page_vars(b"".join(m.get("body", b"") for m in sent))
+    assert values is not None
+    (session,) = spy.sessions
+    assert values["BOSH_SID"] == session.sid and spy.terminated == []
+    assert await live(prosody, session)
+
+
 def test_a_terminate_its_loop_ended_before_is_done_at_exit(
     prosody: XMPPServer, alice: tuple[str, str]
 ) -> None:

@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import (
@@ -142,6 +143,11 @@ def routes(html_file: Path, script_base: str | None) -> list[Route]:
     ]
 
 
+class _PassOn(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
 def make_app(
     accounts: dict[str, tuple[str, str]],
     service_url: str | None,
@@ -150,9 +156,13 @@ def make_app(
     order: str = "add_middleware",
     fastapi: bool = False,
     script_base: str | None = None,
+    inner: bool = False,
     **settings: Any,
 ) -> Any:
     """``service_url=None``: the same app without bosh-middleware.
+
+    ``inner``: a ``BaseHTTPMiddleware`` added before ours (so inside it), as an app's own
+    ``@app.middleware("http")`` often is.
 
     ``order``: "add_middleware" (documented: ours first, then authentication, then sessions),
     "list" (``middleware=[Session, Auth, ours]``), "wrong" (ours added last: outermost)."""
@@ -178,6 +188,8 @@ def make_app(
         app = Starlette(routes=app_routes, middleware=[*auth, ours_last])
     else:
         app = Starlette(routes=app_routes)
+    if inner:
+        app.add_middleware(_PassOn)
     if order == "add_middleware" and service_url:
         app.add_middleware(BOSHPrebindMiddleware, **bosh)  # the documented one line
     if order != "list" or fastapi or not service_url:
@@ -324,6 +336,18 @@ async def test_streamed_page_is_injected_without_content_length(clients, prosody
     assert "content-length" not in r.headers
     assert_prebound(r, prosody.service_url)
     assert r.text.endswith("<body>streamed</body></html>")
+
+
+@pytest.mark.parametrize("path", ["/stream", "/file.html"])
+@own_loop
+async def test_streamed_pages_behind_an_inner_base_http_middleware(clients, prosody, path):
+    """Behind a ``BaseHTTPMiddleware``, Starlette's streamed responses listen for the
+    disconnect while their start waits for the session: the page still gets it (the wait
+    once raised ``CancelledError`` into the app there, and the session was left live)."""
+    client = await clients(inner=True)
+    r = await client.get(path, headers=NAVIGATION)
+    assert_prebound(r, prosody.service_url)
+    assert r.text.rstrip().endswith("</html>")
 
 
 @own_loop

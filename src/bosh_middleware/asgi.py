@@ -269,6 +269,11 @@ class _Responder:
             self._watcher = None
         if waiting.done():
             return waiting.result()
+        if watcher.cancelled():
+            # The app asked for a message meanwhile (``receive`` took the watch over): Starlette's
+            # streamed responses listen for the disconnect in a task of their own while they
+            # send the start. The app sees a disconnect itself now, and cancels the page.
+            return await waiting
         self._stash.append(watcher.result())  # (the app's next receive says so too)
         waiting.cancel()  # (the pending ends the session once it exists)
         log.info("client went away before its page: session not sent, ended")
