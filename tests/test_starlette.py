@@ -357,7 +357,8 @@ async def test_file_response(clients, prosody) -> None:
     r = await client.get("/file.html", headers=NAVIGATION)
     assert_prebound(r, prosody.service_url)
     assert int(r.headers["content-length"]) == len(r.content) > len(bare.content)
-    assert r.headers["etag"] == "W/" + bare.headers["etag"]
+    assert "etag" in bare.headers and "etag" not in r.headers
+    assert "last-modified" in bare.headers and "last-modified" not in r.headers
     ranged = await client.get("/file.html", headers={**NAVIGATION, "Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.content == bare.content[:10]
 

@@ -688,7 +688,12 @@ class PrebindCore:
         # A prebound page must never sit in a shared cache. CDNs obey these targeted fields
         # instead of Cache-Control (RFC 9213 CDN-Cache-Control, Surrogate-Control, Akamai's
         # Edge-Control), so an app's max-age there would beat our no-store: drop them.
-        removes: list[str] = ["Expires", *_CDN_CACHE_FIELDS]
+        # No validator either: each prebound response is new (a session of its own). A copy
+        # cached without one (a page served while the XMPP server was down) and revalidated
+        # with them would match this response in a conditional GET outside us (Django's
+        # ConditionalGetMiddleware, a proxy): a 304, the stale copy kept, and the session
+        # made for it lost and live. (A weakened ETag still matches If-None-Match.)
+        removes: list[str] = ["Expires", "ETag", "Last-Modified", *_CDN_CACHE_FIELDS]
         vary = get("vary")
         tokens = {t.strip().lower() for t in (vary or "").split(",")}
         if "*" not in tokens and "cookie" not in tokens:
@@ -701,9 +706,6 @@ class PrebindCore:
                 (names[2], str(session.rid)),
             ]
         if self.rewrites_body:
-            etag = get("etag")
-            if etag and not etag.startswith("W/"):
-                sets.append(("ETag", f"W/{etag}"))
             if streaming:
                 removes.append("Content-Length")
             elif body_length is not None and get("content-length") is not None:
