@@ -1146,6 +1146,23 @@ async def test_both_mode(make_mw: Any) -> None:
     assert rec.header("content-length") == str(len(rec.body))
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_both_mode_page_that_cannot_carry_the_snippet_keeps_its_session(
+    make_mw: Any, prosody: XMPPServer, streamed: bool
+) -> None:
+    """A page that ends inside a comment gets no snippet, but in "both" mode its headers took
+    the session to the client, as in headers mode: it must stay live, not be ended."""
+    page = b"<html><p>hi</p><!-- a comment never closed"
+    bodies = (page[:10], page[10:]) if streamed else (page,)
+    mw, spy = make_mw(scripted_app(response(200, HTML, *bodies)), mode="both")
+    rec = await run(mw)
+    await drain_async(mw.core)
+    (session,) = spy.sessions
+    assert b"BOSH_" not in rec.body and rec.header("x-bosh-sid") == session.sid
+    assert spy.terminated == []
+    assert await live(prosody, session)
+
+
 # ------------------------------------------------------------------------------------------
 # JSON endpoint
 # ------------------------------------------------------------------------------------------

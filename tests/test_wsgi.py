@@ -661,6 +661,28 @@ def test_both_mode(make_mw: Any) -> None:
     assert (r.header("x-bosh-sid"), r.header("x-bosh-rid")) == (s.sid, str(s.rid))
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_both_mode_page_that_cannot_carry_the_snippet_keeps_its_session(
+    make_mw: Any, prosody: XMPPServer, streamed: bool
+) -> None:
+    """A page that ends inside a comment gets no snippet, but in "both" mode its headers took
+    the session to the client, as in headers mode: it must stay live, not be ended."""
+    page = b"<html><p>hi</p><!-- a comment never closed"
+    chunks = [page[:10], page[10:]]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return ClosingIterable(chunks) if streamed else [page]
+
+    mw, spy = make_mw(app, mode="both")
+    r = get(mw)
+    assert spy.wait_idle()
+    (session,) = spy.sessions
+    assert b"BOSH_" not in r.body and r.header("x-bosh-sid") == session.sid
+    assert spy.terminated == []
+    assert is_live(prosody.service_url, session)
+
+
 # ------------------------------------------------------------------------------------------
 # JSON endpoint
 # ------------------------------------------------------------------------------------------
@@ -796,6 +818,38 @@ def test_close_is_forwarded_exactly_once(make_mw: Any, case: str) -> None:
     r = get(mw)
     assert iterable.closed == 1
     assert (b"BOSH_SID" in r.body) == (case in ("streamed-page", "whole-page"))
+
+
+@pytest.mark.parametrize("body", ["whole-page", "streamed-page"])
+@pytest.mark.parametrize("failure", ["get_nonce", "start_response"])
+def test_close_is_called_once_when_the_rewrite_fails(
+    make_mw: Any, prosody: XMPPServer, body: str, failure: str
+) -> None:
+    """The rewrite fails before the server has the body (a ``get_nonce`` that raises, a
+    start the server refuses, which it sees late since the start is held for the rewrite):
+    the app's iterable must still be closed, once (PEP 3333; Django's ``request_finished``),
+    and the session made for the page ended."""
+    chunks = [b"<html><head>", b"</head></html>"]
+    iterable: Any = ClosingList(chunks) if body == "whole-page" else ClosingIterable(chunks)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return iterable
+
+    def refuse(*args: Any) -> Any:
+        raise RuntimeError("refused")
+
+    settings: dict[str, Any] = {"get_nonce": refuse} if failure == "get_nonce" else {}
+    mw, spy = make_mw(app, **settings)
+    environ = wsgi_environ("/", headers=NAV, user="alice")
+    start = refuse if failure == "start_response" else (lambda *a: None)
+    with pytest.raises(RuntimeError, match="refused"):
+        mw(environ, start)
+    assert iterable.closed == 1
+    assert spy.wait_idle()
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert is_dead(prosody.service_url, session)
 
 
 def test_exc_info_replaces_a_held_page(make_mw: Any, prosody: XMPPServer) -> None:

@@ -384,7 +384,8 @@ class _Responder:
             start["headers"] = _edited(start.get("headers"), sets, removes)
             await self._send(start)
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
-            self.delivered = self.injector.done
+            # (in "both" mode the headers just sent carry it, snippet or not)
+            self.delivered = self.injector.done or self.core.sends_headers
             if not more:
                 self.passthrough = True
             return
@@ -395,7 +396,7 @@ class _Responder:
                 out += self.injector.finish()
                 self.passthrough = True
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
-            self.delivered = self.injector.done
+            self.delivered = self.delivered or self.injector.done
             return
         if self.start is None and self.injector is None:
             # Before the response's start: early hints, HTTP/2 pushes, the test client's

@@ -675,6 +675,12 @@ class PrebindCore:
     def rewrites_body(self) -> bool:
         return self.config.mode in ("script", "both")
 
+    @property
+    def sends_headers(self) -> bool:
+        """The session goes out in the response's headers (``headers``, ``both``): once they
+        are sent it has reached the client, whether or not the body could carry the snippet."""
+        return self.config.mode in ("headers", "both")
+
     def header_edits(
         self,
         get: HeaderGetter,
@@ -698,7 +704,7 @@ class PrebindCore:
         tokens = {t.strip().lower() for t in (vary or "").split(",")}
         if "*" not in tokens and "cookie" not in tokens:
             sets.append(("Vary", f"{vary}, Cookie" if vary else "Cookie"))
-        if self.config.mode in ("headers", "both"):
+        if self.sends_headers:
             names = self.config.header_names
             sets += [
                 (names[0], _header_value(session.jid)),

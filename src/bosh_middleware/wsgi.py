@@ -152,6 +152,7 @@ class _Exchange:
         "mode",
         "mw",
         "pending",
+        "result_closed",
         "session",
         "user",
         "written",
@@ -181,6 +182,7 @@ class _Exchange:
         self.session: PrebindSession | None = None  # claimed for the page, until ended
         self.delivered = False  # the server took the session (its headers, or the snippet)
         self.injector: Injector | None = None  # streaming a page; None once replaced
+        self.result_closed = False  # the app's iterable, read whole, was closed here
 
     def discard(self) -> None:
         pending = self.pending or self.environ.get(ENVIRON_PENDING)
@@ -298,6 +300,7 @@ class _Exchange:
             try:
                 body = injector.feed(b"".join([*self.written, *result])) + injector.finish()
             finally:
+                self.result_closed = True
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
@@ -305,12 +308,14 @@ class _Exchange:
                 get, session, body_length=len(body), streaming=False
             )
             self._start_response(status, _edited(headers, sets, removes), exc_info)
-            # (not done: a charset that cannot carry the snippet, the page went out without it)
-            self.delivered = injector.done
+            # (not done: a charset that cannot carry the snippet, the page went out without it;
+            # in "both" mode the headers carry the session all the same)
+            self.delivered = injector.done or self.core.sends_headers
             self._drop_session()
             return [body]
         sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
         self._start_response(status, _edited(headers, sets, removes), exc_info)
+        self.delivered = self.core.sends_headers  # ("both": in the headers, as headers mode)
         self.injector = injector
         return _ExchangeBody(self._stream(result), result, self)
 
@@ -326,10 +331,10 @@ class _Exchange:
                 # next chunk for bytes it could have had.
                 yield injector.feed(chunk)
                 # (The server came back for more: it took the chunk, snippet and all.)
-                self.delivered = injector.done
+                self.delivered = self.delivered or injector.done
             if self.injector is not None:
                 yield self.injector.finish()
-                self.delivered = self.injector.done
+                self.delivered = self.delivered or self.injector.done
         except BaseException:
             # The app failed, or the server closed the body early: no waiting for close().
             self.cleanup()
@@ -442,7 +447,12 @@ class BOSHPrebindMiddleware:
         try:
             return exchange.rewrite(result)
         except BaseException:
+            # (a ``get_nonce`` that failed, a start the server refused): the server never got
+            # the app's iterable, so closing it (PEP 3333; Django's request_finished) is ours
             exchange.cleanup()
+            close = None if exchange.result_closed else getattr(result, "close", None)
+            if close is not None:
+                close()
             raise
 
     def _endpoint(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
