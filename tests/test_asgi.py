@@ -1212,6 +1212,28 @@ async def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
     assert spy.calls == []
 
 
+@pytest.mark.parametrize("site", ["cross-site", "same-site", "same-origin", "none", None])
+async def test_endpoint_answers_only_the_apps_own_requests(
+    make_mw: Any, prosody: XMPPServer, site: str | None
+) -> None:
+    """Another site's ``<img src=/bosh/prebind>`` (or no-cors fetch) carries the user's cookies
+    where they are not SameSite: it must not make a session (it could not read it, and nobody
+    would end it). Browsers that send no ``Sec-Fetch-Site`` are answered."""
+    mw, spy = make_mw(html_app(PAGE))
+    headers = {"x-user": "alice", "sec-fetch-dest": "image"}
+    if site is not None:
+        headers["sec-fetch-site"] = site
+    async with client_for(mw) as client:
+        r = await client.get("/bosh/prebind", headers=headers)
+    if site in ("cross-site", "same-site"):
+        assert (r.status_code, r.json()) == (403, {"error": "cross-site request"})
+        assert spy.calls == [] and r.headers["cache-control"] == "private, no-store"
+    else:
+        assert r.status_code == 200
+        (session,) = spy.sessions
+        assert r.json()["sid"] == session.sid and await live(prosody, session)
+
+
 async def test_endpoint_405_for_post(make_mw: Any) -> None:
     mw, spy = make_mw(html_app(PAGE))
     async with client_for(mw) as client:

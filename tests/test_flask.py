@@ -275,6 +275,10 @@ def test_endpoint(app, prosody, account) -> None:
     assert anonymous.status_code == 401 and anonymous.json == {"error": "not authenticated"}
     assert logged_in(app).head("/bosh/prebind").status_code == 405
 
+    # another site's <img> or no-cors fetch, with the user's cookies: no session made
+    foreign = logged_in(app).get("/bosh/prebind", headers={"Sec-Fetch-Site": "cross-site"})
+    assert foreign.status_code == 403 and foreign.json == {"error": "cross-site request"}
+
 
 def test_endpoint_path_is_configurable_or_off(make_app) -> None:
     moved = make_app(endpoint_path="/xmpp/session")

@@ -720,6 +720,28 @@ def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
     assert spy.calls == []
 
 
+@pytest.mark.parametrize("site", ["cross-site", "same-site", "same-origin", "none", None])
+def test_endpoint_answers_only_the_apps_own_requests(
+    make_mw: Any, prosody: XMPPServer, site: str | None
+) -> None:
+    """Another site's ``<img src=/bosh/prebind>`` (or no-cors fetch) carries the user's cookies
+    where they are not SameSite: it must not make a session (it could not read it, and nobody
+    would end it). Browsers that send no ``Sec-Fetch-Site`` are answered."""
+    import json
+
+    mw, spy = make_mw(html_app())
+    headers = {"sec-fetch-dest": "image"} | ({"sec-fetch-site": site} if site else {})
+    r = get(mw, "/bosh/prebind", headers=headers)
+    if site in ("cross-site", "same-site"):
+        assert (r.code, json.loads(r.body)) == (403, {"error": "cross-site request"})
+        assert spy.calls == []
+    else:
+        assert r.code == 200
+        (session,) = spy.sessions
+        assert json.loads(r.body)["sid"] == session.sid
+        assert is_live(prosody.service_url, session)
+
+
 def test_endpoint_405_for_post(make_mw: Any) -> None:
     mw, spy = make_mw(html_app())
     r = get(mw, "/bosh/prebind", method="POST")

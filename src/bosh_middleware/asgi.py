@@ -615,7 +615,8 @@ class BOSHPrebindMiddleware:
         if scope["method"] != "GET":
             status, headers, body = 405, [("Allow", "GET"), ("Content-Length", "0")], b""
         else:
-            status, headers, body = await self.core.endpoint_async(self.get_user(scope))
+            site = _Headers(scope["headers"]).get("sec-fetch-site")
+            status, headers, body = await self.core.endpoint_async(self.get_user(scope), site)
         await send(
             {
                 "type": "http.response.start",

@@ -755,7 +755,21 @@ class PrebindCore:
             headers.append(("Retry-After", str(max(1, round(self.breaker.retry_after())))))
         return status, headers, body
 
-    def endpoint_sync(self, user: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    def endpoint_refused(self, site: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        """403 for a request another site made (``Sec-Fetch-Site`` neither ``same-origin``
+        nor ``none``): an ``<img>`` or a no-cors ``fetch()`` there carries the user's cookies
+        where they are not ``SameSite``, and each would make a live XMPP session nobody ends.
+        It could not read the answer (no CORS header is ever sent), so nothing that works is
+        refused; browsers too old to send the header are answered as before."""
+        log.info("BOSH endpoint: refused a %s request", site[:20])
+        return self.endpoint_response(403, {"error": "cross-site request"})
+
+    def endpoint_sync(
+        self, user: Any, site: str | None = None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """``site``: the request's ``Sec-Fetch-Site`` (see ``endpoint_refused``)."""
+        if site is not None and site not in _OWN_SITE:
+            return self.endpoint_refused(site)
         credentials = self.credentials_sync(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:
@@ -766,7 +780,11 @@ class PrebindCore:
             *self.endpoint_result(session, pending.error if pending else None)
         )
 
-    async def endpoint_async(self, user: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def endpoint_async(
+        self, user: Any, site: str | None = None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        if site is not None and site not in _OWN_SITE:
+            return self.endpoint_refused(site)
         credentials = await self.credentials_async(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:
@@ -796,6 +814,10 @@ def _checked(result: object) -> Credentials | None:
     )
     return None
 
+
+#: ``Sec-Fetch-Site`` values the endpoint answers: the app's own scripts, or the user typing
+#: the URL.
+_OWN_SITE = frozenset({"same-origin", "none"})
 
 #: Cache-Control for the caches they target; removed from prebound responses (``header_edits``).
 _CDN_CACHE_FIELDS = (

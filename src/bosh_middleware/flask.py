@@ -210,5 +210,6 @@ def _endpoint() -> Response:
     if request.method != "GET":  # HEAD: Flask routes it here, but it must not cost a session
         return Response(status=405, headers={"Allow": "GET"})
     state = _state()
-    status, headers, body = state.core.endpoint_sync(state.get_user())
+    site = request.environ.get("HTTP_SEC_FETCH_SITE")
+    status, headers, body = state.core.endpoint_sync(state.get_user(), site)
     return Response(body, status=status, headers=headers)
