@@ -1069,6 +1069,19 @@ VALIDATORS = [
 ]
 
 
+DIGESTS = [("content-digest", "sha-256=:AAAA:"), ("repr-digest", "sha-256=:AAAA:")]
+
+
+@pytest.mark.parametrize("mode", ["script", "headers"])
+async def test_digests_of_a_rewritten_body_are_removed(make_mw: Any, mode: str) -> None:
+    mw, spy = make_mw(html_app(PAGE, headers=DIGESTS), mode=mode)
+    rec = await run(mw)
+    assert spy.sessions
+    kept = mode == "headers"  # (the body went out as the app made it)
+    assert (rec.header("content-digest") is not None) == kept
+    assert (rec.header("repr-digest") is not None) == kept
+
+
 @pytest.mark.parametrize("mode", ["script", "headers"])
 async def test_a_prebound_page_carries_no_validator(make_mw: Any, mode: str) -> None:
     """Each prebound page is new: a copy cached without a session, revalidated with these,

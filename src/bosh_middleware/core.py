@@ -712,6 +712,9 @@ class PrebindCore:
                 (names[2], str(session.rid)),
             ]
         if self.rewrites_body:
+            # digests of the body as the app made it (RFC 9530, and the obsolete forms) would
+            # fail the check of any client or proxy that verifies them
+            removes += _BODY_DIGESTS
             if streaming:
                 removes.append("Content-Length")
             elif body_length is not None and get("content-length") is not None:
@@ -814,6 +817,8 @@ def _checked(result: object) -> Credentials | None:
     )
     return None
 
+
+_BODY_DIGESTS = ("Content-Digest", "Repr-Digest", "Digest", "Content-MD5")
 
 #: ``Sec-Fetch-Site`` values the endpoint answers: the app's own scripts, or the user typing
 #: the URL.
