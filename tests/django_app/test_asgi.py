@@ -6,10 +6,13 @@ SynchronousOnlyOperation (and the page would be served without a session).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.conf import settings as django_settings
+from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpResponse
 from django.test import AsyncClient
 
@@ -19,10 +22,12 @@ from django_app.helpers import (
     PAGE_HEADERS,
     Account,
     RecordingCore,
+    assert_dead,
     assert_live,
     assert_page_for_request_kind,
     injected,
 )
+from support.asgi_recorder import ASGIRecorder, http_scope
 from support.bosh_check import REQUEST_KINDS, SAYS_NOTHING, CountingCredentials
 from support.xmpp_servers import XMPPServer
 
@@ -115,6 +120,42 @@ async def test_endpoint(alice: Account, bosh: XMPPServer) -> None:
     assert data["jid"].split("/")[0] == alice.jid
     assert_live(bosh.service_url, data["sid"], int(data["rid"]))
     assert (await AsyncClient().get("/bosh/prebind")).status_code == 401
+    foreign = await (await logged_in(alice)).get(
+        "/bosh/prebind", headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert (foreign.status_code, foreign.json()) == (403, {"error": "cross-site request"})
+
+
+@pytest.mark.parametrize("path", ["/cut-off-stream/", "/cut-off-file/"])
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+async def test_a_sync_stream_with_no_place_for_the_script_ends_its_session(
+    alice: Account, bosh: XMPPServer, acores: list[RecordingCore], path: str
+) -> None:
+    """Served by Django's ASGI handler itself (the test client would iterate the body here, on
+    the event loop): it consumes a sync body in a worker thread, with no event loop there. The
+    page ends inside a comment, so the session prebound for it reached no one: it must be
+    ended from that thread, not cut the page off after its 200 and stay live."""
+    client = await logged_in(alice)
+    name = django_settings.SESSION_COOKIE_NAME
+    cookie = f"{name}={client.cookies[name].value}"
+    rec, request = ASGIRecorder(), [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        # The client stays until the handler cancels this, once it has answered: a disconnect
+        # said as the body ends races the answer, and Django would take it for an abort.
+        if request:
+            return request.pop()
+        return await asyncio.get_running_loop().create_future()
+
+    scope = http_scope(path, headers={**PAGE_HEADERS, "Cookie": cookie})
+    await asyncio.wait_for(ASGIHandler()(scope, receive, rec.send), 15)
+    assert rec.status == 200 and rec.complete
+    assert rec.body == views.CUT_OFF
+    [pending] = acores[0].pendings
+    session = await pending._task
+    await acores[0].adrain()
+    await sync_to_async(acores[0].drain)()  # (a sync body's end goes to the core's threads)
+    assert_dead(bosh.service_url, session.sid, session.rid)
 
 
 def test_sync_and_async_capable(bosh: XMPPServer) -> None:

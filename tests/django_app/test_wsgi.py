@@ -41,7 +41,7 @@ def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer) -> None:
     assert r["Cache-Control"] == "private, no-store"
     assert "cookie" in r["Vary"].lower()
     assert "Expires" not in r
-    assert r["ETag"] == 'W/"page-v1"'
+    assert "ETag" not in r and "Last-Modified" not in r  # (each prebound page is new)
     assert "<p>Hello İ " in r.content.decode()  # the rest of the page as it was
     assert_live(bosh.service_url, found.sid, found.rid)
 
@@ -157,6 +157,60 @@ def test_a_page_with_no_place_for_the_script_ends_its_session(
     assert_dead(bosh.service_url, session.sid, session.rid)
 
 
+@pytest.mark.parametrize("path", ["/cut-off/", "/cut-off-stream/"])
+def test_both_mode_page_with_no_place_for_the_script_keeps_its_session(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore], settings: Any, path: str
+) -> None:
+    """In "both" mode the session went out in the headers: a body that cannot carry the
+    snippet too does not make it undelivered (it was ended, under the client's feet)."""
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "MODE": "both"}
+    r = logged_in(alice).get(path, headers=PAGE_HEADERS)
+    assert (b"".join(r.streaming_content) if r.streaming else r.content) == views.CUT_OFF
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()
+    assert r["X-BOSH-SID"] == session.sid
+    assert_live(bosh.service_url, session.sid, session.rid)
+
+
+def test_a_stream_the_client_left_before_the_script_ends_its_session(
+    alice: Account, bosh: XMPPServer, cores: list[RecordingCore]
+) -> None:
+    """The server closes a streamed page early (the client went away) before the chunk with
+    the snippet: the session, which reached no one, is ended rather than left live."""
+    r = logged_in(alice).get("/stream/", headers=PAGE_HEADERS)
+    first = next(iter(r.streaming_content))
+    assert first and b"BOSH_" not in first
+    r.close()
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert_dead(bosh.service_url, session.sid, session.rid)
+
+
+@pytest.mark.parametrize(
+    "validator",
+    [
+        {"If-None-Match": '"page-v1"'},
+        {"If-None-Match": 'W/"page-v1"'},
+        {"If-Modified-Since": views.PAGE_MODIFIED},
+    ],
+    ids=["etag", "weak-etag", "last-modified"],
+)
+def test_a_revalidated_page_gets_a_session_not_a_304(
+    alice: Account, bosh: XMPPServer, settings: Any, validator: dict[str, str]
+) -> None:
+    """ConditionalGetMiddleware above ours, where Django's docs put it. A copy of the page
+    cached without a session (served while the XMPP server was down, with the view's
+    validators) is revalidated: it must get the page and a session, not a 304 that keeps the
+    stale copy and loses the session made for it, live."""
+    settings.MIDDLEWARE = ["django.middleware.http.ConditionalGetMiddleware", *settings.MIDDLEWARE]
+    r = logged_in(alice).get("/page/", headers={**PAGE_HEADERS, **validator})
+    assert r.status_code == 200
+    found = injected(r.content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
 def test_a_page_compressed_below_the_middleware_is_reported_once(
     alice: Account, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -267,6 +321,9 @@ def test_endpoint(alice: Account, nobody: Account, bosh: XMPPServer) -> None:
     assert Client().get("/bosh/prebind").status_code == 401
     assert logged_in(nobody).get("/bosh/prebind").status_code == 403
     assert logged_in(alice).post("/bosh/prebind").status_code == 405
+    # another site's <img> or no-cors fetch, with the user's cookies: no session made
+    foreign = logged_in(alice).get("/bosh/prebind", headers={"Sec-Fetch-Site": "cross-site"})
+    assert (foreign.status_code, foreign.json()) == (403, {"error": "cross-site request"})
 
 
 def test_unreachable_server_fails_open(alice: Account, settings: Any) -> None:

@@ -22,6 +22,7 @@ urlpatterns = [
     path("browser/", views.browser),
     path("cut-off/", views.cut_off),
     path("cut-off-stream/", views.cut_off_stream),
+    path("cut-off-file/", views.cut_off_file),
     path("quiet/", views.quiet),
     path("aquiet/", views.aquiet),
     path("bye/", views.bye),

@@ -40,12 +40,16 @@ def page_text(request: HttpRequest) -> str:
     return HEAD + BODY.format(name=getattr(request.user, "username", ""), pad="x" * 300)
 
 
+PAGE_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
+
+
 def page(request: HttpRequest) -> HttpResponse:
     content = page_text(request).encode()
     response = HttpResponse(content)
     response["Content-Length"] = str(len(content))  # as a cache or a server would have it
     response["Expires"] = "Thu, 01 Jan 2099 00:00:00 GMT"
     response["ETag"] = '"page-v1"'
+    response["Last-Modified"] = PAGE_MODIFIED
     return response
 
 
@@ -133,6 +137,10 @@ def cut_off(request: HttpRequest) -> HttpResponse:
 
 def cut_off_stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(iter([CUT_OFF[:20], CUT_OFF[20:]]))
+
+
+def cut_off_file(request: HttpRequest) -> FileResponse:
+    return FileResponse(io.BytesIO(CUT_OFF), content_type="text/html; charset=utf-8")
 
 
 # --- views that say their page carries no session ------------------------------------------

@@ -186,7 +186,8 @@ class BOSHPrebindMiddleware:
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
-            return _endpoint_response(*core.endpoint_sync(_user(request)))
+            site = request.META.get("HTTP_SEC_FETCH_SITE")
+            return _endpoint_response(*core.endpoint_sync(_user(request), site))
         # The request headers read from META, where Django keeps them as the server sent them:
         # ``request.headers`` would be built (every META key parsed) for four values.
         wants = core.wants_path(request.method or "", path)
@@ -227,7 +228,8 @@ class BOSHPrebindMiddleware:
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
-            return _endpoint_response(*await core.endpoint_async(await _auser(request)))
+            site = request.META.get("HTTP_SEC_FETCH_SITE")
+            return _endpoint_response(*await core.endpoint_async(await _auser(request), site))
         wants = core.wants_path(request.method or "", path)
         kind = core.kind_of(request.META) if wants else NOT_A_PAGE  # (as in ``__call__``)
         if kind == NOT_A_PAGE:
@@ -277,12 +279,22 @@ class BOSHPrebindMiddleware:
                 end(session)
                 return response
             injector = Injector(core.snippet(session, nonce), charset=response.charset)
+            # In "both" mode the headers carry the session whether or not the body can: then
+            # there is nothing to end when the snippet finds no place.
+            keep = core.sends_headers
             if streaming:
-                response.streaming_content = _injected(response, injector, lambda: end(session))  # type: ignore[attr-defined]
+                response.streaming_content = _injected(  # type: ignore[attr-defined]
+                    response,
+                    injector,
+                    None if keep else lambda: core.terminate_sync(session),
+                    None if keep else lambda: end(session),
+                )
             else:
                 response.content = injector.feed(response.content) + injector.finish()  # type: ignore[attr-defined]
                 length = len(response.content)  # type: ignore[attr-defined]
-                if not injector.done:  # (a charset that cannot carry it, a cut-off page)
+                if (
+                    not injector.done and not keep
+                ):  # (a charset that cannot carry it, a cut-off page)
                     end(session)
         sets, removes = core.header_edits(
             response.headers.get, session, body_length=length, streaming=streaming
@@ -295,30 +307,44 @@ class BOSHPrebindMiddleware:
 
 
 def _injected(
-    response: Any, injector: Injector, undelivered: Callable[[], None]
+    response: Any,
+    injector: Injector,
+    undelivered: Callable[[], None] | None,
+    aundelivered: Callable[[], None] | None,
 ) -> Iterator[bytes] | AsyncIterator[bytes]:
-    """The streamed body through ``injector``, async if it was (whitenoise#531).
-    ``undelivered()`` once the body has ended without the snippet in it."""
+    """The streamed body through ``injector``, async if it was (whitenoise#531), calling
+    ``undelivered()`` (sync body) or ``aundelivered()`` (async body) once it has ended without
+    the snippet in it: read to its end, failed, or closed early by the server because the
+    client went away (Django closes the response, and with it this generator).
+
+    Who iterates the body decides where that runs, not the middleware's mode: under ASGI,
+    Django consumes a sync body (StreamingHttpResponse, FileResponse) in a worker thread, with
+    no event loop for an async terminate, so a sync body always gets the thread-safe one.
+    """
     content = response.streaming_content
     if response.is_async:
 
         async def agen() -> AsyncIterator[bytes]:
-            async for chunk in content:
-                if out := injector.feed(chunk):
-                    yield out
-            yield injector.finish()
-            if not injector.done:
-                undelivered()
+            try:
+                async for chunk in content:
+                    if out := injector.feed(chunk):
+                        yield out
+                yield injector.finish()
+            finally:
+                if not injector.done and aundelivered is not None:
+                    aundelivered()
 
         return agen()
 
     def gen() -> Iterator[bytes]:
-        for chunk in content:
-            if out := injector.feed(chunk):
-                yield out
-        yield injector.finish()
-        if not injector.done:
-            undelivered()
+        try:
+            for chunk in content:
+                if out := injector.feed(chunk):
+                    yield out
+            yield injector.finish()
+        finally:
+            if not injector.done and undelivered is not None:
+                undelivered()
 
     return gen()
 
