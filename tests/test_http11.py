@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bosh_middleware import (
@@ -1545,10 +1546,37 @@ def test_origin_refuses_a_non_http_url(url: str) -> None:
         ("http://[::1]:5280/b", "http://[::1]:5280/b"),
         ("http://host", "http://host"),
         ("", ""),
+        # a password with an unescaped "/", "?" or "#" ends the authority early (urlsplit
+        # then reads "s3cr" as the port): the userinfo runs to the last "@"
+        ("https://alice:s3cr/et@xmpp.example.org/b", "https://alice:***@xmpp.example.org/b"),
+        ("https://alice:s3cr?et@xmpp.example.org/b", "https://alice:***@xmpp.example.org/b"),
+        ("https://alice:s3cr#et@xmpp.example.org/b", "https://alice:***@xmpp.example.org/b"),
+        ("https://alice:99999/x@host/b", "https://alice:***@host/b"),  # no port either
+        ("https://alice:s3cr/et@host/b?x=@y", "https://alice:***@y"),  # more hidden, not less
+        ("http://host:5280/a@b", "http://host:5280/a@b"),  # a port: the authority is whole
+        ("http://[::1]/a@b", "http://[::1]/a@b"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert http11.redact_url(url) == shown
+
+
+@pytest.mark.parametrize("c", ["/", "?", "#"])
+def test_check_url_refuses_a_password_that_ends_the_authority_early(c: str) -> None:
+    """urlsplit takes "alice" for the host and the password's start for the port, and its
+    ValueError quotes that "port": check_url's own names the URL without the password."""
+    url = f"https://alice:s3cr{c}et@xmpp.example.org/http-bind"
+    with pytest.raises(ValueError, match="percent-encoded") as info:
+        http11.check_url(url)
+    message = str(info.value)
+    assert "s3cr" not in message and "alice:***@xmpp.example.org/http-bind" in message
+    assert info.value.__suppress_context__
+    with pytest.raises(ValueError) as info:
+        Prebinder(url)
+    assert "s3cr" not in str(info.value)
+    with pytest.raises(ValueError, match="out of range") as info:
+        http11.check_url(f"https://alice:99999{c}x@xmpp.example.org/http-bind")
+    assert "99999" not in str(info.value)
 
 
 def test_origin_shows_no_password() -> None:
@@ -1930,6 +1958,108 @@ def test_httpx_through_a_proxy_keeps_the_deadline(clean_env, serve) -> None:
         unavailable(lambda: p.prebind(Credentials("alice@example.org", "pw")), "timeout")
         assert time.monotonic() - start < 2.0
     assert server.requests[0].startswith(b"POST http://xmpp.example.org:5280/http-bind ")
+
+
+def serve_bosh_offering_plain(index: int, sock: socket.socket, server: RawServer) -> None:
+    """A BOSH server (or a proxy in front of one) that offers PLAIN only and refuses it."""
+    hb, sasl = "http://jabber.org/protocol/httpbind", "urn:ietf:params:xml:ns:xmpp-sasl"
+    while (request := read_request(sock)) is not None:
+        server.requests.append(request)
+        body = body_of(request)
+        if b"<auth " in body:
+            answer = f"<body xmlns='{hb}'><failure xmlns='{sasl}'><not-authorized/></failure>"
+        elif b" sid=" not in body:
+            answer = (
+                f"<body xmlns='{hb}' xmlns:stream='http://etherx.jabber.org/streams' sid='s1'"
+                f" requests='2' wait='59'><stream:features><mechanisms xmlns='{sasl}'>"
+                "<mechanism>PLAIN</mechanism></mechanisms></stream:features>"
+            )
+        else:
+            answer = f"<body xmlns='{hb}' type='terminate'"
+        sock.sendall(ok(answer.encode() + (b"</body>" if answer.endswith(">") else b"/>")))
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_plain_to_loopback_through_a_proxy_is_refused(clean_env, serve, driver: str) -> None:
+    """Plain HTTP to 127.0.0.1 is secure enough for PLAIN, but not once a proxy carries it
+    (httpx sends loopback URLs to one too): the password would leave the machine. Refused,
+    as to a remote host, unless allowed explicitly; straight to loopback it still goes."""
+    from bosh_middleware import AuthenticationFailed, MechanismUnavailable
+
+    proxy = serve(serve_bosh_offering_plain)
+    proxy_url = f"http://127.0.0.1:{proxy.port}"
+    url = f"http://127.0.0.1:{free_port()}/http-bind"  # nothing there: only the proxy answers
+    creds = Credentials("alice@example.org", "s3cret-pencil")
+
+    def prebind(*, given_proxy: str | None = None, **options: Any) -> None:
+        if driver == "sync":
+            client = None if given_proxy is None else httpx.Client(proxy=given_proxy)
+            with contextlib.ExitStack() as stack:
+                if client is not None:
+                    stack.enter_context(client)
+                p = stack.enter_context(Prebinder(url, timeout=3.0, client=client, **options))
+                assert p._builtin is None
+                p.prebind(creds)
+            return
+
+        async def run() -> None:
+            client = None if given_proxy is None else httpx.AsyncClient(proxy=given_proxy)
+            async with contextlib.AsyncExitStack() as stack:
+                if client is not None:
+                    await stack.enter_async_context(client)
+                p = await stack.enter_async_context(
+                    AsyncPrebinder(url, timeout=3.0, client=client, **options)
+                )
+                assert p._origin is None
+                await p.prebind(creds)
+
+        asyncio.run(run())
+
+    def auths(server: RawServer) -> list[bytes]:
+        return [r for r in server.requests if b"<auth " in r]
+
+    # a proxy the caller's client was given
+    with pytest.raises(MechanismUnavailable, match="through a proxy"):
+        prebind(given_proxy=proxy_url)
+    # the environment's, which "auto" picks httpx for
+    clean_env.setenv("HTTP_PROXY", proxy_url)
+    with pytest.raises(MechanismUnavailable, match="through a proxy"):
+        prebind()
+    assert len(proxy.requests) == 4 and not auths(proxy)  # (create, terminate) * 2
+    # allowed explicitly: PLAIN goes (and is refused, by the scripted server)
+    with pytest.raises(AuthenticationFailed, match="not-authorized"):
+        prebind(allow_insecure_plain=True)
+    assert len(auths(proxy)) == 1
+    # straight to loopback, with httpx too: PLAIN goes, as before
+    clean_env.setenv("NO_PROXY", "127.0.0.1")
+    direct = serve(serve_bosh_offering_plain)
+    url = direct.url
+    with pytest.raises(AuthenticationFailed, match="not-authorized"):
+        prebind(transport="httpx")
+    assert len(auths(direct)) == 1 and len(auths(proxy)) == 1
+
+
+def test_only_an_httpx_client_that_sends_to_a_proxy_makes_loopback_http_insecure(
+    clean_env,
+) -> None:
+    from bosh_middleware.client import _through_proxy
+
+    url = "http://127.0.0.1:5280/http-bind"
+    with httpx.Client() as client:
+        assert not _through_proxy(client, url)
+    with httpx.Client(proxy="http://127.0.0.1:3128") as client:
+        assert _through_proxy(client, url)
+    clean_env.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    with httpx.Client() as client:
+        assert _through_proxy(client, url)
+        assert _through_proxy(client, "http://localhost/b")
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as client:
+        assert not _through_proxy(client, url)  # (a given transport takes no proxy)
+    clean_env.setenv("NO_PROXY", "127.0.0.1")
+    with httpx.Client() as client:
+        assert not _through_proxy(client, url)
+        assert _through_proxy(client, "http://localhost/b")  # (httpx's rules, not urllib's)
+    assert _through_proxy(object(), url)  # type: ignore[arg-type]  # (cannot say: taken to)
 
 
 # ==========================================================================================

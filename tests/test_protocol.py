@@ -31,6 +31,7 @@ from bosh_middleware import (
     PrebindSession,
     ProtocolError,
     ServiceUnavailable,
+    scram,
 )
 from bosh_middleware.protocol import (
     BOSHRequest,
@@ -832,6 +833,48 @@ def test_quickstart_never_sends_plain_where_plain_is_refused() -> None:
         _with_memory(memory, server, url=REMOTE_HTTP)
     assert _create_payload(server) == []
     assert b"s3cret" not in b"".join(r.body for r in server.requests)
+
+
+@pytest.mark.parametrize(
+    "server_final",
+    [
+        "",  # an empty <success/>
+        "!!not base64!!",
+        base64.b64encode(b"no attributes").decode(),
+        base64.b64encode(b"\xff\xfe=1").decode(),  # not UTF-8
+    ],
+    ids=["empty", "not-base64", "not-attributes", "not-utf8"],
+)
+def test_quickstart_with_a_garbled_server_final_is_one_login(server_final: str) -> None:
+    """A server-final that is no signature at all is as wrong as a forged one: an impostor or
+    a broken server, not a server that refused quickstart's payloads, so not a second login."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["SCRAM-SHA-1"])
+    server = ScriptedServer()
+    server.override["auth-response"] = BOSHResponse(
+        200, _body(f"<success xmlns='{SASL}'>{server_final}</success>")
+    )
+    with pytest.raises(ProtocolError) as info:
+        _with_memory(memory, server, mechanisms=["SCRAM-SHA-1"])
+    assert info.value.condition == "server-signature-mismatch"
+    assert server.labels() == [["create"], ["auth-response"], ["terminate"]]
+
+
+@pytest.mark.parametrize("error", ["invalid-proof", "unknown-user"])
+def test_quickstart_whose_server_final_refuses_the_login_is_one_login(error: str) -> None:
+    """SCRAM's own refusal (``e=`` in the server-final, RFC 5802) says what ``not-authorized``
+    says: the password is wrong, and a second login the usual way would only be refused too."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["SCRAM-SHA-1"])
+    server = ScriptedServer()
+    final = base64.b64encode(f"e={error}".encode()).decode()
+    server.override["auth-response"] = BOSHResponse(
+        200, _body(f"<success xmlns='{SASL}'>{final}</success>")
+    )
+    with pytest.raises(AuthenticationFailed) as info:
+        _with_memory(memory, server, mechanisms=["SCRAM-SHA-1"])
+    assert info.value.condition == error
+    assert server.labels() == [["create"], ["auth-response"], ["terminate"]]
 
 
 def test_quickstart_off() -> None:
@@ -1874,6 +1917,43 @@ def test_credentials_never_show_the_password() -> None:
     ):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_requests_and_derive_steps_never_show_the_password() -> None:
+    """What a flow yields reaches reprs nobody meant to log (a traceback's locals, an
+    assertion's message): a PLAIN auth body is the password in base64, a SCRAM response
+    body carries the proof, and the Derive step derives from the password."""
+    scram.clear_cache()  # (a cached derivation yields no Derive step)
+    plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    for mech in ("PLAIN", "SCRAM-SHA-1"):
+        server = ScriptedServer(mechanisms=[mech])
+        flow = _proto(quickstart=False).flow()
+        shown: list[str] = []
+        with contextlib.suppress(StopIteration):
+            step = next(flow)
+            while True:
+                shown.append(repr(step))
+                if type(step) is Derive:
+                    step.run()
+                    step = flow.send([])
+                else:
+                    shown += [repr(r) for r in step] + [str(r) for r in step]
+                    step = flow.send(server.respond(step))
+        assert server.stage == "bound"
+        secrets_sent = [PASSWORD, plain]
+        for req in server.requests:
+            root = etree.fromstring(req.body)
+            for el in root.iter(f"{{{SASL}}}auth", f"{{{SASL}}}response"):
+                secrets_sent.append(el.text or "")
+                proof = base64.b64decode(el.text or "").partition(b",p=")[2]
+                secrets_sent += [proof.decode()] if proof else []
+            assert f"rid={req.rid}" in repr(req) and repr(req.label) in repr(req)
+        assert len(secrets_sent) == (3 if mech == "PLAIN" else 5)  # (the proof was found)
+        if mech.startswith("SCRAM"):
+            assert any(s.startswith("Derive(") for s in shown)
+        for text in shown:
+            for secret in secrets_sent:
+                assert secret not in text, (secret, text)
 
 
 def test_bad_credentials_for_scram_are_a_configuration_error() -> None:

@@ -87,6 +87,19 @@ def test_wrong_server_signature_is_refused(mech: str) -> None:
         assert info.value.condition == "server-signature-mismatch"
 
 
+@pytest.mark.parametrize("server_final", [b"", b"garbage", b"v", b"\xff\xfe=1"])
+def test_a_malformed_server_final_is_a_wrong_signature(server_final: bytes) -> None:
+    """Not a signature at all (an empty ``<success/>``, no ``k=v`` pairs, not UTF-8) is as
+    wrong as a forged one, with the same condition: the flow must not take it for anything
+    a second login could mend."""
+    v = VECTORS["SCRAM-SHA-1"]
+    c = _client("SCRAM-SHA-1")
+    c.client_final(v["server_first"])
+    with pytest.raises(ProtocolError) as info:
+        c.verify_server_final(server_final)
+    assert info.value.condition == "server-signature-mismatch"
+
+
 def test_server_final_before_client_final_is_refused() -> None:
     c = _client("SCRAM-SHA-1")
     with pytest.raises(ProtocolError):

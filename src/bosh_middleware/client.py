@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -46,6 +47,7 @@ from .protocol import (
     PrebindProtocol,
     ServerInfo,
     ServiceMemory,
+    is_secure_transport,
     probe_flow,
     terminate_flow,
 )
@@ -285,6 +287,21 @@ def _wants_builtin(service_url: str, options: PrebindOptions, client: object | N
     return False
 
 
+def _through_proxy(client: httpx.Client | httpx.AsyncClient, url: str) -> bool:
+    """Whether ``client`` sends a request for ``url`` elsewhere than straight to its host: to a
+    proxy (given to it, or the environment's; httpx sends loopback URLs to one too, unless
+    ``NO_PROXY`` names them, matched by its own rules) or to a transport mounted for it. httpx
+    has no public way to ask, hence the private method, looked up with care: a client that has
+    none is taken to use a proxy (PLAIN then needs https or ``allow_insecure_plain``)."""
+    route = getattr(client, "_transport_for_url", None)
+    if route is None:
+        return True
+    try:
+        return route(httpx.URL(url)) is not getattr(client, "_transport", None)
+    except httpx.InvalidURL:
+        return True
+
+
 def _settles(batch: list[BOSHRequest]) -> Callable[[list[http11.Response]], bool] | None:
     """The batch's ``settles`` over http11's (status, body) answers."""
     settles = batch[0].settles if len(batch) > 1 else None
@@ -331,13 +348,38 @@ class _Base:
         self._timeouts = (options.timeout, min(_CLEANUP_TIMEOUT, options.timeout))
         #: what the prebinds learn of the service, for quickstart
         self.memory = ServiceMemory()
+        #: https, or plain HTTP to this machine (``protocol.is_secure_transport``)
+        self._secure_url = is_secure_transport(service_url)
+        #: plain HTTP to this machine: secure only if it goes straight there (``_secure``)
+        self._loopback_http = self._secure_url and urlsplit(service_url).scheme != "https"
+        #: ``_loopback_http`` sent by httpx: set by the drivers once the transport is chosen
+        self._ask_route = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._shown_url}>"
 
+    def _http(self) -> httpx.Client | httpx.AsyncClient:
+        """The httpx client this driver sends with (each driver has its own kind)."""
+        raise NotImplementedError
+
+    def _secure(self) -> bool:
+        """Whether PLAIN may go out: what the URL says (https, or plain HTTP to loopback),
+        unless the requests go to a proxy, which the builtin transport never does and an httpx
+        client does by the environment or its own settings. The client that will send the
+        prebind is asked, each time: a new one (after a fork, on another event loop) is made
+        as the last was, and only this rare setting pays for the question."""
+        if not self._ask_route:
+            return self._secure_url
+        return not _through_proxy(self._http(), self._request_url)
+
     def _protocol(self, credentials: Credentials, rid: int | None) -> PrebindProtocol:
         return PrebindProtocol(
-            credentials, self.options, service_url=self.service_url, rid=rid, memory=self.memory
+            credentials,
+            self.options,
+            service_url=self.service_url,
+            rid=rid,
+            memory=self.memory,
+            secure=self._secure(),
         )
 
     #: The pause between a pipelined batch's requests (see ``_PIPELINE_STAGGER``), learnt per
@@ -390,6 +432,7 @@ class Prebinder(_Base):
             else None
         )
         self.memory.pipelining = self._builtin is not None
+        self._ask_route = self._loopback_http and self._builtin is None
 
     def _builtin_send(self, batch: list[BOSHRequest]) -> list[BOSHResponse | None]:
         assert self._builtin is not None
@@ -660,6 +703,7 @@ class AsyncPrebinder(_Base):
             else None
         )
         self.memory.pipelining = self._origin is not None
+        self._ask_route = self._loopback_http and self._origin is None
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, http11.AsyncPool] = (
             weakref.WeakKeyDictionary()
         )

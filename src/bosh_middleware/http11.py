@@ -115,12 +115,21 @@ Response = tuple[int, bytes]  # (status, body)
 Settles = Callable[[list[Response]], bool]
 
 
+def _is_port(text: str) -> bool:
+    """Whether urlsplit takes ``text`` for a port (else the authority was cut short)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) < 65536
+
+
 def redact_url(url: str) -> str:
     """``url`` as it may be shown (error messages, log lines, reprs): the password of its
     userinfo (``user:pw@host``, sent as Basic auth) replaced by ``***``, and a user name alone
     too (it may be a token). The authority ends where ``urlsplit`` and httpx end it (the first
-    ``/``, ``?`` or ``#``), its userinfo at the last ``@``. Never raises: it is called while
-    reporting other errors, also about URLs that do not parse."""
+    ``/``, ``?`` or ``#``), its userinfo at the last ``@``; but a password with one of those
+    unescaped ends it early, at a "port" that is no number (``user:s3cr/et@host``), which
+    ``check_url`` refuses with this shown in its message: there the userinfo runs to the last
+    ``@`` of the URL (more hidden than needed, if the path or query has one, never less).
+    Never raises: it is called while reporting other errors, also about URLs that do not
+    parse."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -129,12 +138,15 @@ def redact_url(url: str) -> str:
         i = rest.find(c, 0, end)
         if i >= 0:
             end = i
-    userinfo, at, host = rest[:end].rpartition("@")
-    if not at:
+    at = rest.rfind("@", 0, end)
+    _, colon, port = rest[at + 1 : end].rpartition("]")[2].rpartition(":")
+    if colon and not _is_port(port) and "@" in rest[end:]:
+        at = rest.rfind("@")
+    if at < 0:
         return url
-    user, colon, _ = userinfo.partition(":")
+    user, colon, _ = rest[:at].partition(":")
     shown = f"{user}:***" if colon else "***"
-    return f"{scheme}{sep}{shown}@{host}{rest[end:]}"
+    return f"{scheme}{sep}{shown}{rest[at:]}"
 
 
 @dataclass(frozen=True)
@@ -190,9 +202,20 @@ def check_url(url: str) -> SplitResult:
         raise ValueError(f"not an http(s) URL: {redact_url(url)!r}")
     try:
         parts.hostname.encode("idna")
-        _ = parts.port  # (a port that is no number in 0-65535 raises ValueError)
     except UnicodeError:
         raise ValueError(f"not a valid host name in {redact_url(url)!r}") from None
+    try:
+        _ = parts.port  # (a port that is no number in 0-65535 raises ValueError)
+    except ValueError:
+        # (not urlsplit's message: it quotes the "port", which is the start of the password
+        # where that has an unescaped "/", "?" or "#", ending the authority there)
+        port = parts.netloc.rpartition(":")[2]
+        why = (
+            "port out of range 0-65535" if port.isascii() and port.isdigit() else "not a valid port"
+        )
+        cut = "@" in parts.path + parts.query + parts.fragment
+        hint = " (a '/', '?' or '#' in a password must be percent-encoded)" if cut else ""
+        raise ValueError(f"{why} in {redact_url(url)!r}{hint}") from None
     return parts
 
 

@@ -132,6 +132,12 @@ class BOSHRequest(NamedTuple):
     #: each after the answer to the one before, which is as correct, one round trip slower.
     ordered: bool = False
 
+    def __repr__(self) -> str:
+        # The body's size, never the body: an auth body carries the password (PLAIN) or a
+        # proof that is as good as it for an offline guess (SCRAM), and a request reaches
+        # reprs that nobody meant to log (a traceback's locals, a test's assertion).
+        return f"BOSHRequest(rid={self.rid}, label={self.label!r}, body=<{len(self.body)} bytes>)"
+
 
 class BOSHResponse(NamedTuple):
     status_code: int
@@ -207,8 +213,8 @@ def choose_mechanism(
             continue
         return mech
     hint = (
-        "; PLAIN is offered but refused over plain HTTP to a non-loopback host"
-        " (use https or allow_insecure_plain=True)"
+        "; PLAIN is offered but refused over plain HTTP that leaves this machine (to a"
+        " non-loopback host, or through a proxy): use https or allow_insecure_plain=True"
         if refused_plain
         else ""
     )
@@ -569,7 +575,10 @@ class _NoPipelining(Exception):
 
 #: SASL failures that are about the credentials, and would be the same the usual way: raised
 #: at once, so that a wrong password costs one attempt, not two.
-_CREDENTIALS_REFUSED = frozenset({"not-authorized", "account-disabled", "credentials-expired"})
+_CREDENTIALS_REFUSED = frozenset(
+    # (RFC 6120's, and SCRAM's server-final errors that say the same: RFC 5802, 7)
+    {"not-authorized", "account-disabled", "credentials-expired", "invalid-proof", "unknown-user"}
+)
 #: Failures that say the server is down, slow or elsewhere, or refuses the domain: nothing a
 #: quickstart payload causes. Raised as they are, not tried again (a timeout is not doubled).
 _NOT_THE_PAYLOAD = frozenset(
@@ -757,13 +766,17 @@ class PrebindProtocol:
         service_url: str,
         rid: int | None = None,
         memory: ServiceMemory | None = None,
+        secure: bool | None = None,
     ) -> None:
         self.credentials = credentials
         self.options = options
         self.service_url = service_url
         #: Where quickstart learns (``None``: never tried; see ``ServiceMemory``).
         self.memory = memory if options.quickstart else None
-        self.secure = is_secure_transport(service_url)
+        #: Whether PLAIN may go out (``choose_mechanism``). The URL alone says so for https and
+        #: loopback (``None``), but only the driver knows whether a proxy carries its requests:
+        #: plain HTTP to 127.0.0.1 through one leaves the machine, and a driver says False.
+        self.secure = is_secure_transport(service_url) if secure is None else secure
         self._conv = _Conversation(credentials.domain, options, rid)
         self.finished = False
         #: This attempt sent quickstart's payloads; and pipelined SCRAM's finish.
@@ -1105,7 +1118,16 @@ class PrebindProtocol:
                 "unexpected SASL challenge (server-final must come with <success/>)"
             )
         if scram is not None:
-            scram.verify_server_final(_b64decode(answer.text))
+            try:
+                server_final = _b64decode(answer.text)
+            except ProtocolError:
+                # (a garbled signature is a wrong one: ``_payload_refused`` must not take it
+                # for a refused quickstart and log in a second time)
+                raise ProtocolError(
+                    "SCRAM server-final is not valid base64: the server is not who it claims",
+                    condition="server-signature-mismatch",
+                ) from None
+            scram.verify_server_final(server_final)
 
     @staticmethod
     def _raise_if_failure(answer: etree._Element) -> None:

@@ -285,14 +285,15 @@ class ScramClient:
             nonce, salt, iterations = self._server_first(server_first)
         except ProtocolError:
             return None
-        args = (self._hash, self._username, self._password, salt, iterations)
-        keys = _cached(_cache_key(*args))
+        keys = _cached(_cache_key(self._hash, self._username, self._password, salt, iterations))
         # (what was read and found is kept: client_final does not do it all again)
         self._checked = (server_first, nonce, salt, iterations, keys)
-        return None if keys is not None else functools.partial(self._derive, args)
+        return None if keys is not None else functools.partial(self._derive, salt, iterations)
 
-    def _derive(self, args: tuple[str, str, str, bytes, int]) -> None:
-        keys = _keys(*args)
+    def _derive(self, salt: bytes, iterations: int) -> None:
+        # The password is read from here, not bound into the call: the call is a ``Derive``
+        # step that drivers and tests may show (a repr of a partial shows its arguments).
+        keys = _keys(self._hash, self._username, self._password, salt, iterations)
         if self._checked is not None:
             self._checked = (*self._checked[:4], keys)
 
@@ -321,7 +322,15 @@ class ScramClient:
         """Raise unless the server proved it knows the password too."""
         if not self._server_signature:
             raise ProtocolError("SCRAM server-final before client-final")
-        attrs = _parse_attributes(server_final)
+        try:
+            attrs = _parse_attributes(server_final)
+        except ProtocolError:
+            # (an empty <success/> too) as wrong as a forged signature: the server did not
+            # prove it knows the password, and asking it again would only cost a second login
+            raise ProtocolError(
+                "SCRAM server-final message is malformed: the server is not who it claims",
+                condition="server-signature-mismatch",
+            ) from None
         if "e" in attrs:
             raise AuthenticationFailed(
                 f"SCRAM server error: {attrs['e']}", condition=attrs["e"] or "not-authorized"
