@@ -210,6 +210,85 @@ def test_utf16_without_bom_uses_the_declared_byte_order() -> None:
     assert out.decode("utf-16-be") == text.replace("</head>", SNIPPET + "</head>")
 
 
+def straddling(token: str, codec: str) -> str:
+    """Characters whose bytes in ``codec``, read from the second (UTF-16LE/BE, UTF-32LE) or the
+    fourth (UTF-32BE) byte on, are ``token`` in ``codec``: "</head>" in UTF-16LE is hidden in
+    "\u3c41\u2f00\u6800...", ordinary CJK text."""
+    unit = len("<".encode(codec))
+    pad = b"\x00" * (unit - 2)
+    if codec.endswith("le"):
+        raw = b"\x41" + token.encode(codec) + b"\x4e" + pad
+    else:
+        raw = pad + b"\x41" + token.encode(codec) + b"\x4e"
+    return raw.decode(codec)
+
+
+#: Pages with a token hidden across characters ({}) and where the snippet goes (@).
+STRADDLED = [
+    ("<html><body><p>{}</p>@</body></html>", "</head>"),  # no head: the last </body>
+    ("<html><body><p>x</p>@</body>{}</html>", "</body>"),
+    ("<html><head>{}<title>t</title>@</head><body></body></html>", "<!--"),
+    ("<html><head><!-- {} </head> -->@</head><body></body></html>", "-->"),
+    ("<html><head><title>{}</head></title>@</head><body></body></html>", "</title>"),
+    # The page's own script is not ended early, nor is the snippet put into it.
+    ('<html><head><script>var s="{}", t="</head>";</script>@</head></html>', "</script>"),
+    ("<html><head><script><!--<script>{}</script></head></script>@</head></html>", "-->"),
+]
+
+
+@pytest.mark.parametrize(
+    ("codec", "charset", "bom"),
+    [
+        ("utf-16-le", "utf-16le", b""),
+        ("utf-16-be", "utf-16be", b""),
+        ("utf-16-le", None, codecs.BOM_UTF16_LE),
+        ("utf-16-be", "utf-16", codecs.BOM_UTF16_BE),
+        ("utf-32-le", "utf-32", b""),
+        ("utf-32-be", "utf-32", codecs.BOM_UTF32_BE),
+    ],
+)
+@pytest.mark.parametrize(("page", "token"), STRADDLED)
+def test_utf16_tag_bytes_across_two_characters_are_no_tag(
+    codec: str, charset: str | None, bom: bytes, page: str, token: str
+) -> None:
+    """A match must start on a code unit, at every cut of the stream: a cut right after the
+    hidden "</he" must not hold the data back from its second byte (and search the rest out of
+    step), nor put the snippet in there."""
+    text = page.format(straddling(token, codec))
+    doc = bom + text.replace("@", "").encode(codec)
+    want = bom + text.replace("@", SNIPPET).encode(codec)
+    assert feed_chunks([doc], charset=charset) == want
+    for cut in range(len(doc) + 1):
+        assert feed_chunks([doc[:cut], doc[cut:]], charset=charset) == want, cut
+    assert feed_chunks([doc[i : i + 1] for i in range(len(doc))], charset=charset) == want
+
+
+@pytest.mark.parametrize(
+    ("charset", "codec"),
+    [
+        *((label, "utf-16-le") for label in ("csunicode", "iso-10646-ucs-2", "ucs-2")),
+        *((label, "utf-16-le") for label in ("unicode", "unicodefeff", "UCS-2", " Unicode ")),
+        ("unicodefffe", "utf-16-be"),
+    ],
+)
+def test_whatwg_utf16_labels_python_does_not_know(charset: str, codec: str) -> None:
+    """Browsers decode these labels as UTF-16 (WHATWG Encoding Standard); Python's codecs do
+    not know them: the page must not be searched as ASCII and get a UTF-8 snippet."""
+    text = "<html><head><title>t</title></head><body>hi</body></html>"
+    inj = Injector(SNIPPET, charset=charset)
+    out = inj.feed(text.encode(codec)) + inj.finish()
+    assert inj.done
+    assert out.decode(codec) == text.replace("</head>", SNIPPET + "</head>")
+
+
+@pytest.mark.parametrize(("charset", "bom"), [("unicodefffe", b"\xff\xfe"), ("ucs-2", b"\xfe\xff")])
+def test_the_bom_wins_over_a_whatwg_utf16_label(charset: str, bom: bytes) -> None:
+    codec = "utf-16-le" if bom == codecs.BOM_UTF16_LE else "utf-16-be"
+    text = "<html><head></head></html>"
+    out = inject(bom + text.encode(codec), SNIPPET, charset=charset)
+    assert out == bom + text.replace("</head>", SNIPPET + "</head>").encode(codec)
+
+
 # ------------------------------------------------------------------------------------------
 # escaping: the values cannot break out of the script
 # ------------------------------------------------------------------------------------------
@@ -452,6 +531,15 @@ def test_charset_that_is_no_text_encoding_fails_open(
 def test_a_charset_label_with_a_nul_is_no_error() -> None:
     """codecs.lookup() raises ValueError for it (not LookupError): the default is used."""
     assert inject(PAGE, SNIPPET, charset="utf\x008") == PAGE.replace(b"</head>", S + b"</head>")
+
+
+@pytest.mark.parametrize("charset", ["no-such-charset", "utf-8x", "x-user-defined"])
+def test_an_unknown_charset_label_is_searched_as_ascii(charset: str) -> None:
+    """A browser ignores a label it does not know: with no BOM it decodes the page with a
+    ``<meta charset>`` or its default, ASCII-compatible either way, as the UTF-8 default here."""
+    inj = Injector(SNIPPET, charset=charset)
+    assert inj.feed(PAGE) + inj.finish() == PAGE.replace(b"</head>", S + b"</head>")
+    assert inj.done
 
 
 def test_nonce_the_charset_cannot_encode_fails_open(caplog: pytest.LogCaptureFixture) -> None:

@@ -29,9 +29,11 @@ SNIPPET = f"<script>{CODE}</script>"
 Found = tuple[ElementTree.Element, int, ElementTree.Element]
 
 
-def parse(html: bytes) -> ElementTree.Element:
+def parse(html: bytes | str) -> ElementTree.Element:
+    if isinstance(html, bytes):
+        html = html.decode("latin-1")
     tree: ElementTree.Element = html5lib.parse(
-        html.decode("latin-1"), treebuilder="etree", namespaceHTMLElements=False, scripting=True
+        html, treebuilder="etree", namespaceHTMLElements=False, scripting=True
     )
     return tree
 
@@ -152,3 +154,48 @@ def test_the_snippet_runs_and_the_page_is_unchanged(doc: bytes, cuts: list[int])
     assert len(found) == 1, out
     without(found[0])
     assert outline(page) == outline(parse(doc)), out
+
+
+def straddling(token: str) -> str:
+    """CJK text whose UTF-16LE bytes, read from the second byte on, are ``token`` in UTF-16LE
+    ("</head>" is in "\u3c41\u2f00\u6800..."): to be found only on a code unit."""
+    return (b"\x41" + token.encode("utf-16-le") + b"\x4e").decode("utf-16-le")
+
+
+hidden = st.sampled_from(
+    ["</head>", "</body>", "</script>", "</title>", "<!--", "-->", "<script>", "<template>"]
+).map(straddling)
+utf16_documents = st.builds(
+    lambda tokens, end: "".join(tokens) + end,
+    st.lists(st.one_of(start_tag, end_tag, text, comment, special, hidden), max_size=12),
+    ending,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    utf16_documents,
+    st.lists(st.integers(0, 400), max_size=4),
+    st.sampled_from([("utf-16le", b""), (None, b"\xff\xfe"), ("utf-16", b"")]),
+)
+def test_utf16_page_with_tags_hidden_across_characters(
+    html: str, cuts: list[int], label: tuple[str | None, bytes]
+) -> None:
+    charset, bom = label
+    doc = bom + html.encode("utf-16-le")
+    injector = Injector(SNIPPET, charset=charset)
+    bounds = [0, *sorted(c for c in cuts if c <= len(doc)), len(doc)]
+    out = b"".join(injector.feed(doc[a:b]) for a, b in itertools.pairwise(bounds))
+    out += injector.finish()
+    if not injector.done:
+        assert out == doc
+        assert snippets(parse(html + SNIPPET)) == [], "it would have run at the end"
+        return
+    assert out.startswith(bom)
+    page = parse(out[len(bom) :].decode("utf-16-le"))
+    found = snippets(page)
+    assert len(found) == 1, out
+    without(found[0])
+    assert outline(page) == outline(parse(html)), out

@@ -76,6 +76,18 @@ _BOMS = (
 )
 #: Bytes needed to recognise any byte order mark.
 _SNIFF = 4
+#: Labels of the WHATWG Encoding Standard that browsers read as UTF-16 and Python's codecs
+#: do not know: with the UTF-8 default, a page so labelled would be searched as ASCII and get
+#: a UTF-8 snippet in the middle of its UTF-16 text. The standard's other labels that Python
+#: does not know name ASCII-compatible encodings, which the default searches right.
+_WHATWG_UTF16 = {
+    "csunicode": "utf-16-le",
+    "iso-10646-ucs-2": "utf-16-le",
+    "ucs-2": "utf-16-le",
+    "unicode": "utf-16-le",
+    "unicodefeff": "utf-16-le",
+    "unicodefffe": "utf-16-be",
+}
 
 
 def _codec(charset: str | None, head: bytes) -> str:
@@ -83,11 +95,15 @@ def _codec(charset: str | None, head: bytes) -> str:
 
     A byte order mark wins over the declared charset, as in browsers (HTML encoding sniffing):
     a UTF-16 page with a BOM is UTF-16 whatever its Content-Type says, or does not say.
+
+    A label nobody knows falls back to UTF-8 rather than failing open: a browser ignores such
+    a label and decodes with the BOM, a ``<meta charset>`` (where "utf-16" reads as UTF-8) or
+    its default, so with no BOM the page is ASCII-compatible to it too.
     """
     name = "utf-8"
     if charset:
         try:
-            name = codecs.lookup(charset).name
+            name = _WHATWG_UTF16.get(charset.strip(_WS).lower()) or codecs.lookup(charset).name
         except (LookupError, ValueError):  # (ValueError: a NUL in the label)
             name = "utf-8"
     for bom, codec in _BOMS:
@@ -118,6 +134,30 @@ _SPACED_WORDS = ("</head", "</body")
 _COMMENT_WORDS = ("--!>", "-->")
 
 
+class _Aligned:
+    """A UTF-16/32 pattern whose matches start on a code unit: bytes that straddle two
+    characters ("\u3c41\u2f00..." read from its second byte is "</...") are no token. Offsets
+    count from the start of the searched data, which is always on one: the document's start
+    (a BOM is whole code units), or where ``Injector._resume`` or a ``</body>`` cut it."""
+
+    __slots__ = ("pattern", "unit")
+
+    def __init__(self, pattern: re.Pattern[bytes], unit: int) -> None:
+        self.pattern = pattern
+        self.unit = unit
+
+    def search(self, data: bytes, pos: int) -> re.Match[bytes] | None:
+        m = self.pattern.search(data, pos)
+        while m is not None and m.start() % self.unit:
+            m = self.pattern.search(data, m.start() + 1)  # (the next byte may start one)
+        return m
+
+
+#: What the search goes on with: a compiled pattern for ASCII-compatible codecs (the fast
+#: path, no Python code per match), an aligned one for UTF-16/32.
+_Search = re.Pattern[bytes] | _Aligned
+
+
 class _Syntax:
     """The patterns of one codec: ASCII ones with ``re.IGNORECASE``, and for UTF-16/32 the same
     patterns spelled out character by character in that codec."""
@@ -125,6 +165,14 @@ class _Syntax:
     def __init__(self, codec: str) -> None:
         self.codec = codec
         ascii_ok = _ascii_compatible(codec)
+        unit = len("<".encode(codec))
+
+        def searcher(pattern: bytes) -> _Search:
+            return (
+                re.compile(pattern, re.IGNORECASE)
+                if ascii_ok
+                else _Aligned(re.compile(pattern), unit)
+            )
 
         def alt(chars: str) -> bytes:
             return b"(?:" + b"|".join(re.escape(c.encode(codec)) for c in chars) + b")"
@@ -190,31 +238,29 @@ class _Syntax:
             # Candidates for ``data``, quick to search for: most "<" in a page (<p>, </a>, <td>,
             # <span>) fail on the first two or three bytes here, without the branches above.
             # "</template" only matters in a template: "</td>" and "</tr>" are common.
-            self.candidate = _candidates(("head", "body"))
-            self.candidate_in_template = _candidates(("head", "body", "template"))
+            self.candidate: _Search = _candidates(("head", "body"))
+            self.candidate_in_template: _Search = _candidates(("head", "body", "template"))
         else:  # UTF-16/32 pages are rare: no shortcut
-            self.candidate = self.candidate_in_template = self.data
-        self.raw_end = {n: re.compile(lit(f"</{n}") + name_end, flags) for n in _RAW}
+            self.candidate = self.candidate_in_template = _Aligned(self.data, unit)
+        self.raw_end = {n: searcher(lit(f"</{n}") + name_end) for n in _RAW}
         # A script's text has states of its own (the "script data escaped" states): after a
         # "<!--" in it, a "<script" makes the next "</script" part of the text, as in the
         # legacy ``<!-- document.write("<script ...></script>") -->``, until "-->".
         script_end = b"(?P<end>" + lit("</script") + name_end + b")"
         leave = b"|(?P<out>" + lit("-->") + b")"
-        self.raw_end["script"] = re.compile(script_end + b"|(?P<esc>" + lit("<!--") + b")", flags)
-        self.script_escaped = re.compile(
-            script_end + b"|(?P<dbl>" + lit("<script") + name_end + b")" + leave, flags
+        self.raw_end["script"] = searcher(script_end + b"|(?P<esc>" + lit("<!--") + b")")
+        self.script_escaped = searcher(
+            script_end + b"|(?P<dbl>" + lit("<script") + name_end + b")" + leave
         )
-        self.script_double = re.compile(
-            b"(?P<undbl>" + lit("</script") + name_end + b")" + leave, flags
-        )
+        self.script_double = searcher(b"(?P<undbl>" + lit("</script") + name_end + b")" + leave)
         #: What may be starting at the end of the data, in each state of a script's text.
         self.script_words = {
             self.raw_end["script"]: ("</script", "<!--"),
             self.script_escaped: ("</script", "<script", "-->"),
             self.script_double: ("</script", "-->"),
         }
-        self.comment_end = re.compile(lit("--") + b"(?:" + lit("!") + b")?" + lit(">"), flags)
-        self.tag_end = re.compile(lit(">"), flags)
+        self.comment_end = searcher(lit("--") + b"(?:" + lit("!") + b")?" + lit(">"))
+        self.tag_end = searcher(lit(">"))
         self.lt = "<".encode(codec)
         self.gt = ">".encode(codec)
         self.dash = "-".encode(codec)
@@ -222,7 +268,6 @@ class _Syntax:
         self.tag_start = re.compile(lit("<") + b"(?:" + lit("/") + b")?" + letter, flags)
 
         self.dashes = "--".encode(codec)
-        unit = len(self.lt)
         #: Bytes at the end that may hold the start of a token, per state.
         self.data_window = unit * (len("</head>") + _MAX_SPACES)
         self.comment_window = unit * 3
@@ -295,7 +340,7 @@ class Injector:
         #: Where in ``_held`` the search goes on (what comes before was searched already).
         self._scan = 0
         #: The end of the comment or raw text the search is in, with the raw element's name.
-        self._skip: re.Pattern[bytes] | None = None
+        self._skip: _Search | None = None
         self._skip_name = ""
         self._templates = 0
         #: The data so far ends inside a tag ("<a href=..." and no ">" yet).
@@ -481,7 +526,9 @@ class Injector:
             anchor, window, words = syntax.lt, syntax.raw_window[name], (f"</{name}",)
         i = data.find(anchor, max(pos, end - window), end)
         while i >= 0:
-            if syntax.could_start(data[i:], words, spaced):
+            # (a "<" straddling two UTF-16/32 characters: held from there, the next chunk
+            # would be searched out of step)
+            if i % len(syntax.lt) == 0 and syntax.could_start(data[i:], words, spaced):
                 return i
             i = data.find(anchor, i + 1, end)
         return end
