@@ -567,8 +567,22 @@ RESPONSE_CASES: dict[str, list[dict[str, Any]]] = {
     "304": response(304, [*HTML, ("etag", '"x"')], b""),
     "206": response(206, [*HTML, ("content-range", "bytes 0-9/100")], PAGE[:10]),
     "gzip": response(200, [*HTML, ("content-encoding", "gzip")], b"\x1f\x8b\x08\x00garbage"),
+    "identity, gzip": response(200, [*HTML, ("content-encoding", "identity, gzip")], b"\x1f\x8b"),
     "no-content-type": response(200, [], PAGE),
+    # the front server sends a file in place of the (empty) body
+    "x-sendfile": response(200, [*HTML, ("x-sendfile", "/srv/page.html")], b""),
+    "x-accel-redirect": response(200, [*HTML, ("x-accel-redirect", "/internal/page.html")], b""),
 }
+
+
+async def test_content_encoding_identity_is_no_encoding(
+    make_mw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    mw, spy = make_mw(html_app(PAGE, headers=[("content-encoding", "identity")]))
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        rec = await run(mw)
+    assert page_vars(rec.body) is not None and len(spy.sessions) == 1
+    assert not [r for r in caplog.records if "compressed" in r.getMessage()]
 
 
 @pytest.mark.parametrize("case", list(RESPONSE_CASES))

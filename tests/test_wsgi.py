@@ -386,6 +386,9 @@ RESPONSE_CASES: dict[str, tuple[str, list[tuple[str, str]], list[bytes]]] = {
     "206": ("206 Partial Content", [*HTML, ("Content-Range", "bytes 0-9/100")], [PAGE[:10]]),
     "gzip": ("200 OK", [*HTML, ("Content-Encoding", "gzip")], [b"\x1f\x8b\x08\x00garbage"]),
     "no-content-type": ("200 OK", [], [PAGE]),
+    # the front server sends a file in place of the (empty) body
+    "x-sendfile": ("200 OK", [*HTML, ("X-Sendfile", "/srv/page.html")], []),
+    "x-accel-redirect": ("200 OK", [*HTML, ("X-Accel-Redirect", "/internal/page.html")], []),
 }
 
 

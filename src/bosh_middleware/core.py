@@ -261,10 +261,25 @@ def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
         method == "GET"
         and status == 200
         and media_type(get("content-type")) in _PAGE_TYPES
-        and not get("content-encoding")
+        and not _encoded(get("content-encoding"))
         and not get("content-range")
         # A download is saved, not rendered: a live session must not end up in a file.
         and not (get("content-disposition") or "").strip().lower().startswith("attachment")
+        # The front server sends a file in place of this body (X-Sendfile, nginx's
+        # X-Accel-Redirect ...): a snippet here would be thrown away with the session in it.
+        and not any(get(name) for name in _HANDED_OFF)
+    )
+
+
+#: Fields that hand the body over to the front server, which serves a file in its place.
+_HANDED_OFF = ("x-sendfile", "x-accel-redirect", "x-lighttpd-send-file", "x-litespeed-location")
+
+
+def _encoded(value: str | None) -> bool:
+    """A Content-Encoding that is one: ``identity`` says "none" (RFC 9110 discourages sending
+    it, and some apps and proxies do all the same)."""
+    return bool(value) and any(
+        token.strip().lower() not in ("", "identity") for token in (value or "").split(",")
     )
 
 
@@ -435,7 +450,7 @@ class PrebindCore:
         if self._told_compressed or status != 200:
             return
         encoding = get("content-encoding")
-        if not encoding or media_type(get("content-type")) not in _PAGE_TYPES:
+        if not _encoded(encoding) or media_type(get("content-type")) not in _PAGE_TYPES:
             return
         self._told_compressed = True
         log.warning(
@@ -443,7 +458,7 @@ class PrebindCore:
             "it is served without the XMPP session. Put the compression middleware outside "
             "this one (Starlette: add_middleware(GZipMiddleware) after ours; Django: "
             "GZipMiddleware above ours in MIDDLEWARE). Said once.",
-            encoding[:40],
+            (encoding or "")[:40],
         )
 
     # --- engines --------------------------------------------------------------------------
