@@ -327,6 +327,36 @@ def test_custom_get_user() -> None:
     close_core(app.extensions["bosh_prebind"].core)
 
 
+class _MadeAnew:
+    """A user built for each ``get_user()`` call, without ``__eq__``: equal only to itself."""
+
+    is_authenticated = True
+
+    def __init__(self, username: str) -> None:
+        self.username = username
+
+
+def test_a_user_made_anew_for_each_call_costs_one_prebind(prosody, account) -> None:
+    """The user read before and after the view differ as objects but are the same account:
+    the prebind started before the view is used, not ended and made again after it."""
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url, BOSH_CREDENTIALS=StaticCredentials({"alice": account})
+    )
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+    app.add_url_rule("/", "home", lambda: page("home"))
+    core = app.extensions["bosh_prebind"].core
+    spy = PrebindSpy.on(core, sync=True)
+    try:
+        r = app.test_client().get("/", headers=NAVIGATION)
+        session = assert_prebound(r, prosody.service_url)
+        assert session["BOSH_JID"].startswith(account[0] + "/")
+        assert spy.wait_idle()
+        assert len(spy.calls) == 1 and spy.terminated == []
+    finally:
+        close_core(core)
+
+
 def test_no_login_manager_means_no_user() -> None:
     app = Flask(__name__)
     app.config.update(

@@ -191,13 +191,17 @@ def _after_request(state: _State, response: Response) -> Response:
         return response
     user = state.get_user()
     if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
-        pending = environ.pop(ENVIRON_PENDING, None)
-        if pending is not None:
-            pending.discard()
-        environ.pop(ENVIRON_CREDENTIALS, None)
+        # ... or a user object made anew for each call (no ``__eq__``): the same account, and
+        # the prebind started before the view is theirs (ended and made again, it cost a
+        # second login and the overlap with the view)
         credentials = state.core.credentials_sync(user)
-        if credentials is not None:
-            environ[ENVIRON_CREDENTIALS] = credentials
+        if credentials is None or credentials != environ.get(ENVIRON_CREDENTIALS):
+            pending = environ.pop(ENVIRON_PENDING, None)
+            if pending is not None:
+                pending.discard()
+            environ.pop(ENVIRON_CREDENTIALS, None)
+            if credentials is not None:
+                environ[ENVIRON_CREDENTIALS] = credentials
     if ENVIRON_CREDENTIALS in environ:
         environ[_WHOLE] = response.is_sequence and state.core.rewrites_body
         nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
