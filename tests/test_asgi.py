@@ -1037,6 +1037,40 @@ async def test_a_body_that_goes_on_as_zerocopysend_loses_no_held_bytes(
     assert await dead(prosody, session)
 
 
+@pytest.mark.parametrize("where", ["start held", "mid-body"])
+async def test_an_http2_push_after_the_start_keeps_the_injection(
+    make_mw: Any, prosody: XMPPServer, where: str
+) -> None:
+    """ASGI's server push may come any time before the last body: it says nothing of the
+    page's body, so the page still gets its session (it went out without one, and the
+    session was ended), and the push goes out after the start."""
+    push = {"type": "http.response.push", "path": "/style.css", "headers": []}
+    start, first, last = response(200, HTML, PAGE[:30], PAGE[30:])
+    messages = [start, push, first, last] if where == "start held" else [start, first, push, last]
+    mw, spy = make_mw(scripted_app(messages))
+    rec = await run(mw)
+    kinds = [m["type"].rsplit(".", 1)[1] for m in rec.messages]
+    assert kinds.index("start") < kinds.index("push")
+    (session,) = spy.sessions
+    assert page_vars(rec.body) is not None and spy.terminated == []
+    assert await live(prosody, session)
+
+
+async def test_digest_trailers_of_a_rewritten_body_are_removed(make_mw: Any) -> None:
+    start = {"type": "http.response.start", "status": 200, "headers": HTML_RAW, "trailers": True}
+    body = {"type": "http.response.body", "body": PAGE, "more_body": False}
+    trailers = {
+        "type": "http.response.trailers",
+        "headers": [(b"content-digest", b"sha-256=:AAAA:"), (b"server-timing", b"db;dur=5")],
+        "more_trailers": False,
+    }
+    mw, _ = make_mw(scripted_app([start, body, trailers]))
+    rec = await run(mw)
+    assert page_vars(rec.body) is not None
+    (sent,) = [m for m in rec.messages if m["type"] == "http.response.trailers"]
+    assert sent["headers"] == [(b"server-timing", b"db;dur=5")]
+
+
 # ------------------------------------------------------------------------------------------
 # injection details
 # ------------------------------------------------------------------------------------------

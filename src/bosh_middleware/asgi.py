@@ -16,6 +16,7 @@ from asgiref.compatibility import guarantee_single_callable
 
 from .config import MiddlewareConfig
 from .core import (
+    _BODY_DIGESTS,
     NAVIGATION,
     NOT_A_PAGE,
     AsyncPending,
@@ -190,6 +191,7 @@ def _edited(raw: Any, sets: list[tuple[str, str]], removes: list[str]) -> list[t
 
 class _Responder:
     __slots__ = (
+        "_pushes",
         "_receive",
         "_send",
         "_stash",
@@ -236,6 +238,8 @@ class _Responder:
         self.session: PrebindSession | None = None
         self.delivered = False  # the session went out (in the headers or the body)
         self.injector: Injector | None = None
+        #: HTTP/2 pushes the app sent while the start was held: they go out right after it
+        self._pushes: list[Message] = []
 
     async def _session(self) -> PrebindSession | None:
         if self.pending is None:  # not a navigation after all, but an HTML page: prebind now
@@ -331,9 +335,25 @@ class _Responder:
 
     async def send(self, message: Message) -> None:
         if self.passthrough:
+            if (
+                message["type"] == "http.response.trailers"
+                and self.injector is not None
+                and self.injector.done
+            ):
+                # (digests of the body the app made, as in the start: RFC 9530 allows them in
+                # trailers too, and the body went out with the snippet in it)
+                message["headers"] = _edited(message.get("headers"), [], list(_BODY_DIGESTS))
             await self._send(message)
             return
         kind = message["type"]
+        if kind == "http.response.push" and (self.start is not None or self.injector is not None):
+            # A push (ASGI's HTTP/2 server push, allowed any time before the last body) says
+            # nothing of this page's body: it is no reason to give up the injection.
+            if self.start is not None:
+                self._pushes.append(message)  # after the start, which is held
+            else:
+                await self._send(message)
+            return
         if kind == "http.response.start" and self.start is None and self.injector is None:
             raw = message.get("headers") or ()
             if not isinstance(raw, (list, tuple)):  # read more than once from here on
@@ -383,6 +403,8 @@ class _Responder:
             )
             start["headers"] = _edited(start.get("headers"), sets, removes)
             await self._send(start)
+            for push in self._pushes:
+                await self._send(push)
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
             # (in "both" mode the headers just sent carry it, snippet or not)
             self.delivered = self.injector.done or self.core.sends_headers
@@ -410,6 +432,8 @@ class _Responder:
             start, self.start = self.start, None
             self._drop_session()
             await self._send(start)
+            for push in self._pushes:
+                await self._send(push)
         elif self.injector is not None and not self.injector.done:
             held = self.injector.release()
             if held:
