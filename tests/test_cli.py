@@ -96,6 +96,25 @@ def test_wrong_password(prosody) -> None:
     assert wrong not in res.stdout + res.stderr
 
 
+def test_no_mechanism_to_log_in_with_is_a_failure_not_a_refused_login(prosody) -> None:
+    """Exit 3 says "the server refused this login"; here none was tried (README)."""
+    jid, password = prosody.new_user()
+    for argv, says in (
+        # PLAIN is not offered over plain http
+        (["--jid", jid, "--mechanism", "PLAIN"], "(--mechanism allows PLAIN)"),
+        (["--anonymous", "--domain", prosody.domain], "does not offer ANONYMOUS"),
+    ):
+        res = cli("prebind", prosody.service_url, *argv, password=password)
+        assert res.returncode == 1, res.stderr  # EXIT_FAILED
+        assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert res.stderr.startswith("error: cannot log in: ") and says in res.stderr
+        assert password not in res.stderr
+    # check --jid, for an account on a host that takes only ANONYMOUS
+    res = cli("check", prosody.service_url, "--jid", f"x@{prosody.anon_domain}", password="pw")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "invalid-mechanism" in res.stdout
+
+
 def test_password_only_from_the_environment(prosody) -> None:
     jid, password = prosody.new_user()
     res = cli("prebind", prosody.service_url, "--jid", jid)
@@ -308,10 +327,11 @@ def test_check_refuses_a_service_url_that_is_not_http(url: str) -> None:
     assert "pw-in-url" not in stderr
 
 
+@pytest.mark.parametrize("timeout", ["0", "inf", "nan", "1e9"])  # inf: OverflowError, a traceback
 @pytest.mark.parametrize("command", [["check"], ["prebind", "--anonymous", "--domain", "a.b"]])
-def test_a_timeout_prebinder_refuses_is_a_usage_error(command: list[str]) -> None:
+def test_a_timeout_prebinder_refuses_is_a_usage_error(command: list[str], timeout: str) -> None:
     stderr = _one_line_usage_error(
-        cli(command[0], "http://127.0.0.1:1/http-bind", *command[1:], "--timeout", "0")
+        cli(command[0], "http://127.0.0.1:1/http-bind", *command[1:], "--timeout", timeout)
     )
     assert "timeout" in stderr
 

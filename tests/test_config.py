@@ -4,6 +4,7 @@ to ``PrebindOptions`` whichever adapter is given them."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import ssl
 from pathlib import Path
@@ -320,3 +321,139 @@ def test_a_service_url_that_can_never_work_is_refused_when_the_settings_are_made
     assert str(info.value).startswith("SERVICE_URL: ") and "pw" not in str(info.value)
     with pytest.raises(ValueError, match=why):
         Prebinder(url)
+
+
+# --- Values of the right type that can never work -----------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 10**400])
+@pytest.mark.parametrize("key", ["TIMEOUT", "BREAKER_RESET"])
+def test_a_number_that_is_not_finite_is_refused(key: str, value: float) -> None:
+    """inf passed the sign checks, then every prebind failed with OverflowError (a socket
+    timeout or deadline made of it; a breaker's Retry-After rounds it)."""
+    with pytest.raises(ValueError, match=f"^{key} must be a finite"):
+        MiddlewareConfig.from_mapping({"SERVICE_URL": URL, "CREDENTIALS": creds, key: value})
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 86400.5, 1e7, 10**400])
+def test_an_engine_timeout_that_no_socket_takes_is_refused(value: float) -> None:
+    """Over about 25 days the sockets' waits overflow too (1e7 s failed every prebind on the
+    builtin transport); a day is the most taken."""
+    for make in (
+        lambda: PrebindOptions(timeout=value),
+        lambda: Prebinder(URL, timeout=value),
+        lambda: MiddlewareConfig.from_mapping(
+            {"SERVICE_URL": URL, "CREDENTIALS": creds, "TIMEOUT": value}
+        ),
+        lambda: WSGIMiddleware(inner_wsgi, URL, creds, timeout=value),
+    ):
+        with pytest.raises(ValueError, match=r"(?i)^timeout must be"):
+            make()
+
+
+def test_a_day_is_the_longest_timeout() -> None:
+    assert PrebindOptions(timeout=86400).timeout == 86400
+    config = MiddlewareConfig(URL, creds, timeout=86400.0, breaker_reset=1e9)
+    assert (config.timeout, config.breaker_reset) == (86400.0, 1e9)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://web:topsecret@xmpp.example.org/http-bind",
+        "https://topsecret@xmpp.example.org/http-bind",  # a user name alone may be a token
+        "//web:topsecret@xmpp.example.org/http-bind",
+        "http://web:topsecret@127.0.0.1:5280/http-bind",
+    ],
+)
+def test_a_public_service_url_with_a_password_is_refused(url: str) -> None:
+    """It is written into every page: the examples defaulted it to SERVICE_URL, which the
+    README allows a user:password@ in."""
+    with pytest.raises(ValueError, match=r"^PUBLIC_SERVICE_URL must not hold a user") as info:
+        MiddlewareConfig.from_mapping(
+            {"SERVICE_URL": URL, "CREDENTIALS": creds, "PUBLIC_SERVICE_URL": url}
+        )
+    assert "topsecret" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^public_service_url must not hold"):
+        WSGIMiddleware(inner_wsgi, URL, creds, public_service_url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "ftp://xmpp.example.org/http-bind",
+        "http-bind",  # relative to each page's own path: a different URL on every page
+        "/\\evil.example/http-bind",  # a browser reads it as //evil.example/http-bind
+        "http://a..b/http-bind",
+        "http://web:top/secret@xmpp.example.org/http-bind",  # the "/" cuts the authority short
+    ],
+)
+def test_a_public_service_url_that_is_no_url_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match=r"^PUBLIC_SERVICE_URL must be an http") as info:
+        MiddlewareConfig.from_mapping(
+            {"SERVICE_URL": URL, "CREDENTIALS": creds, "PUBLIC_SERVICE_URL": url}
+        )
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        None,
+        "",
+        "/http-bind",
+        "https://chat.example/http-bind",
+        "//chat.example/http-bind",
+        "http://127.0.0.1:5280/http-bind?to=a@b",
+        "/bosh@proxy/http-bind",  # a path, not a user name
+    ],
+)
+def test_public_service_urls_browsers_can_use_are_kept(url: str | None) -> None:
+    assert MiddlewareConfig(URL, creds, public_service_url=url).public_service_url == url
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("X-BOSH-JID\r\nSet-Cookie: evil=1", "X-BOSH-SID", "X-BOSH-RID"),
+        ("X-BOSH-JID", "X BOSH SID", "X-BOSH-RID"),
+        ("X-BOSH-JID", "X-BOSH-SID", ""),
+        ("X-BOSH-JID:", "X-BOSH-SID", "X-BOSH-RID"),
+        ("X-BOSH-JÍD", "X-BOSH-SID", "X-BOSH-RID"),
+    ],
+)
+def test_header_names_that_are_no_http_field_names_are_refused(names: tuple[str, ...]) -> None:
+    """They go on the wire as they are: a line break in one added a header to every page."""
+    with pytest.raises(ValueError, match=r"^HEADER_NAMES must be HTTP header names"):
+        MiddlewareConfig.from_mapping(
+            {"SERVICE_URL": URL, "CREDENTIALS": creds, "MODE": "headers", "HEADER_NAMES": names}
+        )
+    with pytest.raises(ValueError, match=r"^header_names must be HTTP header names"):
+        ASGIMiddleware(inner_asgi, URL, creds, header_names=names)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ENDPOINT_PATH", "bosh/prebind"),  # matched no request: the endpoint was silently off
+        ("ENDPOINT_PATH", ""),
+        ("EXCLUDE_PATHS", [""]),  # a prefix of every path: every page went without a session
+        ("EXCLUDE_PATHS", ["static"]),  # matched nothing
+        ("EXCLUDE_PATHS", "static/"),
+        ("EXCLUDE_PATHS", ["/static/", " /admin"]),
+        ("EXCLUDE_PATHS", "/static/,/admin"),  # a list from the environment: one odd prefix
+    ],
+)
+def test_paths_must_start_with_a_slash(key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{key} must"):
+        MiddlewareConfig.from_mapping({"SERVICE_URL": URL, "CREDENTIALS": creds, key: value})
+    with pytest.raises(ValueError, match=f"^{key.lower()} must"):
+        WSGIMiddleware(inner_wsgi, URL, creds, **{key.lower(): value})
+
+
+def test_paths_that_start_with_a_slash_are_kept() -> None:
+    config = MiddlewareConfig(URL, creds, endpoint_path="/xmpp/prebind", exclude_paths="/static")
+    assert (config.endpoint_path, config.exclude_paths) == ("/xmpp/prebind", ("/static",))
+    config = MiddlewareConfig(URL, creds, endpoint_path=None, exclude_paths=["/", "/admin"])
+    assert (config.endpoint_path, config.exclude_paths) == (None, ("/", "/admin"))

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import itertools
 import logging
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +243,85 @@ def test_a_user_the_default_lookup_finds_no_username_on_is_reported_once_per_typ
 )
 def test_page_safe_jid(jid: str, safe: bool) -> None:
     assert page_safe_jid(jid) is safe
+
+
+@pytest.mark.parametrize(
+    ("jid", "password", "resource", "named"),
+    [
+        ("alice@localhost", b"pw-bytes", None, "password"),  # PLAIN sent "b'pw-bytes'"
+        ("alice@localhost", 12345, None, "password"),
+        (5, "pw-str", None, "jid"),  # AttributeError, naming neither
+        (b"alice@localhost", "pw-str", None, "jid"),
+        ("alice@localhost", "pw-str", 5, "resource"),
+    ],
+)
+def test_credentials_of_the_wrong_type_are_refused(
+    jid: Any, password: Any, resource: Any, named: str
+) -> None:
+    with pytest.raises(TypeError, match=f"^Credentials {named} must be a str") as info:
+        Credentials(jid, password, resource=resource)
+    assert "pw-" not in str(info.value)
+    with pytest.raises(TypeError, match=r"^Credentials jid must be a str"):
+        Credentials.anonymous(None)  # type: ignore[arg-type]
+
+
+class _AnonymousUser:
+    """Django's ``AnonymousUser``, as far as the lookup sees it."""
+
+    is_authenticated = False
+    username = ""
+
+    def get_username(self) -> str:
+        return self.username
+
+
+class _UnauthenticatedUser:
+    """Starlette's ``UnauthenticatedUser``: no username, an ``identity`` that raises."""
+
+    is_authenticated = False
+    display_name = ""
+
+    @property
+    def identity(self) -> str:
+        raise NotImplementedError
+
+
+class _EmptyName:
+    """A logged-in user whose username is empty: it has one, and it is none."""
+
+    is_authenticated = True
+    username = ""
+
+
+@pytest.mark.parametrize("user", [_AnonymousUser(), _UnauthenticatedUser(), _EmptyName(), ""])
+def test_a_logged_out_or_empty_named_user_gets_no_session_without_a_warning(
+    user: Any, caplog: Any
+) -> None:
+    """README: a user with no username (an empty one, as Django's AnonymousUser has) gets no
+    session "without the warning", which is for user classes with no username at all."""
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    assert SharedSecretCredentials(SECRET, DOMAIN)(user) is None
+    assert StaticCredentials({"": ("alice@example.org", "pw")})(user) is None
+    assert caplog.records == []
+
+
+def test_the_readme_says_how_to_compute_the_shared_secret_password() -> None:
+    """An XMPP auth module must compute the very same string: the README's recipe is it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    [recipe] = [block for block in blocks if "urlsafe_b64encode" in block]
+    for secret, jid in (
+        (SECRET, "alice@example.org"),
+        ("sécret", "Alice\\20Smith@Example.ORG"),
+        ("s", "ÄLICE@example.org"),
+    ):
+        namespace: dict[str, Any] = {
+            "base64": base64,
+            "hmac": hmac,
+            "hashlib": hashlib,
+            "secret": secret,
+            "bare_jid": jid,
+        }
+        exec(recipe, namespace)
+        assert namespace["password"] == derive_password(secret, jid)
+        assert len(namespace["password"]) == 43 and "=" not in namespace["password"]

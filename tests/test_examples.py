@@ -120,6 +120,45 @@ def test_flask_example_converse_page(browser, tmp_path):
     assert any(n.startswith("alice's converse.js page received") for n in names)
 
 
+#: What each example hands the middleware as PUBLIC_SERVICE_URL, built from its own settings
+#: (the middleware checks them as it is set up: Flask's at import, Starlette's with its stack).
+PUBLIC_URL_OF = {
+    "django": "import django; django.setup();"
+    "from bosh_middleware.django.middleware import load_config;"
+    "print(load_config().public_service_url)",
+    "flask": "import app; print(app.app.config['BOSH_PUBLIC_SERVICE_URL'])",
+    "starlette": "import app; app.app.build_middleware_stack(); print(app.PUBLIC_SERVICE_URL)",
+}
+
+
+@pytest.mark.parametrize(
+    "framework", [pytest.param(name, marks=_needs(name)) for name in FRAMEWORK_MODULES]
+)
+def test_an_example_never_writes_the_service_urls_password_into_pages(
+    framework: str, tmp_path: Path
+) -> None:
+    """PUBLIC_SERVICE_URL, in every page, defaulted to SERVICE_URL, which may carry the
+    user:password@ of a proxy in front of the XMPP server; the default is that URL without."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BOSH_", "DJANGO_"))}
+    env.update(
+        BOSH_SERVICE_URL="http://web:topsecret@127.0.0.1:5280/http-bind",
+        BOSH_SHARED_SECRET="s3cret",
+        DJANGO_SETTINGS_MODULE="demo_site.settings",
+        DJANGO_DB_PATH=str(tmp_path / "db.sqlite3"),
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", PUBLIC_URL_OF[framework]],
+        cwd=EXAMPLES / framework,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "http://127.0.0.1:5280/http-bind"
+    assert "topsecret" not in res.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # examples/demo.py --check, as people run it
 # --------------------------------------------------------------------------------------------

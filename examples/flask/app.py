@@ -59,9 +59,17 @@ ASSETS = {
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("application/wasm", ".wasm")
 
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` (Basic auth for a proxy in front of the XMPP
+    server, which only this server sends): the public URL is written into every page."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 # --- settings (environment) ------------------------------------------------------------------
 SERVICE_URL = os.environ.get("BOSH_SERVICE_URL", "http://127.0.0.1:5280/http-bind")
-PUBLIC_SERVICE_URL = os.environ.get("BOSH_PUBLIC_SERVICE_URL", SERVICE_URL)
+PUBLIC_SERVICE_URL = os.environ.get("BOSH_PUBLIC_SERVICE_URL", without_userinfo(SERVICE_URL))
 SHARED_SECRET = os.environ.get("BOSH_SHARED_SECRET", "")
 XMPP_DOMAIN = os.environ.get("XMPP_DOMAIN", "localhost")
 

@@ -46,10 +46,18 @@ REPO = HERE.parent.parent
 STROPHE_DIST = REPO / "node_modules" / "strophe.js" / "dist"
 SHARED_STATIC = HERE.parent / "bosh_demo" / "static"  # chat.js, chat.css (shared by the examples)
 
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` (Basic auth for a proxy in front of the XMPP
+    server, which only this server sends): the public URL is written into every page."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 # --- settings (environment) ------------------------------------------------------------------
 #: BOSH endpoint as this server reaches it, and as browsers reach it.
 SERVICE_URL = os.environ.get("BOSH_SERVICE_URL", "http://127.0.0.1:5280/http-bind")
-PUBLIC_SERVICE_URL = os.environ.get("BOSH_PUBLIC_SERVICE_URL", SERVICE_URL)
+PUBLIC_SERVICE_URL = os.environ.get("BOSH_PUBLIC_SERVICE_URL", without_userinfo(SERVICE_URL))
 #: XMPP passwords are HMAC(secret, JID): provision the XMPP accounts with
 #: ``bosh_middleware.derive_password(secret, jid)``; this app stores no XMPP password.
 SHARED_SECRET = os.environ.get("BOSH_SHARED_SECRET", "")

@@ -27,7 +27,7 @@ from .credentials import (
     is_bare_domain,
     unescape_localpart,
 )
-from .errors import AuthenticationFailed, BOSHError
+from .errors import AuthenticationFailed, BOSHError, MechanismUnavailable
 from .http11 import check_url, redact_url
 from .protocol import is_secure_transport
 
@@ -74,6 +74,14 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "allow_insecure_plain", False):
         opts["allow_insecure_plain"] = True
     return opts
+
+
+def _refused(exc: BOSHError) -> bool:
+    """Whether the server refused the login (exit 3). No mechanism that is both offered and
+    allowed (``MechanismUnavailable``, an ``AuthenticationFailed`` to the middleware) is no
+    refusal: nothing was tried, and a script reading 3 as "wrong password" would look in the
+    wrong place."""
+    return isinstance(exc, AuthenticationFailed) and not isinstance(exc, MechanismUnavailable)
 
 
 def _usage(message: str) -> int:
@@ -142,6 +150,10 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
     try:
         with prebinder:
             session = prebinder.prebind(creds)
+    except MechanismUnavailable as exc:
+        allowed = f" (--mechanism allows {', '.join(args.mechanism)})" if args.mechanism else ""
+        print(f"error: cannot log in: {exc}{allowed}", file=sys.stderr)
+        return EXIT_FAILED
     except AuthenticationFailed as exc:
         print(f"error: authentication failed ({exc.condition}): {exc}", file=sys.stderr)
         return EXIT_AUTH
@@ -213,7 +225,7 @@ def _check_login(url: str, creds: Credentials, timeout: float) -> tuple[dict[str
                 prebinder.terminate(session)
     except BOSHError as exc:
         login["error"] = f"{type(exc).__name__} ({exc.condition}): {exc}"
-        code = EXIT_AUTH if isinstance(exc, AuthenticationFailed) else EXIT_FAILED
+        code = EXIT_AUTH if _refused(exc) else EXIT_FAILED
         return login, code
     domain = creds.domain
     login.update(

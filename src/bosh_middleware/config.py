@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .credentials import Credentials
-from .http11 import check_url, redact_url, ssl_context
+from .http11 import check_header, check_url, redact_url, ssl_context
 from .inject import script_snippet
 from .session import (
     OPTION_CHECKS,
@@ -22,6 +22,7 @@ from .session import (
     check_int,
     check_str,
     check_strs,
+    check_timeout,
     redacted_repr,
 )
 
@@ -139,19 +140,77 @@ def did_you_mean(key: str, prefix: str = "") -> str:
     return f" (did you mean {prefix}{meant}?)"
 
 
-def _check_url(name: str, value: Any, *, optional: bool = False) -> str | None:
-    if value is None and optional:
+def _check_url(name: str, value: Any) -> str:
+    if not isinstance(value, str):  # (its type only: its repr could hold a password)
+        raise TypeError(f"{name} must be a URL string, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} is required")
+    try:
+        check_url(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return value
+
+
+def _check_public_url(name: str, value: Any) -> str | None:
+    """The BOSH URL as browsers reach it: an http(s) URL (``//host/...`` too), or a path that
+    they resolve against the page's origin ("/http-bind"); "" or None for none. It is written
+    into every page, so it must hold no ``user:password@``: an internal ``SERVICE_URL`` that
+    has one, copied here, would hand its password to every visitor."""
+    if value is None:
         return None
     if not isinstance(value, str):  # (its type only: its repr could hold a password)
         raise TypeError(f"{name} must be a URL string, not {type(value).__name__}")
-    if not value and not optional:
-        raise ValueError(f"{name} is required")
-    if not optional:  # (PUBLIC_SERVICE_URL is the browser's, and may be relative: "/http-bind")
-        try:
-            check_url(value)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+    if not value:  # (as good as None: nothing goes into the page)
+        return value
+    # (a browser reads "/\\host" as "//host": another host, not a path)
+    if value.startswith("/") and not value.startswith(("//", "/\\")):
+        return value
+    try:
+        parts = check_url(f"http:{value}" if value.startswith("/") else value)
+    except ValueError as exc:
+        raise ValueError(
+            f"{name} must be an http(s) URL or a path such as '/http-bind': {exc}"
+        ) from None
+    if "@" in parts.netloc:  # (not shown: the password would be in the message)
+        raise ValueError(
+            f"{name} must not hold a user name or password (user:password@): it is written "
+            "into every page"
+        )
     return value
+
+
+def _check_header_names(name: str, value: Any) -> tuple[str, ...]:
+    names = check_strs(name, value, length=3)  # a bare string is a mistake, not one name
+    for header in names:
+        # (sent as they are: a line break in one would add lines to every response's head)
+        try:
+            check_header(header, "")
+        except ValueError:
+            raise ValueError(f"{name} must be HTTP header names, not {header!r}") from None
+    return names
+
+
+def _check_path(name: str, path: str) -> str:
+    # Paths are compared with the request's, which starts with "/": "bosh/prebind" would
+    # match no request, and "" (a prefix of every path) exclude them all. Both silently.
+    if not path.startswith("/"):
+        raise ValueError(f"{name} must be a path starting with '/', not {path!r}")
+    return path
+
+
+def _check_endpoint_path(name: str, value: Any) -> str | None:
+    path = check_str(name, value, optional=True)
+    return None if path is None else _check_path(name, path)
+
+
+def _check_exclude_paths(name: str, value: Any) -> tuple[str, ...]:
+    paths = check_strs(name, value)  # "/static" is one prefix, not 7 of them
+    for path in paths:
+        _check_path(name, path)
+        if "," in path:  # (a list from the environment, as one string: it would match nothing)
+            raise ValueError(f"{name} must list one path per item, not {path!r}")
+    return paths
 
 
 def _check_credentials(name: str, value: Any) -> Any:
@@ -206,13 +265,13 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "mode": _check_mode,
     # exactly three names each: a bare string is a mistake, not one name
     "variables": lambda n, v: check_strs(n, v, length=3),
-    "public_service_url": lambda n, v: _check_url(n, v, optional=True),
+    "public_service_url": _check_public_url,
     "service_variable": check_str,
-    "header_names": lambda n, v: check_strs(n, v, length=3),
-    "endpoint_path": lambda n, v: check_str(n, v, optional=True),
-    "exclude_paths": check_strs,  # "/static" is one prefix, not 7 of them
+    "header_names": _check_header_names,
+    "endpoint_path": _check_endpoint_path,
+    "exclude_paths": _check_exclude_paths,
     "navigation_only": check_bool,
-    "timeout": lambda n, v: check_float(n, v, positive=True),
+    "timeout": check_timeout,
     # 0 (or less) turns the breaker off: see CircuitBreaker.allow
     "breaker_threshold": check_int,
     "breaker_reset": check_float,

@@ -12,7 +12,7 @@ import hmac
 import logging
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,19 @@ class Credentials:
     is_anonymous: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, not at the first login: PLAIN would send b"pw" as the text "b'pw'",
+        # and SCRAM and the JID's parsing raise AttributeError, which names neither field.
+        if not isinstance(self.jid, str):
+            raise TypeError(f"Credentials jid must be a str, not {type(self.jid).__name__}")
+        if not isinstance(self.password, (str, type(None))):
+            # (its type only: the value is the secret)
+            raise TypeError(
+                f"Credentials password must be a str or None, not {type(self.password).__name__}"
+            )
+        if not isinstance(self.resource, (str, type(None))):
+            raise TypeError(
+                f"Credentials resource must be a str or None, not {type(self.resource).__name__}"
+            )
         if self.is_anonymous:
             if not self.jid or "@" in self.jid or "/" in self.jid:
                 raise ValueError(f"anonymous credentials take a bare domain, not {self.jid!r}")
@@ -98,10 +111,10 @@ class Credentials:
         return f"anonymous@{self.domain}" if self.is_anonymous else self.jid.split("/", 1)[0]
 
 
-def _username_of(user: Any) -> str | None:
-    """The user's login name (Django's ``get_username()``, Flask-Login's and Starlette's
-    ``username``, Starlette's ``identity``): one per user, which is what maps to an XMPP
-    account. Never a display name, which two users may share."""
+def _usernames(user: Any) -> Iterator[str]:
+    """What the user's login name is read from (Django's ``get_username()``, Flask-Login's and
+    Starlette's ``username``, Starlette's ``identity``; the user itself, if it is a string),
+    where it holds a string, in that order."""
     for attr in ("get_username", "username", "identity"):
         try:
             value = getattr(user, attr, None)
@@ -109,11 +122,10 @@ def _username_of(user: Any) -> str | None:
                 value = value()
         except NotImplementedError:  # Starlette's BaseUser.identity, not overridden
             continue
-        if isinstance(value, str) and value:
-            return value
-    if isinstance(user, str) and user:
-        return user
-    return None
+        if isinstance(value, str):
+            yield value
+    if isinstance(user, str):
+        yield user
 
 
 #: User types the default lookup found no username on, already reported (once per type: the
@@ -121,19 +133,36 @@ def _username_of(user: Any) -> str | None:
 _nameless_types: set[type] = set()
 
 
+def _logged_in(user: Any) -> bool:
+    """As the adapters decide it: ``is_authenticated`` if the user has one, else its truth."""
+    flag = getattr(user, "is_authenticated", None)
+    if flag is None:
+        return bool(user)
+    return bool(flag() if callable(flag) else flag)
+
+
 def _default_username(user: Any) -> str | None:
-    """``_username_of``, saying (once per user class) when it finds nothing on a user the app
-    calls logged in: such a user never gets a session, and a ``UserMixin`` with only ``id``
-    and ``email`` is easy to write. A ``username=`` callable that answers None means it."""
-    name = _username_of(user)
-    if name is None and user is not None and type(user) not in _nameless_types:
+    """The user's login name: one per user, which is what maps to an XMPP account (never a
+    display name, which two users may share); an empty one is none.
+
+    A user the app calls logged in whose class has no such attribute at all never gets a
+    session, and a ``UserMixin`` with only ``id`` and ``email`` is easy to write: that is said
+    once per class. Not for a logged-out user (Django's ``AnonymousUser``, Starlette's
+    ``UnauthenticatedUser``), nor for an empty name, which is how such users have none. A
+    ``username=`` callable that answers None means it."""
+    empty = False
+    for name in _usernames(user):  # (lazily: the first name found is the user's)
+        if name:
+            return name
+        empty = True
+    if not empty and type(user) not in _nameless_types and _logged_in(user):
         _nameless_types.add(type(user))
         log.warning(
             "no XMPP session for users of type %s: they have no username (get_username(), "
             "username or identity); pass username= to the credentials helper",
             type(user).__qualname__,
         )
-    return name
+    return None
 
 
 class StaticCredentials:
@@ -239,8 +268,9 @@ def derive_password(secret: str | bytes, jid: str) -> str:
 
     ``jid`` is the JID as ``SharedSecretCredentials`` builds it, localpart escaped
     (``escape_localpart``). Provision accounts with it (``bosh-middleware derive-password``), or
-    let an XMPP server auth module compute the same HMAC over the lower-cased bare JID; either
-    way the web app stores no XMPP passwords.
+    let an XMPP server auth module compute the same: HMAC-SHA256 over the lower-cased bare JID,
+    as URL-safe base64 without the "=" padding (the README spells it out); either way the web
+    app stores no XMPP passwords.
     """
     key = secret.encode() if isinstance(secret, str) else secret
     digest = hmac.digest(key, jid.split("/", 1)[0].lower().encode(), hashlib.sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,12 +37,32 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     return value
 
 
-def check_float(name: str, value: Any, *, positive: bool = False) -> float:
+#: The longest timeout (s) taken: a day. Longer ones are mistakes, and from about 25 days on
+#: the sockets' waits (``poll`` counts milliseconds in a C int) raise OverflowError.
+MAX_TIMEOUT = 86400.0
+
+
+def check_float(
+    name: str, value: Any, *, positive: bool = False, maximum: float | None = None
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number (int or float), not {_type_name(value)}")
-    if value < 0 or (positive and value == 0) or value != value:  # (NaN compares false)
-        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}: {value!r}")
+    # inf is positive, but overflows the first socket timeout or deadline made of it: every
+    # prebind would fail (OverflowError). NaN compares false to everything.
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int no float can hold
+        finite = False
+    if not finite or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {kind} number, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g}, not {value!r}")
     return value
+
+
+def check_timeout(name: str, value: Any) -> float:
+    return check_float(name, value, positive=True, maximum=MAX_TIMEOUT)
 
 
 def check_str(name: str, value: Any, *, optional: bool = False) -> str | None:
@@ -181,7 +202,7 @@ OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "mechanisms": _check_mechanisms,
     "allow_insecure_plain": check_bool,
     "resource_prefix": _check_resource_prefix,
-    "timeout": lambda n, v: check_float(n, v, positive=True),
+    "timeout": check_timeout,
     "max_response_size": lambda n, v: check_int(n, v, minimum=1),
     "pipeline": check_bool,
     "quickstart": check_bool,

@@ -3,13 +3,15 @@
 The XMPP side comes from the environment (``examples/demo.py`` sets it):
 
 * ``BOSH_SERVICE_URL``         BOSH endpoint as this server reaches it
-* ``BOSH_PUBLIC_SERVICE_URL``  ... and as browsers reach it (default: the same)
+* ``BOSH_PUBLIC_SERVICE_URL``  ... and as browsers reach it (default: the same, without a
+  ``user:password@``, which only this server may send)
 * ``BOSH_SHARED_SECRET``       XMPP passwords are HMAC-SHA256(secret, JID) (see chat/xmpp.py)
 * ``XMPP_DOMAIN``              the users' XMPP domain (default ``localhost``)
 """
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.management.utils import get_random_secret_key
 
@@ -41,6 +43,14 @@ MIDDLEWARE = [
     "bosh_middleware.django.BOSHPrebindMiddleware",
 ]
 
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` (Basic auth for a proxy in front of the XMPP
+    server, which only this server sends): the public URL is written into every page."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 BOSH_SERVICE_URL = os.environ.get("BOSH_SERVICE_URL", "http://127.0.0.1:5280/http-bind")
 BOSH_SHARED_SECRET = os.environ.get("BOSH_SHARED_SECRET", "")
 XMPP_DOMAIN = os.environ.get("XMPP_DOMAIN", "localhost")
@@ -49,7 +59,9 @@ BOSH_PREBIND = {
     "SERVICE_URL": BOSH_SERVICE_URL,
     "CREDENTIALS": "chat.xmpp.credentials",
     # Written into pages as BOSH_SERVICE, next to BOSH_JID, BOSH_SID and BOSH_RID.
-    "PUBLIC_SERVICE_URL": os.environ.get("BOSH_PUBLIC_SERVICE_URL", BOSH_SERVICE_URL),
+    "PUBLIC_SERVICE_URL": os.environ.get(
+        "BOSH_PUBLIC_SERVICE_URL", without_userinfo(BOSH_SERVICE_URL)
+    ),
     "EXCLUDE_PATHS": ["/static/"],
 }
 
