@@ -15,8 +15,16 @@ import pytest
 
 from bosh_middleware import asgi, wsgi
 from bosh_middleware.breaker import CircuitBreaker
-from bosh_middleware.credentials import StaticCredentials
-from bosh_middleware.session import PrebindOptions
+from bosh_middleware.config import MiddlewareConfig
+from bosh_middleware.core import PrebindCore
+from bosh_middleware.credentials import Credentials, StaticCredentials
+from bosh_middleware.errors import (
+    BOSHError,
+    ProtocolError,
+    ResponseTooLarge,
+    ServiceUnavailable,
+)
+from bosh_middleware.session import PrebindOptions, PrebindSession
 from support.asgi_recorder import (
     NAV,
     ASGIRecorder,
@@ -147,6 +155,122 @@ def test_one_trial_among_many_threads(clock: Clock) -> None:
     for t in threads:
         t.join(5)
     assert sorted(results) == [False] * 15 + [True]
+
+
+def test_an_abandoned_trial_lets_another_be_tried(clock: Clock) -> None:
+    """A request let through as the trial, then dropped before it reached the server, gives
+    no verdict: another trial may go at once (waiting for that verdict would be for good)."""
+    b = CircuitBreaker(1, 10, clock=clock)
+    assert b.admit() == 0  # closed
+    b.record_failure()
+    assert b.admit() is None
+    clock.now += 10
+    trial = b.admit()
+    assert trial and b.admit() is None
+    b.abandon(trial)
+    assert b.state == "half-open"
+    assert b.allow() is True and b.allow() is False
+
+
+def test_abandoning_an_earlier_request_leaves_the_running_trial_alone(clock: Clock) -> None:
+    b = CircuitBreaker(1, 10, clock=clock)
+    earlier = b.admit()  # closed
+    assert earlier == 0
+    b.record_failure()
+    clock.now += 10
+    first = b.admit()
+    assert first
+    b.abandon(earlier)
+    assert not b.allow()
+    b.record_failure()  # the trial failed: open again
+    clock.now += 10
+    second = b.admit()
+    assert second
+    b.abandon(first)  # (long over)
+    assert not b.allow()
+
+
+# ------------------------------------------------------------------------------------------
+# what counts as the server failing
+# ------------------------------------------------------------------------------------------
+
+#: Answers by which a server that is up refuses this user's prebind: not counted.
+REFUSALS = [
+    ServiceUnavailable("BOSH session refused: host-unknown", condition="host-unknown"),
+    ServiceUnavailable("BOSH session refused: improper", condition="improper-addressing"),
+    ServiceUnavailable("BOSH session terminated by server: bad", condition="bad-request"),
+    ServiceUnavailable("XMPP stream error: policy-violation", condition="policy-violation"),
+    ProtocolError("resource binding failed: conflict", condition="conflict"),
+    ProtocolError("resource binding failed: not-allowed", condition="not-allowed"),
+    ProtocolError("resource binding failed: too many", condition="resource-constraint"),
+]
+#: The server, or the way to it, is down or sick, or its answer cannot be trusted: counted.
+FAILURES = [
+    ServiceUnavailable("BOSH request timed out", condition="timeout"),
+    ServiceUnavailable("cannot connect", condition="connection-failed"),
+    ServiceUnavailable("BOSH request failed", condition="http-error"),
+    ServiceUnavailable("BOSH endpoint answered HTTP 503", condition="http-503"),
+    ServiceUnavailable("BOSH session refused: r-c-f", condition="remote-connection-failed"),
+    ServiceUnavailable("BOSH session terminated by server", condition="system-shutdown"),
+    ServiceUnavailable("XMPP stream error: host-gone", condition="host-gone"),
+    ServiceUnavailable("BOSH session terminated by server", condition="item-not-found"),
+    ServiceUnavailable("BOSH session refused", condition="internal-server-error"),
+    ServiceUnavailable("BOSH session terminated by server: terminate", condition="terminate"),
+    ProtocolError("BOSH session creation response has no sid"),
+    ProtocolError("SCRAM server signature is wrong", condition="server-signature-mismatch"),
+    ProtocolError("resource binding failed: error", condition=None),
+    ProtocolError("resource binding failed", condition="internal-server-error"),
+    ResponseTooLarge("BOSH response exceeds 1 bytes"),
+]
+
+
+class RaisingEngine:
+    """Stands in for ``Prebinder``: every prebind raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def prebind(self, credentials: Credentials) -> PrebindSession:
+        raise self.error
+
+    def terminate(self, session: PrebindSession) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def counted(error: BaseException, pages: int = 3) -> str:
+    """The breaker's state after ``pages`` prebinds that raise ``error`` (threshold 1)."""
+    core = PrebindCore(
+        MiddlewareConfig(
+            service_url="http://127.0.0.1:9/http-bind",
+            credentials=lambda user: None,
+            breaker_threshold=1,
+        )
+    )
+    core._sync = RaisingEngine(error)  # type: ignore[assignment]
+    try:
+        for _ in range(pages):
+            pending = core.start_sync(Credentials("bob@other.example", "pw"))
+            if pending is None:
+                break
+            assert pending.session() is None and pending.error is error
+        return core.breaker.state
+    finally:
+        core.close()
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=lambda e: e.condition)
+def test_a_refusal_by_a_server_that_is_up_is_not_counted(error: BOSHError, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    assert counted(error) == "closed"
+    assert "BOSH prebind refused for bob@other.example" in caplog.text
+
+
+@pytest.mark.parametrize("error", FAILURES, ids=lambda e: e.condition or type(e).__name__)
+def test_a_server_failure_is_counted(error: BOSHError) -> None:
+    assert counted(error) == "open"
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,3 +428,40 @@ async def test_auth_failure_in_half_open_trial_does_not_wedge_the_breaker(
         rec, _ = await asgi_page(mw, "alice")  # must be tried, and work
         assert page_vars(rec.body) is not None
         assert mw.core.breaker.state == "closed"
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+async def test_a_user_on_a_domain_the_server_does_not_serve_does_not_open_the_breaker(
+    make_mw: Any, prosody: XMPPServer, accounts: Any, kind: str, caplog: Any
+) -> None:
+    """Prosody refuses a session ``to`` a domain it does not serve (``improper-addressing``):
+    one such user's page views must not open the breaker for everyone else."""
+    caplog.set_level(logging.WARNING, logger="bosh_middleware")
+    app = html_app(PAGE) if kind == "asgi" else plain_wsgi
+    users = {**accounts, "bob": ("bob@no-such-host.example", "pw-not-secret-1")}
+    mw, spy = make_mw(
+        kind,
+        app,
+        service_url=prosody.service_url,
+        credentials=StaticCredentials(users),
+        breaker_threshold=2,
+    )
+    for _ in range(5):
+        if kind == "asgi":
+            rec, _ = await asgi_page(mw, "bob")
+            body = rec.body
+        else:
+            r, _ = await asyncio.to_thread(wsgi_page, mw, "bob")
+            body = r.body
+        assert body == PAGE
+    assert len(spy.calls) == len(spy.errors) == 5  # every page tried, and refused
+    assert {getattr(e, "condition", None) for e in spy.errors} == {"improper-addressing"}
+    assert "BOSH prebind refused for bob@no-such-host.example" in caplog.text
+    assert mw.core.breaker.state == "closed"
+    if kind == "asgi":  # and everyone else still gets a session
+        rec, _ = await asgi_page(mw, "alice")
+        body = rec.body
+    else:
+        r, _ = await asyncio.to_thread(wsgi_page, mw, "alice")
+        body = r.body
+    assert bare(page_vars(body)["BOSH_JID"]) == accounts["alice"][0]

@@ -27,6 +27,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_running = False
+        #: How many half-open trials have started: the one running is ``_trials`` (``abandon``).
+        self._trials = 0
 
     @property
     def state(self) -> str:
@@ -45,13 +47,29 @@ class CircuitBreaker:
             return max(0.0, self.reset_after - (self._clock() - self._opened_at))
 
     def allow(self) -> bool:
+        return self.admit() is not None
+
+    def admit(self) -> int | None:
+        """``allow``, saying what was let through: None nothing, 0 a request while closed, else
+        the number of the half-open trial it is, which only ``abandon`` needs."""
         with self._lock:
             if self._opened_at is None or self.threshold <= 0:
-                return True
+                return 0
             if self._clock() - self._opened_at < self.reset_after or self._trial_running:
-                return False
+                return None
             self._trial_running = True
-            return True
+            self._trials += 1
+            return self._trials
+
+    def abandon(self, admitted: int) -> None:
+        """A request ``admit`` let through was dropped before it reached the server (a page
+        that gave up on a prebind still queued): it proves nothing either way. Were it the
+        half-open trial, another may be tried: with this one's verdict never coming, the
+        breaker would otherwise stay open for good. (Its number, not just "a trial": a
+        request let through earlier, while closed, must not end a later request's trial.)"""
+        with self._lock:
+            if admitted and admitted == self._trials:
+                self._trial_running = False
 
     def record_success(self) -> bool:
         """Count a success; returns True if this one closed the breaker (the trial passed)."""

@@ -26,7 +26,12 @@ from .breaker import CircuitBreaker
 from .client import AsyncPrebinder, Prebinder
 from .config import MiddlewareConfig
 from .credentials import Credentials
-from .errors import AuthenticationFailed, ConfigurationError, ServiceUnavailable
+from .errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    ProtocolError,
+    ServiceUnavailable,
+)
 from .inject import script_snippet
 from .session import PrebindSession
 
@@ -317,14 +322,41 @@ class _Pending:
 
 class SyncPending(_Pending):
     def __init__(
-        self, core: PrebindCore, credentials: Credentials, future: Future[PrebindSession]
+        self,
+        core: PrebindCore,
+        credentials: Credentials,
+        future: Future[PrebindSession],
+        admitted: int = 0,
     ) -> None:
         super().__init__(core, credentials)
+        #: What the breaker's ``admit`` said of this prebind (see ``_unasked``).
+        self.admitted = admitted
         self._future = future
         future.add_done_callback(self._done)
 
     def _done(self, fut: Future[PrebindSession]) -> None:
-        self._settle(fut.exception())
+        if fut.cancelled():
+            self._unasked()
+        else:
+            self._settle(fut.exception())
+
+    def _unasked(self) -> None:
+        """Cancelled before it started (``_give_up``): the server was never asked, so there is
+        nothing to log or count, unless the page's timeout was counted already. A half-open
+        trial ends without a verdict, or the breaker would wait for one for good."""
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = True
+        self.core.breaker.abandon(self.admitted)
+
+    def _give_up(self) -> None:
+        """The page will not carry this session. A prebind still queued behind a full pool is
+        not started at all: each would be a login, then a terminate, that nobody asked for any
+        more, and pages time out behind a full pool exactly when the XMPP server is slow, so
+        they would double its load then. One already running is ended once it exists."""
+        if not self._future.cancel():
+            self._future.add_done_callback(self.core._terminate_later_sync)
 
     def session(self) -> PrebindSession | None:
         """Wait (until the deadline) for the session; ``None`` means serve the page without."""
@@ -336,8 +368,8 @@ class SyncPending(_Pending):
             self.error = ServiceUnavailable(
                 "prebind exceeded the page timeout", condition="timeout"
             )
-            self._settle(self.error)
-            self._future.add_done_callback(self.core._terminate_later_sync)
+            self._settle(self.error)  # (before _give_up: a prebind it cancels has no outcome)
+            self._give_up()
         except Exception as exc:
             self.error = exc
             # A Future wakes its waiters before it runs its callbacks: record (log, breaker) now,
@@ -347,7 +379,7 @@ class SyncPending(_Pending):
             # The wait itself was interrupted (SystemExit from a signal handler as a worker
             # stops, KeyboardInterrupt): this page will not carry the session, which is
             # claimed, so no discard() will end it. End it once it exists, then go on out.
-            self._future.add_done_callback(self.core._terminate_later_sync)
+            self._give_up()
             raise
         else:
             self._settle(None)
@@ -357,7 +389,7 @@ class SyncPending(_Pending):
     def discard(self) -> None:
         """The response will not carry the session: end it as soon as it exists."""
         if self._claim():
-            self._future.add_done_callback(self.core._terminate_later_sync)
+            self._give_up()
 
 
 class AsyncPending(_Pending):
@@ -375,9 +407,12 @@ class AsyncPending(_Pending):
         if not self._claim():
             return None
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(self._task), max(0.0, self.deadline - time.monotonic())
-            )
+            # Not wait_for: on 3.11 it drops a cancellation that arrives after the prebind has
+            # finished but before it resumes, and returns the session to a caller that gave up
+            # (an ASGI client gone): claimed, so no discard() ends it, it stayed live at the
+            # XMPP server. Under timeout() a cancellation is always raised here, and ends it.
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                return await asyncio.shield(self._task)
         except TimeoutError:
             self.error = ServiceUnavailable(
                 "prebind exceeded the page timeout", condition="timeout"
@@ -586,12 +621,23 @@ class PrebindCore:
         return _checked(result)
 
     def start_sync(self, credentials: Credentials) -> SyncPending | None:
-        if not self.breaker.allow():
+        admitted = self.breaker.admit()
+        if admitted is None:
             log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
             return None
-        return SyncPending(
-            self, credentials, self._pool().submit(self.prebinder.prebind, credentials)
-        )
+        try:
+            future = self._pool().submit(self.prebinder.prebind, credentials)
+        except RuntimeError:
+            # The pool is shut down: close() has run (at exit, or by the app), or the
+            # interpreter is going down. Fail open, as for any other failure: the page goes
+            # out without a session rather than as an error.
+            self.breaker.abandon(admitted)
+            log.warning(
+                "BOSH prebind not started for %s: the middleware is closed",
+                credentials.user_key,
+            )
+            return None
+        return SyncPending(self, credentials, future, admitted)
 
     def start_async(self, credentials: Credentials) -> AsyncPending | None:
         if not self.breaker.allow():
@@ -620,7 +666,14 @@ class PrebindCore:
             return
         condition = getattr(error, "condition", None) or type(error).__name__
         extra = {"bosh_user": user, "bosh_condition": condition, "bosh_elapsed_ms": ms}
-        if isinstance(error, (AuthenticationFailed, ConfigurationError)):
+        if _refused(error):
+            # The server is up and said no to this request: this user's domain, resource or
+            # account. Were that counted, one user with a JID on a domain the server does not
+            # serve would open the breaker for everyone in a few page views. Like a refused
+            # login, it proves the server up (and ends a half-open trial).
+            self._server_answered()
+            log.warning("BOSH prebind refused for %s: %s", user, condition, extra=extra)
+        elif isinstance(error, (AuthenticationFailed, ConfigurationError)):
             # The server answered; this account or setting is wrong. That proves the server up,
             # so it counts as a success for the breaker (which also ends a half-open trial:
             # leaving the trial running would keep the breaker open for good).
@@ -812,6 +865,32 @@ class PrebindCore:
         return self.endpoint_response(
             *self.endpoint_result(session, pending.error if pending else None)
         )
+
+
+#: BOSH terminate conditions (XEP-0124, 17.2; and the XMPP stream errors of the same name) by
+#: which a server that is up refuses this request (its ``to`` is a domain it does not serve,
+#: has none, or the request breaks its rules), not every one: they do not count towards the
+#: breaker. Prosody answers a ``to`` it does not serve with ``improper-addressing``. Not
+#: here, as they say the server or the way to it is sick, or cannot come from one user's
+#: request: ``item-not-found`` (the server forgot the session: restarted, or a balancer sends
+#: its requests to another node), ``internal-server-error`` (ejabberd's answer to an unknown
+#: domain, too), ``remote-connection-failed``, ``system-shutdown``, ``host-gone`` ...
+_REFUSED_REQUEST = frozenset(
+    {"host-unknown", "improper-addressing", "bad-request", "policy-violation"}
+)
+#: Resource binding errors (RFC 6120, 7.6.2), the only ``ProtocolError`` with a condition of
+#: these names: the resource is taken, this account may not bind one, or has too many.
+_REFUSED_BIND = frozenset({"conflict", "not-allowed", "resource-constraint", "bad-request"})
+
+
+def _refused(error: BaseException) -> bool:
+    """A refusal of this prebind by a server that is up (see ``_REFUSED_REQUEST``). By exact
+    type: the conditions are the server's words, and mean this only where protocol.py puts
+    them, in a terminating body or stream error, or in a bind's error."""
+    condition = getattr(error, "condition", None)
+    if type(error) is ServiceUnavailable:
+        return condition in _REFUSED_REQUEST
+    return type(error) is ProtocolError and condition in _REFUSED_BIND
 
 
 def _close_at_exit(ref: weakref.ref[PrebindCore]) -> None:
