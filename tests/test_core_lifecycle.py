@@ -163,6 +163,68 @@ async def test_a_page_that_waits_gets_its_session_and_nothing_is_ended() -> None
     assert engine.terminated == []
 
 
+@pytest.mark.parametrize("turns", range(5))
+async def test_an_asgi_client_gone_as_its_prebind_finishes_leaves_no_session_live(
+    turns: int,
+) -> None:
+    """Through the ASGI middleware: the disconnect comes ``turns`` loop turns after the
+    prebind finished. Either the page went out with its session before the disconnect, or
+    the session is ended; never sent to a client that is gone (the server drops it without a
+    word, and it seemed delivered), never left unsent and live."""
+    engine = FakeAsyncEngine()
+    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), NOWHERE, lambda user: CREDS)
+    core = mw.core
+    core._async = engine  # type: ignore[assignment]
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await engine.finish.wait()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return {"type": "http.disconnect"}
+
+    rec = ASGIRecorder()
+    request = asyncio.ensure_future(
+        mw(http_scope("/", headers=NAV, user=User("alice")), receive, rec.send)
+    )
+    await asyncio.sleep(0.01)  # the page waits for its prebind
+    engine.finish.set()
+    await asyncio.wait_for(request, 5)
+    await core.aclose()
+    delivered = page_vars(rec.body) is not None
+    assert delivered != (engine.terminated == ["sid1"]), (delivered, engine.terminated)
+    if turns == 0:  # (the disconnect and the session in the same turn: the disconnect wins)
+        assert not delivered
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_an_asgi_page_cancelled_as_its_prebind_finishes_leaves_no_session_live(
+    turns: int,
+) -> None:
+    """The server cancels the page itself (a worker stopping, a timeout of its own) ``turns``
+    loop turns after the prebind finished: the session went out, or it is ended."""
+    engine = FakeAsyncEngine()
+    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), NOWHERE, lambda user: CREDS)
+    core = mw.core
+    core._async = engine  # type: ignore[assignment]
+    rec = ASGIRecorder()
+    scope = http_scope("/", headers=NAV, user=User("alice"))
+    request = asyncio.ensure_future(mw(scope, rec.receive, rec.send))
+    await asyncio.sleep(0.01)  # the page waits for its prebind
+    engine.finish.set()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    request.cancel()
+    await asyncio.wait([request])
+    await core.aclose()
+    delivered = b"BOSH_SID" in rec.body
+    assert delivered != (engine.terminated == ["sid1"]), (delivered, engine.terminated)
+
+
 # ------------------------------------------------------------------------------------------
 # SyncPending: a page that gave up does not leave its prebind queued
 # ------------------------------------------------------------------------------------------

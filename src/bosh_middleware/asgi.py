@@ -265,23 +265,35 @@ class _Responder:
         self._watcher = watcher = asyncio.ensure_future(self._watch())
         try:
             await asyncio.wait((waiting, watcher), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # (the page itself cancelled: the pending ends its session)
-            waiting.cancel()
+        except BaseException:  # the page itself cancelled
+            self._end_unsent(waiting)
             raise
         finally:
             watcher.cancel()
             self._watcher = None
+        if watcher.done() and not watcher.cancelled():
+            # The client went away, even if the session came in the same turn: a server
+            # drops what is sent after the disconnect, so it would seem delivered, and live.
+            self._end_unsent(waiting)
+            self._stash.append(watcher.result())  # (the app's next receive says so too)
+            log.info("client went away before its page: session not sent, ended")
+            return None
         if waiting.done():
             return waiting.result()
-        if watcher.cancelled():
-            # The app asked for a message meanwhile (``receive`` took the watch over): Starlette's
-            # streamed responses listen for the disconnect in a task of their own while they
-            # send the start. The app sees a disconnect itself now, and cancels the page.
-            return await waiting
-        self._stash.append(watcher.result())  # (the app's next receive says so too)
-        waiting.cancel()  # (the pending ends the session once it exists)
-        log.info("client went away before its page: session not sent, ended")
-        return None
+        # The app asked for a message meanwhile (``receive`` took the watch over): Starlette's
+        # streamed responses listen for the disconnect in a task of their own while they send
+        # the start. The app sees a disconnect itself now, and cancels the page.
+        return await waiting
+
+    def _end_unsent(self, waiting: asyncio.Future[PrebindSession | None]) -> None:
+        """The wait for the session is given up. Still running: cancelled, and the pending
+        ends the session once it exists. Done: the session is this page's to end, claimed."""
+        if not waiting.done():
+            waiting.cancel()
+        elif not waiting.cancelled() and waiting.exception() is None:
+            session = waiting.result()
+            if session is not None:
+                self.core.terminate_async(session)
 
     async def _watch(self) -> Message:
         receive = self._receive
