@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from bosh_middleware import asgi, wsgi
-from bosh_middleware.credentials import StaticCredentials
+from bosh_middleware import AsyncPrebinder, asgi, wsgi
+from bosh_middleware.credentials import Credentials, StaticCredentials
 from support.asgi_recorder import NAV, call_wsgi, header_auth, html_app, wsgi_environ
 from support.bosh_check import (
     PrebindSpy,
@@ -134,3 +137,64 @@ def test_wsgi_many_users_at_once(prosody: XMPPServer, users: dict[str, tuple[str
         assert spy.wait_idle()
         end_sessions(prosody.service_url, spy.sessions)
         mw.core.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("transport", ["builtin", "httpx"])
+def test_one_async_prebinder_on_many_short_lived_loops(
+    prosody: XMPPServer, transport: str, kind: str
+) -> None:
+    """A job per ``asyncio.run`` (asgiref's ``async_to_sync`` does the same for each call):
+    one prebinder sees a new event loop each time. Each loop's pool or client is closed at
+    the loop's end: no loop is kept, and no socket (a kept pool held both, one per loop)."""
+    jid, password = prosody.new_user()
+    creds = Credentials(jid, password)
+    prebinder = AsyncPrebinder(prosody.service_url, transport=transport)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    factory = None
+    if kind == "uvloop":
+        import uvloop  # a test dependency: uvicorn[standard] runs ASGI apps on it
+
+        factory = uvloop.new_event_loop
+
+    async def job() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        session = await prebinder.prebind(creds)
+        assert await prebinder.terminate(session)
+
+    def jobs(n: int) -> None:
+        for _ in range(n):
+            with asyncio.Runner(loop_factory=factory) as runner:  # (as asyncio.run)
+                runner.run(job())
+
+    def on_a_thread(n: int) -> None:
+        """As asgiref runs them (and test_prebind_servers.run_async). A daemon thread: a loop
+        that cannot close (uvloop's, raising the warning of a socket left open) is a failure
+        here, not a process that never exits."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                jobs(n)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "a loop did not end"
+        if failed:
+            raise failed[0]
+
+    on_a_thread(1)  # (what the first loop makes once: uvloop's)
+    gc.collect()
+    before = open_fds()
+    on_a_thread(20)
+    gc.collect()
+    assert len(prebinder._pools) + len(prebinder._clients) <= 1
+    assert [ref() for ref in loops] == [None] * 21
+    assert open_fds() <= before + 2

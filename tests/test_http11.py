@@ -14,6 +14,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import gc
 import ipaddress
 import os
 import random
@@ -27,6 +28,7 @@ import threading
 import time
 import tracemalloc
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from bosh_middleware import (
 )
 from bosh_middleware.client import _wants_builtin
 from bosh_middleware.credentials import Credentials
-from bosh_middleware.session import PrebindOptions
+from bosh_middleware.session import PrebindOptions, PrebindSession
 
 LIMIT = 64 * 1024
 SOCKET_TIMEOUT = 5.0  # server side: no handler blocks longer than this
@@ -2137,3 +2139,36 @@ def test_a_pipelined_batch_is_staggered_on_every_loop(
         pool.close()
         loop.run_until_complete(asyncio.sleep(0.01))
         loop.close()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_the_pool_of_a_loop_closed_without_its_end_goes_with_the_next_loop(
+    serve, kind: str
+) -> None:
+    """A loop closed by ``loop.close()`` alone (no ``shutdown_asyncgens``, in which
+    ``asyncio.run`` closes the loop's pool: test_concurrency.py) cannot close its pool's
+    sockets any more; its pool is dropped when the prebinder sees the next loop, and the loop
+    and the sockets go with it: one such pool at most, not one per loop ever seen."""
+    server = serve(serve_bosh_offering_plain)
+    prebinder = AsyncPrebinder(server.url)
+    session = PrebindSession(jid="a@example.org/r", sid="s1", rid=10, service_url=server.url)
+    new_loop(kind).close()  # (what the first loop makes once: uvloop's)
+    before = len(os.listdir("/proc/self/fd"))
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    with warnings.catch_warnings():
+        # asyncio's and uvloop's own, of each transport such a loop's owner left open
+        warnings.simplefilter("ignore", ResourceWarning)
+        for _ in range(20):
+            loop = new_loop(kind)
+            loops.append(weakref.ref(loop))
+            assert loop.run_until_complete(prebinder.terminate(session))
+            loop.close()
+            del loop
+            assert len(prebinder._pools) == 1
+        gc.collect()
+        assert [ref() for ref in loops[:-1]] == [None] * 19
+        # a loop that ends as asyncio.run ends it takes the last one away, and its own
+        assert asyncio.run(prebinder.terminate(session))
+        gc.collect()
+    assert not prebinder._pools and loops[-1]() is None
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

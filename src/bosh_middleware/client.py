@@ -28,8 +28,8 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -707,13 +707,23 @@ class AsyncPrebinder(_Base):
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, http11.AsyncPool] = (
             weakref.WeakKeyDictionary()
         )
+        # Weak keys alone never let a loop go: its pool or client (through their connections)
+        # holds it. Each loop's ``_loop_end`` generator closes them while the loop can still
+        # close sockets, and ``_new_loop`` drops those of loops closed without that step.
+        self._ends: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
+        ] = weakref.WeakKeyDictionary()
+        # (loops run on several threads at once: asgiref's async_to_sync, one per call)
+        self._loops_lock = threading.Lock()
 
     def _pool(self) -> http11.AsyncPool:
         assert self._origin is not None
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
         if pool is None:
-            pool = self._pools[loop] = http11.AsyncPool(self._origin)
+            with self._loops_lock:
+                self._new_loop(loop)
+                pool = self._pools[loop] = http11.AsyncPool(self._origin)
         return pool
 
     def _http(self) -> httpx.AsyncClient:
@@ -722,9 +732,45 @@ class AsyncPrebinder(_Base):
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = httpx.AsyncClient(limits=_LIMITS, verify=_tls(self._verify))
-            self._clients[loop] = client
+            with self._loops_lock:
+                self._new_loop(loop)
+                client = httpx.AsyncClient(limits=_LIMITS, verify=_tls(self._verify))
+                self._clients[loop] = client
         return client
+
+    def _new_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Before the first pool or client of ``loop`` (under ``_loops_lock``): have them
+        closed at its end, and forget those of loops already closed.
+
+        A loop ended by ``asyncio.run`` (or ``asyncio.Runner``, ``uvloop.run``, anyio,
+        asgiref's ``async_to_sync``) closes its asynchronous generators first, with
+        ``loop.shutdown_asyncgens()``: ``_loop_end``, started here, is one, and its ``finally``
+        closes this loop's pool or client then, while the loop can still close their sockets.
+        A loop merely closed (``loop.close()`` alone) gives no such turn: its entries are
+        dropped on the next new loop, which frees the loop and, through their finalizers,
+        the sockets its transports still hold (asyncio then warns of each: the loop's owner
+        left them open). Only a new loop pays for this, not a prebind on a known one."""
+        for old in [known for known in self._ends if known.is_closed()]:
+            del self._ends[old]
+            self._pools.pop(old, None)
+            self._clients.pop(old, None)
+        if loop in self._ends:  # (its pool, and now its client, or the other way round)
+            return
+        end = _loop_end(self, loop)
+        with suppress(StopIteration):  # (on to its ``yield``: nothing to await)
+            end.asend(None).send(None)
+        self._ends[loop] = end
+
+    async def _loop_ended(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the pool or client of ``loop``, at its end or by ``aclose``."""
+        with self._loops_lock:
+            self._ends.pop(loop, None)
+            pool = self._pools.pop(loop, None)
+            client = self._clients.pop(loop, None)
+        if pool is not None:
+            pool.close()
+        if client is not None:
+            await client.aclose()
 
     async def _send(self, req: BOSHRequest, sent: asyncio.Event | None = None) -> BOSHResponse:
         if self._origin is not None:
@@ -854,20 +900,29 @@ class AsyncPrebinder(_Base):
         cleanups = [task for task in self._cleanup if task.get_loop() is loop]
         if cleanups:
             await asyncio.wait(cleanups, timeout=_CLEANUP_TIMEOUT)
-        pool = self._pools.pop(loop, None)
-        if pool is not None:
-            pool.close()
-        if self._given_client is not None:
-            return
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose()
+        with self._loops_lock:
+            end = self._ends.pop(loop, None)
+        if end is not None:  # its ``finally`` closes them, and it is not left to the loop's end
+            await end.aclose()
 
     async def __aenter__(self) -> AsyncPrebinder:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _loop_end(
+    prebinder: AsyncPrebinder, loop: asyncio.AbstractEventLoop
+) -> AsyncGenerator[None, None]:
+    """Suspended at its ``yield`` from ``loop``'s first prebind until the loop's end (see
+    ``AsyncPrebinder._new_loop``) or ``aclose``. (Should the prebinder be dropped first, the
+    loop's finalizer for asynchronous generators runs this ``finally`` on the loop too.)"""
+    try:
+        yield
+    finally:
+        if not loop.is_closed():  # (else dropped by ``_new_loop``: nothing it can close)
+            await prebinder._loop_ended(loop)
 
 
 def prebind(service_url: str, credentials: Credentials, **options: Any) -> PrebindSession:

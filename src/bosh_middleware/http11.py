@@ -1382,9 +1382,12 @@ class AsyncPool:
             conn.close()
 
     def close(self) -> None:
+        # Aborted: an idle connection has nothing left to send, and a TLS close would wait for
+        # the server's close_notify, which a loop about to close (``AsyncPrebinder``'s pools
+        # are closed at their loop's end) never reads: its socket would be left open.
         idle, self._idle = self._idle, []
         for conn in idle:
-            conn.close()
+            conn.abort()
 
     def start(
         self,
