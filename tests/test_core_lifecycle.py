@@ -109,6 +109,13 @@ def fake_core(engine: FakeSyncEngine | FakeAsyncEngine, **settings: Any) -> Preb
     return core
 
 
+def fake_asgi(engine: FakeAsyncEngine) -> tuple[asgi.BOSHPrebindMiddleware, PrebindCore]:
+    """The ASGI middleware on ``engine``, serving ``PAGE`` to anyone as alice."""
+    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), NOWHERE, lambda user: CREDS)
+    mw.core._async = engine  # type: ignore[assignment]
+    return mw, mw.core
+
+
 @pytest.fixture
 def sync_engine() -> Iterator[FakeSyncEngine]:
     engine = FakeSyncEngine()
@@ -172,9 +179,7 @@ async def test_an_asgi_client_gone_as_its_prebind_finishes_leaves_no_session_liv
     the session is ended; never sent to a client that is gone (the server drops it without a
     word, and it seemed delivered), never left unsent and live."""
     engine = FakeAsyncEngine()
-    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), NOWHERE, lambda user: CREDS)
-    core = mw.core
-    core._async = engine  # type: ignore[assignment]
+    mw, core = fake_asgi(engine)
     calls = 0
 
     async def receive() -> dict[str, Any]:
@@ -208,9 +213,7 @@ async def test_an_asgi_page_cancelled_as_its_prebind_finishes_leaves_no_session_
     """The server cancels the page itself (a worker stopping, a timeout of its own) ``turns``
     loop turns after the prebind finished: the session went out, or it is ended."""
     engine = FakeAsyncEngine()
-    mw = asgi.BOSHPrebindMiddleware(html_app(PAGE), NOWHERE, lambda user: CREDS)
-    core = mw.core
-    core._async = engine  # type: ignore[assignment]
+    mw, core = fake_asgi(engine)
     rec = ASGIRecorder()
     scope = http_scope("/", headers=NAV, user=User("alice"))
     request = asyncio.ensure_future(mw(scope, rec.receive, rec.send))
