@@ -498,6 +498,27 @@ def test_route_path(root: str, path: str, expected: str) -> None:
     assert route_path(path, root) == expected
 
 
+@pytest.mark.parametrize("headers", [NAV, {"x-custom": "1"}], ids=["navigation", "says-nothing"])
+async def test_headers_given_as_a_one_shot_iterator_still_reach_the_app(
+    make_mw: Any, headers: dict[str, str]
+) -> None:
+    """ASGI says the headers are an iterable: one that reading them uses up is read once, and
+    the app gets them all (it got none)."""
+    seen: list[list[Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(list(scope["headers"]))
+        await html_app(PAGE)(scope, receive, send)
+
+    mw, _ = make_mw(app)
+    scope = http_scope("/", headers=headers, user=ALICE)
+    pairs = list(scope["headers"])
+    scope["headers"] = iter(pairs)
+    rec = ASGIRecorder()
+    await asyncio.wait_for(mw(scope, rec.receive, rec.send), 10)
+    assert seen == [pairs] and page_vars(rec.body) is not None
+
+
 @pytest.mark.parametrize(
     "before",
     [

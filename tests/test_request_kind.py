@@ -154,6 +154,7 @@ NOT_A_PAGE: dict[str, tuple[dict[str, str], bool]] = {
     "dest-blank-value": ({"Accept": "*/*", "Sec-Fetch-Dest": "  "}, False),
     "hx-request-empty-value": ({**NAV_CHROME, "HX-Request": ""}, False),
     "x-requested-with-empty-value": ({**NAV_CHROME, "X-Requested-With": ""}, False),
+    "sec-purpose-empty-value": ({**NAV_CHROME, "Sec-Purpose": ""}, False),
     # fetch / XHR / subresources
     "fetch-default": ({"Accept": "*/*", "Sec-Fetch-Dest": "empty"}, True),
     "fetch-html": ({"Accept": "text/html", "Sec-Fetch-Dest": "empty"}, True),
@@ -168,6 +169,11 @@ NOT_A_PAGE: dict[str, tuple[dict[str, str], bool]] = {
     ),
     "htmx": ({"Accept": "*/*", "HX-Request": "true"}, True),
     "htmx-navigation-headers": ({**NAV_CHROME, "HX-Request": "true"}, True),
+    # prefetch / prerender (speculation rules, <link rel=prefetch>): a page nobody may open
+    "prefetch": ({**NAV_CHROME, "Sec-Purpose": "prefetch"}, True),
+    "prerender": ({**NAV_CHROME, "Sec-Purpose": "prefetch;prerender"}, True),
+    "prefetch-legacy-purpose": ({"Accept": CHROME, "Purpose": "prefetch"}, True),
+    "prefetch-nothing-else": ({"Sec-Purpose": "prefetch"}, True),
     # Accept without HTML
     "json-client": ({"Accept": "application/json"}, True),
     "html-refused": ({"Accept": "text/html;q=0, */*"}, True),
@@ -482,7 +488,9 @@ def test_remembered_kinds_are_the_worked_out_ones(fresh_memos: None) -> None:
     for round_ in ("worked out", "remembered"):
         for case, (headers, _) in NOT_A_PAGE.items():
             get = lower_getter(headers)
-            xhr = get("hx-request") or get("x-requested-with")
+            xhr = (
+                get("hx-request") or get("x-requested-with") or get("sec-purpose") or get("purpose")
+            )
             expected = request_kind_of(xhr, get("sec-fetch-dest"), get("accept"))
             assert kinds_three_ways(headers) == [expected] * 3, (round_, case)
     # every one remembered (the adapters settle ``Sec-Fetch-Dest: empty`` before they ask)

@@ -104,7 +104,8 @@ def _kind_of_headers(raw: Any) -> str:
     if fast is None:
         return request_kind(_Headers(raw).get)
     get = fast.get
-    key = (get(b"hx-request") or get(b"x-requested-with"), get(b"sec-fetch-dest"), get(b"accept"))
+    xhr = get(b"hx-request") or get(b"x-requested-with") or get(b"sec-purpose") or get(b"purpose")
+    key = (xhr, get(b"sec-fetch-dest"), get(b"accept"))
     try:
         return _KINDS[key]
     except (KeyError, TypeError):  # (TypeError: a bytearray value, which is not kept either)
@@ -544,8 +545,13 @@ class BOSHPrebindMiddleware:
         if flag is not True and (flag is False or not self._authenticated(user, scope)):
             return self.app(scope, receive, send)
         raw = scope["headers"]
-        if type(raw) is list and _FETCH in raw:  # _request_kind's first test, inlined
-            return self.app(scope, receive, send)
+        if type(raw) is list:
+            if _FETCH in raw:  # _request_kind's first test, inlined
+                return self.app(scope, receive, send)
+        elif not isinstance(raw, (list, tuple)):
+            # (ASGI says iterable: one that reading here would use up is read into a list,
+            # which the app then gets in its place)
+            raw = scope["headers"] = list(raw)
         kind = _kind_of_headers(raw)
         if kind == NOT_A_PAGE:
             return self.app(scope, receive, send)

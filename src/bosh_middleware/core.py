@@ -61,7 +61,14 @@ _PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 #: ``Sec-Fetch-Dest`` values of a request whose answer a browser shows as a document.
 _PAGE_DESTS = frozenset({"document", "iframe", "frame"})
 #: The request headers ``not_a_page`` and ``looks_like_page`` read (lower case).
-REQUEST_HEADERS = ("hx-request", "x-requested-with", "sec-fetch-dest", "accept")
+REQUEST_HEADERS = (
+    "hx-request",
+    "x-requested-with",
+    "sec-purpose",
+    "purpose",
+    "sec-fetch-dest",
+    "accept",
+)
 
 
 def media_type(content_type: str | None) -> str:
@@ -144,9 +151,11 @@ def not_a_page(get: HeaderGetter) -> bool:
     microseconds: the price of each logged-in API call).
 
     True when any of: ``HX-Request`` (htmx) or ``X-Requested-With`` (jQuery and most XHR
-    helpers); ``Sec-Fetch-Dest`` other than ``document``, ``iframe`` or ``frame`` (browsers send
-    ``empty`` for fetch/XHR, ``script``, ``image``, ``style`` ... for subresources); an
-    ``Accept`` that takes no HTML (``application/json``; ``text/html;q=0, application/json``).
+    helpers); ``Sec-Purpose`` or ``Purpose`` (a prefetch or prerender: a page the user may
+    never open, and if they do, minutes later, its session may be gone); ``Sec-Fetch-Dest``
+    other than ``document``, ``iframe`` or ``frame`` (browsers send ``empty`` for fetch/XHR,
+    ``script``, ``image``, ``style`` ... for subresources); an ``Accept`` that takes no HTML
+    (``application/json``; ``text/html;q=0, application/json``).
     A header with an empty value counts as absent. A request with none of these (curl, scripts,
     older browsers) is not judged here: its response is looked at, and an HTML page still gets
     its session.
@@ -159,7 +168,11 @@ def request_kind(get: HeaderGetter) -> str:
     browser navigation (see ``PrebindCore.looks_like_page``), else ``UNDECIDED``. One read of
     each of the four headers: every logged-in request asks this, so the answer is remembered
     (``remember_kind``)."""
-    key = (get("hx-request") or get("x-requested-with"), get("sec-fetch-dest"), get("accept"))
+    key = (
+        get("hx-request") or get("x-requested-with") or get("sec-purpose") or get("purpose"),
+        get("sec-fetch-dest"),
+        get("accept"),
+    )
     try:
         return _KINDS[key]
     except (KeyError, TypeError):  # (TypeError: a getter's unhashable value, not kept either)
@@ -183,12 +196,20 @@ def environ_kind(environ: Mapping[str, Any]) -> str:
         and "HTTP_ACCEPT" not in environ
         and "HTTP_HX_REQUEST" not in environ
         and "HTTP_X_REQUESTED_WITH" not in environ
+        and "HTTP_SEC_PURPOSE" not in environ
+        and "HTTP_PURPOSE" not in environ
     ):
         # Said nothing (a script, curl): what request_kind_of answers. Settled with ``in``,
         # which is no call, rather than three ``get`` calls: such a request pays for the
         # response's inspection too, and this is what it costs most often.
         return UNDECIDED
-    key = (get("HTTP_HX_REQUEST") or get("HTTP_X_REQUESTED_WITH"), dest, get("HTTP_ACCEPT"))
+    xhr = (
+        get("HTTP_HX_REQUEST")
+        or get("HTTP_X_REQUESTED_WITH")
+        or get("HTTP_SEC_PURPOSE")
+        or get("HTTP_PURPOSE")
+    )
+    key = (xhr, dest, get("HTTP_ACCEPT"))
     try:  # the usual values (curl's ``*/*``, a browser's navigation): see remember_kind
         return _ENVIRON_KINDS[key]
     except (KeyError, TypeError):  # (TypeError: an unhashable value, which is not kept either)
@@ -238,8 +259,9 @@ def remember_kind(memo: dict[Any, str], key: tuple[Any, ...], kind: str) -> str:
 
 
 def request_kind_of(xhr: object, dest: str | None, accept: str | None) -> str:
-    """``request_kind`` from the values: ``xhr`` is ``HX-Request`` or ``X-Requested-With``
-    (only whether either is non-empty counts), then ``Sec-Fetch-Dest`` and ``Accept``."""
+    """``request_kind`` from the values: ``xhr`` is ``HX-Request``, ``X-Requested-With``,
+    ``Sec-Purpose`` or ``Purpose`` (only whether one is non-empty counts), then
+    ``Sec-Fetch-Dest`` and ``Accept``."""
     if xhr:
         return NOT_A_PAGE
     if dest:
