@@ -25,7 +25,7 @@ from asgiref.sync import async_to_sync
 from .breaker import CircuitBreaker
 from .client import AsyncPrebinder, Prebinder
 from .config import MiddlewareConfig
-from .credentials import Credentials
+from .credentials import Credentials, is_authenticated
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -81,15 +81,6 @@ def charset_of(content_type: str | None) -> str | None:
         if key.strip().lower() == "charset":
             return value.strip().strip('"').strip("'") or None
     return None
-
-
-def is_authenticated(user: Any) -> bool:
-    if user is None:
-        return False
-    flag = getattr(user, "is_authenticated", None)
-    if flag is None:
-        return bool(user)
-    return bool(flag() if callable(flag) else flag)
 
 
 def _q(params: str) -> float:
@@ -307,9 +298,9 @@ def is_injectable(method: str, status: int, get: HeaderGetter) -> bool:
 def _encoded(value: str | None) -> bool:
     """A Content-Encoding that is one: ``identity`` says "none" (RFC 9110 discourages sending
     it, and some apps and proxies do all the same)."""
-    return bool(value) and any(
-        token.strip().lower() not in ("", "identity") for token in (value or "").split(",")
-    )
+    if not value:
+        return False
+    return any(token.strip().lower() not in ("", "identity") for token in value.split(","))
 
 
 class _Pending:

@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Credentials", "SharedSecretCredentials", "StaticCredentials", "derive_password"]
+__all__ = [
+    "Credentials",
+    "SharedSecretCredentials",
+    "StaticCredentials",
+    "derive_password",
+    "is_authenticated",
+]
 
 log = logging.getLogger("bosh_middleware")
 
@@ -133,8 +139,12 @@ def _usernames(user: Any) -> Iterator[str]:
 _nameless_types: set[type] = set()
 
 
-def _logged_in(user: Any) -> bool:
-    """As the adapters decide it: ``is_authenticated`` if the user has one, else its truth."""
+def is_authenticated(user: Any) -> bool:
+    """Whether the app calls ``user`` logged in, as every adapter decides it (and, here, the
+    default username lookup): its ``is_authenticated`` (an attribute or, older Django and
+    custom classes, a method) if it has one, else its truth (a ``REMOTE_USER`` string)."""
+    if user is None:
+        return False
     flag = getattr(user, "is_authenticated", None)
     if flag is None:
         return bool(user)
@@ -155,7 +165,7 @@ def _default_username(user: Any) -> str | None:
         if name:
             return name
         empty = True
-    if not empty and type(user) not in _nameless_types and _logged_in(user):
+    if not empty and type(user) not in _nameless_types and is_authenticated(user):
         _nameless_types.add(type(user))
         log.warning(
             "no XMPP session for users of type %s: they have no username (get_username(), "

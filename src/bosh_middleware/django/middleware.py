@@ -292,9 +292,8 @@ class BOSHPrebindMiddleware:
             else:
                 response.content = injector.feed(response.content) + injector.finish()  # type: ignore[attr-defined]
                 length = len(response.content)  # type: ignore[attr-defined]
-                if (
-                    not injector.done and not keep
-                ):  # (a charset that cannot carry it, a cut-off page)
+                # (not done: a charset that cannot carry it, a cut-off page)
+                if not injector.done and not keep:
                     end(session)
         sets, removes = core.header_edits(
             response.headers.get, session, body_length=length, streaming=streaming
