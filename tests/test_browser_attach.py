@@ -62,16 +62,30 @@ def _attach(
     return result
 
 
+def _check_shape(session: PrebindSession, round_trips: int, requests: int | None = None) -> None:
+    """The round trips of an unhurried prebind. On a busy host the pipelined bind can still
+    overtake the restart (two connections are not ordered): the flow then ends that session
+    and prebinds again one request at a time, which is correct, and more round trips.
+    test_prebind_servers checks that this stays the exception; here the attach is the point."""
+    if session.retried:
+        assert session.round_trips > round_trips, session
+        return
+    assert session.round_trips == round_trips, session
+    if requests is not None:
+        assert session.request_count == requests, session
+
+
 def test_prosody_scram_session_attaches(browser, static_server, prosody) -> None:
     session, _jid = _prebind(prosody)
     assert session.mechanism and session.mechanism.startswith("SCRAM-")
-    assert session.round_trips == 4
+    _check_shape(session, 4)
     _attach(browser, static_server, prosody, session, "hello from a SCRAM prebind")
 
 
 def test_prosody_plain_session_attaches(browser, static_server, prosody_secure) -> None:
     session, _ = _prebind(prosody_secure, mechanisms=["PLAIN"])
-    assert session.mechanism == "PLAIN" and session.round_trips == 3
+    assert session.mechanism == "PLAIN"
+    _check_shape(session, 3)
     _attach(browser, static_server, prosody_secure, session, "hello from a PLAIN prebind <&>")
 
 
@@ -83,8 +97,7 @@ def test_prosody_scram_quickstart_session_attaches(
     transport) whose last one went pipelined with the restart + bind on one connection."""
     session, _jid = _prebind(prosody, learnt=True, transport=transport)
     assert session.mechanism and session.mechanism.startswith("SCRAM-")
-    assert session.round_trips == round_trips and session.request_count == 3
-    assert not session.retried
+    _check_shape(session, round_trips, requests=3)
     _attach(
         browser, static_server, prosody, session, f"hello from a quickstart prebind {transport}"
     )
@@ -92,7 +105,8 @@ def test_prosody_scram_quickstart_session_attaches(
 
 def test_prosody_plain_quickstart_session_attaches(browser, static_server, prosody_secure) -> None:
     session, _ = _prebind(prosody_secure, learnt=True, mechanisms=["PLAIN"])
-    assert session.mechanism == "PLAIN" and session.round_trips == 2 and not session.retried
+    assert session.mechanism == "PLAIN"
+    _check_shape(session, 2)
     _attach(browser, static_server, prosody_secure, session, "two round trips, PLAIN")
 
 
