@@ -30,9 +30,10 @@ from bosh_middleware import (
     Prebinder,
     PrebindSession,
     ServiceUnavailable,
+    client,
     scram,
 )
-from bosh_middleware.protocol import ServiceMemory
+from bosh_middleware.protocol import PrebindProtocol, ServiceMemory
 from support.fake_bosh import FakeBOSH, forward_to
 from support.xmpp_servers import XMPPServer
 
@@ -446,6 +447,36 @@ def test_key_derivation_runs_off_the_event_loop(
     assert len(threads) == 1
     assert (threads[0] == driver_thread) is sync
     assert_attachable(session)
+
+
+def test_a_key_derivation_that_fails_ends_the_session(
+    prosody, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PBKDF2 that raises (hashlib refusing a hash or a salt under a FIPS policy ...) fails
+    the prebind, and the session made for it is ended, as after any other failure: it was
+    left live (the drivers ran the derivation outside the flow, whose cleanup never ran)."""
+    protocols: list[PrebindProtocol] = []
+    made = client.PrebindProtocol
+
+    def recording(*args: Any, **kwargs: Any) -> PrebindProtocol:
+        protocols.append(made(*args, **kwargs))
+        return protocols[-1]
+
+    def refusing(*args: Any) -> bytes:
+        raise ValueError("unsupported hash type")  # (as hashlib says it)
+
+    monkeypatch.setattr(client, "PrebindProtocol", recording)
+    monkeypatch.setattr(scram, "salted_password", refusing)
+    jid, password = prosody.new_user()
+    scram.clear_cache()
+    try:
+        with pytest.raises(ValueError, match="unsupported hash type"):
+            run_prebind(driver, prosody.service_url, Credentials(jid, password))
+    finally:
+        scram.clear_cache()
+    (protocol,) = protocols
+    assert protocol.sid is not None  # (the session was made: the challenge came)
+    assert_ended(prosody.service_url, protocol.sid, protocol._conv.rid)
 
 
 @pytest.mark.ejabberd

@@ -558,7 +558,11 @@ class Prebinder(_Base):
             batch = next(flow)
             while True:
                 if isinstance(batch, Derive):  # (this thread is a web worker's: work here)
-                    batch.run()
+                    try:
+                        batch.run()
+                    except Exception as exc:  # (into the flow, which ends its session)
+                        batch = flow.throw(exc)
+                        continue
                     batch = flow.send([])
                     continue
                 try:
@@ -638,7 +642,9 @@ class _Drive(Generic[T]):
         flow = self._flow
         try:
             if exc is not None:
-                if not isinstance(exc, BOSHError):
+                # (a transport's bug is the awaiter's; a derivation's error (answers: [])
+                # goes into the flow too, which ends the session it made)
+                if answers is None and not isinstance(exc, BOSHError):
                     raise exc
                 batch = flow.throw(exc)
             elif answers is None:
@@ -847,7 +853,11 @@ class AsyncPrebinder(_Base):
             batch = next(flow)
             while True:
                 if isinstance(batch, Derive):  # off the event loop
-                    await asyncio.get_running_loop().run_in_executor(None, batch.run)
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(None, batch.run)
+                    except Exception as exc:  # (into the flow, which ends its session)
+                        batch = flow.throw(exc)
+                        continue
                     batch = flow.send([])
                     continue
                 try:

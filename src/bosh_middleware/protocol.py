@@ -147,7 +147,8 @@ class BOSHResponse(NamedTuple):
 class Derive(NamedTuple):
     """A step of a flow that is no request: CPU work (SCRAM's PBKDF2) for the driver to do
     before it sends the flow an empty list and goes on, inline (sync) or in a thread (async,
-    so that the event loop is not stalled)."""
+    so that the event loop is not stalled). An error it raises is thrown into the flow, which
+    ends the session it made."""
 
     run: Callable[[], object]
 
