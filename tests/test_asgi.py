@@ -1275,6 +1275,36 @@ async def test_endpoint_returns_a_live_session(
     assert await live(prosody, session)
 
 
+async def test_endpoint_client_gone_before_its_session_gets_none_and_it_is_ended(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """converse.js fetches the endpoint as its page loads: a user who leaves (or reloads) while
+    the prebind runs aborts the fetch. ASGI servers say http.disconnect and drop the answer
+    without a word, so the session in it would stay live at the XMPP server, unused."""
+    mw, spy = make_mw(html_app(PAGE), spy_delay=2.0)
+    sent: list[dict[str, Any]] = []
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        if received == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.1)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/bosh/prebind", headers={"sec-fetch-dest": "empty"}, user=ALICE)
+    await asyncio.wait_for(mw(scope, receive, send), 10)
+    assert b"sid" not in b"".join(m.get("body", b"") for m in sent)
+    assert await spy.await_terminated(1, timeout=5.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert await dead(prosody, session)
+
+
 async def test_endpoint_path_is_configurable(make_mw: Any) -> None:
     mw, _spy = make_mw(
         html_app(b"app page", content_type="text/plain", status=404), endpoint_path="/xmpp/attach"
