@@ -874,19 +874,20 @@ async def test_a_client_gone_before_its_session_gets_none_and_it_is_ended(
     assert await dead(prosody, session)
 
 
+@pytest.mark.parametrize("path", ["/", "/bosh/prebind"])
 @pytest.mark.parametrize("server", SERVERS)
 def test_a_connection_reset_while_the_page_waits_ends_its_session(
-    server: str, prosody: XMPPServer, alice: tuple[str, str]
+    server: str, prosody: XMPPServer, alice: tuple[str, str], path: str
 ) -> None:
     """The same through real servers, which say http.disconnect when the browser resets the
-    connection and then drop the page without an error."""
+    connection and then drop the page (or the endpoint's answer) without an error."""
     mw = served_page(prosody, alice)
     spy = PrebindSpy.on(mw.core, sync=False, delay=1.0)
     with serve(server, mw) as base:
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             lines = [f"{k}: {v}" for k, v in {**NAV, "x-user": "alice"}.items()]
-            request = "\r\n".join(["GET / HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""])
+            request = "\r\n".join([f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""])
             sock.sendall(request.encode())
             # the prebind has started (and takes a second more): now the browser gives up
             assert wait_until(lambda: len(spy.calls) == 1, 10, 0.01)
