@@ -874,19 +874,20 @@ async def test_a_client_gone_before_its_session_gets_none_and_it_is_ended(
     assert await dead(prosody, session)
 
 
+@pytest.mark.parametrize("path", ["/", "/bosh/prebind"])
 @pytest.mark.parametrize("server", SERVERS)
 def test_a_connection_reset_while_the_page_waits_ends_its_session(
-    server: str, prosody: XMPPServer, alice: tuple[str, str]
+    server: str, prosody: XMPPServer, alice: tuple[str, str], path: str
 ) -> None:
     """The same through real servers, which say http.disconnect when the browser resets the
-    connection and then drop the page without an error."""
+    connection and then drop the page (or the endpoint's answer) without an error."""
     mw = served_page(prosody, alice)
     spy = PrebindSpy.on(mw.core, sync=False, delay=1.0)
     with serve(server, mw) as base:
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             lines = [f"{k}: {v}" for k, v in {**NAV, "x-user": "alice"}.items()]
-            request = "\r\n".join(["GET / HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""])
+            request = "\r\n".join([f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *lines, "", ""])
             sock.sendall(request.encode())
             # the prebind has started (and takes a second more): now the browser gives up
             assert wait_until(lambda: len(spy.calls) == 1, 10, 0.01)
@@ -1273,6 +1274,36 @@ async def test_endpoint_returns_a_live_session(
     (session,) = spy.sessions
     assert (data["sid"], data["rid"]) == (session.sid, session.rid)
     assert await live(prosody, session)
+
+
+async def test_endpoint_client_gone_before_its_session_gets_none_and_it_is_ended(
+    make_mw: Any, prosody: XMPPServer
+) -> None:
+    """converse.js fetches the endpoint as its page loads: a user who leaves (or reloads) while
+    the prebind runs aborts the fetch. ASGI servers say http.disconnect and drop the answer
+    without a word, so the session in it would stay live at the XMPP server, unused."""
+    mw, spy = make_mw(html_app(PAGE), spy_delay=2.0)
+    sent: list[dict[str, Any]] = []
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        if received == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.1)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/bosh/prebind", headers={"sec-fetch-dest": "empty"}, user=ALICE)
+    await asyncio.wait_for(mw(scope, receive, send), 10)
+    assert b"sid" not in b"".join(m.get("body", b"") for m in sent)
+    assert await spy.await_terminated(1, timeout=5.0)
+    (session,) = spy.sessions
+    assert spy.terminated == [session]
+    assert await dead(prosody, session)
 
 
 async def test_endpoint_path_is_configurable(make_mw: Any) -> None:

@@ -535,7 +535,7 @@ class BOSHPrebindMiddleware:
         ):
             return self.app(scope, receive, send)
         if path == self._endpoint_path:  # (None when there is no endpoint)
-            return self._endpoint(scope, send)
+            return self._endpoint(scope, receive, send)
         if scope["method"] != "GET":
             return self.app(scope, receive, send)
         user = scope.get("user") if self._scope_user else self._get_user(scope)
@@ -653,12 +653,17 @@ class BOSHPrebindMiddleware:
 
         return wrapped
 
-    async def _endpoint(self, scope: Scope, send: Send) -> None:
+    async def _endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":
             status, headers, body = 405, [("Allow", "GET"), ("Content-Length", "0")], b""
         else:
             site = _Headers(scope["headers"]).get("sec-fetch-site")
-            status, headers, body = await self.core.endpoint_async(self.get_user(scope), site)
+            user = self.get_user(scope)
+            # The session is awaited as a page's is, watching for the client going away
+            # (converse.js's fetch, aborted by a user who leaves as the page loads): then it
+            # is ended, not sent to nobody and left live.
+            watch = _Responder(self, scope, send, None, None, user, receive)
+            status, headers, body = await self.core.endpoint_async(user, site, watch._wait)
         await send(
             {
                 "type": "http.response.start",

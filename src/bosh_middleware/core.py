@@ -867,8 +867,14 @@ class PrebindCore:
         )
 
     async def endpoint_async(
-        self, user: Any, site: str | None = None
+        self,
+        user: Any,
+        site: str | None = None,
+        wait: Callable[[AsyncPending], Awaitable[PrebindSession | None]] | None = None,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """``wait(pending)``: how the session is awaited, ``pending.session()`` by default. The
+        ASGI adapter's also watches for the client going away (and ends the session then): a
+        server drops what is sent after that without a word, and nothing cancels the wait."""
         if site is not None and site not in _OWN_SITE:
             return self.endpoint_refused(site)
         credentials = await self.credentials_async(user)
@@ -876,7 +882,7 @@ class PrebindCore:
         if early is not None or credentials is None:
             return self.endpoint_response(*(early or (401, {})))
         pending = self.start_async(credentials)
-        session = await pending.session() if pending else None
+        session = await (wait or AsyncPending.session)(pending) if pending else None
         return self.endpoint_response(
             *self.endpoint_result(session, pending.error if pending else None)
         )

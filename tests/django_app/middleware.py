@@ -7,6 +7,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest
+from django.utils.functional import SimpleLazyObject
 
 
 class ActAs:
@@ -32,3 +33,15 @@ class ActAs:
         if name := request.headers.get("X-Act-As"):
             request.user = await get_user_model().objects.aget(username=name)
         return await self.get_response(request)
+
+
+def lazy_act_as(get_response: Any) -> Any:
+    """``ActAs`` as a token-auth middleware is often written: sync only, and ``request.user`` a
+    lazy object of its own, loaded from the database when first used."""
+
+    def middleware(request: HttpRequest) -> Any:
+        if name := request.headers.get("X-Act-As"):
+            request.user = SimpleLazyObject(lambda: get_user_model().objects.get(username=name))
+        return get_response(request)
+
+    return middleware

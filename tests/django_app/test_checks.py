@@ -30,6 +30,7 @@ AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
 GZIP = "django.middleware.gzip.GZipMiddleware"
 DJANGO_CSP = "csp.middleware.CSPMiddleware"
 DJANGO_6_CSP = "django.middleware.csp.ContentSecurityPolicyMiddleware"
+REMOTE_USER = "django.contrib.auth.middleware.RemoteUserMiddleware"
 
 
 def messages(**settings: Any) -> list[CheckMessage]:
@@ -108,6 +109,7 @@ def test_e001_hint_fits_the_error(value: dict[str, Any], message: str, example: 
     [
         (SESSION, "a page's prebind starts only after the view"),
         (AUTH, "a page's prebind starts only after the view"),
+        (REMOTE_USER, "answers everyone 401"),
         (DJANGO_CSP, "go out without a session"),
         (DJANGO_6_CSP, "browsers block the script"),
     ],
@@ -145,6 +147,19 @@ def test_listed_before_auth_prebinds_only_after_the_view(
     assert_live(bosh.service_url, found.sid, found.rid)
     assert cores[0].started[0] > views.SLOW_STARTED[0]  # (in order, it is the other way round)
     assert client.get("/bosh/prebind").status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_listed_before_remote_user_answers_its_users_401(
+    alice: Account, bosh: XMPPServer, settings: Any
+) -> None:
+    """RemoteUserMiddleware sets ``request.user`` too (W002 said nothing of it): below ours,
+    the endpoint, answered before it runs, never sees the user the web server names."""
+    settings.AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.RemoteUserBackend"]
+    settings.MIDDLEWARE = [*MIDDLEWARE, REMOTE_USER]
+    assert Client().get("/bosh/prebind", REMOTE_USER=alice.username).status_code == 401
+    settings.MIDDLEWARE = moved(REMOTE_USER, after=False)
+    assert Client().get("/bosh/prebind", REMOTE_USER=alice.username).status_code == 200
 
 
 @pytest.mark.django_db(transaction=True)

@@ -185,23 +185,37 @@ async def test_view_logging_in_an_anonymous_visitor_gets_their_session_async(
 # --- request.user set by a middleware above ours -------------------------------------------
 
 
+#: A middleware that sets ``request.user`` to the user itself, and one that sets a lazy object
+#: of its own (sync only, as token-auth middlewares often are).
+ACT_AS = ["django_app.middleware.ActAs", "django_app.middleware.lazy_act_as"]
+
+
+@pytest.mark.parametrize("act_as", ACT_AS)
 @pytest.mark.parametrize("path", ["/page/", "/bosh/prebind"])
 def test_user_set_by_a_middleware_above(
-    alice: Account, bosh: XMPPServer, settings: Any, path: str
+    alice: Account, bosh: XMPPServer, settings: Any, path: str, act_as: str
 ) -> None:
     """Alice is logged in; a middleware above ours made ``request.user`` bob."""
-    above_ours(settings, "django_app.middleware.ActAs")
+    above_ours(settings, act_as)
     other = bob(bosh)
     r = logged_in(alice).get(path, headers={**PAGE_HEADERS, "X-Act-As": other.username})
     jid = r.json()["jid"] if path == "/bosh/prebind" else injected(r.content).jid
     assert jid.split("/")[0] == other.jid
 
 
+@pytest.mark.parametrize("act_as", ACT_AS)
 @pytest.mark.parametrize("path", ["/page/", "/apage/", "/bosh/prebind"])
 async def test_user_set_by_a_middleware_above_async(
-    alice: Account, bosh: XMPPServer, settings: Any, acores: list[RecordingCore], path: str
+    alice: Account,
+    bosh: XMPPServer,
+    settings: Any,
+    acores: list[RecordingCore],
+    path: str,
+    act_as: str,
 ) -> None:
-    above_ours(settings, "django_app.middleware.ActAs")
+    """A lazy ``request.user`` of another middleware's is that middleware's user, not the one
+    ``request.auser()`` loads for AuthenticationMiddleware."""
+    above_ours(settings, act_as)
     other = await sync_to_async(bob)(bosh)
     client = await alogged_in(alice)
     r = await client.get(path, headers={**PAGE_HEADERS, "X-Act-As": other.username})

@@ -21,6 +21,9 @@ _NO_USER = (
 _OUTER = {
     "django.contrib.sessions.middleware.SessionMiddleware": _NO_USER,
     "django.contrib.auth.middleware.AuthenticationMiddleware": _NO_USER,
+    # (sets request.user from the web server's REMOTE_USER; PersistentRemoteUserMiddleware,
+    # its subclass, too)
+    "django.contrib.auth.middleware.RemoteUserMiddleware": _NO_USER,
     "csp.middleware.CSPMiddleware": (
         "the CSP header is written before it asks for a nonce for its script, so django-csp "
         "refuses one (CSPNonceError) for every page whose view used no nonce, and such pages "

@@ -43,6 +43,8 @@ log = logging.getLogger("bosh_middleware")
 REQUIRED = ("SERVICE_URL", "CREDENTIALS")
 #: Our entry in ``MIDDLEWARE``, as messages and the system checks name it.
 _SELF = "bosh_middleware.django.BOSHPrebindMiddleware"
+#: Where the lazy ``request.user`` that ``request.auser()`` stands for is made.
+_AUTH_MIDDLEWARE = "django.contrib.auth.middleware"
 
 
 class MissingSetting(ImproperlyConfigured):
@@ -142,15 +144,20 @@ async def _auser(request: HttpRequest) -> Any:
     """``request.user``, as ``_user`` has it, without touching the database on the event loop.
 
     Only the lazy object AuthenticationMiddleware sets, still unevaluated, goes through
-    ``request.auser()`` (Django >= 5.0) or a thread: once a middleware or the view has set
-    ``request.user`` (RemoteUserMiddleware, token auth, impersonation, ``alogout()``), it is the
-    user, while ``auser()`` keeps answering whom it loaded first.
+    ``request.auser()`` (Django >= 5.0), any other unevaluated one through a thread: once a
+    middleware or the view has set ``request.user`` (RemoteUserMiddleware, token auth,
+    impersonation, ``alogout()``), it is the user, while ``auser()`` keeps answering whom
+    AuthenticationMiddleware loads. (A token-auth middleware often sets a lazy object of its
+    own, as Django's does: that one's user is whom its own loader finds.)
     """
     user = _user(request)
     if not (isinstance(user, SimpleLazyObject) and user._wrapped is empty):
         return user
     auser = getattr(request, "auser", None)
-    if auser is not None:
+    # (the loader AuthenticationMiddleware gives its lazy object is defined in its module;
+    # read from __dict__, as a missing attribute of a lazy object would load it, here)
+    setup = user.__dict__.get("_setupfunc")
+    if auser is not None and getattr(setup, "__module__", None) == _AUTH_MIDDLEWARE:
         return await auser()
 
     def loaded() -> Any:
