@@ -1001,3 +1001,38 @@ def test_session_that_went_out_is_kept_when_the_page_fails_later(
     (session,) = spy.sessions
     assert spy.terminated == []
     assert is_live(prosody.service_url, session)
+
+
+@pytest.mark.parametrize("mode", ["headers", "both"])
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("fails", ["before-the-first-byte", "after-the-first-byte"])
+def test_session_in_the_headers_of_a_page_that_fails_before_they_went_out_is_terminated(
+    make_mw: Any, prosody: XMPPServer, mode: str, lazy: bool, fails: str
+) -> None:
+    """A server sends the headers with the first non-empty chunk (PEP 3333): a streamed page
+    whose app fails before one gets an error response from the server instead, and the
+    session in the headers it never sent reached no one. It is ended, not left live at the
+    XMPP server until it times out. Once a chunk went out, the headers did too: it stays."""
+    chunks = [b""] if fails == "before-the-first-byte" else [b"", HEAD_START]
+    app = streamed_app(chunks, lazy=lazy, error=RuntimeError("db error"))
+    mw, spy = make_mw(app, mode=mode)
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+    result = mw(
+        wsgi_environ("/", headers=NAV, user="alice"), lambda s, h, e=None: started.append((s, h))
+    )
+    sent = []
+    with pytest.raises(RuntimeError, match="db error"):
+        sent.extend(chunk for chunk in result if chunk)  # as a server: headers with the first
+    result.close()
+    assert app.body.closed == 1
+    assert spy.wait_idle()
+    (session,) = spy.sessions
+    assert ("X-BOSH-SID", session.sid) in started[0][1]
+    if fails == "before-the-first-byte":
+        assert sent == []
+        assert spy.terminated == [session]
+        assert is_dead(prosody.service_url, session)
+    else:
+        assert sent
+        assert spy.terminated == []
+        assert is_live(prosody.service_url, session)

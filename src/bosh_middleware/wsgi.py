@@ -217,7 +217,7 @@ class _Exchange:
         # that page, reached no one.
         self.mode = "pass"
         self.injector = None
-        self.delivered = False  # (headers mode counted its headers as sent: they were not)
+        self.delivered = False  # (nor were the headers that carried it, in headers mode)
         self._drop_session()
         return write
 
@@ -286,7 +286,12 @@ class _Exchange:
         if not self.core.rewrites_body:
             sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
             self._start_response(status, _edited(headers, sets, removes), exc_info)
-            self.delivered = True  # in the headers: as the ASGI adapter counts it
+            if not isinstance(result, (list, tuple)):
+                # Streamed: the server sends the headers with the first non-empty chunk (PEP
+                # 3333), and an app that fails before it gets the server's error response in
+                # their place; so they count as sent once it is given one (``_stream``).
+                return _ExchangeBody(self._stream(result), result, self)
+            self.delivered = True  # in the headers, which go out with the body it has whole
             return (
                 _ClosingIterator(itertools.chain(self.written, result), result)
                 if self.written
@@ -315,26 +320,34 @@ class _Exchange:
             return [body]
         sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
         self._start_response(status, _edited(headers, sets, removes), exc_info)
-        self.delivered = self.core.sends_headers  # ("both": in the headers, as headers mode)
-        self.injector = injector
+        self.injector = injector  # ("both": its headers count as sent as in ``_stream``)
         return _ExchangeBody(self._stream(result), result, self)
 
     def _stream(self, result: Iterable[bytes]) -> Iterator[bytes]:
         try:
+            # (The session in the headers, "headers" and "both" modes: a server sends them with
+            # the first non-empty chunk it is given, or at the end of a body that has none.)
+            headers = self.core.sends_headers
             for chunk in itertools.chain(self.written, result):
                 injector = self.injector
-                if injector is None:  # replaced by an error response (exc_info): as given
+                if injector is None:  # headers mode, or replaced by an error response: as given
+                    self.delivered = self.delivered or (headers and bool(chunk))
                     yield chunk
                     continue
                 # One value for each of the app's, b"" when the Injector holds it all: PEP
                 # 3333's block boundaries, so that the server is not left waiting on the app's
                 # next chunk for bytes it could have had.
-                yield injector.feed(chunk)
+                out = injector.feed(chunk)
+                self.delivered = self.delivered or (headers and bool(out))
+                yield out
                 # (The server came back for more: it took the chunk, snippet and all.)
                 self.delivered = self.delivered or injector.done
             if self.injector is not None:
-                yield self.injector.finish()
+                out = self.injector.finish()
+                self.delivered = self.delivered or (headers and bool(out))
+                yield out
                 self.delivered = self.delivered or self.injector.done
+            self.delivered = self.delivered or headers
         except BaseException:
             # The app failed, or the server closed the body early: no waiting for close().
             self.cleanup()
