@@ -1162,6 +1162,37 @@ async def test_a_prebound_page_carries_no_validator(make_mw: Any, mode: str) -> 
     assert rec.headers("etag") == [] and rec.headers("last-modified") == []
 
 
+async def conditional_app(scope: Any, receive: Any, send: Any) -> None:
+    """A page that answers its own conditional GETs, as Starlette's StaticFiles does."""
+    seen = dict(scope["headers"])
+    if seen.get(b"if-none-match") == b'"v1"' or seen.get(b"if-modified-since") == b"x":
+        await send({"type": "http.response.start", "status": 304, "headers": [(b"etag", b'"v1"')]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = [(b"content-type", b"text/html"), (b"etag", b'"v1"')]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": PAGE})
+
+
+@pytest.mark.parametrize("validator", [("If-None-Match", '"v1"'), ("If-Modified-Since", "x")])
+async def test_a_revalidated_copy_without_a_session_is_answered_in_full(
+    make_mw: Any, prosody: XMPPServer, validator: tuple[str, str]
+) -> None:
+    """What a browser revalidates is a copy served without a session (the XMPP server was
+    down, the user not yet logged in): a 304 would show it again, sessionless, and lose the
+    session made for it. A navigation being prebound reaches the app unconditional."""
+    mw, spy = make_mw(conditional_app)
+    rec = await run(mw, headers=[*NAV.items(), validator])
+    (session,) = spy.sessions
+    assert rec.status == 200 and page_vars(rec.body)["BOSH_SID"] == session.sid
+    assert await asyncio.to_thread(is_live, prosody.service_url, session)
+    # Left conditional where no session is made: nobody logged in, or no navigation
+    for user, headers in ((None, NAV), (ALICE, NOT_NAV)):
+        rec = await run(mw, user=user, headers=[*headers.items(), validator])
+        assert rec.status == 304 and rec.body == b""
+    assert len(spy.sessions) == 1
+
+
 @pytest.mark.parametrize(
     ("vary", "expected"),
     [

@@ -6,6 +6,7 @@ Every injected session is proven live with one BOSH request sent by hand (roster
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import logging
 import threading
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask, Response
+from flask import Flask, Response, request
 from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
@@ -246,6 +247,35 @@ def test_a_page_compressed_inside_the_extension_is_reported_once(
             break
         time.sleep(0.1)
     assert len(spy.terminated) == len(spy.sessions) == 3
+
+
+@pytest.mark.parametrize(
+    "validator",
+    [{"If-None-Match": '"v1"'}, {"If-Modified-Since": "Wed, 01 Jan 2025 00:00:00 GMT"}],
+)
+def test_a_revalidated_copy_without_a_session_is_answered_in_full(
+    make_app, prosody, validator
+) -> None:
+    """What a browser revalidates is a copy served without a session (the XMPP server was
+    down, the user not yet logged in): a 304 (here ``make_conditional``'s) would show it
+    again, sessionless, and lose the session made for it. A navigation being prebound
+    reaches the view unconditional; one that is not stays conditional."""
+    app = make_app()
+
+    @app.route("/cached")
+    def cached() -> Response:
+        r = Response(page("cached"), content_type="text/html; charset=utf-8")
+        r.set_etag("v1")
+        r.last_modified = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+        return r.make_conditional(request)
+
+    headers = {**NAVIGATION, **validator}
+    assert app.test_client().get("/cached", headers=headers).status_code == 304
+    assert (
+        logged_in(app).get("/cached", headers={**SAYS_NOTHING["curl"], **validator}).status_code
+        == 304
+    )
+    assert_prebound(logged_in(app).get("/cached", headers=headers), prosody.service_url)
 
 
 def test_json_and_head_pass_through(app) -> None:

@@ -603,6 +603,38 @@ def test_a_prebound_page_carries_no_validator(make_mw: Any, mode: str) -> None:
     assert r.header_list("etag") == [] and r.header_list("last-modified") == []
 
 
+def conditional_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """A page that answers its own conditional GETs, as ``@condition`` or Django's
+    ConditionalGetMiddleware listed below ours do."""
+    seen = environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_IF_MODIFIED_SINCE")
+    if seen[0] == '"v1"' or seen[1] == VALIDATORS[2][1]:
+        start_response("304 Not Modified", [("ETag", '"v1"')])
+        return []
+    start_response("200 OK", [*HTML, ("ETag", '"v1"'), VALIDATORS[2]])
+    return [PAGE]
+
+
+@pytest.mark.parametrize(
+    "validator", [{"If-None-Match": '"v1"'}, {"If-Modified-Since": VALIDATORS[2][1]}]
+)
+def test_a_revalidated_copy_without_a_session_is_answered_in_full(
+    make_mw: Any, prosody: XMPPServer, validator: dict[str, str]
+) -> None:
+    """What a browser revalidates is a copy served without a session (the XMPP server was
+    down, the user not yet logged in): a 304 would show it again, sessionless, and lose the
+    session made for it. A navigation being prebound reaches the app unconditional."""
+    mw, spy = make_mw(conditional_app)
+    r = get(mw, headers={**NAV, **validator})
+    (session,) = spy.sessions
+    assert r.code == 200 and page_vars(r.body)["BOSH_SID"] == session.sid
+    assert is_live(prosody.service_url, session)
+    # Left conditional where no session is made: nobody logged in, or no navigation
+    for user, headers in ((None, NAV), ("alice", NOT_NAV)):
+        r = get(mw, user=user, headers={**headers, **validator})
+        assert r.code == 304 and r.body == b""
+    assert len(spy.sessions) == 1
+
+
 @pytest.mark.parametrize(
     ("vary", "expected"),
     [

@@ -19,6 +19,7 @@ from .core import (
     _BODY_DIGESTS,
     NAVIGATION,
     NOT_A_PAGE,
+    VALIDATOR_FIELDS,
     AsyncPending,
     PrebindCore,
     charset_of,
@@ -165,6 +166,13 @@ def _may_be_html(raw: Any) -> bool:
         if (v if type(v) is bytes else bytes(v)).lower().partition(b"html")[1]:
             return True
     return False
+
+
+def _drop_validators(scope: Scope) -> None:
+    """``core.drop_validators``, for an ASGI request (whose headers are a list by now)."""
+    raw = scope["headers"]
+    if any(bytes(k).lower() in VALIDATOR_FIELDS for k, _ in raw):
+        scope["headers"] = [(k, v) for k, v in raw if bytes(k).lower() not in VALIDATOR_FIELDS]
 
 
 def route_path(path: str, root_path: str) -> str:
@@ -638,6 +646,8 @@ class BOSHPrebindMiddleware:
             await self.app(scope, receive, send)
             return
         pending = core.start_async(credentials)  # now, next to the view
+        if pending is not None:
+            _drop_validators(scope)  # (answered in full: see core.drop_validators)
         responder = _Responder(self, scope, send, credentials, pending, user, receive)
         try:
             await self.app(scope, responder.receive, responder.send)

@@ -212,6 +212,26 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+#: A request's validators (RFC 9110, 13.1), as WSGI and Django's ``META`` name them.
+VALIDATOR_KEYS = ("HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE")
+#: ... and as ASGI does.
+VALIDATOR_FIELDS = (b"if-none-match", b"if-modified-since")
+
+
+def drop_validators(environ: dict[str, Any]) -> bool:
+    """Make a navigation being prebound unconditional; True if it was conditional. Prebound
+    pages are ``no-store`` and carry no validator, so what a browser revalidates is a copy
+    served without a session (the XMPP server was down, the breaker open, the user not yet
+    logged in). A 304 from the app (``@condition``, a ConditionalGetMiddleware listed below
+    ours, Starlette's StaticFiles) would show that copy again, still without a session, until
+    the page changes, and the session made for it would be ended unused."""
+    found = False
+    for key in VALIDATOR_KEYS:
+        if environ.pop(key, None) is not None:
+            found = True
+    return found
+
+
 def work_out_kind(
     memo: dict[Any, str], key: tuple[Any, Any, Any], text: Callable[[Any], str | None]
 ) -> str:

@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
     ) from exc
 
 from .config import MiddlewareConfig, did_you_mean
-from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, is_injectable
+from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, drop_validators, is_injectable
 from .optout import opted_out
 from .wsgi import (
     ENVIRON_CREDENTIALS,
@@ -177,6 +177,7 @@ def _before_request(state: _State) -> None:
         pending = state.core.start_sync(credentials)
         if pending is not None:
             req.environ[ENVIRON_PENDING] = pending
+            drop_validators(req.environ)  # (answered in full: see there)
 
 
 def _after_request(state: _State, response: Response) -> Response:

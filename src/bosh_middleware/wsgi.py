@@ -20,6 +20,7 @@ from .core import (
     PrebindCore,
     SyncPending,
     charset_of,
+    drop_validators,
     environ_kind,
     excluded,
     exclusions,
@@ -447,6 +448,8 @@ class BOSHPrebindMiddleware:
             if credentials is None:
                 return self.app(environ, start_response)
             pending = core.start_sync(credentials)
+            if pending is not None:
+                drop_validators(environ)  # (answered in full: see there)
         exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)

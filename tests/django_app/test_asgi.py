@@ -51,6 +51,19 @@ async def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer, path: 
     assert_live(bosh.service_url, found.sid, found.rid)
 
 
+@pytest.mark.parametrize("validator", views.VALIDATORS)
+async def test_a_revalidated_copy_without_a_session_is_answered_in_full(
+    alice: Account, bosh: XMPPServer, validator: dict[str, str]
+) -> None:
+    """As test_wsgi's: a navigation being prebound reaches the view unconditional."""
+    anonymous = await AsyncClient().get("/conditional/", headers={**PAGE_HEADERS, **validator})
+    assert anonymous.status_code == 304
+    r = await (await logged_in(alice)).get("/conditional/", headers={**PAGE_HEADERS, **validator})
+    assert r.status_code == 200
+    found = injected(r.content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
 async def test_async_credentials_callable(alice: Account, bosh: XMPPServer, settings: Any) -> None:
     settings.BOSH_PREBIND = {
         **settings.BOSH_PREBIND,

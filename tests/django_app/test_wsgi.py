@@ -46,6 +46,21 @@ def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer) -> None:
     assert_live(bosh.service_url, found.sid, found.rid)
 
 
+@pytest.mark.parametrize("validator", views.VALIDATORS)
+def test_a_revalidated_copy_without_a_session_is_answered_in_full(
+    alice: Account, bosh: XMPPServer, validator: dict[str, str]
+) -> None:
+    """What a browser revalidates is a copy served without a session (the XMPP server was
+    down, the user not yet logged in): a 304 (here ``@condition``'s) would show it again,
+    sessionless, and lose the session made for it. A navigation being prebound reaches the
+    view unconditional; one that is not stays conditional."""
+    assert Client().get("/conditional/", headers={**PAGE_HEADERS, **validator}).status_code == 304
+    r = logged_in(alice).get("/conditional/", headers={**PAGE_HEADERS, **validator})
+    assert r.status_code == 200
+    found = injected(r.content)
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
 def test_login_through_the_login_view(alice: Account, bosh: XMPPServer) -> None:
     client = Client(enforce_csrf_checks=True)
     form = client.get("/accounts/login/?next=/page/", headers=PAGE_HEADERS)

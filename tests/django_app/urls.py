@@ -18,6 +18,7 @@ urlpatterns = [
     path("json/", views.json_view),
     path("fragment/", views.fragment),
     path("not-modified/", views.not_modified),
+    path("conditional/", views.conditional),
     path("gzip/", views.gzipped),
     path("browser/", views.browser),
     path("cut-off/", views.cut_off),

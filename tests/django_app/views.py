@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ from django.http import (
 )
 from django.shortcuts import render
 from django.views.decorators.gzip import gzip_page
+from django.views.decorators.http import condition
 
 from bosh_middleware import no_prebind
 from support.browser import script_tags
@@ -41,6 +43,8 @@ def page_text(request: HttpRequest) -> str:
 
 
 PAGE_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
+#: What a browser revalidates a copy of ``/conditional/`` with.
+VALIDATORS = [{"If-None-Match": '"page-v1"'}, {"If-Modified-Since": PAGE_MODIFIED}]
 
 
 def page(request: HttpRequest) -> HttpResponse:
@@ -111,6 +115,15 @@ def json_view(request: HttpRequest) -> JsonResponse:
 
 def fragment(request: HttpRequest) -> HttpResponse:
     return HttpResponse("<div id='fragment'>htmx</div>")
+
+
+@condition(
+    etag_func=lambda request: "page-v1",
+    last_modified_func=lambda request: datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC),
+)
+def conditional(request: HttpRequest) -> HttpResponse:
+    """``page``, answering its own conditional GETs (304 for its ETag or date)."""
+    return HttpResponse(page_text(request))
 
 
 def not_modified(request: HttpRequest) -> HttpResponse:

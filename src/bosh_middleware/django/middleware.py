@@ -27,6 +27,7 @@ from ..core import (
     NAVIGATION,
     NOT_A_PAGE,
     PrebindCore,
+    drop_validators,
     is_authenticated,
     is_injectable,
 )
@@ -132,6 +133,14 @@ def _no_page(core: PrebindCore, request: HttpRequest, response: HttpResponseBase
     return True
 
 
+def _drop_validators(request: HttpRequest) -> None:
+    """``core.drop_validators`` (see there), for the view, ``@condition`` and a
+    ConditionalGetMiddleware listed below ours, which read ``META``; ``request.headers``, if
+    a middleware above built it already, is built anew from it when next read."""
+    if drop_validators(request.META):
+        request.__dict__.pop("headers", None)  # (a cached_property)
+
+
 def _is_async(fn: Any) -> bool:
     return iscoroutinefunction(fn) or iscoroutinefunction(type(fn).__call__)
 
@@ -207,6 +216,8 @@ class BOSHPrebindMiddleware:
         credentials = core.credentials_sync(user) if navigation else None
         # (no early return without credentials: a view may log the user in, a magic link)
         pending = core.start_sync(credentials) if credentials is not None else None
+        if pending is not None:
+            _drop_validators(request)
         try:
             response = self.get_response(request)
         except BaseException:
@@ -245,6 +256,8 @@ class BOSHPrebindMiddleware:
         user = await _auser(request) if navigation else None
         credentials = await core.credentials_async(user) if navigation else None
         pending = core.start_async(credentials) if credentials is not None else None
+        if pending is not None:
+            _drop_validators(request)
         try:
             response = await self.get_response(request)
         except BaseException:
