@@ -284,6 +284,34 @@ def test_headers_mode(alice: Account, bosh: XMPPServer, settings: Any) -> None:
     assert_live(bosh.service_url, r["X-BOSH-SID"], int(r["X-BOSH-RID"]))
 
 
+@pytest.mark.parametrize("mode", ["headers", "both"])
+@pytest.mark.parametrize("after", [False, True], ids=["before-a-byte", "after-a-byte"])
+def test_a_stream_that_fails_before_its_headers_went_out_ends_its_session(
+    alice: Account,
+    bosh: XMPPServer,
+    cores: list[RecordingCore],
+    settings: Any,
+    mode: str,
+    after: bool,
+) -> None:
+    """A WSGI server sends the headers with the first non-empty chunk: a streamed page that
+    fails before one gets the server's error response instead, and the session in its
+    headers reached no one (ended). After a byte, the headers went out: the session is kept."""
+    settings.BOSH_PREBIND = {**settings.BOSH_PREBIND, "MODE": mode}
+    r = logged_in(alice).get(f"/failing-stream/?after={int(after)}", headers=PAGE_HEADERS)
+    assert r["X-BOSH-SID"]
+    with pytest.raises(RuntimeError, match="the page failed"):
+        b"".join(r.streaming_content)
+    [pending] = cores[0].pendings
+    session = pending._future.result(timeout=10)
+    cores[0].drain()  # waits for the termination
+    assert r["X-BOSH-SID"] == session.sid
+    if after:
+        assert_live(bosh.service_url, session.sid, session.rid)
+    else:
+        assert_dead(bosh.service_url, session.sid, session.rid)
+
+
 def test_csp_nonce_from_django_csp(alice: Account, bosh: XMPPServer, settings: Any) -> None:
     from csp.constants import NONCE, SELF
 

@@ -92,6 +92,19 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(chunks(), content_type="text/html; charset=utf-8")
 
 
+def failing_stream(request: HttpRequest) -> StreamingHttpResponse:
+    """A streamed page whose body fails before its first byte (a template or database error
+    at the top of the stream), or, with ``?after=1``, after it."""
+    after = request.GET.get("after") == "1"
+
+    def chunks() -> Iterator[bytes]:
+        if after:
+            yield CHUNKS[0]
+        raise RuntimeError("the page failed")
+
+    return StreamingHttpResponse(chunks(), content_type="text/html; charset=utf-8")
+
+
 def astream(request: HttpRequest) -> StreamingHttpResponse:
     async def chunks() -> AsyncIterator[bytes]:
         for chunk in CHUNKS:

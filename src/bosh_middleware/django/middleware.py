@@ -315,6 +315,12 @@ class BOSHPrebindMiddleware:
                 # (not done: a charset that cannot carry it, a cut-off page)
                 if not injector.done and not keep:
                     end(session)
+        if streaming and core.sends_headers:
+            response.streaming_content = _sent_with_a_byte(  # type: ignore[attr-defined]
+                response,
+                lambda: core.terminate_sync(session),
+                lambda: end(session),
+            )
         sets, removes = core.header_edits(
             response.headers.get, session, body_length=length, streaming=streaming
         )
@@ -364,6 +370,45 @@ def _injected(
         finally:
             if not injector.done and undelivered is not None:
                 undelivered()
+
+    return gen()
+
+
+def _sent_with_a_byte(
+    response: Any, unsent: Callable[[], None], aunsent: Callable[[], None]
+) -> Iterator[bytes] | AsyncIterator[bytes]:
+    """The streamed body, calling ``unsent()`` (sync body) or ``aunsent()`` (async body, as
+    in ``_injected``) if it fails or is closed before it has given a byte: the session in the
+    headers ("headers" and "both" modes) went nowhere then. A WSGI server sends them with the
+    first non-empty chunk (PEP 3333), and a body that fails before one gets the server's error
+    response in their place. Given, not taken: a server that stops at the Content-Length
+    kept in headers mode did send them."""
+    content = response.streaming_content
+    if response.is_async:
+
+        async def agen() -> AsyncIterator[bytes]:
+            given = False
+            try:
+                async for chunk in content:
+                    given = given or bool(chunk)
+                    yield chunk
+                given = True  # (an empty body: the headers go out as it ends)
+            finally:
+                if not given:
+                    aunsent()
+
+        return agen()
+
+    def gen() -> Iterator[bytes]:
+        given = False
+        try:
+            for chunk in content:
+                given = given or bool(chunk)
+                yield chunk
+            given = True
+        finally:
+            if not given:
+                unsent()
 
     return gen()
 
