@@ -310,6 +310,14 @@ async def make_mw(
         await asyncio.to_thread(end_sessions, prosody.service_url, spy.sessions)
 
 
+def on_clock(mw: Any, clock: Clock) -> None:
+    """The middleware's breaker, as its settings made it, on ``clock``: the open period ends
+    when the test says so. On the wall clock, three pages on a busy host could outlast it,
+    and the breaker would let a trial through while the test counts that nothing is tried."""
+    made = mw.core.breaker
+    mw.core.breaker = CircuitBreaker(made.threshold, made.reset_after, clock=clock)
+
+
 async def asgi_page(mw: Any, user: str = "alice") -> tuple[ASGIRecorder, float]:
     rec = ASGIRecorder()
     t0 = time.monotonic()
@@ -330,13 +338,14 @@ def plain_wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 
 async def test_asgi_breaker_opens_skips_and_closes_again(
-    make_mw: Any, prosody: XMPPServer, accounts: Any, caplog: Any
+    make_mw: Any, prosody: XMPPServer, accounts: Any, caplog: Any, clock: Clock
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bosh_middleware")
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
         mw, spy = make_mw(
             "asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=2, breaker_reset=0.5
         )
+        on_clock(mw, clock)
         for _ in range(2):
             rec, _ = await asgi_page(mw)
             assert (rec.status, rec.body) == (200, PAGE)
@@ -348,10 +357,10 @@ async def test_asgi_breaker_opens_skips_and_closes_again(
         for _ in range(3):  # open: served at once, without even trying
             rec, elapsed = await asgi_page(mw)
             assert (rec.status, rec.body) == (200, PAGE)
-            assert elapsed < 0.3
+            assert elapsed < mw.config.timeout  # (no prebind waited for)
         assert (fake.connections, fake.requests, len(spy.calls)) == attempts
 
-        await asyncio.sleep(0.55)
+        clock.now += 1  # past the open period
         assert mw.core.breaker.state == "half-open"
         fake.mode = "forward"
         rec, _ = await asgi_page(mw)  # the trial succeeds: closed again
@@ -366,12 +375,13 @@ async def test_asgi_breaker_opens_skips_and_closes_again(
 
 
 async def test_wsgi_breaker_opens_skips_and_closes_again(
-    make_mw: Any, prosody: XMPPServer, accounts: Any
+    make_mw: Any, prosody: XMPPServer, accounts: Any, clock: Clock
 ) -> None:
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
         mw, spy = make_mw(
             "wsgi", plain_wsgi, service_url=fake.url, breaker_threshold=2, breaker_reset=0.5
         )
+        on_clock(mw, clock)
         for _ in range(2):
             r, _ = await asyncio.to_thread(wsgi_page, mw)
             assert (r.code, r.body) == (200, PAGE)
@@ -382,10 +392,10 @@ async def test_wsgi_breaker_opens_skips_and_closes_again(
         for _ in range(3):
             r, elapsed = await asyncio.to_thread(wsgi_page, mw)
             assert (r.code, r.body) == (200, PAGE)
-            assert elapsed < 0.3
+            assert elapsed < mw.config.timeout  # (no prebind waited for)
         assert (fake.connections, fake.requests, len(spy.calls)) == attempts
 
-        await asyncio.sleep(0.55)
+        clock.now += 1  # past the open period
         fake.mode = "forward"
         r, _ = await asyncio.to_thread(wsgi_page, mw)
         assert bare(page_vars(r.body)["BOSH_JID"]) == accounts["alice"][0]
@@ -412,16 +422,17 @@ async def test_auth_failures_do_not_open_the_breaker(
 
 
 async def test_auth_failure_in_half_open_trial_does_not_wedge_the_breaker(
-    make_mw: Any, prosody: XMPPServer, accounts: Any
+    make_mw: Any, prosody: XMPPServer, accounts: Any, clock: Clock
 ) -> None:
     """The server answered the trial (it refused the login): that is not an outage."""
     with FakeEndpoint("fail", upstream=prosody.service_url) as fake:
         mw, _spy = make_mw(
             "asgi", html_app(PAGE), service_url=fake.url, breaker_threshold=1, breaker_reset=0.3
         )
+        on_clock(mw, clock)
         await asgi_page(mw)
         assert mw.core.breaker.state == "open"
-        await asyncio.sleep(0.35)
+        clock.now += 1  # past the open period
         fake.mode = "forward"
         rec, _ = await asgi_page(mw, "mallory")  # the trial: login refused
         assert rec.body == PAGE

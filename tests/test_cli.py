@@ -50,12 +50,13 @@ def _closed_port() -> int:
 def test_prebind_prints_an_attachable_session(prosody) -> None:
     jid, password = prosody.new_user()
     t0 = time.monotonic()
-    res = cli("prebind", prosody.service_url, "--jid", jid, password=password)
+    res = cli("prebind", prosody.service_url, "--jid", jid, "--timeout", "20", password=password)
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, res.stderr
     # the process ends right after printing (a request left open would keep it alive until
-    # its read timeout: see test_bind_overtaking_the_restart_leaves_the_session_attachable)
-    assert elapsed < 5, f"bosh-middleware prebind took {elapsed:.1f}s"
+    # its read timeout, 20 s: see test_bind_overtaking_the_restart_leaves_the_session_attachable);
+    # well below that, as a start of Python on a busy host may take seconds
+    assert elapsed < 12, f"bosh-middleware prebind took {elapsed:.1f}s"
     assert res.stderr == ""
     lines = res.stdout.splitlines()
     assert len(lines) == 1, res.stdout  # one JSON object, nothing else
@@ -163,7 +164,11 @@ def test_check_with_a_login_reports_quickstart_and_pipelining(prosody) -> None:
     assert report["reachable"] is True and report["domain"] == prosody.domain
     login = report["login"]
     assert login["jid"] == jid and login["mechanism"] == "SCRAM-SHA-1"
-    assert login["round_trips"] == [4, 2, 2], login
+    # The first learns: 4 round trips, more on a busy host (features a poll late, or its
+    # restart overtaken by its bind on the second connection, which redoes it one request at
+    # a time). The next two are quickstart's, on one connection: nothing there to race.
+    first, *warm = login["round_trips"]
+    assert first >= 4 and warm == [2, 2], login
     assert login["quickstart"] is True and login["pipelining"] is True
     assert login["transport"] == "builtin"
     # hashed storage: the salt stays, so only the first login derives its keys

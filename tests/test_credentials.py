@@ -149,6 +149,28 @@ def test_the_domain_must_be_a_bare_domain(domain: str) -> None:
         SharedSecretCredentials(SECRET, domain)
 
 
+class _SecretStr:
+    """As pydantic's SecretStr: the secret behind a method, a repr that hides it."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "SecretStr('**********')"
+
+
+@pytest.mark.parametrize("secret", [_SecretStr(SECRET), 12345, ["s3cret"]])
+def test_the_secret_must_be_a_str_or_bytes(secret: Any) -> None:
+    """Refused at set-up: taken as it was, it failed every page's password derivation (a
+    TypeError logged on each, no session for anyone) from a helper that looked configured."""
+    with pytest.raises(TypeError, match="secret must be a str or bytes") as info:
+        SharedSecretCredentials(secret, DOMAIN)
+    assert "s3cret" not in str(info.value) and "12345" not in str(info.value)
+
+
 @pytest.mark.parametrize("localpart", ["a b", "a@b", "a/b", "a\\", "a\\zz", "a\\2", "\\20a"])
 def test_unescape_refuses_what_escape_never_produces(localpart: str) -> None:
     with pytest.raises(ValueError):

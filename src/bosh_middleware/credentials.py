@@ -315,6 +315,13 @@ class SharedSecretCredentials:
         *,
         username: Callable[[Any], str | None] = _default_username,
     ) -> None:
+        # Checked here, not at the first page: a secret of another type (pydantic's SecretStr,
+        # a number from a settings file) made every page's derivation raise, and no one a session.
+        if not isinstance(secret, (str, bytes, bytearray)):  # (its type only: not the secret)
+            raise TypeError(
+                "SharedSecretCredentials secret must be a str or bytes, not "
+                f"{type(secret).__name__}"
+            )
         if not secret:
             raise ValueError("SharedSecretCredentials needs a non-empty secret")
         # The domain is the operator's, but a typo such as "example.org/x" would make every JID
