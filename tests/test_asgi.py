@@ -843,12 +843,17 @@ async def test_shutdown_waits_for_the_termination_of_a_prebind_still_in_flight(
     assert await dead(prosody, session)
 
 
+@pytest.mark.parametrize(
+    ("path", "headers"), [("/", NAV), ("/bosh/prebind", {"sec-fetch-dest": "empty"})]
+)
 async def test_a_client_gone_before_its_session_gets_none_and_it_is_ended(
-    make_mw: Any, prosody: XMPPServer
+    make_mw: Any, prosody: XMPPServer, path: str, headers: dict[str, str]
 ) -> None:
     """A browser that gives up on a page (a reset connection) while its prebind is still
     running: the server says http.disconnect, and drops what is sent after it without a word,
-    so a session sent then would stay live at the XMPP server until it timed out."""
+    so a session sent then would stay live at the XMPP server until it timed out. The same
+    for the endpoint: converse.js fetches it as its page loads, and a user who leaves (or
+    reloads) while the prebind runs aborts the fetch."""
     mw, spy = make_mw(html_app(PAGE), spy_delay=2.0)
     sent: list[dict[str, Any]] = []
     received = 0
@@ -864,13 +869,15 @@ async def test_a_client_gone_before_its_session_gets_none_and_it_is_ended(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = http_scope("/", headers=NAV, user=ALICE)
+    scope = http_scope(path, headers=headers, user=ALICE)
     t0 = time.monotonic()
     await asyncio.wait_for(mw(scope, receive, send), 10)
     assert time.monotonic() - t0 < 1.5  # at the disconnect, not after the prebind
-    assert b"BOSH_" not in b"".join(m.get("body", b"") for m in sent)
+    body = b"".join(m.get("body", b"") for m in sent)
+    assert b"BOSH_" not in body and b"sid" not in body
     assert await spy.await_terminated(1, timeout=5.0)
     (session,) = spy.sessions
+    assert spy.terminated == [session]
     assert await dead(prosody, session)
 
 
@@ -1305,36 +1312,6 @@ async def test_endpoint_returns_a_live_session(
     (session,) = spy.sessions
     assert (data["sid"], data["rid"]) == (session.sid, session.rid)
     assert await live(prosody, session)
-
-
-async def test_endpoint_client_gone_before_its_session_gets_none_and_it_is_ended(
-    make_mw: Any, prosody: XMPPServer
-) -> None:
-    """converse.js fetches the endpoint as its page loads: a user who leaves (or reloads) while
-    the prebind runs aborts the fetch. ASGI servers say http.disconnect and drop the answer
-    without a word, so the session in it would stay live at the XMPP server, unused."""
-    mw, spy = make_mw(html_app(PAGE), spy_delay=2.0)
-    sent: list[dict[str, Any]] = []
-    received = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        received += 1
-        if received == 1:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(0.1)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = http_scope("/bosh/prebind", headers={"sec-fetch-dest": "empty"}, user=ALICE)
-    await asyncio.wait_for(mw(scope, receive, send), 10)
-    assert b"sid" not in b"".join(m.get("body", b"") for m in sent)
-    assert await spy.await_terminated(1, timeout=5.0)
-    (session,) = spy.sessions
-    assert spy.terminated == [session]
-    assert await dead(prosody, session)
 
 
 async def test_endpoint_path_is_configurable(make_mw: Any) -> None:
