@@ -1020,14 +1020,18 @@ def test_the_prebind_pool_is_made_again_after_a_fork(
         core.close()
 
 
+@pytest.mark.parametrize("mode", ["script", "headers", "both"])
 async def test_session_is_terminated_when_the_app_fails_after_start(
-    make_mw: Any, prosody: XMPPServer
+    make_mw: Any, prosody: XMPPServer, mode: str
 ) -> None:
+    """Headers mode too: a server may hold the start until the first body message
+    (hypercorn), and send its error response in its place, as a WSGI server does."""
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send(response(200, HTML)[0])
         raise RuntimeError("template error")
 
-    mw, spy = make_mw(app)
+    mw, spy = make_mw(app, mode=mode)
     with pytest.raises(RuntimeError, match="template error"):
         await run(mw)
     assert await spy.await_terminated(1, timeout=2.0)

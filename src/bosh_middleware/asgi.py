@@ -168,6 +168,9 @@ def _may_be_html(raw: Any) -> bool:
     return False
 
 
+_PUSH = "http.response.push"
+
+
 def _drop_validators(scope: Scope) -> None:
     """``core.drop_validators``, for an ASGI request (whose headers are a list by now)."""
     raw = scope["headers"]
@@ -355,6 +358,7 @@ class _Responder:
             self.core.terminate_async(session)
 
     async def send(self, message: Message) -> None:
+        kind = message["type"]
         if self.passthrough:
             if (
                 message["type"] == "http.response.trailers"
@@ -365,9 +369,12 @@ class _Responder:
                 # trailers too, and the body went out with the snippet in it)
                 message["headers"] = _edited(message.get("headers"), [], list(_BODY_DIGESTS))
             await self._send(message)
+            # (headers mode: the start that carries the session has gone out with this, or
+            # before it; a push, which may come between them, says nothing of that)
+            if self.injector is None and self.session is not None and kind != _PUSH:
+                self.delivered = True
             return
-        kind = message["type"]
-        if kind == "http.response.push" and (self.start is not None or self.injector is not None):
+        if kind == _PUSH and (self.start is not None or self.injector is not None):
             # A push (ASGI's HTTP/2 server push, allowed any time before the last body) says
             # nothing of this page's body: it is no reason to give up the injection.
             if self.start is not None:
@@ -400,9 +407,11 @@ class _Responder:
                     headers.get, self.session, body_length=None, streaming=False
                 )
                 message["headers"] = _edited(message.get("headers"), sets, removes)
+                # Delivered with the next message (``passthrough`` below), not now: a server
+                # may hold the start until the first body message (hypercorn), and an app
+                # that fails before one gets the server's error response in its place.
                 self.passthrough = True
                 await self._send(message)
-                self.delivered = True
                 return
             self.start = message  # held until the first body message says whole or streamed
             return
