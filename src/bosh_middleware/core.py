@@ -920,8 +920,12 @@ _REFUSED_REQUEST = frozenset(
     {"host-unknown", "improper-addressing", "bad-request", "policy-violation"}
 )
 #: Resource binding errors (RFC 6120, 7.6.2), the only ``ProtocolError`` with a condition of
-#: these names: the resource is taken, this account may not bind one, or has too many.
-_REFUSED_BIND = frozenset({"conflict", "not-allowed", "resource-constraint", "bad-request"})
+#: these names: the resource is taken, this account may not bind one, or has too many; and
+#: ``unsafe-jid``, a bound JID no page may carry (a backtick in this user's name, which
+#: XEP-0106 does not escape): one such user's page views opened the breaker for everyone.
+_REFUSED_BIND = frozenset(
+    {"conflict", "not-allowed", "resource-constraint", "bad-request", "unsafe-jid"}
+)
 
 
 def _refused(error: BaseException) -> bool:
