@@ -976,8 +976,10 @@ _CDN_CACHE_FIELDS = (
 
 
 def _header_value(value: str) -> str:
-    """Header values are Latin-1 on the wire: percent-encode anything outside printable ASCII."""
-    if value.isascii() and value.isprintable():
+    """Header values are Latin-1 on the wire: percent-encode anything outside printable ASCII,
+    and then a "%" too, which a localpart may hold ("user%host@gateway"): sent as it is, a
+    client could not tell "caf%C3%A9" from an encoded "caf\u00e9", nor decode "100%" at all."""
+    if value.isascii() and value.isprintable() and "%" not in value:
         return value
     from urllib.parse import quote
 
