@@ -877,6 +877,19 @@ def test_quickstart_whose_server_final_refuses_the_login_is_one_login(error: str
     assert server.labels() == [["create"], ["auth-response"], ["terminate"]]
 
 
+def test_quickstart_whose_bound_jid_no_page_can_carry_is_one_login() -> None:
+    """A JID with a backtick (a username XEP-0106 does not escape) is the account's: the
+    usual way binds it too, so it is refused once, under a condition of its own (the core
+    counts it as this user's refusal, not a server failure), not logged in a second time."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer())
+    server = ScriptedServer(bound_jid=lambda full: "ali`ce@example.org/" + full.split("/")[-1])
+    with pytest.raises(ProtocolError) as info:
+        _with_memory(memory, server)
+    assert info.value.condition == "unsafe-jid"
+    assert server.labels() == [["create"], ["auth-response"], ["restart+bind"], ["terminate"]]
+
+
 def test_quickstart_off() -> None:
     memory = ServiceMemory()
     for _ in range(2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -686,6 +687,27 @@ def test_headers_mode(make_mw: Any, prosody: XMPPServer, alice: tuple[str, str])
     assert r.header("cache-control") == "private, no-store"
     assert r.header("vary") == "Cookie"
     assert is_live(prosody.service_url, session)
+
+
+@pytest.mark.parametrize("name", ["pct%41x", "caf\u00e9"], ids=["percent", "non-ascii"])
+def test_headers_mode_jid_reads_back_as_percent_encoded(
+    make_mw: Any, prosody: XMPPServer, name: str
+) -> None:
+    """A JID with a character that has no byte in a header goes out percent-encoded: then one
+    with a "%" of its own (legal in a localpart: "user%host@gateway") must be too, or no
+    client can read both back ("pct%41x" read as "pctAx", "caf%C3%A9" taken for "caf\u00e9")."""
+    from urllib.parse import unquote
+
+    jid = prosody.register(f"{name}{secrets.token_hex(3)}", "pw-not-secret-3")
+    app = fixed_app("200 OK", [*HTML, ("Content-Length", str(len(PAGE)))], [PAGE])
+    mw, spy = make_mw(
+        app, mode="headers", credentials=StaticCredentials({"alice": (jid, "pw-not-secret-3")})
+    )
+    r = get(mw)
+    (session,) = spy.sessions
+    assert bare(session.jid) == jid
+    value = r.header("x-bosh-jid")
+    assert value.isascii() and unquote(value, errors="strict") == session.jid
 
 
 def test_both_mode(make_mw: Any) -> None:

@@ -920,8 +920,12 @@ _REFUSED_REQUEST = frozenset(
     {"host-unknown", "improper-addressing", "bad-request", "policy-violation"}
 )
 #: Resource binding errors (RFC 6120, 7.6.2), the only ``ProtocolError`` with a condition of
-#: these names: the resource is taken, this account may not bind one, or has too many.
-_REFUSED_BIND = frozenset({"conflict", "not-allowed", "resource-constraint", "bad-request"})
+#: these names: the resource is taken, this account may not bind one, or has too many; and
+#: ``unsafe-jid``, a bound JID no page may carry (a backtick in this user's name, which
+#: XEP-0106 does not escape): one such user's page views opened the breaker for everyone.
+_REFUSED_BIND = frozenset(
+    {"conflict", "not-allowed", "resource-constraint", "bad-request", "unsafe-jid"}
+)
 
 
 def _refused(error: BaseException) -> bool:
@@ -972,8 +976,10 @@ _CDN_CACHE_FIELDS = (
 
 
 def _header_value(value: str) -> str:
-    """Header values are Latin-1 on the wire: percent-encode anything outside printable ASCII."""
-    if value.isascii() and value.isprintable():
+    """Header values are Latin-1 on the wire: percent-encode anything outside printable ASCII,
+    and then a "%" too, which a localpart may hold ("user%host@gateway"): sent as it is, a
+    client could not tell "caf%C3%A9" from an encoded "caf\u00e9", nor decode "100%" at all."""
+    if value.isascii() and value.isprintable() and "%" not in value:
         return value
     from urllib.parse import quote
 

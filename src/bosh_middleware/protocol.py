@@ -597,6 +597,7 @@ _NOT_THE_PAYLOAD = frozenset(
         "other-request",
         "item-not-found",
         "server-signature-mismatch",  # (an impostor, or a broken server: not asked twice)
+        "unsafe-jid",  # (the account's JID: bound the usual way too)
     }
 )
 
@@ -1147,7 +1148,10 @@ class PrebindProtocol:
             raise ProtocolError("bind result carries no JID")
         jid = (jid_el.text or "").strip()
         if not page_safe_jid(jid):
-            raise ProtocolError("bind result carries a JID no server binds")
+            # (a condition of its own: a server binds the JID of the account it logged in,
+            # and where that has a character no page may carry, such as a backtick in a
+            # username, that is this user's, not a sick server's: see core._REFUSED_BIND)
+            raise ProtocolError("bind result carries a JID no server binds", condition="unsafe-jid")
         return jid
 
 
