@@ -463,6 +463,17 @@ def test_a_likely_typo_of_the_extensions_own_keys_is_logged_too(
         close_core(app.extensions["bosh_prebind"].core)
 
 
+def test_a_nonce_attribute_that_is_no_name_is_refused_when_the_app_is_set_up() -> None:
+    """BOSH_NONCE_ATTRIBUTE = None (no CSP, say) was taken, and every prebound page of a
+    logged-in user failed with a 500: its after_request hook asked getattr(request, None)."""
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print)
+    app.config.update(BOSH_NONCE_ATTRIBUTE=None)
+    with pytest.raises(TypeError, match=r"^BOSH_NONCE_ATTRIBUTE must be a str, not NoneType"):
+        BOSHPrebind(app)
+    assert "bosh_prebind" not in app.extensions
+
+
 def test_enabled_false_leaves_the_app_alone() -> None:
     app = Flask(__name__)
     app.config.update(BOSH_ENABLED=False)  # nor even the required settings

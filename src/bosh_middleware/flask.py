@@ -135,9 +135,15 @@ class BOSHPrebind:
         if not enabled:
             log.info("BOSHPrebind is off: app.config['%sENABLED'] is False", PREFIX)
             return
-        core = PrebindCore(_config(app))
+        config = _config(app)  # (writes the defaults, BOSH_NONCE_ATTRIBUTE's among them)
+        nonce_attribute = app.config[f"{PREFIX}NONCE_ATTRIBUTE"]
+        if not isinstance(nonce_attribute, str):  # (None: every prebound page's getattr raised)
+            raise TypeError(
+                f"{PREFIX}NONCE_ATTRIBUTE must be a str, not {type(nonce_attribute).__name__}"
+            )
+        core = PrebindCore(config)
         state = app.extensions[EXTENSION_KEY] = _State(
-            core, self.get_user or flask_login_user, app.config["BOSH_NONCE_ATTRIBUTE"]
+            core, self.get_user or flask_login_user, nonce_attribute
         )
         app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
             _whole_bodies(app.wsgi_app), core=core, get_user=None, serve_endpoint=False
