@@ -441,6 +441,39 @@ def test_other_bosh_keys_are_the_apps_own_and_a_likely_typo_is_logged(
         close_core(core)
 
 
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [("BOSH_ENABLE", "BOSH_ENABLED"), ("BOSH_NONCE_ATTRIBUTES", "BOSH_NONCE_ATTRIBUTE")],
+)
+def test_a_likely_typo_of_the_extensions_own_keys_is_logged_too(
+    key: str, meant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BOSH_ENABLED and BOSH_NONCE_ATTRIBUTE are settings as the README lists them: a
+    BOSH_ENABLE = False meant to turn the extension off left it on without a word (and a
+    misspelt nonce attribute left every page's script to the CSP to block)."""
+    app = Flask(__name__)
+    app.config.update({"BOSH_SERVICE_URL": "http://x/", "BOSH_CREDENTIALS": print, key: False})
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        BOSHPrebind(app)
+    try:
+        [record] = caplog.records
+        assert f"'{key}'" in record.getMessage()
+        assert f"did you mean {meant}?" in record.getMessage()
+    finally:
+        close_core(app.extensions["bosh_prebind"].core)
+
+
+def test_a_nonce_attribute_that_is_no_name_is_refused_when_the_app_is_set_up() -> None:
+    """BOSH_NONCE_ATTRIBUTE = None (no CSP, say) was taken, and every prebound page of a
+    logged-in user failed with a 500: its after_request hook asked getattr(request, None)."""
+    app = Flask(__name__)
+    app.config.update(BOSH_SERVICE_URL="http://x/", BOSH_CREDENTIALS=print)
+    app.config.update(BOSH_NONCE_ATTRIBUTE=None)
+    with pytest.raises(TypeError, match=r"^BOSH_NONCE_ATTRIBUTE must be a str, not NoneType"):
+        BOSHPrebind(app)
+    assert "bosh_prebind" not in app.extensions
+
+
 def test_enabled_false_leaves_the_app_alone() -> None:
     app = Flask(__name__)
     app.config.update(BOSH_ENABLED=False)  # nor even the required settings

@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,10 +130,13 @@ def _setting_name(key: str, prefix: str) -> str:
     return (key[len(prefix) :] if prefix and key.startswith(prefix) else key).lower()
 
 
-def did_you_mean(key: str, prefix: str = "") -> str:
-    """A typo's likely meaning, spelt as ``key`` is (upper or lower case, with ``prefix``)."""
+def did_you_mean(key: str, prefix: str = "", also: Iterable[str] = ()) -> str:
+    """A typo's likely meaning, spelt as ``key`` is (upper or lower case, with ``prefix``).
+    ``also``: the names (lower case) of an adapter's own settings, which it reads itself
+    (Flask's ``ENABLED``): a misspelt one is as likely, and as silent."""
     name = _setting_name(key, prefix)
-    close = difflib.get_close_matches(name, MiddlewareConfig.setting_names(), n=1, cutoff=0.75)
+    names = MiddlewareConfig.setting_names() | frozenset(also)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
     if not close:
         return ""
     meant = close[0].upper() if key.isupper() else close[0]

@@ -47,8 +47,9 @@ __all__ = ["BOSHPrebind", "flask_login_user"]
 EXTENSION_KEY = "bosh_prebind"
 PREFIX = "BOSH_"
 log = logging.getLogger("bosh_middleware")
-#: This adapter's own keys, not ``MiddlewareConfig`` settings.
-_ADAPTER_KEYS = frozenset({f"{PREFIX}NONCE_ATTRIBUTE", f"{PREFIX}ENABLED"})
+#: This adapter's own settings, not ``MiddlewareConfig`` ones, and their keys.
+_ADAPTER_SETTINGS = frozenset({"nonce_attribute", "enabled"})
+_ADAPTER_KEYS = frozenset(f"{PREFIX}{name.upper()}" for name in _ADAPTER_SETTINGS)
 _WHOLE = "bosh_middleware.flask.whole_body"
 _UNSET = object()
 
@@ -84,7 +85,7 @@ def _config(app: Flask) -> MiddlewareConfig:
             continue
         if key[len(PREFIX) :].lower() in known:
             values[key] = value
-        elif hint := did_you_mean(key, PREFIX):
+        elif hint := did_you_mean(key, PREFIX, _ADAPTER_SETTINGS):
             log.warning("app.config[%r] is no bosh-middleware setting%s", key, hint)
     for required in ("SERVICE_URL", "CREDENTIALS"):
         if not values.get(PREFIX + required):
@@ -134,9 +135,15 @@ class BOSHPrebind:
         if not enabled:
             log.info("BOSHPrebind is off: app.config['%sENABLED'] is False", PREFIX)
             return
-        core = PrebindCore(_config(app))
+        config = _config(app)  # (writes the defaults, BOSH_NONCE_ATTRIBUTE's among them)
+        nonce_attribute = app.config[f"{PREFIX}NONCE_ATTRIBUTE"]
+        if not isinstance(nonce_attribute, str):  # (None: every prebound page's getattr raised)
+            raise TypeError(
+                f"{PREFIX}NONCE_ATTRIBUTE must be a str, not {type(nonce_attribute).__name__}"
+            )
+        core = PrebindCore(config)
         state = app.extensions[EXTENSION_KEY] = _State(
-            core, self.get_user or flask_login_user, app.config["BOSH_NONCE_ATTRIBUTE"]
+            core, self.get_user or flask_login_user, nonce_attribute
         )
         app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
             _whole_bodies(app.wsgi_app), core=core, get_user=None, serve_endpoint=False
