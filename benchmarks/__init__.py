@@ -1,6 +1,6 @@
 """Benchmarks of bosh-middleware against a real Prosody on 127.0.0.1 (not tests: no assertions).
 
-    python -m benchmarks                 # every section (~9 minutes)
+    python -m benchmarks                 # every section (~20 minutes)
     python -m benchmarks latency cpu     # some sections
     python -m benchmarks --quick         # a short smoke run (< 1 minute)
 
