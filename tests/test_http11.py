@@ -1799,6 +1799,46 @@ def test_tls_to_a_plain_http_server_is_connection_failed(serve, pool, no_env_cas
     unavailable(lambda: client.exchange(b"x"), "connection-failed")
 
 
+def test_a_slow_connect_leaves_the_tls_handshake_only_what_is_left(pool) -> None:
+    """An overloaded server lets a connect wait (its accept queue is full: the client's SYN
+    is dropped and sent again seconds later; 2 s here), then stalls the TLS handshake. The
+    handshake must end at the exchange's deadline, not get the whole timeout again after the
+    slow connect (the sync pool's blocking handshake kept the socket timeout it was given
+    before connecting: 2 s late here)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # room for one connection not yet accepted
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    stop = threading.Event()
+    accepted: list[float] = []  # when each connection was taken: the filler, then the client
+    held: list[socket.socket] = [filler]
+
+    def accept_late_and_say_nothing() -> None:
+        stop.wait(1.5)  # the client's first two SYNs have come and been dropped by now
+        while not stop.is_set() and len(accepted) < 2:
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+                accepted.append(time.monotonic())
+
+    thread = threading.Thread(target=accept_late_and_say_nothing, daemon=True)
+    client = pool(f"https://127.0.0.1:{port}/http-bind", verify=False)
+    try:
+        start = time.monotonic()
+        thread.start()
+        unavailable(lambda: client.exchange(b"x", timeout=3.5), "timeout")
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(SOCKET_TIMEOUT)
+        for sock in held:
+            sock.close()
+        listener.close()
+    assert len(accepted) == 2 and accepted[1] - start > 1.5, "the connect was not slowed"
+    assert elapsed < 4.5, elapsed  # 5.5 s when the handshake has the whole timeout again
+
+
 def test_ssl_context_choices(pki, monkeypatch) -> None:
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)

@@ -634,6 +634,8 @@ class SyncPool:
         try:
             raw = _connect(o.host, o.port, deadline)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if o.tls is not None:  # the blocking handshake: what is left, not the connect's
+                raw.settimeout(_left(deadline))  # timeout again (a slow connect doubled it)
             sock = raw if o.tls is None else o.tls.wrap_socket(raw, server_hostname=o.host)
             sock.setblocking(False)  # from now on, deadlines are kept by _wait (see _send)
             return sock, False
