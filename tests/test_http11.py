@@ -759,6 +759,35 @@ def test_connection_the_server_closed_while_idle_is_replaced(serve, pool) -> Non
     assert [body_of(r) for r in server.requests] == [b"a", b"b", b"c"]  # each sent once
 
 
+def test_a_connection_idle_past_the_keep_alive_expiry_is_not_reused(
+    serve, pool, monkeypatch
+) -> None:
+    """A NAT, firewall or load balancer on the way may forget a connection that was idle for
+    a while without a word to either end (no FIN, no RST: Azure's load balancer after 4
+    minutes, a cloud firewall's connection tracking): a request sent on it is never answered,
+    and the page waited its whole timeout, to be served without a session. So, as the httpx
+    transport (``keepalive_expiry``), a connection idle longer than ``_IDLE_EXPIRY`` is closed,
+    not reused."""
+    monkeypatch.setattr(http11, "_IDLE_EXPIRY", 0.2, raising=False)
+
+    def answer_once_then_black_hole(index: int, sock: socket.socket, server: RawServer) -> None:
+        if index:
+            return serve_keepalive(index, sock, server)
+        request = read_request(sock)
+        assert request is not None
+        sock.sendall(ok(b"0:" + body_of(request)))
+        server.stopping.wait(SOCKET_TIMEOUT)  # what comes next is read and answered by nobody
+        return None
+
+    server = serve(answer_once_then_black_hole)
+    client = pool(server.url)
+    assert client.exchange(b"a") == (200, b"0:a")
+    client.idle(0.4)
+    assert client.exchange(b"b", timeout=1.0) == (200, b"1:b")
+    assert client.exchange(b"c", timeout=1.0) == (200, b"1:c")  # within it: reused
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize("loop_running", [True, False])
 def test_a_connection_closed_just_after_its_answer_is_replaced(serve, pool, loop_running) -> None:
     """The server closes right after answering and the next request goes out at once: whether
