@@ -759,6 +759,35 @@ def test_connection_the_server_closed_while_idle_is_replaced(serve, pool) -> Non
     assert [body_of(r) for r in server.requests] == [b"a", b"b", b"c"]  # each sent once
 
 
+def test_a_connection_idle_past_the_keep_alive_expiry_is_not_reused(
+    serve, pool, monkeypatch
+) -> None:
+    """A NAT, firewall or load balancer on the way may forget a connection that was idle for
+    a while without a word to either end (no FIN, no RST: Azure's load balancer after 4
+    minutes, a cloud firewall's connection tracking): a request sent on it is never answered,
+    and the page waited its whole timeout, to be served without a session. So, as the httpx
+    transport (``keepalive_expiry``), a connection idle longer than ``_IDLE_EXPIRY`` is closed,
+    not reused."""
+    monkeypatch.setattr(http11, "_IDLE_EXPIRY", 0.2, raising=False)
+
+    def answer_once_then_black_hole(index: int, sock: socket.socket, server: RawServer) -> None:
+        if index:
+            return serve_keepalive(index, sock, server)
+        request = read_request(sock)
+        assert request is not None
+        sock.sendall(ok(b"0:" + body_of(request)))
+        server.stopping.wait(SOCKET_TIMEOUT)  # what comes next is read and answered by nobody
+        return None
+
+    server = serve(answer_once_then_black_hole)
+    client = pool(server.url)
+    assert client.exchange(b"a") == (200, b"0:a")
+    client.idle(0.4)
+    assert client.exchange(b"b", timeout=1.0) == (200, b"1:b")
+    assert client.exchange(b"c", timeout=1.0) == (200, b"1:c")  # within it: reused
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize("loop_running", [True, False])
 def test_a_connection_closed_just_after_its_answer_is_replaced(serve, pool, loop_running) -> None:
     """The server closes right after answering and the next request goes out at once: whether
@@ -1797,6 +1826,46 @@ def test_tls_to_a_plain_http_server_is_connection_failed(serve, pool, no_env_cas
     server = serve(plain_400)
     client = pool(server.url.replace("http://", "https://"), verify=False)
     unavailable(lambda: client.exchange(b"x"), "connection-failed")
+
+
+def test_a_slow_connect_leaves_the_tls_handshake_only_what_is_left(pool) -> None:
+    """An overloaded server lets a connect wait (its accept queue is full: the client's SYN
+    is dropped and sent again seconds later; 2 s here), then stalls the TLS handshake. The
+    handshake must end at the exchange's deadline, not get the whole timeout again after the
+    slow connect (the sync pool's blocking handshake kept the socket timeout it was given
+    before connecting: 2 s late here)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # room for one connection not yet accepted
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    stop = threading.Event()
+    accepted: list[float] = []  # when each connection was taken: the filler, then the client
+    held: list[socket.socket] = [filler]
+
+    def accept_late_and_say_nothing() -> None:
+        stop.wait(1.5)  # the client's first two SYNs have come and been dropped by now
+        while not stop.is_set() and len(accepted) < 2:
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+                accepted.append(time.monotonic())
+
+    thread = threading.Thread(target=accept_late_and_say_nothing, daemon=True)
+    client = pool(f"https://127.0.0.1:{port}/http-bind", verify=False)
+    try:
+        start = time.monotonic()
+        thread.start()
+        unavailable(lambda: client.exchange(b"x", timeout=3.5), "timeout")
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(SOCKET_TIMEOUT)
+        for sock in held:
+            sock.close()
+        listener.close()
+    assert len(accepted) == 2 and accepted[1] - start > 1.5, "the connect was not slowed"
+    assert elapsed < 4.5, elapsed  # 5.5 s when the handshake has the whole timeout again
 
 
 def test_ssl_context_choices(pki, monkeypatch) -> None:

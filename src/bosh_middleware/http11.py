@@ -5,7 +5,8 @@ is a small POST and a small answer, and a generic client spends most of a prebin
 own machinery (httpx + httpcore + h11 + anyio: ~300 us per request; this: ~15 us).
 
 * One pool of idle keep-alive connections per endpoint (per event loop for async). An idle
-  connection that has become readable (the server closed it) is dropped before reuse, and a
+  connection that has become readable (the server closed it) or has been idle for 30 s (as
+  httpx's ``keepalive_expiry``: see ``_IDLE_EXPIRY``) is dropped before reuse, and a
   request on a reused connection that gets no byte back is retried once on a new one.
 * ``batch()`` sends a concurrent batch as the httpx path does (one connection per request, in
   RID order with a stagger, read until the batch settles, a request still held closed and
@@ -63,6 +64,11 @@ __all__ = [
 
 _MAX_HEAD = 64 * 1024
 _MAX_IDLE = 128
+#: Seconds a connection may be idle and still be reused, as the httpx transport's
+#: ``keepalive_expiry`` (client.py). A NAT, firewall or load balancer on the way may forget an
+#: idle connection without a word to either end (no FIN, no RST): nothing shows it is gone,
+#: and a request sent on it is never answered, so the page would wait its whole timeout.
+_IDLE_EXPIRY = 30.0
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][^\r\n]*)?")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
@@ -604,7 +610,8 @@ class SyncPool:
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
-        self._idle: list[socket.socket] = []
+        #: (socket, when it was given back), the most recent last
+        self._idle: list[tuple[socket.socket, float]] = []
         self._lock = threading.Lock()
         self._forks = _forks
 
@@ -618,15 +625,15 @@ class SyncPool:
                     # The parent's sockets: not ours to use. Closing our copy of the
                     # descriptor does not close the parent's connection.
                     idle, self._idle, self._forks = self._idle, [], _forks
-                    for sock in idle:
+                    for sock, _ in idle:
                         sock.close()
         idle = self._idle
         while idle:
             try:
-                sock = idle.pop()  # atomic (as append in _release): no lock on this path
+                sock, since = idle.pop()  # atomic (as append in _release): no lock here
             except IndexError:  # another thread took the last one
                 break
-            if not _readable(sock):
+            if time.monotonic() - since < _IDLE_EXPIRY and not _readable(sock):
                 return sock, True
             sock.close()
         o = self.origin
@@ -634,6 +641,8 @@ class SyncPool:
         try:
             raw = _connect(o.host, o.port, deadline)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if o.tls is not None:  # the blocking handshake: what is left, not the connect's
+                raw.settimeout(_left(deadline))  # timeout again (a slow connect doubled it)
             sock = raw if o.tls is None else o.tls.wrap_socket(raw, server_hostname=o.host)
             sock.setblocking(False)  # from now on, deadlines are kept by _wait (see _send)
             return sock, False
@@ -646,7 +655,7 @@ class SyncPool:
 
     def _release(self, sock: socket.socket) -> None:
         if len(self._idle) < _MAX_IDLE and self._forks == _forks:
-            self._idle.append(sock)
+            self._idle.append((sock, time.monotonic()))
         else:
             sock.close()
 
@@ -658,7 +667,7 @@ class SyncPool:
         idle = self._idle
         for _ in range(len(idle)):  # (those given back meanwhile are new: they may stay)
             try:
-                sock = idle.pop()
+                sock, _ = idle.pop()
             except IndexError:
                 break
             sock.close()
@@ -966,7 +975,7 @@ class _Conn(asyncio.BufferedProtocol):
     mremap and a munmap for every answer (0.3-0.4 ms of CPU per prebind on a VM here),
     depending only on what the process freed before."""
 
-    __slots__ = ("_view", "callback", "dead", "parser", "transport")
+    __slots__ = ("_view", "callback", "dead", "idle_since", "parser", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -975,6 +984,8 @@ class _Conn(asyncio.BufferedProtocol):
         #: closed, at EOF, or sent bytes while idle (e.g. a 408 before closing, which would
         #: be read as the answer to the next request): never to be reused
         self.dead = False
+        #: when it was last given back to the pool (``_IDLE_EXPIRY``)
+        self.idle_since = 0.0
         # a view, not the bytearray: the TLS layer fills it through slices of what it gets
         self._view = memoryview(bytearray(_READ_SIZE))
 
@@ -1348,7 +1359,7 @@ class AsyncPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.usable():
+            if time.monotonic() - conn.idle_since < _IDLE_EXPIRY and conn.usable():
                 return conn
             conn.close()
         return None
@@ -1377,6 +1388,7 @@ class AsyncPool:
     def _release(self, conn: _Conn) -> None:
         # (no look at the socket here: that is done once, when it is taken again)
         if len(self._idle) < _MAX_IDLE and not conn.dead:
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
