@@ -443,63 +443,29 @@ async def test_auth_failure_in_half_open_trial_does_not_wedge_the_breaker(
 
 
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
-async def test_a_user_on_a_domain_the_server_does_not_serve_does_not_open_the_breaker(
-    make_mw: Any, prosody: XMPPServer, accounts: Any, kind: str, caplog: Any
+@pytest.mark.parametrize("refusal", ["improper-addressing", "unsafe-jid"])
+async def test_a_user_refused_for_their_own_jid_does_not_open_the_breaker(
+    make_mw: Any, prosody: XMPPServer, accounts: Any, kind: str, refusal: str, caplog: Any
 ) -> None:
-    """Prosody refuses a session ``to`` a domain it does not serve (``improper-addressing``):
-    one such user's page views must not open the breaker for everyone else."""
+    """One user's JID refused, not a sick server: their page views must not open the breaker
+    for everyone else. ``improper-addressing``: Prosody refuses a session ``to`` a domain it
+    does not serve. ``unsafe-jid``: a web username with a backtick (XEP-0106 does not escape
+    it, Prosody's nodeprep takes it) logs in, and the JID the server binds is refused before
+    it reaches a page."""
     caplog.set_level(logging.WARNING, logger="bosh_middleware")
     app = html_app(PAGE) if kind == "asgi" else plain_wsgi
-    users = {**accounts, "bob": ("bob@no-such-host.example", "pw-not-secret-1")}
-    mw, spy = make_mw(
-        kind,
-        app,
-        service_url=prosody.service_url,
-        credentials=StaticCredentials(users),
-        breaker_threshold=2,
-    )
-    for _ in range(5):
-        if kind == "asgi":
-            rec, _ = await asgi_page(mw, "bob")
-            body = rec.body
-        else:
-            r, _ = await asyncio.to_thread(wsgi_page, mw, "bob")
-            body = r.body
-        assert body == PAGE
-    assert len(spy.calls) == len(spy.errors) == 5  # every page tried, and refused
-    assert {getattr(e, "condition", None) for e in spy.errors} == {"improper-addressing"}
-    assert "BOSH prebind refused for bob@no-such-host.example" in caplog.text
-    assert mw.core.breaker.state == "closed"
-    if kind == "asgi":  # and everyone else still gets a session
-        rec, _ = await asgi_page(mw, "alice")
-        body = rec.body
+    if refusal == "improper-addressing":
+        jid, password = "bob@no-such-host.example", "pw-not-secret-1"
     else:
-        r, _ = await asyncio.to_thread(wsgi_page, mw, "alice")
-        body = r.body
-    assert bare(page_vars(body)["BOSH_JID"]) == accounts["alice"][0]
-
-
-@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
-async def test_a_user_whose_jid_no_page_can_carry_does_not_open_the_breaker(
-    make_mw: Any, prosody: XMPPServer, accounts: Any, kind: str, caplog: Any
-) -> None:
-    """A web username with a backtick (XEP-0106 does not escape it, Prosody's nodeprep takes
-    it) logs in, and the JID the server binds is refused before it reaches a page: that is
-    this user's JID, not a sick server, so one such user's page views must not open the
-    breaker for everyone else."""
-    caplog.set_level(logging.WARNING, logger="bosh_middleware")
-    app = html_app(PAGE) if kind == "asgi" else plain_wsgi
-    username = f"tick`{kind}"
-    jid = prosody.register(username, "pw-not-secret-2")
-    users = {**accounts, "bob": (jid, "pw-not-secret-2")}
+        jid, password = prosody.register(f"tick`{kind}", "pw-not-secret-2"), "pw-not-secret-2"
     mw, spy = make_mw(
         kind,
         app,
         service_url=prosody.service_url,
-        credentials=StaticCredentials(users),
+        credentials=StaticCredentials({**accounts, "bob": (jid, password)}),
         breaker_threshold=2,
     )
-    for _ in range(3):
+    for _ in range(4):
         if kind == "asgi":
             rec, _ = await asgi_page(mw, "bob")
             body = rec.body
@@ -507,8 +473,8 @@ async def test_a_user_whose_jid_no_page_can_carry_does_not_open_the_breaker(
             r, _ = await asyncio.to_thread(wsgi_page, mw, "bob")
             body = r.body
         assert body == PAGE
-    assert len(spy.calls) == len(spy.errors) == 3  # every page tried, and refused
-    assert all(isinstance(e, ProtocolError) for e in spy.errors)
+    assert len(spy.calls) == len(spy.errors) == 4  # every page tried, and refused
+    assert {getattr(e, "condition", None) for e in spy.errors} == {refusal}
     assert f"BOSH prebind refused for {jid}" in caplog.text
     assert mw.core.breaker.state == "closed"
     if kind == "asgi":  # and everyone else still gets a session
