@@ -39,6 +39,7 @@ from support.asgi_recorder import (
 )
 from support.asgi_servers import SERVERS, serve
 from support.bosh_check import (
+    FETCH_METADATA,
     REQUEST_KINDS,
     SEGMENT_CASES,
     SEGMENT_EXCLUDES,
@@ -1337,21 +1338,19 @@ async def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
     assert spy.calls == []
 
 
-@pytest.mark.parametrize("site", ["cross-site", "same-site", "same-origin", "none", None])
-async def test_endpoint_answers_only_the_apps_own_requests(
-    make_mw: Any, prosody: XMPPServer, site: str | None
+@pytest.mark.parametrize(("site", "dest", "refusal"), FETCH_METADATA)
+async def test_endpoint_answers_only_the_apps_own_scripts(
+    make_mw: Any, prosody: XMPPServer, site: str | None, dest: str | None, refusal: str | None
 ) -> None:
-    """Another site's ``<img src=/bosh/prebind>`` (or no-cors fetch) carries the user's cookies
-    where they are not SameSite: it must not make a session (it could not read it, and nobody
-    would end it). Browsers that send no ``Sec-Fetch-Site`` are answered."""
+    """As test_wsgi's: only what a script of this site (or a tab) asks is answered."""
     mw, spy = make_mw(html_app(PAGE))
-    headers = {"x-user": "alice", "sec-fetch-dest": "image"}
-    if site is not None:
-        headers["sec-fetch-site"] = site
+    headers = {"x-user": "alice", "sec-fetch-site": site, "sec-fetch-dest": dest}
     async with client_for(mw) as client:
-        r = await client.get("/bosh/prebind", headers=headers)
-    if site in ("cross-site", "same-site"):
-        assert (r.status_code, r.json()) == (403, {"error": "cross-site request"})
+        r = await client.get(
+            "/bosh/prebind", headers={k: v for k, v in headers.items() if v is not None}
+        )
+    if refusal is not None:
+        assert (r.status_code, r.json()) == (403, {"error": refusal})
         assert spy.calls == [] and r.headers["cache-control"] == "private, no-store"
     else:
         assert r.status_code == 200

@@ -20,6 +20,7 @@ from bosh_middleware.inject import inject
 from bosh_middleware.wsgi import BOSHPrebindMiddleware
 from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
 from support.bosh_check import (
+    FETCH_METADATA,
     REQUEST_KINDS,
     SEGMENT_CASES,
     SEGMENT_EXCLUDES,
@@ -777,20 +778,22 @@ def test_endpoint_401_for_anonymous(make_mw: Any) -> None:
     assert spy.calls == []
 
 
-@pytest.mark.parametrize("site", ["cross-site", "same-site", "same-origin", "none", None])
-def test_endpoint_answers_only_the_apps_own_requests(
-    make_mw: Any, prosody: XMPPServer, site: str | None
+@pytest.mark.parametrize(("site", "dest", "refusal"), FETCH_METADATA)
+def test_endpoint_answers_only_the_apps_own_scripts(
+    make_mw: Any, prosody: XMPPServer, site: str | None, dest: str | None, refusal: str | None
 ) -> None:
     """Another site's ``<img src=/bosh/prebind>`` (or no-cors fetch) carries the user's cookies
-    where they are not SameSite: it must not make a session (it could not read it, and nobody
-    would end it). Browsers that send no ``Sec-Fetch-Site`` are answered."""
+    where they are not SameSite, and an ``<img>`` or ``<script>`` in this site's own user
+    content (an avatar URL) those of whoever views it: none of them could read a session, and
+    nobody would end it. A script's ``fetch()`` or XHR is answered, the URL opened in a tab
+    too, and so are browsers that send no fetch metadata."""
     import json
 
     mw, spy = make_mw(html_app())
-    headers = {"sec-fetch-dest": "image"} | ({"sec-fetch-site": site} if site else {})
-    r = get(mw, "/bosh/prebind", headers=headers)
-    if site in ("cross-site", "same-site"):
-        assert (r.code, json.loads(r.body)) == (403, {"error": "cross-site request"})
+    headers = {"sec-fetch-site": site, "sec-fetch-dest": dest}
+    r = get(mw, "/bosh/prebind", headers={k: v for k, v in headers.items() if v is not None})
+    if refusal is not None:
+        assert (r.code, json.loads(r.body)) == (403, {"error": refusal})
         assert spy.calls == []
     else:
         assert r.code == 200

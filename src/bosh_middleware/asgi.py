@@ -676,13 +676,15 @@ class BOSHPrebindMiddleware:
         if scope["method"] != "GET":
             status, headers, body = 405, [("Allow", "GET"), ("Content-Length", "0")], b""
         else:
-            site = _Headers(scope["headers"]).get("sec-fetch-site")
+            fetch = _Headers(scope["headers"])
             user = self.get_user(scope)
             # The session is awaited as a page's is, watching for the client going away
             # (converse.js's fetch, aborted by a user who leaves as the page loads): then it
             # is ended, not sent to nobody and left live.
             watch = _Responder(self, scope, send, None, None, user, receive)
-            status, headers, body = await self.core.endpoint_async(user, site, watch._wait)
+            status, headers, body = await self.core.endpoint_async(
+                user, fetch.get("sec-fetch-site"), watch._wait, fetch.get("sec-fetch-dest")
+            )
         await send(
             {
                 "type": "http.response.start",

@@ -861,21 +861,37 @@ class PrebindCore:
             headers.append(("Retry-After", str(max(1, round(self.breaker.retry_after())))))
         return status, headers, body
 
-    def endpoint_refused(self, site: str) -> tuple[int, list[tuple[str, str]], bytes]:
-        """403 for a request another site made (``Sec-Fetch-Site`` neither ``same-origin``
-        nor ``none``): an ``<img>`` or a no-cors ``fetch()`` there carries the user's cookies
-        where they are not ``SameSite``, and each would make a live XMPP session nobody ends.
-        It could not read the answer (no CORS header is ever sent), so nothing that works is
-        refused; browsers too old to send the header are answered as before."""
-        log.info("BOSH endpoint: refused a %s request", site[:20])
-        return self.endpoint_response(403, {"error": "cross-site request"})
+    def endpoint_refused(
+        self, site: str | None, dest: str | None = None
+    ) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """403 for a request that could not read the answer, None for the others; each such
+        request would make a live XMPP session nobody ends. Browsers too old to send these
+        headers are answered as before.
+
+        ``site``, the request's ``Sec-Fetch-Site``: another site made it (neither
+        ``same-origin`` nor ``none``), an ``<img>`` or a no-cors ``fetch()`` there carrying the
+        user's cookies where they are not ``SameSite``. No CORS header is ever sent.
+
+        ``dest``, its ``Sec-Fetch-Dest``: no script made it (neither ``empty``, a ``fetch()``
+        or XHR, nor ``document``, the URL opened in a tab), but an ``<img>``, ``<script>`` or
+        ``<iframe>`` on this site: user content such as an avatar URL pointing here."""
+        if site is not None and site not in _OWN_SITE:
+            log.info("BOSH endpoint: refused a %s request", site[:20])
+            return self.endpoint_response(403, {"error": "cross-site request"})
+        if dest is not None and dest not in _READERS:
+            log.info("BOSH endpoint: refused a request for an %s", dest[:20])
+            return self.endpoint_response(403, {"error": "not a script's request"})
+        return None
 
     def endpoint_sync(
-        self, user: Any, site: str | None = None
+        self, user: Any, site: str | None = None, dest: str | None = None
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """``site``: the request's ``Sec-Fetch-Site`` (see ``endpoint_refused``)."""
-        if site is not None and site not in _OWN_SITE:
-            return self.endpoint_refused(site)
+        """``site``, ``dest``: the request's ``Sec-Fetch-Site`` and ``Sec-Fetch-Dest`` (see
+        ``endpoint_refused``)."""
+        if site is not None or dest is not None:
+            refused = self.endpoint_refused(site, dest)
+            if refused is not None:
+                return refused
         credentials = self.credentials_sync(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:
@@ -891,12 +907,15 @@ class PrebindCore:
         user: Any,
         site: str | None = None,
         wait: Callable[[AsyncPending], Awaitable[PrebindSession | None]] | None = None,
+        dest: str | None = None,
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """``wait(pending)``: how the session is awaited, ``pending.session()`` by default. The
         ASGI adapter's also watches for the client going away (and ends the session then): a
         server drops what is sent after that without a word, and nothing cancels the wait."""
-        if site is not None and site not in _OWN_SITE:
-            return self.endpoint_refused(site)
+        if site is not None or dest is not None:
+            refused = self.endpoint_refused(site, dest)
+            if refused is not None:
+                return refused
         credentials = await self.credentials_async(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:
@@ -962,6 +981,8 @@ _BODY_DIGESTS = ("Content-Digest", "Repr-Digest", "Digest", "Content-MD5")
 #: ``Sec-Fetch-Site`` values the endpoint answers: the app's own scripts, or the user typing
 #: the URL.
 _OWN_SITE = frozenset({"same-origin", "none"})
+#: ``Sec-Fetch-Dest`` values of requests that can read the endpoint's answer
+_READERS = frozenset({"empty", "document"})
 
 #: Cache-Control for the caches they target; removed from prebound responses (``header_edits``).
 _CDN_CACHE_FIELDS = (

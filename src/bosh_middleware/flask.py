@@ -222,6 +222,8 @@ def _endpoint() -> Response:
     if request.method != "GET":  # HEAD: Flask routes it here, but it must not cost a session
         return Response(status=405, headers={"Allow": "GET"})
     state = _state()
-    site = request.environ.get("HTTP_SEC_FETCH_SITE")
-    status, headers, body = state.core.endpoint_sync(state.get_user(), site)
+    environ = request.environ
+    status, headers, body = state.core.endpoint_sync(
+        state.get_user(), environ.get("HTTP_SEC_FETCH_SITE"), environ.get("HTTP_SEC_FETCH_DEST")
+    )
     return Response(body, status=status, headers=headers)

@@ -477,7 +477,9 @@ class BOSHPrebindMiddleware:
             start_response("405 Method Not Allowed", [("Allow", "GET"), ("Content-Length", "0")])
             return [b""]
         status, headers, body = self.core.endpoint_sync(
-            self.get_user(environ), environ.get("HTTP_SEC_FETCH_SITE")
+            self.get_user(environ),
+            environ.get("HTTP_SEC_FETCH_SITE"),
+            environ.get("HTTP_SEC_FETCH_DEST"),
         )
         reason = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
         start_response(f"{status} {reason.get(status, '')}".strip(), headers)

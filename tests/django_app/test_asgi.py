@@ -28,7 +28,7 @@ from django_app.helpers import (
     injected,
 )
 from support.asgi_recorder import ASGIRecorder, http_scope
-from support.bosh_check import REQUEST_KINDS, SAYS_NOTHING, CountingCredentials
+from support.bosh_check import FETCH_METADATA, REQUEST_KINDS, SAYS_NOTHING, CountingCredentials
 from support.xmpp_servers import XMPPServer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("acores")]
@@ -133,10 +133,11 @@ async def test_endpoint(alice: Account, bosh: XMPPServer) -> None:
     assert data["jid"].split("/")[0] == alice.jid
     assert_live(bosh.service_url, data["sid"], int(data["rid"]))
     assert (await AsyncClient().get("/bosh/prebind")).status_code == 401
-    foreign = await (await logged_in(alice)).get(
-        "/bosh/prebind", headers={"Sec-Fetch-Site": "cross-site"}
-    )
-    assert (foreign.status_code, foreign.json()) == (403, {"error": "cross-site request"})
+    for site, dest, refusal in FETCH_METADATA:  # (as test_wsgi's)
+        if refusal is not None:
+            headers = {"Sec-Fetch-Site": site, "Sec-Fetch-Dest": dest}
+            foreign = await (await logged_in(alice)).get("/bosh/prebind", headers=headers)
+            assert (foreign.status_code, foreign.json()) == (403, {"error": refusal})
 
 
 @pytest.mark.parametrize("path", ["/cut-off-stream/", "/cut-off-file/"])

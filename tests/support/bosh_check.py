@@ -565,3 +565,17 @@ REQUEST_KINDS: dict[str, dict[str, str]] = {
 #: Requests that say nothing of what they want: prebound by default once their response is a
 #: page, passed through untouched with ``NAVIGATION_ONLY``.
 SAYS_NOTHING: dict[str, dict[str, str]] = {"no-headers": {}, "curl": {"Accept": "*/*"}}
+
+
+#: The JSON endpoint's requests: (Sec-Fetch-Site, Sec-Fetch-Dest, its refusal or None)
+FETCH_METADATA = [
+    ("cross-site", "empty", "cross-site request"),
+    ("same-site", "image", "cross-site request"),
+    ("same-origin", "image", "not a script's request"),
+    ("same-origin", "script", "not a script's request"),
+    ("same-origin", "iframe", "not a script's request"),
+    ("same-origin", "empty", None),
+    ("none", "document", None),
+    ("same-origin", None, None),
+    (None, None, None),
+]

@@ -133,6 +133,13 @@ def _no_page(core: PrebindCore, request: HttpRequest, response: HttpResponseBase
     return True
 
 
+def _fetch_metadata(request: HttpRequest) -> tuple[str | None, str | None]:
+    """The endpoint's request's ``Sec-Fetch-Site`` and ``Sec-Fetch-Dest`` (see
+    ``PrebindCore.endpoint_refused``)."""
+    meta = request.META
+    return meta.get("HTTP_SEC_FETCH_SITE"), meta.get("HTTP_SEC_FETCH_DEST")
+
+
 def _drop_validators(request: HttpRequest) -> None:
     """``core.drop_validators`` (see there), for the view, ``@condition`` and a
     ConditionalGetMiddleware listed below ours, which read ``META``; ``request.headers``, if
@@ -202,8 +209,8 @@ class BOSHPrebindMiddleware:
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
-            site = request.META.get("HTTP_SEC_FETCH_SITE")
-            return _endpoint_response(*core.endpoint_sync(_user(request), site))
+            site, dest = _fetch_metadata(request)
+            return _endpoint_response(*core.endpoint_sync(_user(request), site, dest))
         # The request headers read from META, where Django keeps them as the server sent them:
         # ``request.headers`` would be built (every META key parsed) for four values.
         wants = core.wants_path(request.method or "", path)
@@ -246,8 +253,9 @@ class BOSHPrebindMiddleware:
         if core.is_endpoint(path):
             if request.method != "GET":
                 return HttpResponseNotAllowed(["GET"])
-            site = request.META.get("HTTP_SEC_FETCH_SITE")
-            return _endpoint_response(*await core.endpoint_async(await _auser(request), site))
+            site, dest = _fetch_metadata(request)
+            user = await _auser(request)
+            return _endpoint_response(*await core.endpoint_async(user, site, dest=dest))
         wants = core.wants_path(request.method or "", path)
         kind = core.kind_of(request.META) if wants else NOT_A_PAGE  # (as in ``__call__``)
         if kind == NOT_A_PAGE:
