@@ -203,7 +203,7 @@ REFUSALS = [
     ProtocolError("resource binding failed: conflict", condition="conflict"),
     ProtocolError("resource binding failed: not-allowed", condition="not-allowed"),
     ProtocolError("resource binding failed: too many", condition="resource-constraint"),
-    ProtocolError("bind result carries a JID no server binds", condition="unsafe-jid"),
+    ProtocolError("bind result carries a JID no page may carry", condition="unsafe-jid"),
 ]
 #: The server, or the way to it, is down or sick, or its answer cannot be trusted: counted.
 FAILURES = [

@@ -361,7 +361,7 @@ class _Responder:
         kind = message["type"]
         if self.passthrough:
             if (
-                message["type"] == "http.response.trailers"
+                kind == "http.response.trailers"
                 and self.injector is not None
                 and self.injector.done
             ):

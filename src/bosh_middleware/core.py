@@ -888,10 +888,8 @@ class PrebindCore:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """``site``, ``dest``: the request's ``Sec-Fetch-Site`` and ``Sec-Fetch-Dest`` (see
         ``endpoint_refused``)."""
-        if site is not None or dest is not None:
-            refused = self.endpoint_refused(site, dest)
-            if refused is not None:
-                return refused
+        if (refused := self.endpoint_refused(site, dest)) is not None:
+            return refused
         credentials = self.credentials_sync(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:
@@ -912,10 +910,8 @@ class PrebindCore:
         """``wait(pending)``: how the session is awaited, ``pending.session()`` by default. The
         ASGI adapter's also watches for the client going away (and ends the session then): a
         server drops what is sent after that without a word, and nothing cancels the wait."""
-        if site is not None or dest is not None:
-            refused = self.endpoint_refused(site, dest)
-            if refused is not None:
-                return refused
+        if (refused := self.endpoint_refused(site, dest)) is not None:
+            return refused
         credentials = await self.credentials_async(user)
         early = self.endpoint_status(credentials, user)
         if early is not None or credentials is None:

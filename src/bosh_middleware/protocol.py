@@ -1151,7 +1151,9 @@ class PrebindProtocol:
             # (a condition of its own: a server binds the JID of the account it logged in,
             # and where that has a character no page may carry, such as a backtick in a
             # username, that is this user's, not a sick server's: see core._REFUSED_BIND)
-            raise ProtocolError("bind result carries a JID no server binds", condition="unsafe-jid")
+            raise ProtocolError(
+                "bind result carries a JID no page may carry", condition="unsafe-jid"
+            )
         return jid
 
 
