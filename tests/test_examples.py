@@ -5,7 +5,8 @@ loopback port, and headless Chromium (fixture ``browser``) driving the real page
 For each of django, flask and starlette: alice and bob log in through the app's login form in
 their own browser contexts, both chat pages attach to the injected session and reach the
 connected state, each sees the other online, and a message goes each way through the UI. For
-flask also the converse.js page (``/bosh/prebind``). Finally ``examples/demo.py --check`` as a
+flask also the converse.js page (``/bosh/prebind``), and a chat page the user leaves and comes
+back to with Back (Chromium's back/forward cache on). Finally ``examples/demo.py --check`` as a
 subprocess: exit code 0, and none of the processes it started (Prosody, the web app, Chromium)
 left running.
 """
@@ -33,8 +34,16 @@ if str(EXAMPLES) not in sys.path:
 
 from bosh_demo import DEMO_USERS, DOMAIN  # noqa: E402
 from bosh_demo.apps import ExampleApp  # noqa: E402
-from bosh_demo.check import check_chat, check_converse  # noqa: E402
+from bosh_demo.check import (  # noqa: E402
+    CheckRun,
+    check_chat,
+    check_converse,
+    login,
+    wait_connected,
+)
 from bosh_demo.xmpp import DemoProsody, free_port  # noqa: E402
+
+from support.browser import launch_browser  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -118,6 +127,40 @@ def test_flask_example_converse_page(browser, tmp_path):
     names = [what for what, _ in steps]
     assert "alice's converse.js page connected through /bosh/prebind" in names
     assert any(n.startswith("alice's converse.js page received") for n in names)
+
+
+@_needs("flask")
+def test_a_chat_page_the_user_comes_back_to_connects_again(playwright_sync, tmp_path):
+    """Chromium keeps a prebound page in its back/forward cache, no-store or not (Playwright
+    turns that cache off, so its own Chromium here: real users have it on). Back showed the
+    chat page as it was left, its session ended by chat.js's pagehide beacon: "Disconnected;
+    reload the page". It must load again instead, with a session of its own."""
+    browser = launch_browser(playwright_sync, ignore_default_args=["--disable-back-forward-cache"])
+    try:
+        with running_example("flask", tmp_path) as (xmpp, app):
+            run = CheckRun(browser, app.url, time.monotonic() + CHECK_TIMEOUT_S, DEMO_USERS, DOMAIN)
+            try:
+                alice = login(run, "alice")
+                first = wait_connected(run, alice)
+                page = alice.page
+                page.evaluate("() => { window.leftOnce = true; }")  # marks this document
+                page.goto(app.url + "static/demo/chat.css", wait_until="load")
+                page.go_back(wait_until="commit")
+                try:
+                    page.wait_for_function("() => !window.leftOnce", timeout=10_000)
+                except Exception as exc:
+                    state = page.locator("#xmpp-status").text_content()
+                    raise AssertionError(f"Back showed the page as it was left: {state}") from exc
+                kind = page.evaluate("() => performance.getEntriesByType('navigation')[0].type")
+                assert kind == "reload", f"not restored from the back/forward cache: {kind}"
+                second = wait_connected(run, alice)
+            except AssertionError as exc:
+                pytest.fail(_explain(exc, xmpp, app), pytrace=False)
+            finally:
+                run.close()
+    finally:
+        browser.close()
+    assert second != first  # a session of its own, not the one the page was left with
 
 
 #: What each example hands the middleware as PUBLIC_SERVICE_URL, built from its own settings

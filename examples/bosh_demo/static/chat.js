@@ -250,6 +250,12 @@
             `type="unavailable"/></body>`;
         navigator.sendBeacon(connection.service, new Blob([body], { type: 'text/plain' }));
     });
+    // Chromium keeps such a page in its back/forward cache, no-store or not, and Back shows
+    // it as it was left: its session ended above (or by the server since). Load it again,
+    // with a session of its own.
+    window.addEventListener('pageshow', (event) => {
+        if (event.persisted) window.location.reload();
+    });
 
     // --- go --------------------------------------------------------------------------------------
     input.disabled = true;
