@@ -6,7 +6,8 @@ For each of django, flask and starlette: alice and bob log in through the app's 
 their own browser contexts, both chat pages attach to the injected session and reach the
 connected state, each sees the other online, and a message goes each way through the UI. For
 flask also the converse.js page (``/bosh/prebind``), and a chat page the user leaves and comes
-back to with Back (Chromium's back/forward cache on). Finally ``examples/demo.py --check`` as a
+back to with Back (Chromium's back/forward cache on) or opens after Chromium loaded it ahead
+of time (speculation rules). Finally ``examples/demo.py --check`` as a
 subprocess: exit code 0, and none of the processes it started (Prosody, the web app, Chromium)
 left running.
 """
@@ -161,6 +162,41 @@ def test_a_chat_page_the_user_comes_back_to_connects_again(playwright_sync, tmp_
     finally:
         browser.close()
     assert second != first  # a session of its own, not the one the page was left with
+
+
+@_needs("flask")
+def test_a_chat_page_loaded_ahead_of_time_connects_when_opened(browser, tmp_path):
+    """A page Chromium loads ahead of time (speculation rules, its address bar: Sec-Purpose)
+    gets no session, and the browser shows that copy when the user opens it: the chat said
+    "No XMPP session in this page". Opened, it must load again and get one."""
+    with running_example("flask", tmp_path) as (xmpp, app):
+        run = CheckRun(browser, app.url, time.monotonic() + CHECK_TIMEOUT_S, DEMO_USERS, DOMAIN)
+        try:
+            alice = login(run, "alice")
+            wait_connected(run, alice)
+            page = alice.page
+            page.goto(app.url + "elsewhere")  # (a 404 page: any page of the site will do)
+            # the chat page loaded ahead of time, and answered
+            with page.expect_response(lambda r: bool(r.request.headers.get("sec-purpose"))):
+                page.evaluate(
+                    """() => {
+                        const rules = document.createElement('script');
+                        rules.type = 'speculationrules';
+                        const rule = {source: 'list', urls: ['/']};
+                        rules.textContent = JSON.stringify({prerender: [rule]});
+                        const link = document.createElement('a');
+                        link.href = '/';
+                        link.id = 'chat-link';
+                        link.textContent = 'chat';
+                        document.body.append(rules, link);
+                    }"""
+                )
+            page.click("#chat-link")
+            wait_connected(run, alice)
+        except AssertionError as exc:
+            pytest.fail(_explain(exc, xmpp, app), pytrace=False)
+        finally:
+            run.close()
 
 
 #: What each example hands the middleware as PUBLIC_SERVICE_URL, built from its own settings

@@ -261,6 +261,19 @@
     input.disabled = true;
     renderRoster();
     if (!window.BOSH_SID || !window.BOSH_JID || !window.BOSH_RID) {
+        // A page loaded ahead of time (a prefetch or prerender: speculation rules, Chromium's
+        // address bar) has no session: the server makes none for a page the user may never
+        // open. Opened, it is loaded again, as the navigation that gets one.
+        const nav = performance.getEntriesByType('navigation')[0];
+        if (document.prerendering) {
+            document.addEventListener('prerenderingchange', () => window.location.reload(),
+                { once: true });
+            return;
+        }
+        if (nav && (nav.deliveryType === 'navigational-prefetch' || nav.activationStart > 0)) {
+            window.location.reload();
+            return;
+        }
         setState('unavailable',
             'No XMPP session in this page: the web server could not prebind one (see its log)');
         return;
