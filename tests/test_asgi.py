@@ -51,8 +51,10 @@ from support.bosh_check import (
     is_dead,
     is_live,
     page_vars,
+    probe_session,
     wait_until,
 )
+from support.fake_bosh import FakeBOSH, forward_to
 from support.xmpp_servers import XMPPServer
 
 PAGE = b"<!doctype html><html><head><title>Hi</title></head><body><p>page</p></body></html>"
@@ -1002,6 +1004,43 @@ def test_a_terminate_its_loop_ended_before_is_done_at_exit(
     finally:
         core.close()
     assert is_dead(prosody.service_url, session)
+
+
+def test_a_prebind_its_loop_ended_during_ends_its_session(
+    prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """The loop ends (Django under an ASGI server stopping, no lifespan to wait) while an
+    unused prebind is still under way, after the server made its session: the prebind is
+    cancelled, and the terminate its cancellation starts is sent before the loop closes, not
+    cancelled or destroyed with it, leaving the session live."""
+    held = forward_to(prosody.service_url, delay={"bind": 3.0})
+    with FakeBOSH(held) as proxy:
+        config = MiddlewareConfig.from_mapping(
+            {"timeout": 10},
+            service_url=proxy.url,
+            credentials=StaticCredentials({"alice": alice}),
+        )
+        core = PrebindCore(config)
+        try:
+
+            async def page_that_gave_up() -> None:
+                pending = core.start_async(Credentials(*alice))
+                assert pending is not None
+                for _ in range(300):  # (the bind is held at the proxy: the session is made)
+                    if "bind" in proxy.labels:
+                        break
+                    await asyncio.sleep(0.01)
+                pending.discard()  # then the loop ends (asyncio.run cancels the prebind)
+
+            asyncio.run(page_that_gave_up())
+            # (each cleanup done: none destroyed pending with the loop)
+            assert not core.async_prebinder._cleanup
+        finally:
+            core.close()
+        sid = proxy.records[1].body.split(b"sid='")[1].split(b"'")[0].decode()
+        rids = [int(r.body.split(b"rid='")[1].split(b"'")[0]) for r in proxy.records]
+        assert proxy.labels[-1] == "terminate"
+        assert probe_session(prosody.service_url, sid, max(rids) + 1) == "dead"
 
 
 def test_the_prebind_pool_is_made_again_after_a_fork(
