@@ -769,8 +769,9 @@ class AsyncPrebinder(_Base):
 
     async def _cleaned_up(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait (``_CLEANUP_TIMEOUT`` at most) for the terminates that prebinds cancelled
-        mid-flow on ``loop`` started: closed before them, they would leave their sessions live."""
-        cleanups = [task for task in self._cleanup if task.get_loop() is loop]
+        mid-flow on ``loop`` started: closed before them, they would leave their sessions live.
+        (A copy first, in one step: loops on other threads add theirs meanwhile.)"""
+        cleanups = [task for task in list(self._cleanup) if task.get_loop() is loop]
         if cleanups:
             await asyncio.wait(cleanups, timeout=_CLEANUP_TIMEOUT)
 
