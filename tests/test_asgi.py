@@ -1007,6 +1007,32 @@ def test_a_terminate_its_loop_ended_before_is_done_at_exit(
     assert is_dead(prosody.service_url, session)
 
 
+def test_a_terminate_its_stopped_loop_never_ran_is_done_at_exit(
+    prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """As above, for a server whose loop stops without ending its tasks (Daphne's reactor,
+    a worker's ``run_until_complete``): the terminate is left pending, never to run, and
+    ``close()``, at exit, ends its session too, not only those of tasks that are done."""
+    core = PrebindCore(MiddlewareConfig(prosody.service_url, StaticCredentials({"alice": alice})))
+    loop = asyncio.new_event_loop()
+    try:
+        session = core.prebinder.prebind(Credentials(*alice))
+
+        async def page_that_did_not_use_it() -> None:
+            core.terminate_async(session)  # then the server's loop stops
+
+        loop.run_until_complete(page_that_did_not_use_it())
+        assert list(core._ending.values()) == [session]
+        core.close()  # (at exit)
+        assert is_dead(prosody.service_url, session)
+    finally:
+        core.close()
+        for task in asyncio.all_tasks(loop):  # (what the loop's owner would do, to be clean)
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0.05))
+        loop.close()
+
+
 def test_a_prebind_its_loop_ended_during_ends_its_session(
     prosody: XMPPServer, alice: tuple[str, str]
 ) -> None:

@@ -581,7 +581,10 @@ class PrebindCore:
         if self._executor is not None and self._executor_pid == os.getpid():
             self._executor.shutdown(wait=True)
         for task, session in list(self._ending.items()):
-            if task.done():  # cut short by its loop's end: the loop is gone, end it from here
+            # Cut short by its loop's end (cancelled), or left pending by a loop that has
+            # stopped (Daphne's reactor, a worker's run_until_complete: nothing ends its
+            # tasks) or closed: no loop will run it now. End it from here.
+            if task.done() or not task.get_loop().is_running():
                 del self._ending[task]
                 self.prebinder.terminate(session)
         if self._sync is not None:
