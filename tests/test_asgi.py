@@ -23,6 +23,7 @@ import pytest
 
 from bosh_middleware import Credentials, no_prebind
 from bosh_middleware.asgi import BOSHPrebindMiddleware, scope_user
+from bosh_middleware.breaker import CircuitBreaker
 from bosh_middleware.config import MiddlewareConfig
 from bosh_middleware.core import PrebindCore
 from bosh_middleware.credentials import StaticCredentials
@@ -51,8 +52,10 @@ from support.bosh_check import (
     is_dead,
     is_live,
     page_vars,
+    probe_session,
     wait_until,
 )
+from support.fake_bosh import FakeBOSH, forward_to
 from support.xmpp_servers import XMPPServer
 
 PAGE = b"<!doctype html><html><head><title>Hi</title></head><body><p>page</p></body></html>"
@@ -1002,6 +1005,113 @@ def test_a_terminate_its_loop_ended_before_is_done_at_exit(
     finally:
         core.close()
     assert is_dead(prosody.service_url, session)
+
+
+def test_a_terminate_its_stopped_loop_never_ran_is_done_at_exit(
+    prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """As above, for a server whose loop stops without ending its tasks (Daphne's reactor,
+    a worker's ``run_until_complete``): the terminate is left pending, never to run, and
+    ``close()``, at exit, ends its session too, not only those of tasks that are done."""
+    core = PrebindCore(MiddlewareConfig(prosody.service_url, StaticCredentials({"alice": alice})))
+    loop = asyncio.new_event_loop()
+    try:
+        session = core.prebinder.prebind(Credentials(*alice))
+
+        async def page_that_did_not_use_it() -> None:
+            core.terminate_async(session)  # then the server's loop stops
+
+        loop.run_until_complete(page_that_did_not_use_it())
+        assert list(core._ending.values()) == [session]
+        core.close()  # (at exit)
+        assert is_dead(prosody.service_url, session)
+    finally:
+        core.close()
+        for task in asyncio.all_tasks(loop):  # (what the loop's owner would do, to be clean)
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0.05))
+        loop.close()
+
+
+def test_a_prebind_its_loop_ended_during_ends_its_session(
+    prosody: XMPPServer, alice: tuple[str, str]
+) -> None:
+    """The loop ends (Django under an ASGI server stopping, no lifespan to wait) while an
+    unused prebind is still under way, after the server made its session: the prebind is
+    cancelled, and the terminate its cancellation starts is sent before the loop closes, not
+    cancelled or destroyed with it, leaving the session live."""
+    held = forward_to(prosody.service_url, delay={"bind": 3.0})
+    with FakeBOSH(held) as proxy:
+        config = MiddlewareConfig.from_mapping(
+            {"timeout": 10},
+            service_url=proxy.url,
+            credentials=StaticCredentials({"alice": alice}),
+        )
+        core = PrebindCore(config)
+        try:
+
+            async def page_that_gave_up() -> None:
+                pending = core.start_async(Credentials(*alice))
+                assert pending is not None
+                for _ in range(300):  # (the bind is held at the proxy: the session is made)
+                    if "bind" in proxy.labels:
+                        break
+                    await asyncio.sleep(0.01)
+                pending.discard()  # then the loop ends (asyncio.run cancels the prebind)
+
+            asyncio.run(page_that_gave_up())
+            # (each cleanup done: none destroyed pending with the loop)
+            assert not core.async_prebinder._cleanup
+        finally:
+            core.close()
+        sid = proxy.records[1].body.split(b"sid='")[1].split(b"'")[0].decode()
+        rids = [int(r.body.split(b"rid='")[1].split(b"'")[0]) for r in proxy.records]
+        assert proxy.labels[-1] == "terminate"
+        assert probe_session(prosody.service_url, sid, max(rids) + 1) == "dead"
+
+
+def test_prebinds_their_loops_ended_during_are_no_verdict_on_the_server(
+    prosody: XMPPServer, alice: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prebind that its loop's end cancels (``asyncio.run`` over, a server stopping without
+    a lifespan, a test client's loop per request) says nothing of the XMPP server: it was
+    not counted as a failure, so a few such loops opened the breaker for every page after
+    them, with a warning of a failed prebind each. Nor does it hold a half-open trial."""
+    held = forward_to(prosody.service_url, delay={"bind": 3.0})
+    with FakeBOSH(held) as proxy:
+        config = MiddlewareConfig.from_mapping(
+            # (each prebind the same way: none learnt from the one before)
+            {"timeout": 10, "quickstart": False, "pipeline": False},
+            service_url=proxy.url,
+            credentials=StaticCredentials({"alice": alice}),
+        )
+        core = PrebindCore(config)
+        now = [0.0]
+        core.breaker = CircuitBreaker(2, 30.0, clock=lambda: now[0])
+        try:
+
+            async def page_that_gave_up() -> None:
+                binds = proxy.labels.count("bind")
+                pending = core.start_async(Credentials(*alice))
+                assert pending is not None
+                for _ in range(300):  # (the bind is held at the proxy)
+                    if proxy.labels.count("bind") > binds:
+                        break
+                    await asyncio.sleep(0.01)
+                pending.discard()  # then the loop ends (asyncio.run cancels the prebind)
+
+            with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+                for _ in range(2):
+                    asyncio.run(page_that_gave_up())
+            assert core.breaker.state == "closed"
+            assert not [r for r in caplog.records if "prebind failed" in r.getMessage()]
+            core.breaker.record_failure()
+            core.breaker.record_failure()
+            now[0] += 31.0  # (open long enough: the next prebind is a trial)
+            asyncio.run(page_that_gave_up())  # the trial, cut short
+            assert core.breaker.admit() is not None  # another trial may go
+        finally:
+            core.close()
 
 
 def test_the_prebind_pool_is_made_again_after_a_fork(

@@ -2050,6 +2050,25 @@ def serve_bosh_offering_plain(index: int, sock: socket.socket, server: RawServer
         sock.sendall(ok(answer.encode() + (b"</body>" if answer.endswith(">") else b"/>")))
 
 
+def test_a_middleware_dropped_unclosed_closes_its_sockets(serve) -> None:
+    """A WSGI middleware discarded without ``close()`` (a Django test client's, each app an
+    app factory makes: WSGI has no shutdown, and ``close()`` runs at exit): its engine's idle
+    keep-alive sockets are closed with its pool, not found open by the garbage collector, which
+    warns of each (a ResourceWarning: an error in a test suite that turns warnings into them)."""
+    from bosh_middleware import wsgi
+
+    server = serve(serve_bosh_offering_plain)
+    session = PrebindSession(jid="a@example.org/r", sid="s1", rid=10, service_url=server.url)
+    mw = wsgi.BOSHPrebindMiddleware(lambda environ, start: [], server.url, lambda user: None)
+    assert mw.core.prebinder.terminate(session)
+    assert mw.core.prebinder._builtin is not None and mw.core.prebinder._builtin._idle
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        del mw
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
 @pytest.mark.parametrize("driver", ["sync", "async"])
 def test_plain_to_loopback_through_a_proxy_is_refused(clean_env, serve, driver: str) -> None:
     """Plain HTTP to 127.0.0.1 is secure enough for PLAIN, but not once a proxy carries it

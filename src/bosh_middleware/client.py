@@ -767,8 +767,21 @@ class AsyncPrebinder(_Base):
             end.asend(None).send(None)
         self._ends[loop] = end
 
+    async def _cleaned_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait (``_CLEANUP_TIMEOUT`` at most) for the terminates that prebinds cancelled
+        mid-flow on ``loop`` started: closed before them, they would leave their sessions live.
+        (A copy first, in one step: loops on other threads add theirs meanwhile.)"""
+        cleanups = [task for task in list(self._cleanup) if task.get_loop() is loop]
+        if cleanups:
+            await asyncio.wait(cleanups, timeout=_CLEANUP_TIMEOUT)
+
     async def _loop_ended(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close the pool or client of ``loop``, at its end or by ``aclose``."""
+        """Close the pool or client of ``loop``, at its end or by ``aclose``. At its end, the
+        cleanups first: ``asyncio.run`` cancels the tasks still running (a prebind whose page
+        gave up, on a server with no lifespan to wait for it: Django's), and the terminate a
+        cancelled prebind starts then is a new task, which only this can wait for before the
+        loop closes (destroyed pending, it was never sent, or sent in part)."""
+        await self._cleaned_up(loop)
         with self._loops_lock:
             self._ends.pop(loop, None)
             pool = self._pools.pop(loop, None)
@@ -907,9 +920,7 @@ class AsyncPrebinder(_Base):
         the terminate requests of prebinds cancelled mid-flow are done (each is bounded by
         ``_CLEANUP_TIMEOUT``): else a session they were to end is left to time out."""
         loop = asyncio.get_running_loop()
-        cleanups = [task for task in self._cleanup if task.get_loop() is loop]
-        if cleanups:
-            await asyncio.wait(cleanups, timeout=_CLEANUP_TIMEOUT)
+        await self._cleaned_up(loop)
         with self._loops_lock:
             end = self._ends.pop(loop, None)
         if end is not None:  # its ``finally`` closes them, and it is not left to the loop's end

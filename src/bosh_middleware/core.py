@@ -327,9 +327,11 @@ class _Pending:
     """A prebind running next to the view. Exactly one of: used (``session()`` returned it) or
     discarded (terminated as soon as it exists) — so no session is ever left orphaned."""
 
-    def __init__(self, core: PrebindCore, credentials: Credentials) -> None:
+    def __init__(self, core: PrebindCore, credentials: Credentials, admitted: int = 0) -> None:
         self.core = core
         self.credentials = credentials
+        #: What the breaker's ``admit`` said of this prebind (see ``_unasked``).
+        self.admitted = admitted
         self.deadline = time.monotonic() + core.config.timeout
         self.started = time.monotonic()
         self.error: BaseException | None = None
@@ -354,6 +356,16 @@ class _Pending:
             self._settled = True
             self.core._record(self.credentials, error, time.monotonic() - self.started)
 
+    def _unasked(self) -> None:
+        """Ended with no answer to count: nothing to log or count, unless the page's timeout
+        was counted already. A half-open trial ends without a verdict, or the breaker would
+        wait for one for good."""
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = True
+        self.core.breaker.abandon(self.admitted)
+
 
 class SyncPending(_Pending):
     def __init__(
@@ -363,27 +375,15 @@ class SyncPending(_Pending):
         future: Future[PrebindSession],
         admitted: int = 0,
     ) -> None:
-        super().__init__(core, credentials)
-        #: What the breaker's ``admit`` said of this prebind (see ``_unasked``).
-        self.admitted = admitted
+        super().__init__(core, credentials, admitted)
         self._future = future
         future.add_done_callback(self._done)
 
     def _done(self, fut: Future[PrebindSession]) -> None:
-        if fut.cancelled():
+        if fut.cancelled():  # before it started (``_give_up``): the server was never asked
             self._unasked()
         else:
             self._settle(fut.exception())
-
-    def _unasked(self) -> None:
-        """Cancelled before it started (``_give_up``): the server was never asked, so there is
-        nothing to log or count, unless the page's timeout was counted already. A half-open
-        trial ends without a verdict, or the breaker would wait for one for good."""
-        with self._lock:
-            if self._settled:
-                return
-            self._settled = True
-        self.core.breaker.abandon(self.admitted)
 
     def _give_up(self) -> None:
         """The page will not carry this session. A prebind still queued behind a full pool is
@@ -429,14 +429,24 @@ class SyncPending(_Pending):
 
 class AsyncPending(_Pending):
     def __init__(
-        self, core: PrebindCore, credentials: Credentials, task: asyncio.Task[PrebindSession]
+        self,
+        core: PrebindCore,
+        credentials: Credentials,
+        task: asyncio.Task[PrebindSession],
+        admitted: int = 0,
     ) -> None:
-        super().__init__(core, credentials)
+        super().__init__(core, credentials, admitted)
         self._task = task
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[PrebindSession]) -> None:
-        self._settle(task.exception() if not task.cancelled() else asyncio.CancelledError())
+        if task.cancelled():
+            # By its loop's end (``asyncio.run`` cancels what is left: a server stopping with
+            # no lifespan to wait, a loop per request): no verdict on the server. Counted as a
+            # failure, a few such loops opened the breaker for every page after them.
+            self._unasked()
+        else:
+            self._settle(task.exception())
 
     async def session(self) -> PrebindSession | None:
         if not self._claim():
@@ -571,7 +581,10 @@ class PrebindCore:
         if self._executor is not None and self._executor_pid == os.getpid():
             self._executor.shutdown(wait=True)
         for task, session in list(self._ending.items()):
-            if task.done():  # cut short by its loop's end: the loop is gone, end it from here
+            # Cut short by its loop's end (cancelled), or left pending by a loop that has
+            # stopped (Daphne's reactor, a worker's run_until_complete: nothing ends its
+            # tasks) or closed: no loop will run it now. End it from here.
+            if task.done() or not task.get_loop().is_running():
                 del self._ending[task]
                 self.prebinder.terminate(session)
         if self._sync is not None:
@@ -675,7 +688,8 @@ class PrebindCore:
         return SyncPending(self, credentials, future, admitted)
 
     def start_async(self, credentials: Credentials) -> AsyncPending | None:
-        if not self.breaker.allow():
+        admitted = self.breaker.admit()
+        if admitted is None:
             log.debug("BOSH circuit breaker open: no prebind for %s", credentials.user_key)
             return None
         task = asyncio.ensure_future(self.async_prebinder.prebind(credentials))
@@ -683,7 +697,7 @@ class PrebindCore:
         # prebind must still finish, to be terminated).
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return AsyncPending(self, credentials, task)
+        return AsyncPending(self, credentials, task, admitted)
 
     def _server_answered(self) -> None:
         """A success for the breaker; said when it closes the breaker (at the level of the

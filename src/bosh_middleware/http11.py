@@ -672,6 +672,12 @@ class SyncPool:
                 break
             sock.close()
 
+    def __del__(self) -> None:
+        # Dropped unclosed (its middleware discarded: WSGI has no shutdown, and PrebindCore
+        # closes it at exit only): the idle sockets go with it, closed, rather than found open
+        # by the garbage collector, which warns of each (ResourceWarning).
+        self.close()
+
     def exchange(self, body: bytes, timeout: float, limit: int) -> Response:
         """POST ``body``; ``timeout`` bounds the whole exchange, connecting included."""
         return self._pipeline((body,), timeout, limit)[0]
