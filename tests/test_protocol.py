@@ -1686,6 +1686,17 @@ def test_stream_error() -> None:
     assert info.value.condition == "host-unknown"
 
 
+def test_a_stream_error_in_a_terminating_creation_response_is_its_cause() -> None:
+    """ejabberd wraps a stream error in condition='remote-stream-error': the error is the
+    cause, as it is in any later response (here mod_fail2ban's ban of this address)."""
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, EJABBERD_BANNED)
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "policy-violation"
+    assert server.labels() == [["create"]]  # the server ended it: nothing to terminate
+
+
 def test_create_without_sid() -> None:
     server = ScriptedServer()
     server.override["create"] = BOSHResponse(200, _body(_features(["PLAIN"]), wait="59"))

@@ -646,8 +646,9 @@ class EjabberdServer(XMPPServer):
         return f"{username}@{self.domain}"
 
 
-def start_ejabberd(workdir: Path) -> XMPPServer:
-    """Start a private ejabberd 23.01 node in ``workdir`` (created if needed)."""
+def start_ejabberd(workdir: Path, *, modules: str = "") -> XMPPServer:
+    """Start a private ejabberd 23.01 node in ``workdir`` (created if needed). ``modules``:
+    YAML lines added to its ``modules:`` section (a site's own configuration)."""
     workdir = Path(workdir).resolve()
     etc, logs, spool = workdir / "etc", workdir / "logs", workdir / "spool"
     for d in (etc, logs, spool, workdir / "contrib" / "conf"):
@@ -662,6 +663,7 @@ def start_ejabberd(workdir: Path) -> XMPPServer:
         EJABBERD_YML.format(
             domain=domain, anon_domain=anon_domain, http_port=http_port, c2s_port=c2s_port
         )
+        + modules
     )
     (etc / "ejabberdctl.cfg").write_text(
         EJABBERDCTL_CFG.format(node=node, dist_port=dist_port, work=workdir)
