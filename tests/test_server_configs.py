@@ -4,8 +4,10 @@ fixtures' settings: each test starts its own server (bounded, few: seconds each)
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,9 +17,14 @@ from bosh_middleware import (
     Credentials,
     Prebinder,
     ServiceUnavailable,
+    StaticCredentials,
     core,
+    wsgi,
 )
-from support.xmpp_servers import XMPPServer, start_ejabberd
+from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
+from support.xmpp_servers import XMPPServer, start_ejabberd, start_prosody
+
+PAGE = b"<html><head><title>t</title></head><body>page</body></html>"
 
 
 @pytest.fixture
@@ -60,3 +67,35 @@ def test_ejabberd_banning_the_web_servers_address_is_a_refusal(
         assert info.value.condition == "policy-violation"
 
     asyncio.run(run())
+
+
+def test_prosody_offering_no_mechanism_over_plain_http_is_logged_with_its_cause(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """Prosody's defaults (c2s_require_encryption, no consider_bosh_secure) offer no SASL
+    mechanism over plain HTTP, where the web server reaches it on loopback behind a TLS
+    proxy: the page is served, and the log says so (no mechanism offered), not that the
+    user's login was refused, which nothing tried."""
+    srv = start_prosody(tmp_path / "prosody", settings={"c2s_require_encryption": "true"})
+    try:
+        jid, password = srv.new_user("alice")
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return [PAGE]
+
+        mw = wsgi.BOSHPrebindMiddleware(
+            app,
+            service_url=srv.service_url,
+            credentials=StaticCredentials({"alice": (jid, password)}),
+        )
+        caplog.set_level(logging.WARNING, logger="bosh_middleware")
+        r = call_wsgi(mw, wsgi_environ("/", headers=NAV, user="alice"))
+        assert (r.code, r.body) == (200, PAGE)
+        assert f"BOSH prebind misconfigured for {jid}: no usable SASL mechanism" in caplog.text
+        assert "server offers []" in caplog.text
+        assert "login refused" not in caplog.text
+        assert mw.core.breaker.state == "closed"
+        mw.core.close()
+    finally:
+        srv.stop()

@@ -453,9 +453,15 @@ class ProsodyServer(XMPPServer):
 
 
 def start_prosody(
-    workdir: Path, *, secure: bool = False, password_hash: str = "SHA-1"
+    workdir: Path,
+    *,
+    secure: bool = False,
+    password_hash: str = "SHA-1",
+    settings: dict[str, str] | None = None,
 ) -> XMPPServer:
-    """Start a private Prosody 0.12 in ``workdir`` (created if needed).
+    """Start a private Prosody 0.12 in ``workdir`` (created if needed). ``settings``: global
+    options (name -> Lua value) in place of the usual ones, or added (a site's own
+    configuration; Prosody refuses an option set twice).
 
     ``secure``: plain password store and BOSH treated as secure (PLAIN, SCRAM-SHA-1 and
     SCRAM-SHA-256 offered, every SCRAM login salted afresh); otherwise hashed storage, whose
@@ -480,6 +486,11 @@ def start_prosody(
             password_hash=password_hash,
         )
     )
+    for name, value in (settings or {}).items():
+        text, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", cfg.read_text())
+        if not n:
+            text = text.replace("\nVirtualHost ", f"\n{name} = {value}\nVirtualHost ", 1)
+        cfg.write_text(text)
     run_as = "prosody" if os.geteuid() == 0 else None
     if run_as and _system_user(run_as) is None:
         raise ServerStartError("running as root but there is no 'prosody' system user")
