@@ -1686,6 +1686,17 @@ def test_stream_error() -> None:
     assert info.value.condition == "host-unknown"
 
 
+def test_a_stream_error_in_a_terminating_creation_response_is_its_cause() -> None:
+    """ejabberd wraps a stream error in condition='remote-stream-error': the error is the
+    cause, as it is in any later response (here mod_fail2ban's ban of this address)."""
+    server = ScriptedServer()
+    server.override["create"] = BOSHResponse(200, EJABBERD_BANNED)
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "policy-violation"
+    assert server.labels() == [["create"]]  # the server ended it: nothing to terminate
+
+
 def test_create_without_sid() -> None:
     server = ScriptedServer()
     server.override["create"] = BOSHResponse(200, _body(_features(["PLAIN"]), wait="59"))
@@ -1736,6 +1747,38 @@ def test_parsed_body_children_are_its_elements_only() -> None:
     for dtd in (b"<!DOCTYPE body>", b"<!ENTITY x 'y'>"):
         with pytest.raises(ProtocolError, match="DTD"):
             parse_body(dtd + f"<body xmlns='{HB}'/>".encode(), max_size=10_000)
+
+
+#: ejabberd 23.01's answer to a session creation request from an address mod_fail2ban has
+#: banned, as it sent it (``xmlns:stream`` declared twice on the <body>).
+EJABBERD_BANNED = (
+    "<body xmpp:version='1.0' authid='396758473042770667' type='terminate'"
+    f" condition='remote-stream-error' xmlns:stream='{STREAMS}' xmlns='{HB}'"
+    " sid='70f95c7983d8e9f18a979b05455626f321699a27' wait='20' ver='1.11' polling='2'"
+    " inactivity='30' hold='1' xmpp:restartlogic='true' requests='2' secure='true'"
+    f" maxpause='120' xmlns:xmpp='{XBOSH}' xmlns:stream='{STREAMS}' from='localhost'>"
+    "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+    "<text xml:lang='en' xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Too many (2) failed"
+    " authentications from this IP address (127.0.0.1). The address will be unblocked at"
+    " 09:20:46 02.12.2026 UTC</text></stream:error></body>"
+).encode()
+
+
+def test_a_namespace_the_body_declares_twice_alike_is_read() -> None:
+    """ejabberd's refusal of a session at creation (a stream error) declares ``xmlns:stream``
+    twice: read, not taken for a broken server; a repeat that says something else is not."""
+    from bosh_middleware.body import parse_body
+
+    parsed = parse_body(EJABBERD_BANNED, max_size=10_000)
+    assert (parsed.type, parsed.condition) == ("terminate", "remote-stream-error")
+    assert [el.tag for el in parsed.children] == [f"{{{STREAMS}}}error"]
+    assert parsed.children[0][0].tag == "{urn:ietf:params:xml:ns:xmpp-streams}policy-violation"
+    other = EJABBERD_BANNED.replace(
+        f"xmlns:stream='{STREAMS}' from".encode(), b"xmlns:stream='urn:other' from"
+    )
+    for malformed in (other, f"<body xmlns='{HB}' a='1' a='1'/>".encode()):
+        with pytest.raises(ProtocolError, match="well-formed"):
+            parse_body(malformed, max_size=10_000)
 
 
 def _hostile_bodies(target: str) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ forbids them in XMPP).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from operator import itemgetter, methodcaller
@@ -185,6 +186,38 @@ def _parser() -> etree.XMLParser:
     return parser
 
 
+#: A namespace declaration in a start tag: its name and its value (in either quotes).
+_DECLARATION = re.compile(rb"""\s+(xmlns(?::[\w.-]+)?)\s*=\s*(?:'([^'<]*)'|"([^"<]*)")""")
+
+
+def _without_repeated_declarations(data: bytes) -> bytes | None:
+    """``data`` without the repeats of a namespace declaration that the ``<body>`` start tag
+    makes twice with the same value, or None where it makes none. ejabberd (23.01) does so in
+    a session creation response that carries a stream error (its ``xmlns:stream`` is added
+    again for the error): how it refuses a session at once, as mod_fail2ban does the web
+    server's address after too many failed logins. Read as malformed XML, that refusal was
+    logged as a broken server, its cause lost; the repeat says nothing the first did not."""
+    start = data.find(b"<body")
+    end = data.find(b">", start) if start >= 0 else -1
+    if end < 0:
+        return None
+    seen: set[tuple[bytes, bytes]] = set()
+    repeats: list[tuple[int, int]] = []
+    for m in _DECLARATION.finditer(data, start, end):
+        key = (m[1], m[2] if m[2] is not None else m[3])
+        if key in seen:
+            repeats.append(m.span())
+        seen.add(key)
+    if not repeats:
+        return None
+    kept, last = [], 0
+    for begin, stop in repeats:
+        kept.append(data[last:begin])
+        last = stop
+    kept.append(data[last:])
+    return b"".join(kept)
+
+
 def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
     """Parse a BOSH response; every way it can be wrong becomes a ``ProtocolError``."""
     if len(data) > max_size:
@@ -196,7 +229,13 @@ def parse_body(data: bytes, *, max_size: int) -> ParsedBody:
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
-        raise ProtocolError(f"BOSH response is not well-formed XML: {exc}") from None
+        repaired = _without_repeated_declarations(data)
+        if repaired is None:
+            raise ProtocolError(f"BOSH response is not well-formed XML: {exc}") from None
+        try:
+            root = etree.fromstring(repaired, _parser())
+        except etree.XMLSyntaxError:
+            raise ProtocolError(f"BOSH response is not well-formed XML: {exc}") from None
     except ValueError as exc:  # e.g. unicode string with an encoding declaration
         raise ProtocolError(f"BOSH response could not be parsed: {exc}") from None
     if root.tag != _BODY_TAG:

@@ -29,6 +29,7 @@ from .credentials import Credentials, is_authenticated
 from .errors import (
     AuthenticationFailed,
     ConfigurationError,
+    MechanismUnavailable,
     ProtocolError,
     ServiceUnavailable,
 )
@@ -727,9 +728,13 @@ class PrebindCore:
             # so it counts as a success for the breaker (which also ends a half-open trial:
             # leaving the trial running would keep the breaker open for good).
             self._server_answered()
-            if isinstance(error, AuthenticationFailed):
+            if isinstance(error, AuthenticationFailed) and not isinstance(
+                error, MechanismUnavailable
+            ):
                 log.warning("BOSH login refused for %s: %s", user, condition, extra=extra)
             else:
+                # (no mechanism offered that may be used is no refusal: nothing was tried, and
+                # what to change, the server's settings or ours, is in the message alone)
                 log.error("BOSH prebind misconfigured for %s: %s", user, error, extra=extra)
         else:
             opened = self.breaker.record_failure()

@@ -399,6 +399,13 @@ class _Conversation:
         parsed = b.parse_body(response.body, max_size=o.max_response_size)
         if parsed.type == "terminate":
             _raise_sasl_failure_in(parsed.children)  # (a quickstart SASL message refused)
+            # A stream error in it is the cause, as in ``_absorb``: ejabberd wraps every one
+            # in condition='remote-stream-error' (mod_fail2ban's ban of this address is a
+            # policy-violation there, a refusal, not a sick server).
+            for child in parsed.children:
+                if child.tag == _STREAM_ERROR:
+                    cond = _condition(child) or "undefined-condition"
+                    raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs

@@ -453,9 +453,15 @@ class ProsodyServer(XMPPServer):
 
 
 def start_prosody(
-    workdir: Path, *, secure: bool = False, password_hash: str = "SHA-1"
+    workdir: Path,
+    *,
+    secure: bool = False,
+    password_hash: str = "SHA-1",
+    settings: dict[str, str] | None = None,
 ) -> XMPPServer:
-    """Start a private Prosody 0.12 in ``workdir`` (created if needed).
+    """Start a private Prosody 0.12 in ``workdir`` (created if needed). ``settings``: global
+    options (name -> Lua value) in place of the usual ones, or added (a site's own
+    configuration; Prosody refuses an option set twice).
 
     ``secure``: plain password store and BOSH treated as secure (PLAIN, SCRAM-SHA-1 and
     SCRAM-SHA-256 offered, every SCRAM login salted afresh); otherwise hashed storage, whose
@@ -480,6 +486,11 @@ def start_prosody(
             password_hash=password_hash,
         )
     )
+    for name, value in (settings or {}).items():
+        text, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", cfg.read_text())
+        if not n:
+            text = text.replace("\nVirtualHost ", f"\n{name} = {value}\nVirtualHost ", 1)
+        cfg.write_text(text)
     run_as = "prosody" if os.geteuid() == 0 else None
     if run_as and _system_user(run_as) is None:
         raise ServerStartError("running as root but there is no 'prosody' system user")
@@ -646,8 +657,9 @@ class EjabberdServer(XMPPServer):
         return f"{username}@{self.domain}"
 
 
-def start_ejabberd(workdir: Path) -> XMPPServer:
-    """Start a private ejabberd 23.01 node in ``workdir`` (created if needed)."""
+def start_ejabberd(workdir: Path, *, modules: str = "") -> XMPPServer:
+    """Start a private ejabberd 23.01 node in ``workdir`` (created if needed). ``modules``:
+    YAML lines added to its ``modules:`` section (a site's own configuration)."""
     workdir = Path(workdir).resolve()
     etc, logs, spool = workdir / "etc", workdir / "logs", workdir / "spool"
     for d in (etc, logs, spool, workdir / "contrib" / "conf"):
@@ -662,6 +674,7 @@ def start_ejabberd(workdir: Path) -> XMPPServer:
         EJABBERD_YML.format(
             domain=domain, anon_domain=anon_domain, http_port=http_port, c2s_port=c2s_port
         )
+        + modules
     )
     (etc / "ejabberdctl.cfg").write_text(
         EJABBERDCTL_CFG.format(node=node, dist_port=dist_port, work=workdir)

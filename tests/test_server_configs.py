@@ -1,0 +1,105 @@
+"""The engine against real XMPP servers configured as sites configure them, beyond the shared
+fixtures' settings: each test starts its own server (bounded, few: seconds each)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bosh_middleware import (
+    AsyncPrebinder,
+    AuthenticationFailed,
+    BOSHError,
+    Credentials,
+    Prebinder,
+    ServiceUnavailable,
+    StaticCredentials,
+    core,
+    wsgi,
+)
+from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
+from support.xmpp_servers import XMPPServer, start_ejabberd, start_prosody
+
+PAGE = b"<html><head><title>t</title></head><body>page</body></html>"
+
+
+@pytest.fixture
+def ejabberd_fail2ban(tmp_path: Path) -> Iterator[XMPPServer]:
+    """ejabberd with mod_fail2ban (in ejabberd's example configuration, banning an address
+    after 20 failed logins in an hour; after two here): the web server's address, which every
+    prebind comes from."""
+    srv = start_ejabberd(
+        tmp_path / "ejabberd",
+        modules="  mod_fail2ban:\n    c2s_max_auth_failures: 2\n",
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.ejabberd
+def test_ejabberd_banning_the_web_servers_address_is_a_refusal(
+    ejabberd_fail2ban: XMPPServer,
+) -> None:
+    """Once banned, ejabberd refuses every session at creation with a stream error (in a
+    body that declares ``xmlns:stream`` twice): a policy-violation, this address's refusal by
+    a server that is up (not counted towards the breaker), not a malformed response."""
+    srv = ejabberd_fail2ban
+    jid, password = srv.new_user()
+    with Prebinder(srv.service_url, quickstart=False) as prebinder:
+        with pytest.raises(AuthenticationFailed):
+            prebinder.prebind(Credentials(jid, "wrong"))
+        # (the ban: ejabberd ends the stream as it refuses the login, and the answer to the
+        # request in flight is whatever that race makes of it)
+        with pytest.raises(BOSHError):
+            prebinder.prebind(Credentials(jid, "wrong"))
+        with pytest.raises(ServiceUnavailable) as info:
+            prebinder.prebind(Credentials(jid, password))
+    assert info.value.condition == "policy-violation"
+    assert core._refused(info.value)
+
+    async def run() -> None:
+        async with AsyncPrebinder(srv.service_url) as prebinder:
+            with pytest.raises(ServiceUnavailable) as info:
+                await prebinder.prebind(Credentials(jid, password))
+        assert info.value.condition == "policy-violation"
+
+    asyncio.run(run())
+
+
+def test_prosody_offering_no_mechanism_over_plain_http_is_logged_with_its_cause(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """Prosody's defaults (c2s_require_encryption, no consider_bosh_secure) offer no SASL
+    mechanism over plain HTTP, where the web server reaches it on loopback behind a TLS
+    proxy: the page is served, and the log says so (no mechanism offered), not that the
+    user's login was refused, which nothing tried."""
+    srv = start_prosody(tmp_path / "prosody", settings={"c2s_require_encryption": "true"})
+    try:
+        jid, password = srv.new_user("alice")
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return [PAGE]
+
+        mw = wsgi.BOSHPrebindMiddleware(
+            app,
+            service_url=srv.service_url,
+            credentials=StaticCredentials({"alice": (jid, password)}),
+        )
+        caplog.set_level(logging.WARNING, logger="bosh_middleware")
+        r = call_wsgi(mw, wsgi_environ("/", headers=NAV, user="alice"))
+        assert (r.code, r.body) == (200, PAGE)
+        assert f"BOSH prebind misconfigured for {jid}: no usable SASL mechanism" in caplog.text
+        assert "server offers []" in caplog.text
+        assert "login refused" not in caplog.text
+        assert mw.core.breaker.state == "closed"
+        mw.core.close()
+    finally:
+        srv.stop()
