@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from flask import Flask, Response, request
 from flask.testing import FlaskClient
+from flask_login import login_user
 from werkzeug.serving import make_server
 
 from bosh_middleware import StaticCredentials
 from bosh_middleware.flask import BOSHPrebind
-from flask_app.app import WEB_PASSWORD, create_app
+from flask_app.app import WEB_PASSWORD, User, create_app
 from flask_app.checks import (
     assert_live,
     browser_login_attach_and_chat,
@@ -115,6 +116,23 @@ def test_logged_out_by_the_view_gets_no_session(app) -> None:
     r = client.get("/logout", headers=NAVIGATION)
     assert r.status_code == 200 and b"BOSH_" not in r.data and b"bye" in r.data
     assert client.get("/", headers=NAVIGATION).data.count(b"BOSH_SID") == 0
+
+
+@pytest.mark.parametrize("headers", [NAVIGATION, {}], ids=["navigation", "no-accept"])
+def test_logged_in_by_the_view_gets_a_live_session(make_app, prosody, account, headers) -> None:
+    """An anonymous request whose view logs the user in: its page carries a session (the
+    extension looks no further at an anonymous visitor's response, so this is what that
+    must not skip)."""
+    app = make_app()
+
+    @app.route("/welcome")
+    def welcome() -> str:
+        login_user(User("alice"))
+        return page("welcome")
+
+    r = app.test_client().get("/welcome", headers=headers)
+    session = assert_prebound(r, prosody.service_url)
+    assert session["BOSH_JID"].startswith(account[0] + "/")
 
 
 @pytest.mark.parametrize("headers", [NAVIGATION, {}], ids=["navigation", "no-accept"])

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
 
 from .config import MiddlewareConfig, did_you_mean
 from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, drop_validators, is_injectable
+from .credentials import is_authenticated
 from .optout import opted_out
 from .wsgi import (
     ENVIRON_CREDENTIALS,
@@ -192,12 +193,17 @@ def _after_request(state: _State, response: Response) -> Response:
     environ = req.environ
     if environ.get(ENVIRON_KIND, NOT_A_PAGE) == NOT_A_PAGE or opted_out(environ):
         return response  # (the usual no first) the WSGI middleware discards a started prebind
+    user = state.get_user()
+    if ENVIRON_CREDENTIALS not in environ and not is_authenticated(user):
+        # An anonymous visitor's page, the most common request of most sites: no session was
+        # started and none will be, so its response is not looked at (that took more than
+        # half of what the extension cost such a page)
+        return response
     get = header_getter(response.headers)
     if not is_injectable(req.method, response.status_code, get):
         # Said here: the WSGI middleware does not look at a response it gets no credentials for
         state.core.check_compressed(response.status_code, get)
         return response
-    user = state.get_user()
     if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
         # ... or a user object made anew for each call (no ``__eq__``): the same account, and
         # the prebind started before the view is theirs (ended and made again, it cost a
