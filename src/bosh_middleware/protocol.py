@@ -646,7 +646,8 @@ class ServiceMemory:
     prebind is made again the usual way, at once) and turns quickstart off for the domain:
     one extra request or two. A failure that may be a server refusing the payloads
     (``_payload_refused``: not a wrong password, a timeout, a refused connection or a 5xx) is
-    tried again the usual way too, and turns quickstart off if that works.
+    tried again the usual way too, and turns quickstart off if that works; if that fails too
+    (the server refuses every session), the mechanisms are forgotten until a prebind works.
 
     Pipelining (``pipelines``; only where the driver sends an ordered batch on one
     connection): with quickstart, SCRAM's last step and the restart + bind go back to back,
@@ -701,6 +702,11 @@ class ServiceMemory:
             if len(self._offered) >= self.MAX_DOMAINS:
                 self._offered.clear()
             self._offered[domain] = offered
+
+    def forget(self, domain: str) -> None:
+        """Quickstart not tried for ``domain`` until a prebind there learns its mechanisms
+        again (``learn``): not off for a period, as nothing says the server refuses it."""
+        self._offered.pop(domain, None)
 
     def turn_off(self, domain: str, why: str) -> None:
         self._switch_off(self._off, "quickstart", domain, why, "prebinding the usual way")
@@ -830,6 +836,12 @@ class PrebindProtocol:
                     spent.append((yield from self._restart_conversation(quickstart=False)))
                 except BOSHError as exc:
                     if not self._quick or not _payload_refused(exc):
+                        if refused is not None and memory is not None:
+                            # The usual way failed too: the payloads were not what the server
+                            # refused (a ban of this address, a proxy's 403), and every page
+                            # would pay a second creation request. Prebind the usual way until
+                            # a prebind works again (and learns the mechanisms anew).
+                            memory.forget(self.credentials.domain)
                         raise
                     # Quickstart off for this domain only if the usual way works (below).
                     refused = exc
