@@ -1684,6 +1684,21 @@ def test_terminate_mid_flow_is_not_terminated_again() -> None:
     assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
 
 
+def test_a_terminating_stream_error_mid_flow_is_its_cause_and_not_terminated_again() -> None:
+    """A stream error in a terminating body (ejabberd: condition='remote-stream-error'; here
+    the session replaced by another): the session is ended by the server, as in any
+    terminating body, so no terminate request follows; the stream error is the cause."""
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    error = f"<stream:error><conflict xmlns='{STREAM_ERRORS}'/></stream:error>"
+    server.override["bind"] = BOSHResponse(
+        200, _body(error, type="terminate", condition="remote-stream-error")
+    )
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "conflict"
+    assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+
+
 def test_terminate_carrying_sasl_failure_is_an_auth_failure() -> None:
     server = ScriptedServer(mechanisms=["PLAIN"])
     server.override["auth"] = BOSHResponse(

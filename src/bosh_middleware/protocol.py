@@ -360,6 +360,8 @@ class _Conversation:
         else:  # the one answer, parsed here only
             parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
         self.inbox.extend(parsed.children)
+        if parsed.type == "terminate":  # (with a stream error in it too: ejabberd's wrapping)
+            self.sid = None  # nothing left to clean up
         for child in parsed.children:
             if child.tag == _STREAM_ERROR:
                 cond = _condition(child) or "undefined-condition"
@@ -367,7 +369,6 @@ class _Conversation:
         if parsed.type == "terminate":
             _raise_sasl_failure_in(parsed.children)
             cond = parsed.condition or "terminate"
-            self.sid = None  # nothing left to clean up
             raise ServiceUnavailable(f"BOSH session terminated by server: {cond}", condition=cond)
         return parsed
 
