@@ -140,7 +140,14 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
         if not args.jid:
             print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
             return EXIT_USAGE
-        made = _password_credentials(args.jid, args.resource)
+        # A resource typed in --jid is the one to bind, as --resource is: Credentials binds
+        # only its ``resource`` (a fresh random one otherwise), and would drop it unsaid.
+        typed = args.jid.partition("/")[2] if "/" in args.jid else None
+        if typed is not None and args.resource not in (None, typed):
+            return _usage(
+                f"--jid names the resource '{typed}' and --resource '{args.resource}': give one"
+            )
+        made = _password_credentials(args.jid, args.resource or typed)
         if isinstance(made, int):
             return made
         creds = made
@@ -416,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--anonymous", action="store_true", help="log in with SASL ANONYMOUS (needs --domain)"
     )
     p.add_argument("--domain", help="with --anonymous: the server's anonymous host")
-    p.add_argument("--resource", help="bind this resource instead of a random one")
+    p.add_argument(
+        "--resource",
+        help="bind this resource instead of a random one (as does a full --jid, user@host/res)",
+    )
     p.add_argument(
         "--mechanism",
         action="append",
