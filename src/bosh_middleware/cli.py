@@ -29,7 +29,7 @@ from .credentials import (
 )
 from .errors import AuthenticationFailed, BOSHError, MechanismUnavailable
 from .http11 import check_url, redact_url
-from .protocol import is_secure_transport
+from .protocol import NO_MECHANISMS_HINT, is_secure_transport
 
 __all__ = ["main"]
 
@@ -306,7 +306,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             },
         )
         if not info.mechanisms:
-            warnings.append("no SASL mechanisms offered (wrong domain for this server?)")
+            # (not a wrong domain: Prosody refuses one with improper-addressing)
+            warnings.append(f"no SASL mechanisms offered: {NO_MECHANISMS_HINT}")
         if (
             "PLAIN" not in info.mechanisms
             and not any(m.startswith("SCRAM-") for m in info.mechanisms)

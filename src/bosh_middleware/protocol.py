@@ -192,16 +192,28 @@ def is_secure_transport(url: str) -> bool:
         return False
 
 
+#: Why a server offers no SASL mechanism at all, and what to do: Prosody's
+#: c2s_require_encryption (its default) hides them over plain HTTP, which is how a web server
+#: reaches it on loopback behind a TLS proxy. Prosody takes X-Forwarded-Proto from a trusted
+#: proxy (loopback, by default), so the engine's ``headers`` can say so too.
+NO_MECHANISMS_HINT = (
+    "a server that requires encryption (Prosody's c2s_require_encryption) offers none over"
+    " plain HTTP: set consider_bosh_secure = true there, or send X-Forwarded-Proto: https"
+    " from an address it trusts as a proxy (HEADERS; Prosody trusts loopback)"
+)
+
+
 def choose_mechanism(
     offered: Sequence[str], credentials: Credentials, options: PrebindOptions, *, secure: bool
 ) -> str:
     offered_set = {m.upper() for m in offered}
+    none = f"; {NO_MECHANISMS_HINT}" if not offered_set else ""
     if credentials.is_anonymous:
         if "ANONYMOUS" in offered_set:
             return "ANONYMOUS"
         raise MechanismUnavailable(
             f"server does not offer ANONYMOUS on {credentials.domain}"
-            f" (offers {sorted(offered_set)})",
+            f" (offers {sorted(offered_set)}){none}",
             condition="invalid-mechanism",
         )
     refused_plain = False
@@ -217,7 +229,7 @@ def choose_mechanism(
         "; PLAIN is offered but refused over plain HTTP that leaves this machine (to a"
         " non-loopback host, or through a proxy): use https or allow_insecure_plain=True"
         if refused_plain
-        else ""
+        else none
     )
     raise MechanismUnavailable(
         f"no usable SASL mechanism: server offers {sorted(offered_set)}{hint}",
