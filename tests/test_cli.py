@@ -155,6 +155,16 @@ def test_anonymous(prosody) -> None:
     assert res.returncode == 2 and res.stdout == "" and "--domain" in res.stderr
 
 
+def test_anonymous_with_a_resource_binds_it(prosody) -> None:
+    """``--resource`` with ``--anonymous`` was ignored without a word: a random one bound."""
+    argv = ["--anonymous", "--domain", prosody.anon_domain, "--resource", "desk"]
+    res = cli("prebind", prosody.service_url, *argv)
+    assert res.returncode == 0, res.stderr
+    session = _session(res.stdout, prosody.service_url)
+    assert session.jid.endswith(f"@{prosody.anon_domain}/desk")
+    assert_attachable(session)
+
+
 def test_check_json(prosody) -> None:
     res = cli("check", prosody.service_url, "--domain", prosody.domain, "--json")
     assert res.returncode == 0, res.stderr

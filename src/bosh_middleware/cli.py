@@ -8,6 +8,7 @@ what of it will bite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -136,6 +137,11 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
             creds = Credentials.anonymous(args.domain)
         except ValueError as exc:
             return _usage(f"--domain: {exc}")
+        if args.resource is not None:  # (an anonymous login binds one as any other does)
+            try:
+                creds = dataclasses.replace(creds, resource=args.resource)
+            except ValueError as exc:
+                return _usage(f"--resource: {exc}")
     else:
         if not args.jid:
             print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
