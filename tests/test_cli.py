@@ -85,6 +85,25 @@ def test_prebind_with_resource_and_mechanism(prosody_secure) -> None:
     assert_attachable(session)
 
 
+def test_prebind_binds_the_resource_of_a_full_jid(prosody) -> None:
+    """``--jid alice@host/desk`` binds what was typed, as ``--resource desk`` does; it was
+    dropped without a word, and a fresh random resource bound."""
+    jid, password = prosody.new_user()
+    res = cli("prebind", prosody.service_url, "--jid", f"{jid}/desk", password=password)
+    assert res.returncode == 0, res.stderr
+    session = _session(res.stdout, prosody.service_url)
+    assert session.jid == f"{jid}/desk"
+    assert_attachable(session)
+
+
+def test_prebind_refuses_two_different_resources() -> None:
+    argv = ["--jid", "alice@localhost/desk", "--resource", "tab"]
+    stderr = _one_line_usage_error(
+        cli("prebind", "http://127.0.0.1:1/http-bind", *argv, password="pw-12345")
+    )
+    assert "desk" in stderr and "tab" in stderr and "pw-12345" not in stderr
+
+
 def test_wrong_password(prosody) -> None:
     jid, _ = prosody.new_user()
     wrong = "Wrong-Pa55word-xyz"
@@ -134,6 +153,16 @@ def test_anonymous(prosody) -> None:
     assert_attachable(session)
     res = cli("prebind", prosody.service_url, "--anonymous")
     assert res.returncode == 2 and res.stdout == "" and "--domain" in res.stderr
+
+
+def test_anonymous_with_a_resource_binds_it(prosody) -> None:
+    """``--resource`` with ``--anonymous`` was ignored without a word: a random one bound."""
+    argv = ["--anonymous", "--domain", prosody.anon_domain, "--resource", "desk"]
+    res = cli("prebind", prosody.service_url, *argv)
+    assert res.returncode == 0, res.stderr
+    session = _session(res.stdout, prosody.service_url)
+    assert session.jid.endswith(f"@{prosody.anon_domain}/desk")
+    assert_attachable(session)
 
 
 def test_check_json(prosody) -> None:

@@ -652,6 +652,41 @@ def test_a_refused_quickstart_creation_request_turns_it_off_if_the_usual_way_wor
 
 
 @pytest.mark.parametrize(
+    "refusal",
+    [
+        BOSHResponse(200, _body(type="terminate", condition="policy-violation")),
+        BOSHResponse(403, b""),
+    ],
+    ids=["policy-violation", "http-403"],
+)
+def test_a_server_refusing_every_session_costs_one_redo_not_one_per_page(
+    refusal: BOSHResponse,
+) -> None:
+    """A server (or a proxy in front of it) that now refuses every creation request, with or
+    without a payload (mod_fail2ban's ban of the web server's address, a proxy's 403): the
+    quickstart prebind is redone the usual way once, refused the same, and so the payloads
+    were not the cause. The next prebinds go the usual way (one request each, not two),
+    until one works and learns the mechanisms again; quickstart is back from the one after."""
+    memory = ServiceMemory()
+    _with_memory(memory, ScriptedServer(), mechanisms=["PLAIN"])
+
+    class Refusing(ScriptedServer):
+        def answer(self, req: BOSHRequest) -> BOSHResponse:
+            assert req.label == "create"  # (no session made: nothing to end)
+            return refusal
+
+    for creates in (2, 1, 1):
+        server = Refusing()
+        with pytest.raises(ServiceUnavailable):
+            _with_memory(memory, server, mechanisms=["PLAIN"])
+        assert server.labels() == [["create"]] * creates
+    back = ScriptedServer()
+    assert _with_memory(memory, back, mechanisms=["PLAIN"]).round_trips == 3
+    again = ScriptedServer()
+    assert _with_memory(memory, again, mechanisms=["PLAIN"]).round_trips == 2
+
+
+@pytest.mark.parametrize(
     "failure",
     [
         BOSHResponse(200, _body(type="terminate", condition="host-unknown")),
@@ -1646,6 +1681,21 @@ def test_terminate_mid_flow_is_not_terminated_again() -> None:
         _prebind(server)
     assert info.value.condition == "item-not-found"
     # the server ended the session itself: no terminate request follows
+    assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
+
+
+def test_a_terminating_stream_error_mid_flow_is_its_cause_and_not_terminated_again() -> None:
+    """A stream error in a terminating body (ejabberd: condition='remote-stream-error'; here
+    the session replaced by another): the session is ended by the server, as in any
+    terminating body, so no terminate request follows; the stream error is the cause."""
+    server = ScriptedServer(mechanisms=["PLAIN"])
+    error = f"<stream:error><conflict xmlns='{STREAM_ERRORS}'/></stream:error>"
+    server.override["bind"] = BOSHResponse(
+        200, _body(error, type="terminate", condition="remote-stream-error")
+    )
+    with pytest.raises(ServiceUnavailable) as info:
+        _prebind(server)
+    assert info.value.condition == "conflict"
     assert server.labels() == [["create"], ["auth"], ["restart", "bind"]]
 
 

@@ -4,6 +4,7 @@ fixtures' settings: each test starts its own server (bounded, few: seconds each)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ from bosh_middleware import (
     AuthenticationFailed,
     BOSHError,
     Credentials,
+    MechanismUnavailable,
     Prebinder,
     ServiceUnavailable,
     StaticCredentials,
+    cli,
     core,
     wsgi,
 )
@@ -101,5 +104,33 @@ def test_prosody_offering_no_mechanism_over_plain_http_is_logged_with_its_cause(
         assert "login refused" not in caplog.text
         assert mw.core.breaker.state == "closed"
         mw.core.close()
+    finally:
+        srv.stop()
+
+
+def test_prosody_offering_no_mechanism_over_plain_http_says_what_to_do(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """The same server: the engine's error and ``check``'s warning name the likely cause and
+    its remedies (not a wrong domain, which Prosody refuses with improper-addressing), and the
+    header remedy works: Prosody trusts a loopback peer's X-Forwarded-Proto by default."""
+    srv = start_prosody(tmp_path / "prosody", settings={"c2s_require_encryption": "true"})
+    try:
+        jid, password = srv.new_user("alice")
+        with Prebinder(srv.service_url) as prebinder, pytest.raises(MechanismUnavailable) as info:
+            prebinder.prebind(Credentials(jid, password))
+        assert "consider_bosh_secure" in str(info.value)
+        assert "X-Forwarded-Proto" in str(info.value)
+
+        assert cli.main(["check", srv.service_url, "--domain", srv.domain, "--json"]) == 0
+        warnings = json.loads(capsys.readouterr().out)["warnings"]
+        (said,) = [w for w in warnings if "no SASL mechanisms" in w]
+        assert "consider_bosh_secure" in said and "wrong domain" not in said
+
+        headers = {"X-Forwarded-Proto": "https"}
+        with Prebinder(srv.service_url, headers=headers) as prebinder:
+            session = prebinder.prebind(Credentials(jid, password))
+            prebinder.terminate(session)
+        assert session.jid.startswith(f"{jid}/")
     finally:
         srv.stop()

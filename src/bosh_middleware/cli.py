@@ -8,6 +8,7 @@ what of it will bite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from .credentials import (
 )
 from .errors import AuthenticationFailed, BOSHError, MechanismUnavailable
 from .http11 import check_url, redact_url
-from .protocol import is_secure_transport
+from .protocol import NO_MECHANISMS_HINT, is_secure_transport
 
 __all__ = ["main"]
 
@@ -136,11 +137,23 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
             creds = Credentials.anonymous(args.domain)
         except ValueError as exc:
             return _usage(f"--domain: {exc}")
+        if args.resource is not None:  # (an anonymous login binds one as any other does)
+            try:
+                creds = dataclasses.replace(creds, resource=args.resource)
+            except ValueError as exc:
+                return _usage(f"--resource: {exc}")
     else:
         if not args.jid:
             print("error: give --jid (and BOSH_PASSWORD) or --anonymous --domain", file=sys.stderr)
             return EXIT_USAGE
-        made = _password_credentials(args.jid, args.resource)
+        # A resource typed in --jid is the one to bind, as --resource is: Credentials binds
+        # only its ``resource`` (a fresh random one otherwise), and would drop it unsaid.
+        typed = args.jid.partition("/")[2] if "/" in args.jid else None
+        if typed is not None and args.resource not in (None, typed):
+            return _usage(
+                f"--jid names the resource '{typed}' and --resource '{args.resource}': give one"
+            )
+        made = _password_credentials(args.jid, args.resource or typed)
         if isinstance(made, int):
             return made
         creds = made
@@ -299,7 +312,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             },
         )
         if not info.mechanisms:
-            warnings.append("no SASL mechanisms offered (wrong domain for this server?)")
+            # (not a wrong domain: Prosody refuses one with improper-addressing)
+            warnings.append(f"no SASL mechanisms offered: {NO_MECHANISMS_HINT}")
         if (
             "PLAIN" not in info.mechanisms
             and not any(m.startswith("SCRAM-") for m in info.mechanisms)
@@ -416,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--anonymous", action="store_true", help="log in with SASL ANONYMOUS (needs --domain)"
     )
     p.add_argument("--domain", help="with --anonymous: the server's anonymous host")
-    p.add_argument("--resource", help="bind this resource instead of a random one")
+    p.add_argument(
+        "--resource",
+        help="bind this resource instead of a random one (as does a full --jid, user@host/res)",
+    )
     p.add_argument(
         "--mechanism",
         action="append",

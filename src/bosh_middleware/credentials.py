@@ -62,7 +62,9 @@ class Credentials:
     """An XMPP login: a JID and a secret, or an anonymous login on a domain.
 
     ``resource`` pins the bound resource; leave it ``None`` to get a fresh one per prebind (every
-    browser tab needs its own, or tabs knock each other off).
+    browser tab needs its own, or tabs knock each other off). A resource in ``jid``
+    (``alice@example.org/desk``) is not bound: only ``resource`` pins one, so that a full JID
+    an app stores cannot make every tab of its user share (and fight over) one resource.
     """
 
     jid: str

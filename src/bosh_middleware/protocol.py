@@ -192,16 +192,28 @@ def is_secure_transport(url: str) -> bool:
         return False
 
 
+#: Why a server offers no SASL mechanism at all, and what to do: Prosody's
+#: c2s_require_encryption (its default) hides them over plain HTTP, which is how a web server
+#: reaches it on loopback behind a TLS proxy. Prosody takes X-Forwarded-Proto from a trusted
+#: proxy (loopback, by default), so the engine's ``headers`` can say so too.
+NO_MECHANISMS_HINT = (
+    "a server that requires encryption (Prosody's c2s_require_encryption) offers none over"
+    " plain HTTP: set consider_bosh_secure = true there, or send X-Forwarded-Proto: https"
+    " from an address it trusts as a proxy (HEADERS; Prosody trusts loopback)"
+)
+
+
 def choose_mechanism(
     offered: Sequence[str], credentials: Credentials, options: PrebindOptions, *, secure: bool
 ) -> str:
     offered_set = {m.upper() for m in offered}
+    none = f"; {NO_MECHANISMS_HINT}" if not offered_set else ""
     if credentials.is_anonymous:
         if "ANONYMOUS" in offered_set:
             return "ANONYMOUS"
         raise MechanismUnavailable(
             f"server does not offer ANONYMOUS on {credentials.domain}"
-            f" (offers {sorted(offered_set)})",
+            f" (offers {sorted(offered_set)}){none}",
             condition="invalid-mechanism",
         )
     refused_plain = False
@@ -217,7 +229,7 @@ def choose_mechanism(
         "; PLAIN is offered but refused over plain HTTP that leaves this machine (to a"
         " non-loopback host, or through a proxy): use https or allow_insecure_plain=True"
         if refused_plain
-        else ""
+        else none
     )
     raise MechanismUnavailable(
         f"no usable SASL mechanism: server offers {sorted(offered_set)}{hint}",
@@ -360,6 +372,8 @@ class _Conversation:
         else:  # the one answer, parsed here only
             parsed = b.parse_body(response.body, max_size=self.options.max_response_size)
         self.inbox.extend(parsed.children)
+        if parsed.type == "terminate":  # (with a stream error in it too: ejabberd's wrapping)
+            self.sid = None  # nothing left to clean up
         for child in parsed.children:
             if child.tag == _STREAM_ERROR:
                 cond = _condition(child) or "undefined-condition"
@@ -367,7 +381,6 @@ class _Conversation:
         if parsed.type == "terminate":
             _raise_sasl_failure_in(parsed.children)
             cond = parsed.condition or "terminate"
-            self.sid = None  # nothing left to clean up
             raise ServiceUnavailable(f"BOSH session terminated by server: {cond}", condition=cond)
         return parsed
 
@@ -646,7 +659,8 @@ class ServiceMemory:
     prebind is made again the usual way, at once) and turns quickstart off for the domain:
     one extra request or two. A failure that may be a server refusing the payloads
     (``_payload_refused``: not a wrong password, a timeout, a refused connection or a 5xx) is
-    tried again the usual way too, and turns quickstart off if that works.
+    tried again the usual way too, and turns quickstart off if that works; if that fails too
+    (the server refuses every session), the mechanisms are forgotten until a prebind works.
 
     Pipelining (``pipelines``; only where the driver sends an ordered batch on one
     connection): with quickstart, SCRAM's last step and the restart + bind go back to back,
@@ -701,6 +715,11 @@ class ServiceMemory:
             if len(self._offered) >= self.MAX_DOMAINS:
                 self._offered.clear()
             self._offered[domain] = offered
+
+    def forget(self, domain: str) -> None:
+        """Quickstart not tried for ``domain`` until a prebind there learns its mechanisms
+        again (``learn``): not off for a period, as nothing says the server refuses it."""
+        self._offered.pop(domain, None)
 
     def turn_off(self, domain: str, why: str) -> None:
         self._switch_off(self._off, "quickstart", domain, why, "prebinding the usual way")
@@ -830,6 +849,12 @@ class PrebindProtocol:
                     spent.append((yield from self._restart_conversation(quickstart=False)))
                 except BOSHError as exc:
                     if not self._quick or not _payload_refused(exc):
+                        if refused is not None and memory is not None:
+                            # The usual way failed too: the payloads were not what the server
+                            # refused (a ban of this address, a proxy's 403), and every page
+                            # would pay a second creation request. Prebind the usual way until
+                            # a prebind works again (and learns the mechanisms anew).
+                            memory.forget(self.credentials.domain)
                         raise
                     # Quickstart off for this domain only if the usual way works (below).
                     refused = exc
