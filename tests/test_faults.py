@@ -143,8 +143,11 @@ def test_healthy_fake_prebinds(fake, prebind) -> None:
     session = prebind(srv.url)
     assert session.jid.startswith("alice@localhost/web-")
     assert session.sid == "fake-sid-0001" and session.round_trips == 3
-    assert srv.labels[0] == "create" and sorted(srv.labels[1:3]) == ["auth", "restart"]
-    assert srv.labels[3:] == ["bind"]
+    # restart and bind go on two connections (the fake does not defer an overtaking bind, so
+    # nothing is redone), and its handler threads record them in whichever order they read
+    # them: bind first now and then on a busy host (1 in 100 prebinds with one core and two
+    # CPU hogs)
+    assert srv.labels[:2] == ["create", "auth"] and sorted(srv.labels[2:]) == ["bind", "restart"]
 
 
 # ------------------------------------------------------------------------------------------
