@@ -274,6 +274,15 @@ def _raise_sasl_failure_in(children: list[etree._Element]) -> None:
             raise AuthenticationFailed(f"SASL failure: {cond}", condition=cond)
 
 
+def _raise_stream_error_in(children: list[etree._Element]) -> None:
+    """A stream error among a body's children is its cause (ejabberd wraps every one in
+    ``type='terminate' condition='remote-stream-error'``)."""
+    for child in children:
+        if child.tag == _STREAM_ERROR:
+            cond = _condition(child) or "undefined-condition"
+            raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+
+
 class _Conversation:
     """RID counter, SID and the stanzas received so far: what all flows share."""
 
@@ -374,10 +383,7 @@ class _Conversation:
         self.inbox.extend(parsed.children)
         if parsed.type == "terminate":  # (with a stream error in it too: ejabberd's wrapping)
             self.sid = None  # nothing left to clean up
-        for child in parsed.children:
-            if child.tag == _STREAM_ERROR:
-                cond = _condition(child) or "undefined-condition"
-                raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+        _raise_stream_error_in(parsed.children)
         if parsed.type == "terminate":
             _raise_sasl_failure_in(parsed.children)
             cond = parsed.condition or "terminate"
@@ -415,10 +421,7 @@ class _Conversation:
             # A stream error in it is the cause, as in ``_absorb``: ejabberd wraps every one
             # in condition='remote-stream-error' (mod_fail2ban's ban of this address is a
             # policy-violation there, a refusal, not a sick server).
-            for child in parsed.children:
-                if child.tag == _STREAM_ERROR:
-                    cond = _condition(child) or "undefined-condition"
-                    raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+            _raise_stream_error_in(parsed.children)
             cond = parsed.condition or "terminate"
             raise ServiceUnavailable(f"BOSH session refused: {cond}", condition=cond)
         attrs = parsed.attrs
@@ -432,10 +435,7 @@ class _Conversation:
         requests = parsed.int_attr("requests") or 1
         self.window = max(1, min(requests, o.max_in_flight)) if o.pipeline else 1
         self.inbox.extend(parsed.children)
-        for child in parsed.children:
-            if child.tag == _STREAM_ERROR:
-                cond = _condition(child) or "undefined-condition"
-                raise ServiceUnavailable(f"XMPP stream error: {cond}", condition=cond)
+        _raise_stream_error_in(parsed.children)
 
     def exchange(
         self,
