@@ -146,8 +146,29 @@ class _Empty:
         await self.app(scope, receive, send)
 
 
+class _Look:
+    """The least an ASGI middleware that must see what a response is can be: ``_Empty`` plus a
+    ``send`` of its own that reads the start's ``Content-Type``, as a rewriting middleware must
+    before it can tell a page from anything else. The *look* floor rows: what looking at a
+    response at all costs, where the middleware has to (the requests that say nothing)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        def look(message: Any) -> Any:
+            if message["type"] == "http.response.start":
+                for name, value in message["headers"]:
+                    if name == b"content-type" and b"html" in value:
+                        break
+            return send(message)
+
+        await self.app(scope, receive, look)
+
+
 asgi_without = _asgi_auth(_inner)
 asgi_empty = _asgi_auth(_Empty(_inner))
+asgi_look = _asgi_auth(_Look(_inner))
 
 
 def _with(auth: Any, middleware: Any, app: Any, **settings: Any) -> Any:
@@ -197,8 +218,25 @@ class _EmptyWSGI:
         return self.app(environ, start_response)
 
 
+class _LookWSGI:
+    """As ``_Look``, for WSGI: a ``start_response`` of its own that reads ``Content-Type``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        def look(status: str, headers: Any, exc_info: Any = None) -> Any:
+            for name, value in headers:
+                if name.lower() == "content-type" and "html" in value:
+                    break
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, look)
+
+
 wsgi_without = _wsgi_auth(_wsgi_inner)
 wsgi_empty = _wsgi_auth(_EmptyWSGI(_wsgi_inner))
+wsgi_look = _wsgi_auth(_LookWSGI(_wsgi_inner))
 
 
 wsgi_with = _with(_wsgi_auth, WSGIMiddleware, _wsgi_inner)
@@ -237,6 +275,12 @@ def starlette_empty() -> Any:
     return _starlette_app(Middleware(_Empty))
 
 
+def starlette_look() -> Any:
+    from starlette.middleware import Middleware
+
+    return _starlette_app(Middleware(_Look))
+
+
 def starlette_with(**settings: Any) -> Any:
     """The Starlette adapter (bosh_middleware.starlette), added as its docs say."""
     from starlette.middleware import Middleware
@@ -265,9 +309,10 @@ def _framework(framework: str, variant: str) -> Any:
     return getattr(_wsgiframeworks, f"{framework}_app")(variant)
 
 
-flask_without, flask_empty, flask_with, flask_navonly = (
-    functools.partial(_framework, "flask", v) for v in ("without", "empty", "with", "navonly")
+_VARIANTS = ("without", "empty", "look", "with", "navonly")
+flask_without, flask_empty, flask_look, flask_with, flask_navonly = (
+    functools.partial(_framework, "flask", v) for v in _VARIANTS
 )
-django_without, django_empty, django_with, django_navonly = (
-    functools.partial(_framework, "django", v) for v in ("without", "empty", "with", "navonly")
+django_without, django_empty, django_look, django_with, django_navonly = (
+    functools.partial(_framework, "django", v) for v in _VARIANTS
 )

@@ -33,7 +33,7 @@ _CREDENTIALS = "benchmarks._passapps.credentials"
 
 # --- Flask -----------------------------------------------------------------------------------
 def flask_app(variant: str) -> Any:
-    """``variant``: without | empty | with | navonly."""
+    """``variant``: without | empty | look | with | navonly."""
     from flask import Flask, Response, request
 
     app = Flask(__name__, static_folder=None)  # /static/app.js is one of the routes
@@ -48,6 +48,19 @@ def flask_app(variant: str) -> Any:
         route(path, ctype, body)
     if variant == "empty":
         app.wsgi_app = _EmptyWSGI(app.wsgi_app)  # type: ignore[method-assign]
+    elif variant == "look":
+        # The least a Flask extension that needs the user before the view (to start work next
+        # to it) and the response after it can be: two request hooks that do nothing, but for
+        # reading the response's Content-Type.
+        def before() -> None:
+            return None
+
+        def after(response: Response) -> Response:
+            response.headers.get("Content-Type")
+            return response
+
+        app.before_request(before)
+        app.after_request(after)
     elif variant in ("with", "navonly"):
         from bosh_middleware.flask import BOSHPrebind
 
@@ -70,6 +83,18 @@ def auth_middleware(get_response: Any) -> Any:
         return get_response(request)
 
     return middleware
+
+
+class LookMiddleware:
+    """An empty middleware class that reads the response's Content-Type: the look floor."""
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        response = self.get_response(request)
+        response.get("Content-Type")
+        return response
 
 
 class EmptyMiddleware:
@@ -104,13 +129,15 @@ def __getattr__(name: str) -> Any:
 
 
 def django_app(variant: str) -> Any:
-    """``variant``: without | empty | with | navonly."""
+    """``variant``: without | empty | look | with | navonly."""
     from django.conf import settings
 
     middleware = [f"{__name__}.auth_middleware"]
     extra: dict[str, Any] = {}
     if variant == "empty":
         middleware.append(f"{__name__}.EmptyMiddleware")
+    elif variant == "look":
+        middleware.append(f"{__name__}.LookMiddleware")
     elif variant in ("with", "navonly"):
         middleware.append("bosh_middleware.django.BOSHPrebindMiddleware")
         extra["BOSH_PREBIND"] = {

@@ -168,6 +168,7 @@ _APPS = {
     "with": "with",
     "control": "without",
     "floor": "empty",
+    "look": "look",
     "navonly": "navonly",
 }
 
@@ -307,6 +308,15 @@ def run(*, quick: bool = False, **_: object) -> Result:
         # the setting that leaves a request that says nothing alone (not the default)
         name, key, path, hdrs = SCENARIOS[2]
         cases.append((f"{name}, navigation_only=True", "navonly", path, hdrs, "navonly"))
+        # what looking at a response at all costs, where a request says nothing (for Flask,
+        # where an extension learns the user and sees the response only in request hooks: the
+        # two hooks, whatever the request)
+        look = (
+            "two empty request hooks (the after one reads Content-Type)"
+            if prefix == "flask"
+            else "an empty middleware that reads the response's Content-Type"
+        )
+        cases.append((f"look floor: {name}, {look}", "look", path, hdrs, "look"))
         for name, key, path, request_headers, other in cases:
             headers = [f"{k}: {v}" for k, v in request_headers]
             results, ratios, errors, per = _pair(
@@ -323,8 +333,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
                 cost = extra[SCENARIOS[1][1]][f"{api}-floor"]
             else:
                 cost = 0.0
-            # (navonly: its path is not in the in-process table, so nothing to predict from)
-            predicted = None if other == "navonly" else 1 / (1 + cost * 1e-6 * 2 * wo)
+            # (navonly, look: not in the in-process table, so nothing to predict from)
+            predicted = None if other in ("navonly", "look") else 1 / (1 + cost * 1e-6 * 2 * wo)
             rows.append(
                 [
                     label,
@@ -375,7 +385,13 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " control rows load two copies of the app without the middleware the same way: how"
             " far from 1.00x the method itself strays. The floor rows load the app wrapped in an"
             " empty middleware class (one more await, or call, per request; _passapps._Empty):"
-            " what any middleware at all costs there. The navigation_only rows send the"
+            " what any middleware at all costs there. The look floor rows load the app in an"
+            " empty middleware that reads the response's Content-Type from a send (or"
+            " start_response) of its own (_passapps._Look), the least a middleware that must"
+            " tell a page from anything else by its response can do; for Flask, whose"
+            " extensions learn the user and see the response only in request hooks, two empty"
+            " hooks, the after one reading Content-Type, which every request pays for. The"
+            " navigation_only rows send the"
             " no-browser-headers request to the middleware set up with navigation_only=True"
             " (README, Settings), which passes a request that says nothing through without"
             " looking at its response: not the default, so no verdict.",
