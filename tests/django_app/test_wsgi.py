@@ -7,7 +7,7 @@ from typing import Any
 
 import django
 import pytest
-from django.test import Client
+from django.test import AsyncClient, Client
 
 from django_app import accounts, views
 from django_app.helpers import (
@@ -237,6 +237,29 @@ def test_a_page_compressed_below_the_middleware_is_reported_once(
             r = client.get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
             assert r["Content-Encoding"] == "gzip"
     assert len([m for m in caplog.messages if "compressed" in m]) == 1
+
+
+def test_an_anonymous_visitors_page_is_not_looked_at(
+    alice: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An anonymous browser navigation whose view logs no one in: the response is not looked
+    at (no session could be made for it), so its compression is not reported either; the
+    first logged-in visit of the same page is."""
+    with caplog.at_level("WARNING", logger="bosh_middleware"):
+        r = Client().get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+        assert r["Content-Encoding"] == "gzip"
+        assert not [m for m in caplog.messages if "compressed" in m]
+        logged_in(alice).get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+    assert len([m for m in caplog.messages if "compressed" in m]) == 1
+
+
+async def test_an_anonymous_visitors_page_is_not_looked_at_async(
+    alice: Account, caplog: pytest.LogCaptureFixture, acores: list[RecordingCore]
+) -> None:
+    with caplog.at_level("WARNING", logger="bosh_middleware"):
+        r = await AsyncClient().get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+        assert r["Content-Encoding"] == "gzip"
+    assert not [m for m in caplog.messages if "compressed" in m]
 
 
 def test_prebind_starts_before_the_view(alice: Account, cores: list[RecordingCore]) -> None:
