@@ -53,6 +53,13 @@ FETCH_HEADERS = (
     ("Sec-Fetch-Mode", "cors"),
 )
 LOGGED_IN = (("X-User", "bench"),)
+#: What a browser's navigation sends (Chromium's Accept): the commonest request of most sites,
+#: from an anonymous visitor, is one of these.
+NAVIGATION_HEADERS = (
+    ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+    ("Sec-Fetch-Dest", "document"),
+    ("Sec-Fetch-Mode", "navigate"),
+)
 
 #: (row name, key in the JSON results, path, request headers beyond Host).
 SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
@@ -66,6 +73,7 @@ SCENARIOS: list[tuple[str, str, str, tuple[tuple[str, str], ...]]] = [
         "/api/items",
         (*LOGGED_IN, ("Accept", "*/*")),
     ),
+    ("HTML page (anonymous, browser navigation)", "html-anonymous-nav", "/", NAVIGATION_HEADERS),
 ]
 
 #: Served by the Starlette app alone (its ``StaticFiles``); the same row names and keys.

@@ -419,7 +419,10 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " Sec-Fetch-Mode: cors): the request alone says no page will carry a session. 'no"
             " browser headers' sends neither Accept nor Sec-Fetch-* (as wrk does), 'Accept: */*'"
             " only that (what curl, requests and httpx send by default): for both the"
-            " middleware must look at the response's start, the residual cost of inspection.",
+            " middleware must look at the response's start, the residual cost of inspection."
+            " 'HTML page (anonymous)' sends no browser headers either, 'browser navigation' what"
+            " a browser sends when it opens a page (Accept: text/html..., Sec-Fetch-Dest:"
+            " document, Sec-Fetch-Mode: navigate).",
             "Second table: the middleware's own cost per request in process, against the bare app"
             " and an empty pass-through wrapper (the floor): medians of"
             f" {pairs} back-to-back pairs of {_micro.CHUNK}-call chunks (benchmarks/_micro.py)."
