@@ -225,19 +225,21 @@ class _Exchange:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
     ) -> Callable[[bytes], object]:
-        if exc_info is None and self.mode == "undecided":
-            if self.user is None and ENVIRON_CREDENTIALS not in self.environ:
+        if (
+            exc_info is None
+            and self.mode == "undecided"
+            and (
                 # An adapter inside the app (Flask's: no user here, and so no credentials
                 # either) reads the user and the response there; it left no credentials (an
                 # anonymous user, or no page, which it reported): no session to give, and
                 # nothing here to look at. First: most pages are an anonymous visitor's.
-                self.mode = "pass"
-                self.discard()
-                return self._start_response(status, headers)
-            if not _may_be_html(headers):  # no page: nothing to rewrite, and no session for it
-                self.mode = "pass"
-                self.discard()
-                return self._start_response(status, headers)
+                (self.user is None and ENVIRON_CREDENTIALS not in self.environ)
+                or not _may_be_html(headers)  # no page: nothing to rewrite, and no session for it
+            )
+        ):
+            self.mode = "pass"
+            self.discard()
+            return self._start_response(status, headers)
         if exc_info is not None and self.mode == "sent":
             return self._replace(status, headers, exc_info)
         code = int(status.split(None, 1)[0])
