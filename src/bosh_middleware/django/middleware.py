@@ -152,10 +152,6 @@ def _is_async(fn: Any) -> bool:
     return iscoroutinefunction(fn) or iscoroutinefunction(type(fn).__call__)
 
 
-#: ``after`` (the user once the view has run) not read yet.
-_UNREAD: Any = object()
-
-
 def _user(request: HttpRequest) -> Any:
     return getattr(request, "user", None)
 
@@ -235,21 +231,17 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        after = _UNREAD
-        if navigation and credentials is None:
+        if navigation and credentials is None and not is_authenticated(_user(request)):
             # An anonymous visitor's page, the most common request of most sites (the user was
             # read before the view, so the session is touched already): unless the view logged
             # someone in, no session will be made, so the response is not looked at (that was
             # half of what the middleware cost such a page)
-            after = _user(request)
-            if not is_authenticated(after):
-                return response
+            return response
         if _no_page(core, request, response):
             if pending is not None:
                 pending.discard()
             return response
-        if after is _UNREAD:
-            after = _user(request)
+        after = _user(request)
         # A navigation's prebind is for whoever was logged in before the view: if the view
         # logged them out (or someone else in), it must not reach this page, and ends unused;
         # whoever the view logged in (someone else, or anyone after an anonymous request) gets
@@ -286,17 +278,13 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        after = _UNREAD
-        if navigation and credentials is None:  # (as in ``__call__``)
-            after = await _auser(request)
-            if not is_authenticated(after):
-                return response
+        if navigation and credentials is None and not is_authenticated(await _auser(request)):
+            return response  # (as in ``__call__``)
         if _no_page(core, request, response):
             if pending is not None:
                 pending.discard()
             return response
-        if after is _UNREAD:
-            after = await _auser(request)  # (as in ``__call__``)
+        after = await _auser(request)  # (as in ``__call__``)
         if not navigation or after != user:
             if pending is not None:
                 pending.discard()
