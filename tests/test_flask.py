@@ -306,6 +306,86 @@ def test_json_and_head_pass_through(app) -> None:
     assert head.status_code == 200 and head.data == b"" and "Cache-Control" not in head.headers
 
 
+@pytest.mark.parametrize("kind", [*SAYS_NOTHING])
+def test_a_json_answer_to_a_request_that_says_nothing_asks_for_no_user(
+    make_app, prosody, kind
+) -> None:
+    """Its answer is no page, so the user is not asked for (Flask-Login's would read the
+    session, or a remember cookie and the database, for nothing). The same request for a
+    page asks once, and gets its session."""
+    app = make_app()
+    state = app.extensions["bosh_prebind"]
+    asked: list[Any] = []
+    get_user = state.get_user
+    state.get_user = lambda: asked.append(1) or get_user()
+    client = logged_in(app)
+    r = client.get("/api/data", headers=SAYS_NOTHING[kind])
+    assert r.is_json and "Cache-Control" not in r.headers
+    assert asked == []
+    assert_prebound(client.get("/", headers=SAYS_NOTHING[kind]), prosody.service_url)
+    assert asked == [1]
+
+
+def test_a_request_that_is_no_page_passes_one_hook(make_app, monkeypatch) -> None:
+    """Static files and ``fetch()`` calls, most of what an app serves, pass the extension's
+    ``before_request`` hook only: the function that settles a page's credentials after the
+    view is asked for, per request, by a request that may be a page, not registered for all."""
+    import bosh_middleware.flask as extension
+
+    app = make_app(exclude_paths=("/nonce",))
+    assert not [
+        f
+        for funcs in app.after_request_funcs.values()
+        for f in funcs
+        if f.__module__ == extension.__name__
+    ]
+    asked: list[str] = []
+    after_this_request = extension.after_this_request
+
+    def spy(f: Any) -> Any:
+        asked.append(request.path)
+        return after_this_request(f)
+
+    monkeypatch.setattr(extension, "after_this_request", spy)
+    client = logged_in(app)
+    asked.clear()
+    assert client.get("/api/data", headers=REQUEST_KINDS["fetch"]).is_json
+    assert client.get("/nonce", headers=NAVIGATION).status_code == 200  # (excluded)
+    assert client.post("/", headers=NAVIGATION).status_code == 405
+    assert asked == []
+    assert client.get("/api/data", headers=NAVIGATION).is_json
+    assert b"BOSH_SID" in client.get("/", headers=NAVIGATION).data
+    assert asked == ["/api/data", "/"]
+
+
+def test_a_page_an_earlier_before_request_hook_returns_is_served_as_it_is(prosody, account) -> None:
+    """A hook registered ahead of the extension that answers the request itself (a
+    maintenance page, say) keeps the extension's hook from running: the page goes out as the
+    hook made it, and no prebind is started or left behind."""
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url, BOSH_CREDENTIALS=StaticCredentials({"alice": account})
+    )
+
+    @app.before_request
+    def maintenance() -> str | None:
+        return page("maintenance") if request.path == "/maintenance" else None
+
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+    app.add_url_rule("/", "home", lambda: page("home"))
+    core = app.extensions["bosh_prebind"].core
+    spy = PrebindSpy.on(core, sync=True)
+    try:
+        client = app.test_client()
+        r = client.get("/maintenance", headers=NAVIGATION)
+        assert r.status_code == 200 and r.data == page("maintenance").encode()
+        assert "Cache-Control" not in r.headers
+        assert spy.calls == []
+        assert_prebound(client.get("/", headers=NAVIGATION), prosody.service_url)
+    finally:
+        close_core(core)
+
+
 # ------------------------------------------------------------------------------------------
 # JSON endpoint (converse.js prebind_url)
 # ------------------------------------------------------------------------------------------

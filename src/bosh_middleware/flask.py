@@ -11,19 +11,21 @@ typo). ``init_app`` writes each setting's default into ``app.config``, where it 
 
 The generic WSGI middleware wraps ``app.wsgi_app`` and does the response rewrite; Flask's hooks
 only tell it who the user is: ``before_request`` starts the prebind next to the view for a
-browser navigation, ``after_request`` settles the credentials (the view may have logged the
-user in or out) and passes the nonce on.
+browser navigation and, for a request that may be a page, asks for an ``after_this_request``
+function that settles the credentials (the view may have logged the user in or out) and passes
+the nonce on. (So a response returned by an app's ``before_request`` hook that runs before the
+extension's, one registered ahead of it, is served as it is.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 try:
-    from flask import Flask, Response, current_app, g, request
+    from flask import Flask, Response, after_this_request, current_app, g, request
     from werkzeug.utils import import_string
 except ImportError as exc:  # pragma: no cover - exercised in the no-framework env
     raise ImportError(
@@ -39,8 +41,10 @@ from .wsgi import (
     ENVIRON_KIND,
     ENVIRON_NONCE,
     ENVIRON_PENDING,
+    ENVIRON_WHOLE_BODY,
     BOSHPrebindMiddleware,
     header_getter,
+    may_be_html,
 )
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
@@ -51,7 +55,6 @@ log = logging.getLogger("bosh_middleware")
 #: This adapter's own settings, not ``MiddlewareConfig`` ones, and their keys.
 _ADAPTER_SETTINGS = frozenset({"nonce_attribute", "enabled"})
 _ADAPTER_KEYS = frozenset(f"{PREFIX}{name.upper()}" for name in _ADAPTER_SETTINGS)
-_WHOLE = "bosh_middleware.flask.whole_body"
 _UNSET = object()
 
 
@@ -97,24 +100,6 @@ def _config(app: Flask) -> MiddlewareConfig:
     return MiddlewareConfig.from_mapping(values, prefix=PREFIX)
 
 
-def _whole_bodies(wsgi_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """Werkzeug hands even an in-memory body over as a ``ClosingIterator``; as a list, the WSGI
-    middleware rewrites it whole and keeps an exact Content-Length instead of streaming it."""
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        result = wsgi_app(environ, start_response)
-        if not environ.pop(_WHOLE, False):
-            return result
-        try:
-            return [b"".join(result)]
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-
-    return app
-
-
 class BOSHPrebind:
     """Prebind an XMPP BOSH session for authenticated users' HTML pages."""
 
@@ -147,19 +132,15 @@ class BOSHPrebind:
             core, self.get_user or flask_login_user, nonce_attribute
         )
         app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
-            _whole_bodies(app.wsgi_app), core=core, get_user=None, serve_endpoint=False
+            app.wsgi_app, core=core, get_user=None, serve_endpoint=False
         )
 
         # This app's state bound in: no lookup through ``current_app`` on every request.
-        # (Closures, not partials, which Flask's ``ensure_sync`` unwraps on every call.)
+        # (A closure, not a partial, which Flask's ``ensure_sync`` unwraps on every call.)
         def before_request() -> None:
             _before_request(state)
 
-        def after_request(response: Response) -> Response:
-            return _after_request(state, response)
-
         app.before_request(before_request)
-        app.after_request(after_request)
         if core.config.endpoint_path is not None:
             app.add_url_rule(core.config.endpoint_path, EXTENSION_KEY, _endpoint, methods=["GET"])
 
@@ -171,40 +152,57 @@ def _state() -> _State:
 
 def _before_request(state: _State) -> None:
     # The request itself, not the ``request`` proxy: each access through one of Flask's
-    # proxies took 30-50 bytecodes, and every request passes both hooks. Its kind is what the
+    # proxies took 30-50 bytecodes, and every request passes this hook. Its kind is what the
     # WSGI middleware in front of the app found (none: it let the request by unasked, as it
     # does an excluded path, another method or the endpoint): the hooks cannot disagree with
     # the middleware that will rewrite the page or not, and work nothing out again.
     req = request._get_current_object()  # type: ignore[attr-defined]
-    if req.environ.get(ENVIRON_KIND) != NAVIGATION:
+    environ = req.environ
+    kind = environ.get(ENVIRON_KIND, NOT_A_PAGE)
+    if kind == NOT_A_PAGE:
         return
-    user = g._bosh_user = state.get_user()
-    credentials = state.core.credentials_sync(user)
+    before: Any = _UNSET  # the user the prebind next to the view was started for
+
+    def after_request(response: Response) -> Response:
+        return _after_request(state, req, before, response)
+
+    # Asked for here, by a request that may be a page, rather than as an app-wide hook: static
+    # files and ``fetch()`` calls, most of what an app serves, pay for one hook, not two. It
+    # runs before the app's own after_request hooks, so it sees the response as the view made
+    # it (as it did whenever the extension was set up after them).
+    after_this_request(after_request)
+    if kind != NAVIGATION:
+        return
+    before = state.get_user()
+    credentials = state.core.credentials_sync(before)
     if credentials is not None:
-        req.environ[ENVIRON_CREDENTIALS] = credentials
+        environ[ENVIRON_CREDENTIALS] = credentials
         pending = state.core.start_sync(credentials)
         if pending is not None:
-            req.environ[ENVIRON_PENDING] = pending
-            drop_validators(req.environ)  # (answered in full: see there)
+            environ[ENVIRON_PENDING] = pending
+            drop_validators(environ)  # (answered in full: see there)
 
 
-def _after_request(state: _State, response: Response) -> Response:
-    req = request._get_current_object()  # type: ignore[attr-defined]
+def _after_request(state: _State, req: Any, before: Any, response: Response) -> Response:
     environ = req.environ
-    if environ.get(ENVIRON_KIND, NOT_A_PAGE) == NOT_A_PAGE or opted_out(environ):
-        return response  # (the usual no first) the WSGI middleware discards a started prebind
+    headers = response.headers
+    if opted_out(environ) or (before is _UNSET and not may_be_html(headers)):
+        # (the WSGI middleware discards a started prebind) A request that did not say what
+        # it wants got no page (a JSON answer to a script, say): no user to ask for (Flask-
+        # Login's reads the session, or a remember cookie and the database). A navigation's
+        # answer is a page, almost always: for it the user comes first.
+        return response
     user = state.get_user()
     if ENVIRON_CREDENTIALS not in environ and not is_authenticated(user):
         # An anonymous visitor's page, the most common request of most sites: no session was
-        # started and none will be, so its response is not looked at (that took more than
-        # half of what the extension cost such a page)
+        # started and none will be, so its response is not looked at further
         return response
-    get = header_getter(response.headers)
+    get = header_getter(headers)
     if not is_injectable(req.method, response.status_code, get):
         # Said here: the WSGI middleware does not look at a response it gets no credentials for
         state.core.check_compressed(response.status_code, get)
         return response
-    if user != g.get("_bosh_user", _UNSET):  # not a navigation, or logged in/out by the view
+    if user != before:  # not a navigation, or logged in/out by the view
         # ... or a user object made anew for each call (no ``__eq__``): the same account, and
         # the prebind started before the view is theirs (ended and made again, it cost a
         # second login and the overlap with the view)
@@ -217,7 +215,8 @@ def _after_request(state: _State, response: Response) -> Response:
             if credentials is not None:
                 environ[ENVIRON_CREDENTIALS] = credentials
     if ENVIRON_CREDENTIALS in environ:
-        environ[_WHOLE] = response.is_sequence and state.core.rewrites_body
+        # Werkzeug hands even an in-memory body over as a ``ClosingIterator``: as a list
+        environ[ENVIRON_WHOLE_BODY] = response.is_sequence and state.core.rewrites_body
         nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
         if nonce:
             environ[ENVIRON_NONCE] = str(nonce)

@@ -37,10 +37,12 @@ __all__ = [
     "ENVIRON_KIND",
     "ENVIRON_NONCE",
     "ENVIRON_PENDING",
+    "ENVIRON_WHOLE_BODY",
     "BOSHPrebindMiddleware",
     "environ_nonce",
     "environ_user",
     "header_getter",
+    "may_be_html",
 ]
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -54,6 +56,10 @@ ENVIRON_PENDING = "bosh_middleware.pending"
 #: Absent: the middleware let the request by unasked (a method, path or the endpoint that is
 #: never a page), so the hooks need not work anything out again.
 ENVIRON_KIND = "bosh_middleware.kind"
+#: Set true by an adapter whose app keeps the page's body in memory but hands it over as a
+#: one-use iterable (Werkzeug's ``ClosingIterator``): joined, it is rewritten whole and keeps
+#: an exact Content-Length instead of being streamed without one.
+ENVIRON_WHOLE_BODY = "bosh_middleware.whole_body"
 #: Where the app can leave a CSP nonce for the injected ``<script>``.
 ENVIRON_NONCE = "csp_nonce"
 
@@ -68,9 +74,19 @@ def environ_nonce(environ: dict[str, Any]) -> str | None:
     return str(nonce) if nonce else None
 
 
-def _may_be_html(headers: list[tuple[str, str]]) -> bool:
+def _joined(result: Iterable[bytes]) -> list[bytes]:
+    try:
+        return [b"".join(result)]
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+def may_be_html(headers: Iterable[tuple[str, str]]) -> bool:
     """False when no ``Content-Type`` line so much as mentions html: the response is no page,
-    settled without ``is_injectable`` (see the ASGI adapter's twin). Every line a request
+    settled without ``is_injectable`` (see the ASGI adapter's twin; Flask's adapter asks it of
+    werkzeug's ``Headers``, which iterate as such pairs). Every line a request
     that did not say what it wants (a script, curl) gets back passes here: ``len()`` settles
     most names, and the usual spellings of the one left with a compare, not a ``lower()``."""
     for k, v in headers:
@@ -234,7 +250,7 @@ class _Exchange:
                 # anonymous user, or no page, which it reported): no session to give, and
                 # nothing here to look at. First: most pages are an anonymous visitor's.
                 (self.user is None and ENVIRON_CREDENTIALS not in self.environ)
-                or not _may_be_html(headers)  # no page: nothing to rewrite, and no session for it
+                or not may_be_html(headers)  # no page: nothing to rewrite, and no session for it
             )
         ):
             self.mode = "pass"
@@ -453,6 +469,8 @@ class BOSHPrebindMiddleware:
         exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)
+            if get_user is None and environ.pop(ENVIRON_WHOLE_BODY, False):
+                result = _joined(result)
         except BaseException:
             exchange.discard()
             raise
