@@ -239,25 +239,31 @@ def test_a_page_compressed_below_the_middleware_is_reported_once(
     assert len([m for m in caplog.messages if "compressed" in m]) == 1
 
 
+@pytest.mark.parametrize("kind", ["navigation", *SAYS_NOTHING])
 def test_an_anonymous_visitors_page_is_not_looked_at(
-    alice: Account, caplog: pytest.LogCaptureFixture
+    alice: Account, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
-    """An anonymous browser navigation whose view logs no one in: the response is not looked
-    at (no session could be made for it), so its compression is not reported either; the
-    first logged-in visit of the same page is."""
+    """An anonymous visitor's page whose view logs no one in, asked for by a browser or by a
+    request that says nothing: the response is not looked at past its Content-Type (no
+    session could be made for it), so its compression is not reported either; the first
+    logged-in visit of the same page is."""
+    headers = {**(PAGE_HEADERS if kind == "navigation" else SAYS_NOTHING[kind])}
+    headers["Accept-Encoding"] = "gzip"
     with caplog.at_level("WARNING", logger="bosh_middleware"):
-        r = Client().get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+        r = Client().get("/gzip/", headers=headers)
         assert r["Content-Encoding"] == "gzip"
         assert not [m for m in caplog.messages if "compressed" in m]
-        logged_in(alice).get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+        logged_in(alice).get("/gzip/", headers=headers)
     assert len([m for m in caplog.messages if "compressed" in m]) == 1
 
 
+@pytest.mark.parametrize("kind", ["navigation", *SAYS_NOTHING])
 async def test_an_anonymous_visitors_page_is_not_looked_at_async(
-    alice: Account, caplog: pytest.LogCaptureFixture, acores: list[RecordingCore]
+    alice: Account, caplog: pytest.LogCaptureFixture, acores: list[RecordingCore], kind: str
 ) -> None:
+    headers = PAGE_HEADERS if kind == "navigation" else SAYS_NOTHING[kind]
     with caplog.at_level("WARNING", logger="bosh_middleware"):
-        r = await AsyncClient().get("/gzip/", headers={**PAGE_HEADERS, "Accept-Encoding": "gzip"})
+        r = await AsyncClient().get("/gzip/", headers={**headers, "Accept-Encoding": "gzip"})
         assert r["Content-Encoding"] == "gzip"
     assert not [m for m in caplog.messages if "compressed" in m]
 

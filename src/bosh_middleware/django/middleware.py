@@ -133,6 +133,18 @@ def _no_page(core: PrebindCore, request: HttpRequest, response: HttpResponseBase
     return True
 
 
+def _may_be_page(response: HttpResponseBase) -> bool:
+    """The least an injectable page is, settled with one header read: a 200 whose
+    Content-Type mentions html. A request that did not say what it wants reads the user only
+    for such a response (the session is touched, and the answer gets ``Vary: Cookie``), and
+    the rest of ``is_injectable`` only for a logged-in user's: through ``headers.get``, which
+    raises and catches a ``KeyError`` for each absent name, it asks nine, mostly absent."""
+    if response.status_code != 200:
+        return False
+    ctype = response.headers.get("Content-Type")
+    return ctype is not None and "html" in ctype.lower()
+
+
 def _fetch_metadata(request: HttpRequest) -> tuple[str | None, str | None]:
     """The endpoint's request's ``Sec-Fetch-Site`` and ``Sec-Fetch-Dest`` (see
     ``PrebindCore.endpoint_refused``)."""
@@ -231,11 +243,15 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        if navigation and credentials is None and not is_authenticated(_user(request)):
-            # An anonymous visitor's page, the most common request of most sites (the user was
-            # read before the view, so the session is touched already): unless the view logged
-            # someone in, no session will be made, so the response is not looked at (that was
-            # half of what the middleware cost such a page)
+        if navigation:
+            if credentials is None and not is_authenticated(_user(request)):
+                # An anonymous visitor's page, the most common request of most sites (the user
+                # was read before the view, so the session is touched already): unless the
+                # view logged someone in, no session will be made, so the response is not
+                # looked at (that was half of what the middleware cost such a page)
+                return response
+        elif not _may_be_page(response) or not is_authenticated(_user(request)):
+            # A request that said nothing: no page (JSON to a script), or an anonymous one's
             return response
         if _no_page(core, request, response):
             if pending is not None:
@@ -278,8 +294,11 @@ class BOSHPrebindMiddleware:
             if pending is not None:
                 pending.discard()
             raise
-        if navigation and credentials is None and not is_authenticated(await _auser(request)):
-            return response  # (as in ``__call__``)
+        if navigation:
+            if credentials is None and not is_authenticated(await _auser(request)):
+                return response  # (as in ``__call__``)
+        elif not _may_be_page(response) or not is_authenticated(await _auser(request)):
+            return response
         if _no_page(core, request, response):
             if pending is not None:
                 pending.discard()
