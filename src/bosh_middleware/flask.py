@@ -134,13 +134,7 @@ class BOSHPrebind:
         app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
             app.wsgi_app, core=core, get_user=None, serve_endpoint=False
         )
-
-        # This app's state bound in: no lookup through ``current_app`` on every request.
-        # (A closure, not a partial, which Flask's ``ensure_sync`` unwraps on every call.)
-        def before_request() -> None:
-            _before_request(state)
-
-        app.before_request(before_request)
+        app.before_request(_before_request_hook(state))
         if core.config.endpoint_path is not None:
             app.add_url_rule(core.config.endpoint_path, EXTENSION_KEY, _endpoint, methods=["GET"])
 
@@ -150,37 +144,45 @@ def _state() -> _State:
     return state
 
 
-def _before_request(state: _State) -> None:
-    # The request itself, not the ``request`` proxy: each access through one of Flask's
-    # proxies took 30-50 bytecodes, and every request passes this hook. Its kind is what the
-    # WSGI middleware in front of the app found (none: it let the request by unasked, as it
-    # does an excluded path, another method or the endpoint): the hooks cannot disagree with
-    # the middleware that will rewrite the page or not, and work nothing out again.
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    environ = req.environ
-    kind = environ.get(ENVIRON_KIND, NOT_A_PAGE)
-    if kind == NOT_A_PAGE:
-        return
-    before: Any = _UNSET  # the user the prebind next to the view was started for
+def _before_request_hook(state: _State) -> Callable[[], None]:
+    """The extension's one app-wide hook, with this app's state bound in: no lookup through
+    ``current_app`` on every request, and no second call (a closure, not a partial, which
+    Flask's ``ensure_sync`` would unwrap on every call)."""
 
-    def after_request(response: Response) -> Response:
-        return _after_request(state, req, before, response)
+    def before_request() -> None:
+        # The request itself, not the ``request`` proxy: each access through one of Flask's
+        # proxies took 30-50 bytecodes, and every request passes this hook. Its kind is what
+        # the WSGI middleware in front of the app found (none: it let the request by
+        # unasked, as it does an excluded path, another method or the endpoint): the hook
+        # cannot disagree with the middleware that will rewrite the page or not, and works
+        # nothing out again.
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        environ = req.environ
+        kind = environ.get(ENVIRON_KIND, NOT_A_PAGE)
+        if kind == NOT_A_PAGE:
+            return
+        before: Any = _UNSET  # the user the prebind next to the view was started for
 
-    # Asked for here, by a request that may be a page, rather than as an app-wide hook: static
-    # files and ``fetch()`` calls, most of what an app serves, pay for one hook, not two. It
-    # runs before the app's own after_request hooks, so it sees the response as the view made
-    # it (as it did whenever the extension was set up after them).
-    after_this_request(after_request)
-    if kind != NAVIGATION:
-        return
-    before = state.get_user()
-    credentials = state.core.credentials_sync(before)
-    if credentials is not None:
-        environ[ENVIRON_CREDENTIALS] = credentials
-        pending = state.core.start_sync(credentials)
-        if pending is not None:
-            environ[ENVIRON_PENDING] = pending
-            drop_validators(environ)  # (answered in full: see there)
+        def after_request(response: Response) -> Response:
+            return _after_request(state, req, before, response)
+
+        # Asked for here, by a request that may be a page, rather than as an app-wide hook:
+        # static files and ``fetch()`` calls, most of what an app serves, pay for one hook,
+        # not two. It runs before the app's own after_request hooks, so it sees the response
+        # as the view made it (as it did whenever the extension was set up after them).
+        after_this_request(after_request)
+        if kind != NAVIGATION:
+            return
+        before = state.get_user()
+        credentials = state.core.credentials_sync(before)
+        if credentials is not None:
+            environ[ENVIRON_CREDENTIALS] = credentials
+            pending = state.core.start_sync(credentials)
+            if pending is not None:
+                environ[ENVIRON_PENDING] = pending
+                drop_validators(environ)  # (answered in full: see there)
+
+    return before_request
 
 
 def _after_request(state: _State, req: Any, before: Any, response: Response) -> Response:
