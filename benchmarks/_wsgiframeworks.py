@@ -50,8 +50,8 @@ def flask_app(variant: str) -> Any:
         app.wsgi_app = _EmptyWSGI(app.wsgi_app)  # type: ignore[method-assign]
     elif variant == "look":
         # The least a Flask extension that needs the user before the view (to start work next
-        # to it) and the response after it can be: two request hooks that do nothing, but for
-        # reading the response's Content-Type.
+        # to it) and the response after it can be, on a request that may be a page: two
+        # request hooks that do nothing, but for reading the response's Content-Type.
         def before() -> None:
             return None
 

@@ -310,7 +310,7 @@ def run(*, quick: bool = False, **_: object) -> Result:
         cases.append((f"{name}, navigation_only=True", "navonly", path, hdrs, "navonly"))
         # what looking at a response at all costs, where a request says nothing (for Flask,
         # where an extension learns the user and sees the response only in request hooks: the
-        # two hooks, whatever the request)
+        # two hooks such a request passes)
         look = (
             "two empty request hooks (the after one reads Content-Type)"
             if prefix == "flask"
@@ -390,7 +390,8 @@ def run(*, quick: bool = False, **_: object) -> Result:
             " start_response) of its own (_passapps._Look), the least a middleware that must"
             " tell a page from anything else by its response can do; for Flask, whose"
             " extensions learn the user and see the response only in request hooks, two empty"
-            " hooks, the after one reading Content-Type, which every request pays for. The"
+            " hooks, the after one reading Content-Type, which such a request passes (the"
+            " extension's after function is asked for only by a request that may be a page). The"
             " navigation_only rows send the"
             " no-browser-headers request to the middleware set up with navigation_only=True"
             " (README, Settings), which passes a request that says nothing through without"

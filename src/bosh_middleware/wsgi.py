@@ -75,6 +75,7 @@ def environ_nonce(environ: dict[str, Any]) -> str | None:
 
 
 def _joined(result: Iterable[bytes]) -> list[bytes]:
+    """``result`` read whole (see ``ENVIRON_WHOLE_BODY``), and closed as the server would."""
     try:
         return [b"".join(result)]
     finally:
@@ -86,9 +87,9 @@ def _joined(result: Iterable[bytes]) -> list[bytes]:
 def may_be_html(headers: Iterable[tuple[str, str]]) -> bool:
     """False when no ``Content-Type`` line so much as mentions html: the response is no page,
     settled without ``is_injectable`` (see the ASGI adapter's twin; Flask's adapter asks it of
-    werkzeug's ``Headers``, which iterate as such pairs). Every line a request
-    that did not say what it wants (a script, curl) gets back passes here: ``len()`` settles
-    most names, and the usual spellings of the one left with a compare, not a ``lower()``."""
+    werkzeug's ``Headers``, which iterate as such pairs). Every line a request that did not
+    say what it wants (a script, curl) gets back passes here: ``len()`` settles most names,
+    and the usual spellings of the one left with a compare, not a ``lower()``."""
     for k, v in headers:
         if (
             len(k) == 12
