@@ -46,13 +46,26 @@ def ejabberd_fail2ban(tmp_path: Path) -> Iterator[XMPPServer]:
         srv.stop()
 
 
+#: Session creations tried against a banned address before its policy-violation must have
+#: come (see below: about one in forty is answered otherwise).
+_BANNED_TRIES = 5
+
+
 @pytest.mark.ejabberd
 def test_ejabberd_banning_the_web_servers_address_is_a_refusal(
     ejabberd_fail2ban: XMPPServer,
 ) -> None:
     """Once banned, ejabberd refuses every session at creation with a stream error (in a
     body that declares ``xmlns:stream`` twice): a policy-violation, this address's refusal by
-    a server that is up (not counted towards the breaker), not a malformed response."""
+    a server that is up (not counted towards the breaker), not a malformed response.
+
+    ejabberd 23.01 answers about one banned creation in forty (40 in a row, measured by hand
+    after a ban) with a bare ``<body type='terminate' condition='item-not-found'/>`` instead:
+    its session process is gone before the stream error reaches the answer. No session comes
+    of it either; the engine reports it as ``item-not-found``, which counts towards the
+    breaker (left so: the engine cannot tell that race from a server that lost its session
+    table). So each prebind here is tried a few times, every try must fail, and the
+    policy-violation must come."""
     srv = ejabberd_fail2ban
     jid, password = srv.new_user()
     with Prebinder(srv.service_url, quickstart=False) as prebinder:
@@ -62,18 +75,29 @@ def test_ejabberd_banning_the_web_servers_address_is_a_refusal(
         # request in flight is whatever that race makes of it)
         with pytest.raises(BOSHError):
             prebinder.prebind(Credentials(jid, "wrong"))
-        with pytest.raises(ServiceUnavailable) as info:
-            prebinder.prebind(Credentials(jid, password))
-    assert info.value.condition == "policy-violation"
-    assert core._refused(info.value)
+        seen: list[str | None] = []
+        for _ in range(_BANNED_TRIES):
+            with pytest.raises(BOSHError) as raised:
+                prebinder.prebind(Credentials(jid, password))
+            seen.append(getattr(raised.value, "condition", None))
+            if seen[-1] == "policy-violation":
+                break
+    assert seen[-1] == "policy-violation", seen
+    assert isinstance(raised.value, ServiceUnavailable) and core._refused(raised.value)
 
-    async def run() -> None:
+    async def run() -> list[str | None]:
+        seen: list[str | None] = []
         async with AsyncPrebinder(srv.service_url) as prebinder:
-            with pytest.raises(ServiceUnavailable) as info:
-                await prebinder.prebind(Credentials(jid, password))
-        assert info.value.condition == "policy-violation"
+            for _ in range(_BANNED_TRIES):
+                with pytest.raises(BOSHError) as raised:
+                    await prebinder.prebind(Credentials(jid, password))
+                seen.append(getattr(raised.value, "condition", None))
+                if seen[-1] == "policy-violation":
+                    break
+        return seen
 
-    asyncio.run(run())
+    seen = asyncio.run(run())
+    assert seen[-1] == "policy-violation", seen
 
 
 def test_prosody_offering_no_mechanism_over_plain_http_is_logged_with_its_cause(
