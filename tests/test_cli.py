@@ -216,7 +216,12 @@ def test_check_with_a_login_warns_of_a_server_that_salts_every_login(prosody_sec
     report = json.loads(res.stdout)
     login = report["login"]
     assert login["mechanism"].startswith("SCRAM-"), login
-    assert login["key_derivations"] == [1, 1, 1], login
+    # The first login derives twice when its restart was overtaken by its bind and it was
+    # redone (see the test above: this store salts the redo afresh too); the next two run on
+    # one connection, with nothing to race.
+    first, *warm = login["key_derivations"]
+    assert first in (1, 2) and warm == [1, 1], login
+    assert first == 1 or login["round_trips"][0] > 4, login
     (warning,) = [w for w in report["warnings"] if "salts every SCRAM login" in w]
     assert "internal_plain" in warning and "speedups" not in warning  # (cryptography is here)
     assert "speedups" in cli_module._resalting_warning("hashlib")
