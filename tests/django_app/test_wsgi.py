@@ -247,8 +247,8 @@ def test_an_anonymous_visitors_page_is_not_looked_at(
     request that says nothing: the response is not looked at past its Content-Type (no
     session could be made for it), so its compression is not reported either; the first
     logged-in visit of the same page is."""
-    headers = {**(PAGE_HEADERS if kind == "navigation" else SAYS_NOTHING[kind])}
-    headers["Accept-Encoding"] = "gzip"
+    asked = PAGE_HEADERS if kind == "navigation" else SAYS_NOTHING[kind]
+    headers = {**asked, "Accept-Encoding": "gzip"}
     with caplog.at_level("WARNING", logger="bosh_middleware"):
         r = Client().get("/gzip/", headers=headers)
         assert r["Content-Encoding"] == "gzip"
