@@ -386,6 +386,61 @@ def test_a_page_an_earlier_before_request_hook_returns_is_served_as_it_is(prosod
         close_core(core)
 
 
+def test_a_page_an_app_after_hook_replaces_with_a_download_is_not_read_whole(
+    prosody, account
+) -> None:
+    """The extension's after function sees the view's page, in memory, and marks it to be
+    rewritten whole; an app ``after_request`` hook, which runs later, replaces it with a
+    streamed download. That download goes out as it is made, chunk by chunk, not read into
+    memory first, and the prebind started for the page ends unused."""
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url, BOSH_CREDENTIALS=StaticCredentials({"alice": account})
+    )
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+    app.add_url_rule("/", "home", lambda: page("home"))
+    pulled: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(3):
+            pulled.append(i)
+            yield b"%d" % i * 1000
+
+    @app.after_request
+    def as_download(response: Response) -> Response:
+        return Response(chunks(), mimetype="application/octet-stream")
+
+    core = app.extensions["bosh_prebind"].core
+    spy = PrebindSpy.on(core, sync=True)
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": None,
+        "HTTP_ACCEPT": NAVIGATION["Accept"],
+        "HTTP_SEC_FETCH_DEST": NAVIGATION["Sec-Fetch-Dest"],
+    }
+    try:
+        result = app.wsgi_app(
+            environ, lambda status, headers, *_: started.append((status, headers))
+        )
+        assert pulled == []  # handed over unread
+        try:
+            body = b"".join(result)
+        finally:
+            result.close()  # type: ignore[attr-defined]
+        assert body == b"0" * 1000 + b"1" * 1000 + b"2" * 1000 and pulled == [0, 1, 2]
+        assert started[0][0] == "200 OK"
+        assert dict(started[0][1])["Content-Type"] == "application/octet-stream"
+        assert spy.wait_idle()
+        assert len(spy.calls) == 1 and len(spy.terminated) == len(spy.sessions) == 1
+    finally:
+        close_core(core)
+
+
 # ------------------------------------------------------------------------------------------
 # JSON endpoint (converse.js prebind_url)
 # ------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ ENVIRON_PENDING = "bosh_middleware.pending"
 ENVIRON_KIND = "bosh_middleware.kind"
 #: Set true by an adapter whose app keeps the page's body in memory but hands it over as a
 #: one-use iterable (Werkzeug's ``ClosingIterator``): joined, it is rewritten whole and keeps
-#: an exact Content-Length instead of being streamed without one.
+#: an exact Content-Length instead of being streamed without one. Read only for a response
+#: whose start says it is such a page, which the one the adapter saw may no longer be.
 ENVIRON_WHOLE_BODY = "bosh_middleware.whole_body"
 #: Where the app can leave a CSP nonce for the injected ``<script>``.
 ENVIRON_NONCE = "csp_nonce"
@@ -470,7 +471,9 @@ class BOSHPrebindMiddleware:
         exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)
-            if get_user is None and environ.pop(ENVIRON_WHOLE_BODY, False):
+            # Only a start held for the rewrite: an app's after hook that ran later than the
+            # adapter's may have put a download in the place of the page it marked
+            if get_user is None and exchange.mode == "held" and environ.get(ENVIRON_WHOLE_BODY):
                 result = _joined(result)
         except BaseException:
             exchange.discard()
