@@ -22,9 +22,16 @@ import json
 import logging
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-__all__ = ["Injector", "inject", "js_literal", "script_snippet"]
+__all__ = [
+    "Injector",
+    "inject",
+    "injected_stream",
+    "js_literal",
+    "script_snippet",
+    "sent_with_a_byte",
+]
 
 log = logging.getLogger("bosh_middleware")
 
@@ -582,3 +589,37 @@ class Injector:
 def inject(body: bytes, snippet: str, *, charset: str | None = None) -> bytes:
     injector = Injector(snippet, charset=charset)
     return injector.feed(body) + injector.finish()
+
+
+def injected_stream(
+    chunks: Iterable[bytes], injector: Injector, undelivered: Callable[[], None] | None
+) -> Iterator[bytes]:
+    """A streamed page's body through ``injector``, calling ``undelivered()`` once it has ended
+    without the snippet in it: read to its end, failed, or closed early by the server because
+    the client went away (the framework closes the response, and with it this generator).
+    The framework adapters (Django's, Flask's) put this in place of a streamed body."""
+    try:
+        for chunk in chunks:
+            if out := injector.feed(chunk):
+                yield out
+        yield injector.finish()
+    finally:
+        if not injector.done and undelivered is not None:
+            undelivered()
+
+
+def sent_with_a_byte(chunks: Iterable[bytes], unsent: Callable[[], None]) -> Iterator[bytes]:
+    """A streamed body, calling ``unsent()`` if it fails or is closed before it has given a
+    byte: the session in the headers ("headers" and "both" modes) went nowhere then. A WSGI
+    server sends them with the first non-empty chunk (PEP 3333), and a body that fails before
+    one gets the server's error response in their place. Given, not taken: a server that stops
+    at the Content-Length kept in headers mode did send them."""
+    given = False
+    try:
+        for chunk in chunks:
+            given = given or bool(chunk)
+            yield chunk
+        given = True  # (an empty body: the headers go out as it ends)
+    finally:
+        if not given:
+            unsent()

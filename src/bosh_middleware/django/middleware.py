@@ -31,7 +31,7 @@ from ..core import (
     is_authenticated,
     is_injectable,
 )
-from ..inject import Injector
+from ..inject import Injector, injected_stream, sent_with_a_byte
 from ..optout import opted_out
 from ..session import PrebindSession, check_bool
 from ._compat import csp_nonce
@@ -372,80 +372,52 @@ def _injected(
     undelivered: Callable[[], None] | None,
     aundelivered: Callable[[], None] | None,
 ) -> Iterator[bytes] | AsyncIterator[bytes]:
-    """The streamed body through ``injector``, async if it was (whitenoise#531), calling
+    """``injected_stream`` of the streamed body, async if it was (whitenoise#531), calling
     ``undelivered()`` (sync body) or ``aundelivered()`` (async body) once it has ended without
-    the snippet in it: read to its end, failed, or closed early by the server because the
-    client went away (Django closes the response, and with it this generator).
+    the snippet in it.
 
     Who iterates the body decides where that runs, not the middleware's mode: under ASGI,
     Django consumes a sync body (StreamingHttpResponse, FileResponse) in a worker thread, with
     no event loop for an async terminate, so a sync body always gets the thread-safe one.
     """
     content = response.streaming_content
-    if response.is_async:
+    if not response.is_async:
+        return injected_stream(content, injector, undelivered)
 
-        async def agen() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in content:
-                    if out := injector.feed(chunk):
-                        yield out
-                yield injector.finish()
-            finally:
-                if not injector.done and aundelivered is not None:
-                    aundelivered()
-
-        return agen()
-
-    def gen() -> Iterator[bytes]:
+    async def agen() -> AsyncIterator[bytes]:
         try:
-            for chunk in content:
+            async for chunk in content:
                 if out := injector.feed(chunk):
                     yield out
             yield injector.finish()
         finally:
-            if not injector.done and undelivered is not None:
-                undelivered()
+            if not injector.done and aundelivered is not None:
+                aundelivered()
 
-    return gen()
+    return agen()
 
 
 def _sent_with_a_byte(
     response: Any, unsent: Callable[[], None], aunsent: Callable[[], None]
 ) -> Iterator[bytes] | AsyncIterator[bytes]:
-    """The streamed body, calling ``unsent()`` (sync body) or ``aunsent()`` (async body, as
-    in ``_injected``) if it fails or is closed before it has given a byte: the session in the
-    headers ("headers" and "both" modes) went nowhere then. A WSGI server sends them with the
-    first non-empty chunk (PEP 3333), and a body that fails before one gets the server's error
-    response in their place. Given, not taken: a server that stops at the Content-Length
-    kept in headers mode did send them."""
+    """``sent_with_a_byte`` of the streamed body, calling ``unsent()`` (sync body) or
+    ``aunsent()`` (async body, as in ``_injected``)."""
     content = response.streaming_content
-    if response.is_async:
+    if not response.is_async:
+        return sent_with_a_byte(content, unsent)
 
-        async def agen() -> AsyncIterator[bytes]:
-            given = False
-            try:
-                async for chunk in content:
-                    given = given or bool(chunk)
-                    yield chunk
-                given = True  # (an empty body: the headers go out as it ends)
-            finally:
-                if not given:
-                    aunsent()
-
-        return agen()
-
-    def gen() -> Iterator[bytes]:
+    async def agen() -> AsyncIterator[bytes]:
         given = False
         try:
-            for chunk in content:
+            async for chunk in content:
                 given = given or bool(chunk)
                 yield chunk
-            given = True
+            given = True  # (as in ``sent_with_a_byte``)
         finally:
             if not given:
-                unsent()
+                aunsent()
 
-    return gen()
+    return agen()
 
 
 def _endpoint_response(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
