@@ -389,10 +389,10 @@ def test_a_page_an_earlier_before_request_hook_returns_is_served_as_it_is(prosod
 def test_a_page_an_app_after_hook_replaces_with_a_download_is_not_read_whole(
     prosody, account
 ) -> None:
-    """The extension's after function sees the view's page, in memory, and marks it to be
-    rewritten whole; an app ``after_request`` hook, which runs later, replaces it with a
-    streamed download. That download goes out as it is made, chunk by chunk, not read into
-    memory first, and the prebind started for the page ends unused."""
+    """The extension's after function sees the view's page, in memory, and writes the session
+    into it; an app ``after_request`` hook, which runs later, replaces it with a streamed
+    download. That download goes out as it is made, chunk by chunk, not read into memory
+    first, and as it was made: no session, no header of ours."""
     app = Flask(__name__)
     app.config.update(
         BOSH_SERVICE_URL=prosody.service_url, BOSH_CREDENTIALS=StaticCredentials({"alice": account})
@@ -434,9 +434,127 @@ def test_a_page_an_app_after_hook_replaces_with_a_download_is_not_read_whole(
             result.close()  # type: ignore[attr-defined]
         assert body == b"0" * 1000 + b"1" * 1000 + b"2" * 1000 and pulled == [0, 1, 2]
         assert started[0][0] == "200 OK"
-        assert dict(started[0][1])["Content-Type"] == "application/octet-stream"
+        sent = dict(started[0][1])
+        assert sent["Content-Type"] == "application/octet-stream"
+        assert "Cache-Control" not in sent and "Content-Length" not in sent
         assert spy.wait_idle()
-        assert len(spy.calls) == 1 and len(spy.terminated) == len(spy.sessions) == 1
+        assert len(spy.calls) == 1
+    finally:
+        close_core(core)
+
+
+@pytest.mark.parametrize("order", ["compress-first", "compress-last"])
+def test_a_page_flask_compress_compresses_carries_a_live_session(
+    prosody, account, order, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flask-Compress compresses in an ``after_request`` hook; the extension writes the session
+    in before any such hook runs, whichever of the two was set up first: the browser gets the
+    page compressed, with the session in it."""
+    from flask_compress import Compress
+
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url,
+        BOSH_CREDENTIALS=StaticCredentials({"alice": account}),
+        COMPRESS_ALGORITHM="gzip",
+    )
+    if order == "compress-first":
+        Compress(app)
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+    if order == "compress-last":
+        Compress(app)
+    app.add_url_rule("/", "home", lambda: page("home", "<p>compressible</p>" * 100))
+    core = app.extensions["bosh_prebind"].core
+    try:
+        with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+            for headers in (NAVIGATION, {}):
+                r = app.test_client().get("/", headers={**headers, "Accept-Encoding": "gzip"})
+                assert r.status_code == 200 and r.headers["Content-Encoding"] == "gzip"
+                html = gzip.decompress(r.data).decode()
+                assert int(r.headers["Content-Length"]) == len(r.data)
+                assert r.headers["Cache-Control"] == "private, no-store"
+                assert "accept-encoding" in r.headers["Vary"].lower()
+                session = page_session(html)
+                assert session["BOSH_JID"].startswith(account[0] + "/")
+                assert_live(prosody.service_url, session)
+        assert not [r for r in caplog.records if "compressed" in r.getMessage()]
+    finally:
+        close_core(core)
+
+
+@pytest.mark.parametrize("propagate", [True, False], ids=["propagated", "500"])
+def test_a_view_that_fails_ends_the_prebind_started_next_to_it(prosody, account, propagate) -> None:
+    """A navigation's prebind starts before the view; the view raises. With
+    PROPAGATE_EXCEPTIONS (debug, testing) Flask runs no after function, and the exception
+    reaches the server; otherwise the 500 page goes out without a session. Either way the
+    session made for the page is ended, not left live at the XMPP server until it times out."""
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url,
+        BOSH_CREDENTIALS=StaticCredentials({"alice": account}),
+        PROPAGATE_EXCEPTIONS=propagate,
+    )
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+
+    def broken() -> str:
+        raise RuntimeError("view failed")
+
+    app.add_url_rule("/", "home", broken)
+    core = app.extensions["bosh_prebind"].core
+    spy = PrebindSpy.on(core, sync=True)
+    try:
+        client = app.test_client()
+        if propagate:
+            with pytest.raises(RuntimeError, match="view failed"):
+                client.get("/", headers=NAVIGATION)
+        else:
+            r = client.get("/", headers=NAVIGATION)
+            assert r.status_code == 500 and b"BOSH_" not in r.data
+            assert "Cache-Control" not in r.headers
+        for _ in range(50):  # (ended once it exists)
+            if spy.terminated:
+                break
+            time.sleep(0.1)
+        assert len(spy.calls) == 1 and spy.terminated == spy.sessions and len(spy.sessions) == 1
+    finally:
+        close_core(core)
+
+
+def test_a_page_sent_from_a_file_is_streamed_with_the_session_and_the_file_closed(
+    prosody, account, tmp_path
+) -> None:
+    """``send_file`` hands werkzeug a file to pass to the server as it is (``direct_passthrough``,
+    ``wsgi.file_wrapper``): the page is read through the injector instead, without its
+    Content-Length, and the file is closed when the response is."""
+    from flask import send_file
+
+    path = tmp_path / "index.html"
+    path.write_text(page("from a file", "<p>x</p>" * 2000), encoding="utf-8")
+    opened: list[Any] = []
+
+    app = Flask(__name__)
+    app.config.update(
+        BOSH_SERVICE_URL=prosody.service_url,
+        BOSH_CREDENTIALS=StaticCredentials({"alice": account}),
+    )
+    BOSHPrebind(app, get_user=lambda: _MadeAnew("alice"))
+
+    def index() -> Response:
+        f = path.open("rb")
+        opened.append(f)
+        return send_file(f, mimetype="text/html")
+
+    app.add_url_rule("/", "home", index)
+    core = app.extensions["bosh_prebind"].core
+    try:
+        r = app.test_client().get("/", headers=NAVIGATION)
+        assert r.status_code == 200 and "Content-Length" not in r.headers
+        assert r.headers["Cache-Control"] == "private, no-store"
+        html = r.get_data(as_text=True)
+        assert html.count("BOSH_SID") == 1 and html.count("<p>x</p>") == 2000
+        assert_live(prosody.service_url, page_session(html))
+        r.close()
+        assert opened and opened[0].closed
     finally:
         close_core(core)
 

@@ -538,7 +538,8 @@ class PrebindCore:
             "an HTML page reached bosh-middleware already compressed (Content-Encoding: %s): "
             "it is served without the XMPP session. Put the compression middleware outside "
             "this one (Starlette: add_middleware(GZipMiddleware) after ours; Django: "
-            "GZipMiddleware above ours in MIDDLEWARE). Said once.",
+            "GZipMiddleware above ours in MIDDLEWARE; Flask: in an after_request hook, as "
+            "Flask-Compress does, not in the view). Said once.",
             (encoding or "")[:40],
         )
 

@@ -9,23 +9,35 @@ otherwise. A CSP nonce is read from ``g.csp_nonce`` or ``request.csp_nonce`` (fl
 ``BOSH_*`` keys are the app's own, ignored (one close to a setting's name is logged as a likely
 typo). ``init_app`` writes each setting's default into ``app.config``, where it can be read.
 
-The generic WSGI middleware wraps ``app.wsgi_app`` and does the response rewrite; Flask's hooks
-only tell it who the user is: ``before_request`` starts the prebind next to the view for a
-browser navigation and, for a request that may be a page, asks for an ``after_this_request``
-function that settles the credentials (the view may have logged the user in or out) and passes
-the nonce on. (So a response returned by an app's ``before_request`` hook that runs before the
-extension's, one registered ahead of it, is served as it is.)
+All of it happens in Flask's request hooks, on Flask's ``Response``, as Flask's own extensions
+that edit responses do: one ``before_request`` hook tells a request that may be a page from the
+rest (static files, ``fetch()`` calls), starts the prebind next to the view for a browser
+navigation, and asks for an ``after_this_request`` function, which settles the credentials
+after the view (it may have logged the user in or out) and writes the session into the page.
+That function runs before the app's own ``after_request`` hooks, so a compressing one
+(Flask-Compress) compresses the page with the session in it, and a hook that sets
+``Cache-Control`` on every page has the last word over the ``no-store`` a prebound page gets.
+A response returned by an app's ``before_request`` hook that runs before the extension's, one
+registered ahead of it, is served as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
-    from flask import Flask, Response, after_this_request, current_app, g, request
+    from flask import (
+        Flask,
+        Response,
+        after_this_request,
+        current_app,
+        g,
+        got_request_exception,
+        request,
+    )
     from werkzeug.utils import import_string
 except ImportError as exc:  # pragma: no cover - exercised in the no-framework env
     raise ImportError(
@@ -33,19 +45,20 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-framework e
     ) from exc
 
 from .config import MiddlewareConfig, did_you_mean
-from .core import NAVIGATION, NOT_A_PAGE, PrebindCore, drop_validators, is_injectable
-from .credentials import is_authenticated
-from .optout import opted_out
-from .wsgi import (
-    ENVIRON_CREDENTIALS,
-    ENVIRON_KIND,
-    ENVIRON_NONCE,
-    ENVIRON_PENDING,
-    ENVIRON_WHOLE_BODY,
-    BOSHPrebindMiddleware,
-    header_getter,
-    may_be_html,
+from .core import (
+    NAVIGATION,
+    NOT_A_PAGE,
+    PrebindCore,
+    SyncPending,
+    charset_of,
+    drop_validators,
+    is_injectable,
 )
+from .credentials import Credentials, is_authenticated
+from .inject import Injector, injected_stream, sent_with_a_byte
+from .optout import opted_out
+from .session import PrebindSession
+from .wsgi import header_getter, may_be_html
 
 __all__ = ["BOSHPrebind", "flask_login_user"]
 
@@ -131,10 +144,11 @@ class BOSHPrebind:
         state = app.extensions[EXTENSION_KEY] = _State(
             core, self.get_user or flask_login_user, nonce_attribute
         )
-        app.wsgi_app = BOSHPrebindMiddleware(  # type: ignore[method-assign]
-            app.wsgi_app, core=core, get_user=None, serve_endpoint=False
-        )
         app.before_request(_before_request_hook(state))
+        # A view that raises with PROPAGATE_EXCEPTIONS (debug, testing) skips the after
+        # functions: the prebind started next to it is ended here. (A signal, sent only then:
+        # no cost to a request that does not fail.)
+        got_request_exception.connect(_view_failed, app, weak=False)
         if core.config.endpoint_path is not None:
             app.add_url_rule(core.config.endpoint_path, EXTENSION_KEY, _endpoint, methods=["GET"])
 
@@ -144,85 +158,159 @@ def _state() -> _State:
     return state
 
 
+#: Where a navigation's started prebind waits for the view (see ``_view_failed``).
+_PENDING_KEY = "bosh_middleware.pending"
+
+
 def _before_request_hook(state: _State) -> Callable[[], None]:
     """The extension's one app-wide hook, with this app's state bound in: no lookup through
     ``current_app`` on every request, and no second call (a closure, not a partial, which
     Flask's ``ensure_sync`` would unwrap on every call)."""
+    core = state.core
+    endpoint_path = core.config.endpoint_path
 
     def before_request() -> None:
         # The request itself, not the ``request`` proxy: each access through one of Flask's
-        # proxies took 30-50 bytecodes, and every request passes this hook. Its kind is what
-        # the WSGI middleware in front of the app found (none: it let the request by
-        # unasked, as it does an excluded path, another method or the endpoint): the hook
-        # cannot disagree with the middleware that will rewrite the page or not, and works
-        # nothing out again.
+        # proxies took 30-50 bytecodes, and every request passes this hook. Path and method
+        # first, then the request headers, straight from the environ (``request.headers``
+        # would read them through werkzeug's ``EnvironHeaders``).
         req = request._get_current_object()  # type: ignore[attr-defined]
         environ = req.environ
-        kind = environ.get(ENVIRON_KIND, NOT_A_PAGE)
+        path = environ.get("PATH_INFO", "")
+        if not core.wants_path(environ.get("REQUEST_METHOD", ""), path) or path == endpoint_path:
+            return
+        kind = core.kind_of(environ)
         if kind == NOT_A_PAGE:
             return
         before: Any = _UNSET  # the user the prebind next to the view was started for
+        credentials: Credentials | None = None
+        pending: SyncPending | None = None
 
         def after_request(response: Response) -> Response:
-            return _after_request(state, req, before, response)
+            return _after_request(state, req, before, credentials, pending, response)
 
         # Asked for here, by a request that may be a page, rather than as an app-wide hook:
         # static files and ``fetch()`` calls, most of what an app serves, pay for one hook,
-        # not two. It runs before the app's own after_request hooks, so it sees the response
-        # as the view made it (as it did whenever the extension was set up after them).
+        # not two. It runs before the app's own after_request hooks (see the module's doc).
         after_this_request(after_request)
         if kind != NAVIGATION:
             return
         before = state.get_user()
-        credentials = state.core.credentials_sync(before)
+        credentials = core.credentials_sync(before)
         if credentials is not None:
-            environ[ENVIRON_CREDENTIALS] = credentials
-            pending = state.core.start_sync(credentials)
+            pending = core.start_sync(credentials)
             if pending is not None:
-                environ[ENVIRON_PENDING] = pending
+                environ[_PENDING_KEY] = pending
                 drop_validators(environ)  # (answered in full: see there)
 
     return before_request
 
 
-def _after_request(state: _State, req: Any, before: Any, response: Response) -> Response:
+def _view_failed(sender: Flask, exception: BaseException, **extra: Any) -> None:
+    pending = request.environ.pop(_PENDING_KEY, None)
+    if pending is not None:
+        pending.discard()
+
+
+def _after_request(
+    state: _State,
+    req: Any,
+    before: Any,
+    credentials: Credentials | None,
+    pending: SyncPending | None,
+    response: Response,
+) -> Response:
     environ = req.environ
     headers = response.headers
+    core = state.core
     if opted_out(environ) or (before is _UNSET and not may_be_html(headers)):
-        # (the WSGI middleware discards a started prebind) A request that did not say what
-        # it wants got no page (a JSON answer to a script, say): no user to ask for (Flask-
-        # Login's reads the session, or a remember cookie and the database). A navigation's
-        # answer is a page, almost always: for it the user comes first.
+        # A request that did not say what it wants got no page (a JSON answer to a script,
+        # say): no user to ask for (Flask-Login's reads the session, or a remember cookie and
+        # the database). A navigation's answer is a page, almost always: for it the user
+        # comes first.
+        if pending is not None:
+            pending.discard()
         return response
     user = state.get_user()
-    if ENVIRON_CREDENTIALS not in environ and not is_authenticated(user):
+    if credentials is None and not is_authenticated(user):
         # An anonymous visitor's page, the most common request of most sites: no session was
         # started and none will be, so its response is not looked at further
         return response
     get = header_getter(headers)
     if not is_injectable(req.method, response.status_code, get):
-        # Said here: the WSGI middleware does not look at a response it gets no credentials for
-        state.core.check_compressed(response.status_code, get)
+        core.check_compressed(response.status_code, get)
+        if pending is not None:
+            pending.discard()
         return response
     if user != before:  # not a navigation, or logged in/out by the view
         # ... or a user object made anew for each call (no ``__eq__``): the same account, and
         # the prebind started before the view is theirs (ended and made again, it cost a
         # second login and the overlap with the view)
-        credentials = state.core.credentials_sync(user)
-        if credentials is None or credentials != environ.get(ENVIRON_CREDENTIALS):
-            pending = environ.pop(ENVIRON_PENDING, None)
+        now = core.credentials_sync(user)
+        if now is None or now != credentials:
             if pending is not None:
                 pending.discard()
-            environ.pop(ENVIRON_CREDENTIALS, None)
-            if credentials is not None:
-                environ[ENVIRON_CREDENTIALS] = credentials
-    if ENVIRON_CREDENTIALS in environ:
-        # Werkzeug hands even an in-memory body over as a ``ClosingIterator``: as a list
-        environ[ENVIRON_WHOLE_BODY] = response.is_sequence and state.core.rewrites_body
-        nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
-        if nonce:
-            environ[ENVIRON_NONCE] = str(nonce)
+            credentials, pending = now, None
+    if credentials is None:
+        return response
+    if pending is None:
+        pending = core.start_sync(credentials)
+    session = pending.session() if pending is not None else None
+    if session is None:  # fail open: the page as the view made it
+        return response
+    _rewrite(state, req, response, session, get)
     return response
+
+
+def _rewrite(
+    state: _State,
+    req: Any,
+    response: Response,
+    session: PrebindSession,
+    get: Callable[[str], str | None],
+) -> None:
+    """The session into ``response``, in place (as Django's adapter does to its responses):
+    an in-memory body whole, with its exact Content-Length; a streamed one chunk by chunk."""
+    core = state.core
+    streamed = not response.is_sequence
+    length = None
+    keep = core.sends_headers  # the headers carry the session whether or not the body can
+
+    def unsent() -> None:
+        core.terminate_sync(session)
+
+    chunks: Iterable[bytes] = ()
+    if streamed:
+        original = response.response
+        close = getattr(original, "close", None)
+        if close is not None:  # (werkzeug closes the iterable it holds: ours, from now on)
+            response.call_on_close(close)
+        # A file handed over as it is (``send_file``) is read through ours instead; a body of
+        # str (a generator of template parts) is encoded as werkzeug would have
+        response.direct_passthrough = False
+        chunks = response.iter_encoded()
+    if core.rewrites_body:
+        nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
+        injector = Injector(
+            core.snippet(session, str(nonce) if nonce else None),
+            charset=charset_of(get("content-type")),
+        )
+        if streamed:
+            chunks = injected_stream(chunks, injector, None if keep else unsent)
+        else:
+            body = injector.feed(response.get_data()) + injector.finish()
+            response.set_data(body)
+            length = len(body)
+            if not injector.done and not keep:  # (a charset that cannot carry it)
+                unsent()
+    if streamed:
+        response.response = sent_with_a_byte(chunks, unsent) if keep else chunks
+    sets, removes = core.header_edits(get, session, body_length=length, streaming=streamed)
+    headers = response.headers
+    for name in removes:
+        headers.remove(name)
+    for name, value in sets:
+        headers[name] = value
 
 
 def _endpoint() -> Response:

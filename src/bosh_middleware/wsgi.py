@@ -2,8 +2,7 @@
 
 The prebind runs in a worker thread next to the view (WSGI has no event loop to overlap on).
 Responses that will not carry a session go straight through: same ``start_response`` call, same
-iterable, no buffering. Framework adapters whose user is only known inside the app (Flask) can
-leave the credentials or a started prebind in the environ instead of passing ``get_user``.
+iterable, no buffering.
 """
 
 from __future__ import annotations
@@ -33,11 +32,7 @@ from .optout import opted_out
 from .session import PrebindSession
 
 __all__ = [
-    "ENVIRON_CREDENTIALS",
-    "ENVIRON_KIND",
     "ENVIRON_NONCE",
-    "ENVIRON_PENDING",
-    "ENVIRON_WHOLE_BODY",
     "BOSHPrebindMiddleware",
     "environ_nonce",
     "environ_user",
@@ -49,18 +44,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tupl
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-ENVIRON_CREDENTIALS = "bosh_middleware.credentials"
-ENVIRON_PENDING = "bosh_middleware.pending"
-#: The request's kind as the middleware found it (``core.environ_kind``, ``navigation_only``
-#: applied), when an adapter reads the user inside the app (``get_user=None``: Flask's hooks).
-#: Absent: the middleware let the request by unasked (a method, path or the endpoint that is
-#: never a page), so the hooks need not work anything out again.
-ENVIRON_KIND = "bosh_middleware.kind"
-#: Set true by an adapter whose app keeps the page's body in memory but hands it over as a
-#: one-use iterable (Werkzeug's ``ClosingIterator``): joined, it is rewritten whole and keeps
-#: an exact Content-Length instead of being streamed without one. Read only for a response
-#: whose start says it is such a page, which the one the adapter saw may no longer be.
-ENVIRON_WHOLE_BODY = "bosh_middleware.whole_body"
 #: Where the app can leave a CSP nonce for the injected ``<script>``.
 ENVIRON_NONCE = "csp_nonce"
 
@@ -73,16 +56,6 @@ def environ_user(environ: dict[str, Any]) -> Any:
 def environ_nonce(environ: dict[str, Any]) -> str | None:
     nonce = environ.get(ENVIRON_NONCE)
     return str(nonce) if nonce else None
-
-
-def _joined(result: Iterable[bytes]) -> list[bytes]:
-    """``result`` read whole (see ``ENVIRON_WHOLE_BODY``), and closed as the server would."""
-    try:
-        return [b"".join(result)]
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
 
 
 def may_be_html(headers: Iterable[tuple[str, str]]) -> bool:
@@ -204,9 +177,8 @@ class _Exchange:
         self.result_closed = False  # the app's iterable, read whole, was closed here
 
     def discard(self) -> None:
-        pending = self.pending or self.environ.get(ENVIRON_PENDING)
-        if pending is not None:
-            pending.discard()
+        if self.pending is not None:
+            self.pending.discard()
 
     def cleanup(self) -> None:
         """The response is over, completed or not: end a prebind that never reached the client
@@ -246,14 +218,7 @@ class _Exchange:
         if (
             exc_info is None
             and self.mode == "undecided"
-            and (
-                # An adapter inside the app (Flask's: no user here, and so no credentials
-                # either) reads the user and the response there; it left no credentials (an
-                # anonymous user, or no page, which it reported): no session to give, and
-                # nothing here to look at. First: most pages are an anonymous visitor's.
-                (self.user is None and ENVIRON_CREDENTIALS not in self.environ)
-                or not may_be_html(headers)  # no page: nothing to rewrite, and no session for it
-            )
+            and not may_be_html(headers)  # no page: nothing to rewrite, and no session for it
         ):
             self.mode = "pass"
             self.discard()
@@ -265,12 +230,8 @@ class _Exchange:
         # (a page whose view called ``no_prebind`` is taken for no page at all)
         page = not opted_out(self.environ)
         injectable = page and is_injectable(self.environ.get("REQUEST_METHOD", ""), code, get)
-        if self.credentials is None and self.user is not None:
-            if exc_info is None and injectable:
-                self.credentials = self.core.credentials_sync(self.user)
-        elif self.credentials is None:  # adapter mode: the app may have found the user
-            self.credentials = self.environ.get(ENVIRON_CREDENTIALS)
-            self.pending = self.pending or self.environ.get(ENVIRON_PENDING)
+        if self.credentials is None and exc_info is None and injectable:
+            self.credentials = self.core.credentials_sync(self.user)
         if exc_info is not None or self.credentials is None or not injectable:
             if exc_info is None and page:
                 self.core.check_compressed(code, get)
@@ -387,9 +348,7 @@ class _Exchange:
 class BOSHPrebindMiddleware:
     """Prebind an XMPP session for authenticated users' HTML pages (WSGI).
 
-    ``get_user(environ)`` finds the user (default: ``REMOTE_USER``); pass ``get_user=None`` when
-    an inner framework adapter leaves ``bosh_middleware.credentials`` / ``.pending`` in the
-    environ instead.
+    ``get_user(environ)`` finds the user (default: ``REMOTE_USER``).
     """
 
     def __init__(
@@ -398,11 +357,10 @@ class BOSHPrebindMiddleware:
         service_url: str | None = None,
         credentials: Callable[[Any], Any] | None = None,
         *,
-        get_user: Callable[[dict[str, Any]], Any] | None = environ_user,
+        get_user: Callable[[dict[str, Any]], Any] = environ_user,
         get_nonce: Callable[[dict[str, Any]], str | None] = environ_nonce,
         config: MiddlewareConfig | None = None,
         core: PrebindCore | None = None,
-        serve_endpoint: bool = True,
         **settings: Any,
     ) -> None:
         self.app = app
@@ -417,7 +375,6 @@ class BOSHPrebindMiddleware:
         self.config = core.config
         self.get_user = get_user
         self.get_nonce = get_nonce
-        self.serve_endpoint = serve_endpoint
         self._endpoint_path = self.config.endpoint_path  # (None when there is no endpoint)
         self._exclude, self._exclude_final = exclusions(self.config.exclude_paths)
         self._navigation_only = self.config.navigation_only
@@ -431,9 +388,7 @@ class BOSHPrebindMiddleware:
         # ``start_response``: nothing to inspect, and no orphan session for HTML a script fetched.
         path = environ.get("PATH_INFO", "")
         if path == self._endpoint_path:  # (None when there is no endpoint)
-            if self.serve_endpoint and self.get_user is not None:
-                return self._endpoint(environ, start_response)
-            return self.app(environ, start_response)  # the app's own route (Flask's): no page
+            return self._endpoint(environ, start_response)
         # core.wants_path, inlined (every request runs this)
         exclude = self._exclude
         if environ.get("REQUEST_METHOD", "GET") != "GET" or (
@@ -442,26 +397,19 @@ class BOSHPrebindMiddleware:
             and (self._exclude_final or excluded(path, exclude))
         ):
             return self.app(environ, start_response)
-        get_user, user = self.get_user, None
-        if get_user is not None:
-            user = (
-                environ.get("REMOTE_USER") or None
-                if get_user is environ_user
-                else get_user(environ)
-            )
-            # (REMOTE_USER, a non-empty str, is a user: no call needed for it)
-            if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
-                return self.app(environ, start_response)
+        get_user = self.get_user
+        user = environ.get("REMOTE_USER") or None if get_user is environ_user else get_user(environ)
+        # (REMOTE_USER, a non-empty str, is a user: no call needed for it)
+        if user is None or (not (type(user) is str and user) and not is_authenticated(user)):
+            return self.app(environ, start_response)
         kind = environ_kind(environ)
         if kind != NAVIGATION and self._navigation_only:
             kind = NOT_A_PAGE
-        if get_user is None:  # the user is read inside the app, whose hooks ask this
-            environ[ENVIRON_KIND] = kind
         if kind == NOT_A_PAGE:
             return self.app(environ, start_response)
         credentials = pending = None
         core = self.core
-        if get_user is not None and kind == NAVIGATION:  # start next to the view
+        if kind == NAVIGATION:  # start next to the view
             credentials = core.credentials_sync(user)
             if credentials is None:
                 return self.app(environ, start_response)
@@ -471,10 +419,6 @@ class BOSHPrebindMiddleware:
         exchange = _Exchange(self, environ, start_response, credentials, pending, user)
         try:
             result = self.app(environ, exchange.start_response)
-            # Only a start held for the rewrite: an app's after hook that ran later than the
-            # adapter's may have put a download in the place of the page it marked
-            if get_user is None and exchange.mode == "held" and environ.get(ENVIRON_WHOLE_BODY):
-                result = _joined(result)
         except BaseException:
             exchange.discard()
             raise
@@ -494,7 +438,6 @@ class BOSHPrebindMiddleware:
             raise
 
     def _endpoint(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        assert self.get_user is not None
         if environ.get("REQUEST_METHOD") != "GET":
             start_response("405 Method Not Allowed", [("Allow", "GET"), ("Content-Length", "0")])
             return [b""]
