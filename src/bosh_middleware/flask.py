@@ -207,6 +207,9 @@ def _before_request_hook(state: _State) -> Callable[[], None]:
 
 
 def _view_failed(sender: Flask, exception: BaseException, **extra: Any) -> None:
+    """A prebind started next to a view that raised will not reach a page: with
+    PROPAGATE_EXCEPTIONS no after function runs to end it, and it would stay live at the
+    XMPP server until that times it out."""
     pending = request.environ.pop(_PENDING_KEY, None)
     if pending is not None:
         pending.discard()
