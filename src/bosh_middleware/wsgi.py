@@ -157,7 +157,7 @@ class _Exchange:
         start_response: StartResponse,
         credentials: Credentials | None,
         pending: SyncPending | None,
-        user: Any = None,
+        user: Any,
     ) -> None:
         self.mw = mw
         self.core = mw.core
