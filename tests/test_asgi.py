@@ -1285,6 +1285,16 @@ async def test_digests_of_a_rewritten_body_are_removed(make_mw: Any, mode: str) 
 
 
 @pytest.mark.parametrize("mode", ["script", "headers"])
+async def test_a_rewritten_page_offers_no_byte_ranges(make_mw: Any, mode: str) -> None:
+    """A file response (Starlette's ``FileResponse``) says ``Accept-Ranges: bytes``: ranges of
+    the file, not of the page with the session in it. A resumed download would splice them."""
+    mw, spy = make_mw(html_app(PAGE, headers=[("accept-ranges", "bytes")]), mode=mode)
+    rec = await run(mw)
+    assert spy.sessions
+    assert rec.headers("accept-ranges") == (["bytes"] if mode == "headers" else ["none"])
+
+
+@pytest.mark.parametrize("mode", ["script", "headers"])
 async def test_a_prebound_page_carries_no_validator(make_mw: Any, mode: str) -> None:
     """Each prebound page is new: a copy cached without a session, revalidated with these,
     would match it in a conditional GET outside the middleware (a 304: the session lost)."""

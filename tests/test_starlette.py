@@ -359,6 +359,8 @@ async def test_file_response(clients, prosody) -> None:
     assert int(r.headers["content-length"]) == len(r.content) > len(bare.content)
     assert "etag" in bare.headers and "etag" not in r.headers
     assert "last-modified" in bare.headers and "last-modified" not in r.headers
+    # ranges of the file are none of the page's (a resumed download would splice the two)
+    assert bare.headers["accept-ranges"] == "bytes" and r.headers["accept-ranges"] == "none"
     ranged = await client.get("/file.html", headers={**NAVIGATION, "Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.content == bare.content[:10]
 

@@ -605,6 +605,16 @@ def test_a_prebound_page_carries_no_validator(make_mw: Any, mode: str) -> None:
     assert r.header_list("etag") == [] and r.header_list("last-modified") == []
 
 
+@pytest.mark.parametrize("mode", ["script", "headers"])
+def test_a_rewritten_page_offers_no_byte_ranges(make_mw: Any, mode: str) -> None:
+    """A page served from a file offers ranges of the file (werkzeug's ``send_file``, whitenoise):
+    not of the page with the session in it. A resumed download would splice them."""
+    mw, spy = make_mw(html_app(extra=[("Accept-Ranges", "bytes")]), mode=mode)
+    r = get(mw)
+    assert spy.sessions
+    assert r.header_list("accept-ranges") == (["bytes"] if mode == "headers" else ["none"])
+
+
 def conditional_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """A page that answers its own conditional GETs, as ``@condition`` or Django's
     ConditionalGetMiddleware listed below ours do."""

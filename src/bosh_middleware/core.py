@@ -838,6 +838,11 @@ class PrebindCore:
             # digests of the body as the app made it (RFC 9530, and the obsolete forms) would
             # fail the check of any client or proxy that verifies them
             removes += _BODY_DIGESTS
+            # Byte ranges of the file the app serves are not ranges of this page, whose bytes
+            # are its own: a client that resumed a cut download with ``Range`` (no validator
+            # left for ``If-Range`` to catch it) would splice the app's bytes onto ours.
+            if get("accept-ranges") is not None:
+                sets.append(("Accept-Ranges", "none"))
             if streaming:
                 removes.append("Content-Length")
             elif body_length is not None and get("content-length") is not None:
