@@ -23,7 +23,12 @@ from bosh_middleware import (
     StaticCredentials,
     derive_password,
 )
-from bosh_middleware.credentials import escape_localpart, page_safe_jid, unescape_localpart
+from bosh_middleware.credentials import (
+    escape_localpart,
+    is_authenticated,
+    page_safe_jid,
+    unescape_localpart,
+)
 
 SECRET = "s3cret-for-tests"
 DOMAIN = "example.org"
@@ -347,3 +352,38 @@ def test_the_readme_says_how_to_compute_the_shared_secret_password() -> None:
         exec(recipe, namespace)
         assert namespace["password"] == derive_password(secret, jid)
         assert len(namespace["password"]) == 43 and "=" not in namespace["password"]
+
+
+class _Flagged:
+    def __init__(self, flag: Any) -> None:
+        self.is_authenticated = flag
+
+
+class _OldStyle:
+    """Django < 1.10 and some custom classes: ``is_authenticated()`` is a method."""
+
+    def __init__(self, answer: Any) -> None:
+        self._answer = answer
+
+    def is_authenticated(self) -> Any:
+        return self._answer
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        (None, False),
+        ("", False),  # REMOTE_USER unset or empty
+        ("bob", True),  # REMOTE_USER
+        (_Flagged(True), True),
+        (_Flagged(False), False),
+        (_Flagged(1), True),  # a truthy flag that is no bool
+        (_Flagged(0), False),
+        (_OldStyle(True), True),
+        (_OldStyle(False), False),
+        (_OldStyle(None), False),
+    ],
+)
+def test_is_authenticated(user: Any, expected: bool) -> None:
+    answer = is_authenticated(user)
+    assert answer is expected

@@ -145,10 +145,10 @@ def is_authenticated(user: Any) -> bool:
     """Whether the app calls ``user`` logged in, as every adapter decides it (and, here, the
     default username lookup): its ``is_authenticated`` (an attribute or, older Django and
     custom classes, a method) if it has one, else its truth (a ``REMOTE_USER`` string)."""
-    if user is None:
-        return False
     flag = getattr(user, "is_authenticated", None)
-    if flag is None:
+    if flag is True or flag is False:  # (Django's, Starlette's and Flask-Login's users: no call)
+        return flag
+    if flag is None:  # (None itself too)
         return bool(user)
     return bool(flag() if callable(flag) else flag)
 
