@@ -550,8 +550,8 @@ def test_a_page_sent_from_a_file_is_streamed_with_the_session_and_the_file_close
         r = app.test_client().get("/", headers=NAVIGATION)
         assert r.status_code == 200 and "Content-Length" not in r.headers
         assert r.headers["Cache-Control"] == "private, no-store"
-        # (send_file offers byte ranges of the file: none of the page)
-        assert r.headers.getlist("Accept-Ranges") == ["none"]
+        # (werkzeug 3's send_file offers byte ranges of the file, 2.3's none: never of the page)
+        assert r.headers.getlist("Accept-Ranges") in ([], ["none"])
         html = r.get_data(as_text=True)
         assert html.count("BOSH_SID") == 1 and html.count("<p>x</p>") == 2000
         assert_live(prosody.service_url, page_session(html))
