@@ -879,7 +879,135 @@ def test_write_callable_page_is_injected(make_mw: Any) -> None:
     r = get(mw)
     expected = inject(b"<html><head></head><body></body></html>", mw.core.snippet(spy.sessions[0]))
     assert r.body == expected
-    assert r.header("content-length") == str(len(expected))
+    # streamed as written: the app's length is dropped, none can be known before the end
+    assert r.header("content-length") is None
+    assert r.header("cache-control") == "private, no-store"
+
+
+def written_page_server(
+    mw: Any, app_log: list[str], environ: dict[str, Any]
+) -> tuple[list[bytes], list[tuple[str, str]]]:
+    """A server whose ``write()`` sends at once: each block is logged next to the app's own
+    steps, so that the order shows whether a write reached the client before the app went on."""
+    sent: list[bytes] = []
+    headers: list[tuple[str, str]] = []
+
+    def start_response(status: str, hdrs: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        headers[:] = hdrs
+
+        def write(data: bytes) -> None:
+            app_log.append(f"sent {len(data)}")
+            sent.append(data)
+
+        return write
+
+    result = mw(environ, start_response)
+    try:
+        for chunk in result:
+            if chunk:
+                app_log.append(f"sent {len(chunk)}")
+                sent.append(chunk)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return sent, headers
+
+
+@pytest.mark.parametrize("mode", ["script", "headers"])
+def test_write_callable_page_goes_out_as_written(
+    make_mw: Any, prosody: XMPPServer, mode: str
+) -> None:
+    """An app that writes its page (PEP 3333's ``write()``) has each block sent on before it
+    writes the next, as a returned iterable's would be, not held whole until it returns: a
+    large page was held in memory several times over, and nothing of it reached the client
+    meanwhile."""
+    steps: list[str] = []
+    block = b"<p>" + b"x" * 60_000 + b"</p>"
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [*HTML, ("Content-Length", "999999")])
+        write(b"<html><head></head><body>")
+        for i in range(3):
+            steps.append(f"write {i}")
+            write(block)
+        steps.append("return")
+        return [b"</body></html>"]
+
+    mw, spy = make_mw(app, mode=mode)
+    sent, headers = written_page_server(mw, steps, wsgi_environ("/", user="alice", headers=NAV))
+    session = spy.sessions[0]
+    page = b"<html><head></head><body>" + block * 3 + b"</body></html>"
+    if mode == "script":
+        assert b"".join(sent) == inject(page, mw.core.snippet(session))
+    else:
+        assert b"".join(sent) == page
+        assert dict(headers)["X-BOSH-SID"] == session.sid
+    assert steps[1:] == [  # the head (with the snippet), then each block before the next
+        "write 0",
+        f"sent {len(block)}",
+        "write 1",
+        f"sent {len(block)}",
+        "write 2",
+        f"sent {len(block)}",
+        "return",
+        "sent 14",
+    ]
+    assert steps[0].startswith("sent ")
+    names = {k.lower() for k, _ in headers}
+    assert "content-length" not in names if mode == "script" else "content-length" in names
+    assert dict(headers)["Cache-Control"] == "private, no-store"
+    assert spy.terminated == [] and is_live(prosody.service_url, session)
+
+
+def test_write_callable_page_fails_open_as_written(make_mw: Any) -> None:
+    """No XMPP server: the written page goes out as the app writes it, without a session."""
+    steps: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [*HTML, ("Content-Length", "37")])
+        write(b"<html><head></head><body>")
+        steps.append("return")
+        return [b"</body></html>"]
+
+    mw, spy = make_mw(app, service_url="http://127.0.0.1:9/http-bind")  # refused
+    sent, headers = written_page_server(mw, steps, wsgi_environ("/", user="alice", headers=NAV))
+    assert b"".join(sent) == b"<html><head></head><body></body></html>"
+    assert steps == ["sent 25", "return", "sent 14"]
+    assert dict(headers)["Content-Length"] == "37"
+    assert spy.sessions == []
+
+
+def test_write_callable_app_that_fails_ends_its_session(make_mw: Any) -> None:
+    """An app that fails after writing the start of its page, before the snippet went out
+    (no ``</head>`` yet): the session claimed at the first write is ended, not left live."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", HTML)
+        write(b"<html><head><title>x</title>")
+        raise RuntimeError("the view failed")
+
+    mw, spy = make_mw(app)
+    with pytest.raises(RuntimeError, match="the view failed"):
+        written_page_server(mw, [], wsgi_environ("/", user="alice", headers=NAV))
+    assert spy.wait_terminated(1, timeout=5.0)
+    assert spy.terminated == spy.sessions and len(spy.sessions) == 1
+
+
+def test_lazy_app_that_writes_its_page(make_mw: Any) -> None:
+    """``start_response`` and ``write()`` only once iterated (both allowed by PEP 3333): the
+    rest of the body goes through the same Injector."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        write = start_response("200 OK", HTML)
+        write(b"<html><head>")
+        yield b"</head><body>"
+        yield b"</body></html>"
+
+    mw, spy = make_mw(app)
+    r = get(mw)
+    expected = inject(b"<html><head></head><body></body></html>", mw.core.snippet(spy.sessions[0]))
+    assert r.body == expected
 
 
 def test_write_callable_passthrough(make_mw: Any) -> None:

@@ -147,7 +147,7 @@ class _Exchange:
         "result_closed",
         "session",
         "user",
-        "written",
+        "write_to",
     )
 
     def __init__(
@@ -170,7 +170,8 @@ class _Exchange:
         # the server, which sends it with the first non-empty chunk)
         self.mode = "undecided"
         self.held: tuple[str, list[tuple[str, str]], Any] | None = None
-        self.written: list[bytes] = []
+        #: The server's ``write()``, once an app that writes its page has started it (``write``)
+        self.write_to: Callable[[bytes], object] | None = None
         self.session: PrebindSession | None = None  # claimed for the page, until ended
         self.delivered = False  # the server took the session (its headers, or the snippet)
         self.injector: Injector | None = None  # streaming a page; None once replaced
@@ -242,73 +243,103 @@ class _Exchange:
             return self._start_response(status, headers, exc_info)
         self.mode = "held"
         self.held = (status, headers, exc_info)
-        return self.written.append
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333's ``write()``, for an app that writes its page rather than returning it.
+        Its first call settles the held start (the session, then the start given to the
+        server) and every call goes on to the server's ``write()`` at once, through the
+        Injector: the page is streamed as the app writes it, as a returned iterable's would
+        be, not held whole until the app returns (a large page would be held in memory
+        several times over, and the client would see nothing of it meanwhile)."""
+        write = self.write_to
+        if write is None:  # the first write: the start is held
+            write = self.write_to = self._start_stream()
+        injector = self.injector
+        out = data if injector is None else injector.feed(data)
+        if out:  # (a write of b"" is no block to pass on: the Injector may hold it all)
+            write(out)
+        # Returned: the server took it (the snippet, or headers that carry the session)
+        self.delivered = self.delivered or (
+            (self.core.sends_headers and bool(out)) or (injector is not None and injector.done)
+        )
 
     def _session(self) -> PrebindSession | None:
         if self.pending is None and self.credentials is not None:
             self.pending = self.core.start_sync(self.credentials)
         return self.pending.session() if self.pending is not None else None
 
-    def rewrite(self, result: Iterable[bytes]) -> Iterable[bytes]:
+    def _start_stream(self) -> Callable[[bytes], object]:
+        """The held start given to the server for a body that goes out as it comes (its
+        length unknown): with the session's headers, and an Injector for the body to pass
+        through, or as it was (fail open). The server's ``write()``."""
         assert self.held is not None
         status, headers, exc_info = self.held
         session = self._session()
         if session is None:  # fail open: the page as it was
             self.mode = "pass"
+            return self._start_response(status, headers, exc_info)
+        self.session, self.mode = session, "sent"
+        get = header_getter(headers)
+        if self.core.rewrites_body:
+            self.injector = self._injector(session, get)
+        sets, removes = self.core.header_edits(
+            get, session, body_length=None, streaming=self.core.rewrites_body
+        )
+        return self._start_response(status, _edited(headers, sets, removes), exc_info)
+
+    def _injector(self, session: PrebindSession, get: Callable[[str], str | None]) -> Injector:
+        return Injector(
+            self.core.snippet(session, self.mw.get_nonce(self.environ)),
+            charset=charset_of(get("content-type")),
+        )
+
+    def rewrite(self, result: Iterable[bytes]) -> Iterable[bytes]:
+        assert self.held is not None
+        if not isinstance(result, (list, tuple)):
+            # Streamed: (headers mode) the server sends the headers with the first non-empty
+            # chunk (PEP 3333), and an app that fails before it gets the server's error
+            # response in their place; so they count as sent once it is given one (``_stream``)
+            self._start_stream()
+            if self.mode == "pass":
+                return result
+            return _ExchangeBody(self._stream(result), result, self)
+        status, headers, exc_info = self.held
+        session = self._session()
+        if session is None:  # fail open: the page as it was
+            self.mode = "pass"
             self._start_response(status, headers, exc_info)
-            return (
-                _ClosingIterator(itertools.chain(self.written, result), result)
-                if self.written
-                else result
-            )
+            return result
         self.session, self.mode = session, "sent"
         get = header_getter(headers)
         if not self.core.rewrites_body:
             sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
             self._start_response(status, _edited(headers, sets, removes), exc_info)
-            if not isinstance(result, (list, tuple)):
-                # Streamed: the server sends the headers with the first non-empty chunk (PEP
-                # 3333), and an app that fails before it gets the server's error response in
-                # their place; so they count as sent once it is given one (``_stream``).
-                return _ExchangeBody(self._stream(result), result, self)
             self.delivered = True  # in the headers, which go out with the body it has whole
-            return (
-                _ClosingIterator(itertools.chain(self.written, result), result)
-                if self.written
-                else result
-            )
-        injector = Injector(
-            self.core.snippet(session, self.mw.get_nonce(self.environ)),
-            charset=charset_of(get("content-type")),
-        )
-        if isinstance(result, (list, tuple)):  # a whole body: inject and set Content-Length
-            try:
-                body = injector.feed(b"".join([*self.written, *result])) + injector.finish()
-            finally:
-                self.result_closed = True
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            sets, removes = self.core.header_edits(
-                get, session, body_length=len(body), streaming=False
-            )
-            self._start_response(status, _edited(headers, sets, removes), exc_info)
-            # (not done: a charset that cannot carry the snippet, the page went out without it;
-            # in "both" mode the headers carry the session all the same)
-            self.delivered = injector.done or self.core.sends_headers
-            self._drop_session()
-            return [body]
-        sets, removes = self.core.header_edits(get, session, body_length=None, streaming=True)
+            return result
+        injector = self._injector(session, get)
+        # a whole body: inject and set Content-Length
+        try:
+            body = injector.feed(b"".join(result)) + injector.finish()
+        finally:
+            self.result_closed = True
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        sets, removes = self.core.header_edits(get, session, body_length=len(body), streaming=False)
         self._start_response(status, _edited(headers, sets, removes), exc_info)
-        self.injector = injector  # ("both": its headers count as sent as in ``_stream``)
-        return _ExchangeBody(self._stream(result), result, self)
+        # (not done: a charset that cannot carry the snippet, the page went out without it;
+        # in "both" mode the headers carry the session all the same)
+        self.delivered = injector.done or self.core.sends_headers
+        self._drop_session()
+        return [body]
 
     def _stream(self, result: Iterable[bytes]) -> Iterator[bytes]:
         try:
             # (The session in the headers, "headers" and "both" modes: a server sends them with
             # the first non-empty chunk it is given, or at the end of a body that has none.)
             headers = self.core.sends_headers
-            for chunk in itertools.chain(self.written, result):
+            for chunk in result:
                 injector = self.injector
                 if injector is None:  # headers mode, or replaced by an error response: as given
                     self.delivered = self.delivered or (headers and bool(chunk))
@@ -340,9 +371,14 @@ class _Exchange:
             if self.mode == "held":
                 yield from self.rewrite(itertools.chain([chunk], it))
                 return
+            if self.mode == "sent":  # it began its page with ``write()``: the rest follows
+                yield from self._stream(itertools.chain([chunk], it))
+                return
             yield chunk
         if self.mode == "held":  # empty body
             yield from self.rewrite([])
+        elif self.mode == "sent":
+            yield from self._stream(())
 
 
 class BOSHPrebindMiddleware:
@@ -420,12 +456,14 @@ class BOSHPrebindMiddleware:
         try:
             result = self.app(environ, exchange.start_response)
         except BaseException:
-            exchange.discard()
+            exchange.cleanup()  # (a session its ``write()`` calls claimed, too)
             raise
         if exchange.mode == "pass":
             return result
         if exchange.mode == "undecided":
             return _ExchangeBody(exchange.lazy(result), result, exchange)
+        if exchange.mode == "sent":  # it wrote its page's start with ``write()``: the rest
+            return _ExchangeBody(exchange._stream(result), result, exchange)
         try:
             return exchange.rewrite(result)
         except BaseException:
