@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import lxml.etree
 import pytest
 from flask import Flask, Response, request
 from flask.testing import FlaskClient
@@ -69,6 +70,12 @@ def app(make_app: Any) -> Flask:
     return make_app()
 
 
+XHTML = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml">'
+    b'<head><title>x</title><script src="/static/a.js"/></head><body><p>x</p></body></html>'
+)
+
+
 def logged_in(app: Flask, user: str = "alice") -> FlaskClient:
     client = app.test_client()
     r = client.post("/login", data={"username": user, "password": WEB_PASSWORD})
@@ -100,6 +107,21 @@ def test_logged_in_page_gets_a_live_session(app, prosody, account, headers) -> N
     assert session["nonce"] is None
     assert int(r.headers["Content-Length"]) == len(r.data)
     assert "İstanbul" in r.get_data(as_text=True)
+
+
+def test_xhtml_page_with_a_script_that_closes_itself(make_app, prosody) -> None:
+    """Read by browsers as XML: ``<script src=.../>`` is a whole element, and the session goes
+    before the ``</head>`` after it (HTML's rules found the page ending inside its text)."""
+    app = make_app()
+
+    @app.route("/xhtml")
+    def xhtml() -> Response:
+        return Response(XHTML, content_type="application/xhtml+xml; charset=utf-8")
+
+    r = logged_in(app).get("/xhtml", headers=NAVIGATION)
+    head = lxml.etree.fromstring(r.data).find("{http://www.w3.org/1999/xhtml}head")
+    assert head is not None and "BOSH_SID" in (head[-1].text or "")
+    assert_prebound(r, prosody.service_url)
 
 
 def test_anonymous_page_is_untouched(app) -> None:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from typing import Any
 
+import lxml.etree
 import lxml.html
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -972,3 +973,98 @@ def test_property_utf16_pages(text: str, cuts: list[int]) -> None:
     latin = "".join(c if ord(c) < 256 else "é" for c in text).encode("latin-1")
     pos = reference_position(latin, "latin-1")  # (one character per byte, as in UTF-16)
     assert out.decode("utf-16") == (text if pos is None else text[:pos] + SNIPPET + text[pos:])
+
+
+XHTML_HEAD = (
+    '<?xml version="1.0" encoding="utf-8"?>\n'
+    '<html xmlns="http://www.w3.org/1999/xhtml"><head><title>t</title>{}@</head>'
+    "<body><p>x</p></body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        '<script src="a.js"/>',
+        '<script type="module" src="a.js" />',
+        "<title/>",
+        "<style/>",
+        '<textarea name="a"/>',
+        '<iframe src="/frame"/>',
+        '<SCRIPT src="a.js"/>',
+    ],
+)
+def test_xhtml_raw_text_element_that_closes_itself(element: str) -> None:
+    """In XHTML (read by browsers with their XML parser) ``<script src="a.js"/>`` is a whole
+    element: the page's ``</head>`` after it is the end of the head, at every cut of the
+    stream. Read as HTML, the same bytes open a script whose text runs to the page's end."""
+    page = XHTML_HEAD.format(element).encode()
+    want = page.replace(b"@", SNIPPET.encode())
+    doc = page.replace(b"@", b"")
+
+    def fed(chunks: list[bytes], xml: bool) -> bytes:
+        inj = Injector(SNIPPET, xml=xml)
+        return b"".join(inj.feed(c) for c in chunks) + inj.finish()
+
+    for cut in range(len(doc) + 1):
+        assert fed([doc[:cut], doc[cut:]], xml=True) == want, cut
+    assert fed([doc[i : i + 1] for i in range(len(doc))], xml=True) == want
+    # what a browser's XML parser reads: the snippet's script is the head's last child
+    root = lxml.etree.fromstring(want)
+    head = root.find("{http://www.w3.org/1999/xhtml}head")
+    assert head is not None and "BOSH_SID" in (head[-1].text or "")
+    if element.lower().startswith(("<script", "<style", "<textarea", "<iframe", "<title")):
+        assert fed([doc], xml=False) == doc  # HTML rules: inside the element's text to the end
+
+
+def test_xhtml_utf16_script_that_closes_itself() -> None:
+    page = XHTML_HEAD.replace("utf-8", "utf-16").format('<script src="a.js"/>')
+    doc = page.replace("@", "").encode("utf-16-le")
+    want = page.replace("@", SNIPPET).encode("utf-16-le")
+    for cut in range(0, len(doc) + 1):
+        inj = Injector(SNIPPET, charset="utf-16le", xml=True)
+        assert inj.feed(doc[:cut]) + inj.feed(doc[cut:]) + inj.finish() == want, cut
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        '<script data-x="<!--">',  # (then a "<script" in the text would start a double escape)
+        '<script data-x="</script ">',
+        "<script data-x='</script/'>",
+        '<style data-x="</style ">',
+    ],
+)
+def test_raw_text_begins_after_the_start_tag(tag: str) -> None:
+    """An element's raw text begins after its start tag's ``>``: a ``<!--`` or an end tag's
+    start in an attribute value is no part of it (both counted before, the first leaving the
+    rest of the page in a script, the second ending the element inside its own tag)."""
+    body = 'var s = "<script>"; var t = "</head>";' if tag.startswith("<script") else "p{}"
+    end = "</script>" if tag.startswith("<script") else "</style>"
+    page = f"<html><head>{tag}{body}{end}@</head><body></body></html>"
+    doc = page.replace("@", "").encode()
+    want = page.replace("@", SNIPPET).encode()
+    assert feed_chunks([doc]) == want
+    for cut in range(len(doc) + 1):
+        assert feed_chunks([doc[:cut], doc[cut:]]) == want, cut
+    # where a parser that follows the HTML standard puts it: after the page's own element
+    html5lib = pytest.importorskip("html5lib")
+    head = html5lib.parse(want.decode(), namespaceHTMLElements=False).find("head")
+    assert [child.tag for child in head] == [tag[1:].split()[0], "script"]
+    assert "BOSH_SID" in (head[-1].text or "")
+
+
+def test_page_injector_reads_xhtml_from_the_content_type() -> None:
+    from bosh_middleware.core import page_injector
+
+    doc = XHTML_HEAD.format('<script src="a.js"/>').replace("@", "").encode("latin-1")
+    for content_type, injected in [
+        ("application/xhtml+xml", True),
+        ("Application/XHTML+XML; charset=latin-1", True),
+        ("text/html; charset=utf-8", False),
+        (None, False),
+    ]:
+        inj = page_injector(SNIPPET, content_type)
+        out = inj.feed(doc) + inj.finish()
+        assert inj.done is injected and (SNIPPET.encode() in out) is injected, content_type
+    assert page_injector(SNIPPET, "text/html; charset=utf-16", "latin-1")._charset == "latin-1"

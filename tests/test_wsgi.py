@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import lxml.etree
 import pytest
 
 from bosh_middleware import no_prebind
@@ -1008,6 +1009,22 @@ def test_lazy_app_that_writes_its_page(make_mw: Any) -> None:
     r = get(mw)
     expected = inject(b"<html><head></head><body></body></html>", mw.core.snippet(spy.sessions[0]))
     assert r.body == expected
+
+
+XHTML = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml">'
+    b'<head><title>x</title><script src="/static/a.js"/></head><body><p>x</p></body></html>'
+)
+
+
+def test_xhtml_page_with_a_script_that_closes_itself(make_mw: Any, prosody: XMPPServer) -> None:
+    """Read by browsers as XML: ``<script src=.../>`` is a whole element, and the session goes
+    before the ``</head>`` after it (HTML's rules found the page ending inside its text)."""
+    mw, spy = make_mw(html_app(XHTML, content_type="application/xhtml+xml"))
+    r = get(mw)
+    head = lxml.etree.fromstring(r.body).find("{http://www.w3.org/1999/xhtml}head")
+    assert head is not None and "BOSH_SID" in (head[-1].text or "")
+    assert is_live(prosody.service_url, spy.sessions[0])
 
 
 def test_write_callable_passthrough(make_mw: Any) -> None:

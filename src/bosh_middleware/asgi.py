@@ -22,12 +22,12 @@ from .core import (
     VALIDATOR_FIELDS,
     AsyncPending,
     PrebindCore,
-    charset_of,
     excluded,
     exclusions,
     is_authenticated,
     is_injectable,
     log,
+    page_injector,
     request_kind,
     work_out_kind,
 )
@@ -421,9 +421,9 @@ class _Responder:
             headers = _Headers(start.get("headers"))
             body = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
-            self.injector = Injector(
+            self.injector = page_injector(
                 self.core.snippet(self.session, self.mw.get_nonce(self.scope)),
-                charset=charset_of(headers.get("content-type")),
+                headers.get("content-type"),
             )
             out = self.injector.feed(body)
             if not more:

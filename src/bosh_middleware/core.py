@@ -33,7 +33,7 @@ from .errors import (
     ProtocolError,
     ServiceUnavailable,
 )
-from .inject import script_snippet
+from .inject import Injector, script_snippet
 from .session import PrebindSession
 
 __all__ = [
@@ -82,6 +82,17 @@ def charset_of(content_type: str | None) -> str | None:
         if key.strip().lower() == "charset":
             return value.strip().strip('"').strip("'") or None
     return None
+
+
+def page_injector(snippet: str, content_type: str | None, charset: str | None = None) -> Injector:
+    """The Injector for a page of this ``Content-Type``: its charset (``charset``, when the
+    framework has read it already), and whether browsers read it with their XML parser (XHTML,
+    where ``<script src="a.js"/>`` is a whole element, not the start of a script's text)."""
+    return Injector(
+        snippet,
+        charset=charset_of(content_type) if charset is None else charset,
+        xml=media_type(content_type) == "application/xhtml+xml",
+    )
 
 
 def _q(params: str) -> float:

@@ -50,12 +50,12 @@ from .core import (
     NOT_A_PAGE,
     PrebindCore,
     SyncPending,
-    charset_of,
     drop_validators,
     is_injectable,
+    page_injector,
 )
 from .credentials import Credentials, is_authenticated
-from .inject import Injector, injected_stream, sent_with_a_byte
+from .inject import injected_stream, sent_with_a_byte
 from .optout import opted_out
 from .session import PrebindSession
 from .wsgi import header_getter, may_be_html
@@ -294,9 +294,8 @@ def _rewrite(
         chunks = response.iter_encoded()
     if core.rewrites_body:
         nonce = g.get(state.nonce_attribute) or getattr(req, state.nonce_attribute, None)
-        injector = Injector(
-            core.snippet(session, str(nonce) if nonce else None),
-            charset=charset_of(get("content-type")),
+        injector = page_injector(
+            core.snippet(session, str(nonce) if nonce else None), get("content-type")
         )
         if streamed:
             chunks = injected_stream(chunks, injector, None if keep else unsent)

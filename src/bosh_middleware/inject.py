@@ -268,6 +268,11 @@ class _Syntax:
         }
         self.comment_end = searcher(lit("--") + b"(?:" + lit("!") + b")?" + lit(">"))
         self.tag_end = searcher(lit(">"))
+        #: The end of a raw-text element's start tag: its text begins after it, and in XHTML
+        #: not at all when the tag closes itself (``<script src="a.js"/>``).
+        self.raw_tag_end = searcher(
+            b"(?P<selfclose>" + lit("/>") + b")|(?P<opened>" + lit(">") + b")"
+        )
         self.lt = "<".encode(codec)
         self.gt = ">".encode(codec)
         self.dash = "-".encode(codec)
@@ -337,9 +342,12 @@ class Injector:
     cause is logged.
     """
 
-    def __init__(self, snippet: str, *, charset: str | None = None) -> None:
+    def __init__(self, snippet: str, *, charset: str | None = None, xml: bool = False) -> None:
         self._snippet_text = snippet
         self._charset = charset
+        #: An XHTML page (``application/xhtml+xml``), which browsers read with their XML
+        #: parser: there ``<script src="a.js"/>`` is a whole element, with no text after it.
+        self._xml = xml
         self._syntax: _Syntax | None = None
         self._snippet = b""
         self._held = b""
@@ -413,6 +421,11 @@ class Injector:
                     self._skip = syntax.script_double
                 elif state == "undbl":
                     self._skip = syntax.script_escaped
+                elif state == "opened" or state == "selfclose":  # a raw-text element's start tag
+                    if state == "selfclose" and self._xml:
+                        self._skip = None  # (an XHTML element that closes itself: no text)
+                    else:  # (in HTML "/>" closes no element but the void ones)
+                        self._skip = syntax.raw_end[self._skip_name]
                 else:  # "out": "-->"
                     self._skip = syntax.raw_end["script"]
                 continue
@@ -442,8 +455,10 @@ class Injector:
                 if not self._templates:
                     body = m.start()
             elif kind == "raw":
-                self._skip_name = name = m.group("raw").decode(syntax.codec).lower()
-                self._skip = syntax.raw_end[name]
+                # Its text begins after the start tag's ">": a "<!--" or "</script" in an
+                # attribute value is no part of it
+                self._skip_name = m.group("raw").decode(syntax.codec).lower()
+                self._skip = syntax.raw_tag_end
             elif kind == "bang":
                 after = data[pos : pos + len(syntax.dashes)]
                 if after == syntax.dashes:
@@ -519,6 +534,12 @@ class Injector:
             anchor, window, words = syntax.dash, syntax.comment_window, _COMMENT_WORDS
         elif skip is syntax.tag_end:
             return end
+        elif skip is syntax.raw_tag_end:
+            # (XHTML: a "/" at the end may be the start of a "/>")
+            slash = end - len(syntax.lt)
+            if self._xml and slash >= pos and data.startswith("/".encode(syntax.codec), slash):
+                return slash
+            return end
         elif skip in syntax.script_words:  # "</script", and "<!--" / "-->" / "<script"
             words = syntax.script_words[skip]
             start = max(pos, end - syntax.raw_window["script"])
@@ -575,7 +596,7 @@ class Injector:
             log.warning(
                 "page served without the session: it ends inside %s, where a script would not run",
                 "a tag"
-                if self._skip is None
+                if self._skip is None or self._skip is syntax.raw_tag_end
                 else "a comment"
                 if self._skip in (syntax.comment_end, syntax.tag_end)
                 else f"the text of a <{self._skip_name}> element",

@@ -18,13 +18,13 @@ from .core import (
     NOT_A_PAGE,
     PrebindCore,
     SyncPending,
-    charset_of,
     drop_validators,
     environ_kind,
     excluded,
     exclusions,
     is_authenticated,
     is_injectable,
+    page_injector,
 )
 from .credentials import Credentials
 from .inject import Injector
@@ -289,9 +289,8 @@ class _Exchange:
         return self._start_response(status, _edited(headers, sets, removes), exc_info)
 
     def _injector(self, session: PrebindSession, get: Callable[[str], str | None]) -> Injector:
-        return Injector(
-            self.core.snippet(session, self.mw.get_nonce(self.environ)),
-            charset=charset_of(get("content-type")),
+        return page_injector(
+            self.core.snippet(session, self.mw.get_nonce(self.environ)), get("content-type")
         )
 
     def rewrite(self, result: Iterable[bytes]) -> Iterable[bytes]:

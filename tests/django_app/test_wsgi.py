@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import django
+import lxml.etree
 import pytest
 from django.test import AsyncClient, Client
 
@@ -43,6 +44,16 @@ def test_page_gets_a_live_session(alice: Account, bosh: XMPPServer) -> None:
     assert "Expires" not in r
     assert "ETag" not in r and "Last-Modified" not in r  # (each prebound page is new)
     assert "<p>Hello İ " in r.content.decode()  # the rest of the page as it was
+    assert_live(bosh.service_url, found.sid, found.rid)
+
+
+def test_xhtml_page_with_a_script_that_closes_itself(alice: Account, bosh: XMPPServer) -> None:
+    """Read by browsers as XML: ``<script src=.../>`` is a whole element, and the session goes
+    before the ``</head>`` after it (HTML's rules found the page ending inside its text)."""
+    r = logged_in(alice).get("/xhtml/", headers=PAGE_HEADERS)
+    found = injected(r.content)
+    head = lxml.etree.fromstring(r.content).find("{http://www.w3.org/1999/xhtml}head")
+    assert head is not None and "BOSH_SID" in (head[-1].text or "")
     assert_live(bosh.service_url, found.sid, found.rid)
 
 

@@ -12,6 +12,7 @@ urlpatterns = [
     path("slow/", views.slow),
     path("aslow/", views.aslow),
     path("stream/", views.stream),
+    path("xhtml/", views.xhtml),
     path("failing-stream/", views.failing_stream),
     path("astream/", views.astream),
     path("file/", views.file),

@@ -85,6 +85,18 @@ CHUNKS = [
 ]
 
 
+#: An XHTML page (browsers read it with their XML parser) whose head has a script element
+#: that closes itself: HTML's rules would read the rest of the page as that script's text.
+XHTML = (
+    b'<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml">'
+    b'<head><title>x</title><script src="/static/a.js"/></head><body><p>x</p></body></html>'
+)
+
+
+def xhtml(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(XHTML, content_type="application/xhtml+xml; charset=utf-8")
+
+
 def stream(request: HttpRequest) -> StreamingHttpResponse:
     def chunks() -> Iterator[bytes]:
         yield from CHUNKS

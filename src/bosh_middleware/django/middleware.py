@@ -30,6 +30,7 @@ from ..core import (
     drop_validators,
     is_authenticated,
     is_injectable,
+    page_injector,
 )
 from ..inject import Injector, injected_stream, sent_with_a_byte
 from ..optout import opted_out
@@ -333,7 +334,9 @@ class BOSHPrebindMiddleware:
                 )
                 end(session)
                 return response
-            injector = Injector(core.snippet(session, nonce), charset=response.charset)
+            injector = page_injector(
+                core.snippet(session, nonce), response.get("Content-Type"), response.charset
+            )
             # In "both" mode the headers carry the session whether or not the body can: then
             # there is nothing to end when the snippet finds no place.
             keep = core.sends_headers
