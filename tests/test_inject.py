@@ -779,7 +779,8 @@ def reference_position(doc: bytes, codec: str = "utf-8") -> int | None:
     "<" inside one is no token), raw-text elements (a script's escaped states too) and
     templates. At the end: before a token or an ordinary tag the
     document ends in the middle of. None: no place for the snippet, as the document ends
-    inside a comment, raw text, or a "<template" or "</script" tag."""
+    inside a comment, raw text, a template's content (inert), or a "<template" or
+    "</script" tag."""
     last_body, templates, i = None, 0, 0
     while i < len(doc):
         nxt = doc[i + 1 : i + 2]
@@ -803,7 +804,9 @@ def reference_position(doc: bytes, codec: str = "utf-8") -> int | None:
             i = k + 1
             continue
         if raw := next((r for r in RAW_ELEMENTS if _name_at(doc, i, b"<", r)), None):
-            k = i + 1 + len(raw)
+            k = _tag_end(doc, i) or -1  # (its text begins after its start tag)
+            if k < 0:
+                return last_body
             if raw == b"script":
                 k = _script_end(doc, k)
             else:
@@ -841,6 +844,8 @@ def reference_position(doc: bytes, codec: str = "utf-8") -> int | None:
         i += 1
     if last_body is not None:
         return last_body
+    if templates:
+        return None
     return next(
         (j for j in range(len(doc)) if doc[j : j + 1] == b"<" and _partial_token_at(doc, j, codec)),
         len(doc),
@@ -1068,3 +1073,30 @@ def test_page_injector_reads_xhtml_from_the_content_type() -> None:
         out = inj.feed(doc) + inj.finish()
         assert inj.done is injected and (SNIPPET.encode() in out) is injected, content_type
     assert page_injector(SNIPPET, "text/html; charset=utf-16", "latin-1")._charset == "latin-1"
+
+
+def test_a_page_that_ends_in_a_template_gets_no_snippet(caplog: pytest.LogCaptureFixture) -> None:
+    """A template's content is inert: a script appended there would never run, while the
+    session it carries would count as delivered and stay live until it timed out."""
+    doc = b"<html><head><title>t</title><template><p>x</p>"
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        for cut in range(len(doc) + 1):
+            inj = Injector(SNIPPET)
+            assert inj.feed(doc[:cut]) + inj.feed(doc[cut:]) + inj.finish() == doc, cut
+            assert not inj.done
+    assert "ends inside a <template> element" in caplog.text
+    # a </body> before it still takes the snippet
+    doc = b"<html><body><p>x</p></body><template><p>y</p>"
+    assert inject(doc, SNIPPET) == doc.replace(b"</body>", SNIPPET.encode() + b"</body>")
+
+
+def test_xhtml_template_that_closes_itself() -> None:
+    page = XHTML_HEAD.format("<template/>")
+    doc = page.replace("@", "").encode()
+    want = page.replace("@", SNIPPET).encode()
+    for cut in range(len(doc) + 1):
+        inj = Injector(SNIPPET, xml=True)
+        assert inj.feed(doc[:cut]) + inj.feed(doc[cut:]) + inj.finish() == want, cut
+    inj = Injector(SNIPPET, xml=True)  # an XHTML template that holds something: as in HTML
+    doc = XHTML_HEAD.format("<template><p>x</p></template>").replace("@", "").encode()
+    assert inj.feed(doc) + inj.finish() == doc.replace(b"</head>", SNIPPET.encode() + b"</head>")

@@ -40,13 +40,19 @@ def parse(html: bytes | str) -> ElementTree.Element:
 
 def snippets(root: ElementTree.Element) -> list[Found]:
     """The script elements that hold the snippet's code, and nothing else (no attribute: a
-    snippet swallowed by an unfinished ``<script`` tag would carry one)."""
-    return [
-        (parent, i, child)
-        for parent in root.iter()
-        for i, child in enumerate(parent)
-        if child.tag == "script" and child.text == CODE and not child.attrib
-    ]
+    snippet swallowed by an unfinished ``<script`` tag would carry one), that would run: not
+    in a ``<template>``'s content, which is inert (html5lib's etree puts it in the element)."""
+    found: list[Found] = []
+
+    def walk(parent: ElementTree.Element) -> None:
+        for i, child in enumerate(parent):
+            if child.tag == "script" and child.text == CODE and not child.attrib:
+                found.append((parent, i, child))
+            if child.tag != "template":
+                walk(child)
+
+    walk(root)
+    return found
 
 
 def without(found: Found) -> None:

@@ -424,6 +424,9 @@ class Injector:
                 elif state == "opened" or state == "selfclose":  # a raw-text element's start tag
                     if state == "selfclose" and self._xml:
                         self._skip = None  # (an XHTML element that closes itself: no text)
+                    elif self._skip_name == "template":  # (XHTML's, see "topen")
+                        self._skip = None
+                        self._templates += 1
                     else:  # (in HTML "/>" closes no element but the void ones)
                         self._skip = syntax.raw_end[self._skip_name]
                 else:  # "out": "-->"
@@ -472,7 +475,12 @@ class Injector:
             elif kind == "pi":
                 self._skip = syntax.tag_end
             elif kind == "topen":
-                self._templates += 1
+                if self._xml:  # read to its end first: in XHTML "<template/>" holds nothing
+                    self._skip_name = "template"
+                    self._skip = syntax.raw_tag_end
+                    tag_at = -1
+                else:
+                    self._templates += 1
             elif self._templates:  # "tclose"
                 self._templates -= 1
         resume = self._resume(data, pos)
@@ -591,12 +599,14 @@ class Injector:
         if self._held_is_body:  # (before that </body>, whatever follows it)
             self.done = True
             return self._snippet + held
-        if self._skip is not None or self._in_tag:
+        if self._skip is not None or self._in_tag or self._templates:
             syntax = self._syntax
             log.warning(
                 "page served without the session: it ends inside %s, where a script would not run",
                 "a tag"
-                if self._skip is None or self._skip is syntax.raw_tag_end
+                if (self._skip is None and self._in_tag) or self._skip is syntax.raw_tag_end
+                else "a <template> element"
+                if self._skip is None
                 else "a comment"
                 if self._skip in (syntax.comment_end, syntax.tag_end)
                 else f"the text of a <{self._skip_name}> element",
