@@ -329,8 +329,9 @@ class Injector:
     counts).
 
     "At the end" is where the document's data ends, before a token or a tag it is cut off in
-    the middle of. A document that ends inside a comment, raw text or a ``<template>`` tag
-    goes out without the snippet (``done`` stays false): no script would run there.
+    the middle of. A document that ends inside a comment, raw text, a ``<template>`` tag or a
+    template's (inert) content goes out without the snippet (``done`` stays false): no script
+    would run there.
 
     Holds back only what must be held: a short tail that may be the start of a token (from its
     ``<``; nothing when the data ends in text), and, once a ``</body>`` is seen with no
