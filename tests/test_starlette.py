@@ -319,15 +319,29 @@ async def test_a_logout_page_that_says_no_prebind_carries_no_session(clients, pr
     assert_prebound(quiet, prosody.service_url)  # what no_prebind is for
 
 
+@pytest.mark.parametrize("headers", [NAVIGATION, {}], ids=["navigation", "says-nothing"])
 @own_loop
-async def test_wrong_order_is_untouched_and_says_why(clients, caplog) -> None:
+async def test_wrong_order_still_prebinds_and_says_why(clients, prosody, caplog, headers) -> None:
+    """The README's one line in an app that lists its middleware in ``Starlette(middleware=
+    [...])``: ``add_middleware`` puts ours outside ``AuthenticationMiddleware``. The user it
+    sets in the scope is read once the response starts: the page still carries a live
+    session (started after the view, not next to it), and the log says why, once."""
     client = await clients(order="wrong")
     with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
-        r = await client.get("/", headers=NAVIGATION)
-        await client.get("/", headers=NAVIGATION)
-    assert r.status_code == 200 and b"BOSH_" not in r.content
-    why = [rec for rec in caplog.records if "AuthenticationMiddleware must wrap" in rec.message]
+        r = await client.get("/", headers=headers)
+        second = await client.get("/", headers=headers)
+    assert_prebound(r, prosody.service_url)
+    assert page_session(second.text)["BOSH_SID"] != page_session(r.text)["BOSH_SID"]
+    why = [rec for rec in caplog.records if "AuthenticationMiddleware is inside" in rec.message]
     assert len(why) == 1
+    # what is left untouched still is: an anonymous visitor's page, a fetch(), the endpoint
+    anonymous = await (await clients(order="wrong", login=False)).get("/", headers=headers)
+    assert anonymous.status_code == 200 and b"BOSH_" not in anonymous.content
+    fetched = await client.get("/", headers={"Sec-Fetch-Dest": "empty", "Accept": "*/*"})
+    assert b"BOSH_" not in fetched.content
+    assert (
+        await client.get("/bosh/prebind", headers={"Accept": "application/json"})
+    ).status_code == 401
 
 
 @own_loop

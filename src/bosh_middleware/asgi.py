@@ -592,7 +592,10 @@ class BOSHPrebindMiddleware:
     def _authenticated(self, user: Any, scope: Scope) -> bool:
         """``is_authenticated(user)`` for a user whose ``is_authenticated`` is no plain bool
         (a method, a missing attribute, no user at all). Subclasses hook here what they want
-        to say about such requests: requests with a plain answer never get here."""
+        to say about such requests: requests with a plain answer never get here. True for a
+        ``None`` user means that a middleware inside this one will set it: it is read again
+        (``get_user``) once the response's start says it is a page, and the prebind starts
+        then, not next to the view."""
         return is_authenticated(user)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -638,8 +641,11 @@ class BOSHPrebindMiddleware:
                 if type(raw) is not list and not isinstance(raw, (list, tuple)):
                     raw = message["headers"] = list(raw)
                 if _may_be_html(raw):
-                    responder = _Responder(self, scope, send, None, None, user)
-                    return responder.send(message)
+                    # (None: a user that a middleware inside this one sets: there by now)
+                    who = self.get_user(scope) if user is None else user
+                    if user is not None or is_authenticated(who):
+                        responder = _Responder(self, scope, send, None, None, who)
+                        return responder.send(message)
             return send(message)
 
         try:
@@ -649,6 +655,9 @@ class BOSHPrebindMiddleware:
                 responder.cleanup()
 
     async def _navigation(self, scope: Scope, receive: Receive, send: Send, user: Any) -> None:
+        if user is None:  # (``_authenticated`` said a middleware inside this one will set it)
+            await self._sniffed(scope, receive, send, None)
+            return
         core = self.core
         credentials = await core.credentials_async(user)
         if credentials is None:

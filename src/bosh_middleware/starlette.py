@@ -3,8 +3,12 @@
 
 The user is ``scope["user"]`` as set by Starlette's ``AuthenticationMiddleware``. ``add_middleware``
 prepends, so add this one *before* ``AuthenticationMiddleware`` in code (or list it after it in
-``middleware=[...]``): authentication must wrap it. Without a ``scope["user"]`` nobody is
-authenticated, and the first such request logs a warning about the order. A CSP nonce is read from
+``middleware=[...]``): authentication should wrap it. Added the other way round (the README's
+line in an app that lists its middleware in ``Starlette(middleware=[...])``), pages still get
+a session: the user, which ``AuthenticationMiddleware`` sets in the same scope, is read once
+the response starts. But the prebind can then only start after the view, not next to it, and
+the JSON endpoint, which answers before any inner middleware runs, finds nobody; the first
+such request logs a warning about the order. A CSP nonce is read from
 ``request.state.csp_nonce`` (``scope["state"]["csp_nonce"]``).
 """
 
@@ -36,11 +40,16 @@ class BOSHPrebindMiddleware(asgi.BOSHPrebindMiddleware):
 
     def _authenticated(self, user: Any, scope: asgi.Scope) -> bool:
         # (only requests whose user is no plain True/False get here: never Starlette's own)
-        if user is None and not self._warned and "user" not in scope:
-            self._warned = True
-            log.warning(
-                "BOSHPrebindMiddleware sees no scope['user']: AuthenticationMiddleware must wrap "
-                "it (call app.add_middleware(BOSHPrebindMiddleware, ...) before "
-                "app.add_middleware(AuthenticationMiddleware, ...)); no session is prebound"
-            )
+        if user is None and "user" not in scope:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "BOSHPrebindMiddleware sees no scope['user']: AuthenticationMiddleware is "
+                    "inside it, or missing. Pages get a session once the response starts, but "
+                    "the prebind cannot overlap the view and the JSON endpoint finds nobody: "
+                    "call app.add_middleware(BOSHPrebindMiddleware, ...) before "
+                    "app.add_middleware(AuthenticationMiddleware, ...), or list it after it "
+                    "in middleware=[...]"
+                )
+            return True  # (read once the response starts: see the base class's hook)
         return super()._authenticated(user, scope)
