@@ -687,7 +687,9 @@ def test_a_user_made_anew_for_each_call_costs_one_prebind(prosody, account) -> N
         close_core(core)
 
 
-def test_no_login_manager_means_no_user() -> None:
+def test_no_login_manager_means_no_user_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     app = Flask(__name__)
     app.config.update(
         BOSH_SERVICE_URL="http://127.0.0.1:9/http-bind",
@@ -695,8 +697,13 @@ def test_no_login_manager_means_no_user() -> None:
     )
     BOSHPrebind(app)
     app.add_url_rule("/", "index", lambda: "<html><head></head></html>")
-    assert app.test_client().get("/", headers=NAVIGATION).data == b"<html><head></head></html>"
-    assert app.test_client().get("/bosh/prebind").status_code == 401
+    with caplog.at_level(logging.WARNING, logger="bosh_middleware"):
+        for _ in range(3):
+            r = app.test_client().get("/", headers=NAVIGATION)
+            assert r.data == b"<html><head></head></html>"
+        assert app.test_client().get("/bosh/prebind").status_code == 401
+    said = [r.getMessage() for r in caplog.records if "finds no user" in r.getMessage()]
+    assert len(said) == 1 and "get_user=" in said[0] and "LoginManager" in said[0]
     close_core(app.extensions["bosh_prebind"].core)
 
 

@@ -24,6 +24,7 @@ registered ahead of it, is served as it is.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -74,10 +75,26 @@ _UNSET = object()
 def flask_login_user() -> Any:
     """Flask-Login's ``current_user`` if the app has a login manager, else ``None``."""
     if getattr(current_app, "login_manager", None) is None:
+        _say_nobody_once()
         return None
     from flask_login import current_user  # type: ignore[import-untyped, unused-ignore]
 
     return current_user._get_current_object()
+
+
+def _say_nobody_once() -> None:
+    """An app with its own session login that missed ``get_user=`` would otherwise serve every
+    page without a session, and nothing would say why."""
+    state: _State | None = current_app.extensions.get(EXTENSION_KEY)
+    if state is not None and not state.said_nobody:
+        state.said_nobody = True
+        log.warning(
+            "BOSHPrebind finds no user: the app has no Flask-Login login manager (%s); pass "
+            "BOSHPrebind(app, get_user=...) to say who the user is. No session is prebound",
+            "flask_login.LoginManager(app)"
+            if importlib.util.find_spec("flask_login") is not None
+            else "flask-login is not installed",
+        )
 
 
 @dataclasses.dataclass
@@ -85,6 +102,7 @@ class _State:
     core: PrebindCore
     get_user: Callable[[], Any]
     nonce_attribute: str
+    said_nobody: bool = False  # (see ``_say_nobody_once``)
 
 
 def _config(app: Flask) -> MiddlewareConfig:
