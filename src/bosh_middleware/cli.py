@@ -129,6 +129,11 @@ def _password_credentials(jid: str, resource: str | None = None) -> Credentials 
 
 
 def _cmd_prebind(args: argparse.Namespace) -> int:
+    # The URL first, as ``check`` does: a wrong one is the mistake to hear of, not a missing
+    # password that, once set, only leads to it.
+    problem = _service_url_problem(args.service_url)
+    if problem is not None:
+        return _usage(problem)
     if args.anonymous:
         if not args.domain:
             print("error: --anonymous needs --domain", file=sys.stderr)
@@ -177,9 +182,14 @@ def _cmd_prebind(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The Origin of the CORS preflight ``check`` sends: a made-up page origin, which a server
+#: that allows any (Prosody's default) echoes back.
+CHECK_ORIGIN = "https://app.example"
+
+
 def _cors(url: str, timeout: float) -> dict[str, str | None]:
     headers = {
-        "Origin": "https://app.example",
+        "Origin": CHECK_ORIGIN,
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type",
     }
@@ -192,7 +202,11 @@ def _cors(url: str, timeout: float) -> dict[str, str | None]:
         "access-control-allow-methods",
         "access-control-allow-headers",
     )
-    return {"status": str(r.status_code), **{n: r.headers.get(n) for n in names}}
+    return {
+        "preflight_origin": CHECK_ORIGIN,
+        "status": str(r.status_code),
+        **{n: r.headers.get(n) for n in names},
+    }
 
 
 def _wrong_domain_hint(condition: str | None, domain: str, guessed: bool) -> str | None:
@@ -265,6 +279,14 @@ def _resalting_warning(backend: str) -> str:
     )
 
 
+def _number(value: str | None) -> int | str | None:
+    """A session attribute as a number, or as the server sent it if it is none (ASCII
+    digits only: ``str.isdigit`` is true of "²" too, which ``int`` refuses)."""
+    if value and value.isascii() and value.isdigit():
+        return int(value)
+    return value
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     prebinder = _prebinder(args.service_url, timeout=args.timeout)
     if isinstance(prebinder, str):
@@ -285,8 +307,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         with prebinder:
             info = prebinder.probe(domain)
     except BOSHError as exc:
-        report.update(reachable=False, error=f"{type(exc).__name__} ({exc.condition}): {exc}")
         hint = _wrong_domain_hint(exc.condition, domain, guessed)
+        # (a refusal of the domain is an answer: the endpoint is there, the domain is wrong)
+        report.update(
+            reachable=hint is not None, error=f"{type(exc).__name__} ({exc.condition}): {exc}"
+        )
         if hint is not None:
             report["hint"] = hint
         info = None
@@ -297,19 +322,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
             reachable=True,
             mechanisms=info.mechanisms,
             features=info.features,
+            ver=a.get("ver"),
+            # (numbers and a boolean in the JSON, as what reads it expects; as sent if not)
             **{
-                k: a.get(k)
-                for k in (
-                    "ver",
-                    "wait",
-                    "inactivity",
-                    "requests",
-                    "hold",
-                    "polling",
-                    "maxpause",
-                    "secure",
-                )
+                k: _number(a.get(k))
+                for k in ("wait", "inactivity", "requests", "hold", "polling", "maxpause")
             },
+            secure={"true": True, "false": False}.get(a.get("secure", ""), a.get("secure")),
         )
         if not info.mechanisms:
             # (not a wrong domain: Prosody refuses one with improper-addressing)
@@ -322,19 +341,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
             warnings.append("neither PLAIN nor SCRAM offered: password logins cannot work")
         if "PLAIN" in info.mechanisms and not is_secure_transport(args.service_url):
             warnings.append("PLAIN offered over plain http to a non-loopback host: use https")
-        wait = a.get("wait")
-        if wait and wait.isdigit() and int(wait) > 60:
+        wait = report["wait"]
+        if isinstance(wait, int) and wait > 60:
             warnings.append(f"wait={wait} s: browser clients abort long polls after ~66 s")
-        requests = a.get("requests")
-        if requests and requests.isdigit() and int(requests) < 2:
+        requests = report["requests"]
+        if isinstance(requests, int) and requests < 2:
             warnings.append("requests < 2: no pipelining, prebinds take more round trips")
-        inactivity = a.get("inactivity")
-        if inactivity and inactivity.isdigit() and int(inactivity) < 20:
+        inactivity = report["inactivity"]
+        if isinstance(inactivity, int) and inactivity < 20:
             warnings.append(f"inactivity={inactivity} s: pages must attach very quickly")
     report["cors"] = cors = _cors(args.service_url, args.timeout)
     if not cors.get("access-control-allow-origin"):
         warnings.append("no CORS headers: browsers can only use this endpoint from the same origin")
-    code = 0 if report.get("reachable") else EXIT_FAILED
+    code = 0 if info is not None else EXIT_FAILED
     if creds is not None and info is not None:
         login, code = _check_login(args.service_url, creds, args.timeout)
         report["login"] = login
