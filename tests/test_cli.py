@@ -433,3 +433,18 @@ def test_help_is_plain_text(command: list[str]) -> None:
     description = res.stdout.split("\n\n")[1]  # after the usage lines
     assert not description.startswith(("positional", "options")), res.stdout
     assert "service_url" not in res.stdout  # a metavar, not the attribute name
+
+
+def test_session_attributes_read_as_numbers_only_when_they_are() -> None:
+    from bosh_middleware.cli import _number
+
+    assert [_number(v) for v in ("59", "0", None, "", "²", "٣", "5s", "-1")] == [
+        59,
+        0,
+        None,
+        "",
+        "²",  # (str.isdigit() is true of it, and int() refused it: check failed on it)
+        "٣",
+        "5s",
+        "-1",
+    ]
