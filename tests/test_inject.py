@@ -837,8 +837,10 @@ def reference_position(doc: bytes, codec: str = "utf-8") -> int | None:
             if _partial_token_at(doc, i, codec):
                 break  # the document ends in it
             end = _tag_end(doc, i)
-            if end is None:  # the document ends in this tag: before it (if short)
-                return last_body if last_body is not None else i if len(doc) - i <= 4096 else None
+            if end is None:  # the document ends in this tag: before it (if short), out of templates
+                if last_body is not None or templates:
+                    return last_body
+                return i if len(doc) - i <= 4096 else None
             i = end
             continue
         i += 1

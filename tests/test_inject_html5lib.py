@@ -67,7 +67,7 @@ def without(found: Found) -> None:
 
 def outline(root: ElementTree.Element) -> list[Any]:
     """Elements (with attributes) and text in document order, without comments and
-    whitespace-only text, adjacent text joined."""
+    whitespace-only text, adjacent text joined, its whitespace left out."""
     out: list[Any] = []
 
     def text(value: str | None) -> None:
@@ -87,7 +87,9 @@ def outline(root: ElementTree.Element) -> list[Any]:
         text(el.tail)
 
     walk(root)
-    return out
+    # Text compared without whitespace: a script in a table splits "<table> <" into a space
+    # the table keeps and a "<" fostered out before it, where without one " <" is fostered whole
+    return [("text", "".join(v[1].split())) if v[0] == "text" else v for v in out]
 
 
 def cases(name: str) -> st.SearchStrategy[str]:
