@@ -188,3 +188,61 @@ def test_off_by_one_rid_is_caught(browser, static_server, prosody) -> None:
             message="never",
             timeout_s=7,
         )
+
+
+def test_xhtml_page_runs_the_injected_script_and_attaches(browser, static_server, prosody) -> None:
+    """An ``application/xhtml+xml`` page, which Chromium reads with its XML parser, with a
+    ``<script src=.../>`` that closes itself in its head: the WSGI middleware puts the session
+    before the ``</head>`` after it, the page still parses, the script runs, and the session
+    in it attaches and chats."""
+    from bosh_middleware import StaticCredentials
+    from bosh_middleware.wsgi import BOSHPrebindMiddleware
+    from support.asgi_recorder import NAV, call_wsgi, wsgi_environ
+    from support.browser import STROPHE_URL_PATH, Request, Response, open_page
+
+    peer = _peer(prosody)
+    jid, password = prosody.new_user("xhtml")
+    page = (
+        '<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml">'
+        f'<head><title>x</title><script src="{STROPHE_URL_PATH}"/></head>'
+        "<body><p>x</p><script>window.later = typeof Strophe.Connection;</script></body></html>"
+    ).encode()
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        start_response("200 OK", [("Content-Type", "application/xhtml+xml; charset=utf-8")])
+        return [page]
+
+    mw = BOSHPrebindMiddleware(
+        app,
+        service_url=prosody.service_url,
+        credentials=StaticCredentials({"alice": (jid, password)}),
+    )
+
+    def handler(request: Request) -> Response:
+        r = call_wsgi(mw, wsgi_environ("/", user="alice", headers=NAV))
+        return Response(body=r.body, content_type=r.header("content-type") or "")
+
+    try:
+        url = static_server.add_route("/xhtml-page", handler)
+        hp = open_page(browser, url, name="xhtml", wait_for_harness=False)
+        try:
+            seen = hp.evaluate(
+                "() => ({type: document.contentType, later: window.later,"
+                " errors: document.getElementsByTagName('parsererror').length,"
+                " inHead: document.head.lastElementChild.textContent.includes('BOSH_SID'),"
+                " vars: typeof BOSH_SID === 'string' ? [BOSH_JID, BOSH_SID, BOSH_RID] : null})"
+            )
+        finally:
+            hp.close()
+        assert seen["type"] == "application/xhtml+xml" and seen["errors"] == 0, seen
+        assert seen["later"] == "function", seen  # the page's own scripts ran, in order
+        assert seen["vars"] is not None, seen  # and the injected one
+        # where it belongs, before the </head> after the script that closes itself (read by
+        # HTML's rules the head seemed to go on to the body's script: it went before </body>)
+        assert seen["inHead"] is True, seen
+        session_jid, sid, rid = seen["vars"]
+        session = PrebindSession(session_jid, sid, int(rid), prosody.service_url)
+        _attach(browser, static_server, prosody, session, peer, "hello from an XHTML page")
+    finally:
+        static_server.remove("/xhtml-page")
+        mw.core.close()
