@@ -52,6 +52,16 @@ def test_from_mapping_routes_engine_settings_to_options() -> None:
     assert config.options.transport == "httpx"
 
 
+def test_from_mapping_says_every_mistake_at_once() -> None:
+    values = {"service_url": "http://127.0.0.1:5280/http-bind", "credentials": print}
+    with pytest.raises(TypeError) as raised:  # (all of one kind: that kind)
+        MiddlewareConfig.from_mapping({**values, "timeout": "3", "wait": "60"})
+    assert "timeout must be" in str(raised.value) and "wait must be" in str(raised.value)
+    with pytest.raises(ValueError) as mixed:
+        MiddlewareConfig.from_mapping({**values, "timeout": "3", "tiemout": 3})
+    assert "timeout must be" in str(mixed.value) and "did you mean timeout" in str(mixed.value)
+
+
 def test_from_mapping_rejects_unknown_keys() -> None:
     with pytest.raises(
         ValueError, match=r"^unknown BOSH prebind setting: TIMEOUTS \(did you mean TIMEOUT\?\)$"

@@ -97,27 +97,46 @@ class MiddlewareConfig:
 
     @classmethod
     def from_mapping(
-        cls, values: Mapping[str, Any], *, prefix: str = "", **overrides: Any
+        cls,
+        values: Mapping[str, Any],
+        *,
+        prefix: str = "",
+        adapter_settings: Iterable[str] = (),
+        **overrides: Any,
     ) -> MiddlewareConfig:
         """Build from settings keys (``SERVICE_URL``, ``CREDENTIALS``, ``MODE`` ...), as Django's
         ``BOSH_PREBIND`` dict spells them, or in lower case, as the ASGI/WSGI adapters take them
         as keyword arguments; ``prefix`` is what every key starts with (Flask's ``BOSH_``), so
         that messages name the setting as it was written. Engine settings (``WAIT``,
-        ``MECHANISMS``, ``ALLOW_INSECURE_PLAIN`` ...) go to ``options``."""
+        ``MECHANISMS``, ``ALLOW_INSECURE_PLAIN`` ...) go to ``options``. ``adapter_settings``:
+        what the adapter read itself (Django's ``ENABLED``), for the likely meaning of a
+        misspelt key. Every mistake is said at once."""
         fields = {f.name for f in dataclasses.fields(cls)}
         option_fields = {f.name for f in dataclasses.fields(PrebindOptions)}
         kwargs: dict[str, Any] = {}
         opts: dict[str, Any] = {}
+        problems: list[TypeError | ValueError] = []
         for key, value in values.items():
             name = _setting_name(key, prefix)
             # Checked here too, so that the message names the setting as it was spelt
             # (BREAKER_THRESHOLD in Django's settings, breaker_threshold as a keyword argument).
-            if name in fields:
-                kwargs[name] = _CHECKS[name](key, value)
-            elif name in option_fields:
-                opts[name] = OPTION_CHECKS[name](key, value)
-            else:
-                raise ValueError(f"unknown BOSH prebind setting: {key}{did_you_mean(key, prefix)}")
+            try:
+                if name in fields:
+                    kwargs[name] = _CHECKS[name](key, value)
+                elif name in option_fields:
+                    opts[name] = OPTION_CHECKS[name](key, value)
+                else:
+                    raise ValueError(
+                        "unknown BOSH prebind setting: "
+                        f"{key}{did_you_mean(key, prefix, adapter_settings)}"
+                    )
+            except (TypeError, ValueError) as exc:
+                problems.append(exc)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:  # every one at once, not one per restart of the app
+            kind = TypeError if all(isinstance(p, TypeError) for p in problems) else ValueError
+            raise kind("; ".join(str(p) for p in problems))
         kwargs.update(overrides)
         if opts:
             base = kwargs.get("options") or PrebindOptions()

@@ -75,6 +75,28 @@ def test_mistakes_are_improperly_configured(values: Any, message: str) -> None:
     assert message in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("values", "messages"),
+    [
+        (
+            {**LOWER, "ENABLED": "False", "EXCLUDE_PATHS": "admin"},
+            ["ENABLED must be True or False", "EXCLUDE_PATHS"],
+        ),
+        (
+            {**LOWER, "EXCLUDE_PATH": ("/s/",), "ENABLE": True, "WAIT": "3"},
+            ["EXCLUDE_PATH (did you mean", "ENABLE (did you mean", "WAIT must be"],
+        ),
+        ({"ENABLED": 1, "SERVICE_URL": URL}, ["ENABLED must be True or False", "no CREDENTIALS"]),
+    ],
+)
+def test_every_mistake_is_said_at_once(values: Any, messages: list[str]) -> None:
+    """Not one per restart of the project: the system check shows them all."""
+    with pytest.raises(ImproperlyConfigured) as raised:
+        load_config(values)
+    for message in messages:
+        assert message in str(raised.value), (message, str(raised.value))
+
+
 # --- no BOSH_PREBIND at all -----------------------------------------------------------------
 
 

@@ -66,15 +66,20 @@ def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareCo
     if values is None:
         return None
     values = _checked_keys(values)
+    wrong_enabled = ""  # (said with the other problems, if any: all of them at once)
     if (enabled := _key(values, "ENABLED")) is not None:
         try:
             if not check_bool(enabled, values.pop(enabled)):
                 return None
         except TypeError as exc:  # "False" from the environment would be True
-            raise ImproperlyConfigured(f"BOSH_PREBIND: {exc}") from exc
+            wrong_enabled = f"{exc}; "
     # (None counts as absent: what os.environ.get() gives for a variable nobody set)
     found = {n: k for n in REQUIRED if (k := _key(values, n)) and values[k] is not None}
     if missing := [name for name in REQUIRED if name not in found]:
+        if wrong_enabled:
+            raise ImproperlyConfigured(
+                f"BOSH_PREBIND: {wrong_enabled}it has no {' or '.join(missing)}."
+            )
         raise MissingSetting(f"BOSH_PREBIND has no {' or '.join(missing)}.")
     key = found["CREDENTIALS"]
     credentials = values[key]
@@ -82,15 +87,20 @@ def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareCo
         if isinstance(credentials, str):
             credentials = import_string(credentials)
     except ImportError as exc:
-        raise ImproperlyConfigured(f"BOSH_PREBIND: {key} {credentials!r}: {exc}") from exc
+        raise ImproperlyConfigured(
+            f"BOSH_PREBIND: {wrong_enabled}{key} {credentials!r}: {exc}"
+        ) from exc
     if async_mode and callable(credentials) and not _is_async(credentials):
         credentials = sync_to_async(credentials)  # may use the ORM: not on the event loop
     # Back under the key as written, so that a wrong type's message names it that way.
     values[key] = credentials
     try:
-        return MiddlewareConfig.from_mapping(values)
+        config = MiddlewareConfig.from_mapping(values, adapter_settings=("enabled",))
     except (TypeError, ValueError) as exc:
-        raise ImproperlyConfigured(f"BOSH_PREBIND: {exc}") from exc
+        raise ImproperlyConfigured(f"BOSH_PREBIND: {wrong_enabled}{exc}") from exc
+    if wrong_enabled:
+        raise ImproperlyConfigured(f"BOSH_PREBIND: {wrong_enabled.removesuffix('; ')}")
+    return config
 
 
 def _checked_keys(values: Any) -> dict[str, Any]:
