@@ -276,6 +276,7 @@ class _Syntax:
         self.lt = "<".encode(codec)
         self.gt = ">".encode(codec)
         self.dash = "-".encode(codec)
+        self.slash = "/".encode(codec)
         #: A tag's start: "<" or "</", then a letter (the rest may still be to come).
         self.tag_start = re.compile(lit("<") + b"(?:" + lit("/") + b")?" + letter, flags)
 
@@ -546,7 +547,7 @@ class Injector:
         elif skip is syntax.raw_tag_end:
             # (XHTML: a "/" at the end may be the start of a "/>")
             slash = end - len(syntax.lt)
-            if self._xml and slash >= pos and data.startswith("/".encode(syntax.codec), slash):
+            if self._xml and slash >= pos and data.startswith(syntax.slash, slash):
                 return slash
             return end
         elif skip in syntax.script_words:  # "</script", and "<!--" / "-->" / "<script"

@@ -270,9 +270,10 @@ class _Exchange:
         return self.pending.session() if self.pending is not None else None
 
     def _start_stream(self) -> Callable[[bytes], object]:
-        """The held start given to the server for a body that goes out as it comes (its
-        length unknown): with the session's headers, and an Injector for the body to pass
-        through, or as it was (fail open). The server's ``write()``."""
+        """The held start given to the server for a body that goes out as it comes: with the
+        session's headers, and an Injector for the body to pass through (its length unknown;
+        none in headers mode, where the body is the app's), or as it was (fail open). The
+        server's ``write()``."""
         assert self.held is not None
         status, headers, exc_info = self.held
         session = self._session()
@@ -295,13 +296,17 @@ class _Exchange:
 
     def rewrite(self, result: Iterable[bytes]) -> Iterable[bytes]:
         assert self.held is not None
-        if not isinstance(result, (list, tuple)):
-            # Streamed: (headers mode) the server sends the headers with the first non-empty
-            # chunk (PEP 3333), and an app that fails before it gets the server's error
-            # response in their place; so they count as sent once it is given one (``_stream``)
+        whole = isinstance(result, (list, tuple))
+        if not whole or not self.core.rewrites_body:
             self._start_stream()
             if self.mode == "pass":
                 return result
+            if whole:  # (headers mode)
+                self.delivered = True  # in the headers, which go out with the body it has whole
+                return result
+            # Streamed: (headers mode) the server sends the headers with the first non-empty
+            # chunk (PEP 3333), and an app that fails before it gets the server's error
+            # response in their place; so they count as sent once it is given one (``_stream``)
             return _ExchangeBody(self._stream(result), result, self)
         status, headers, exc_info = self.held
         session = self._session()
@@ -311,11 +316,6 @@ class _Exchange:
             return result
         self.session, self.mode = session, "sent"
         get = header_getter(headers)
-        if not self.core.rewrites_body:
-            sets, removes = self.core.header_edits(get, session, body_length=None, streaming=False)
-            self._start_response(status, _edited(headers, sets, removes), exc_info)
-            self.delivered = True  # in the headers, which go out with the body it has whole
-            return result
         injector = self._injector(session, get)
         # a whole body: inject and set Content-Length
         try:
