@@ -66,20 +66,22 @@ def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareCo
     if values is None:
         return None
     values = _checked_keys(values)
-    wrong_enabled = ""  # (said with the other problems, if any: all of them at once)
+    problems: list[str] = []  # (a wrong ENABLED is said with the rest: all of them at once)
+
+    def improperly(problem: object) -> ImproperlyConfigured:
+        return ImproperlyConfigured("BOSH_PREBIND: " + "; ".join([*problems, str(problem)]))
+
     if (enabled := _key(values, "ENABLED")) is not None:
         try:
             if not check_bool(enabled, values.pop(enabled)):
                 return None
         except TypeError as exc:  # "False" from the environment would be True
-            wrong_enabled = f"{exc}; "
+            problems.append(str(exc))
     # (None counts as absent: what os.environ.get() gives for a variable nobody set)
     found = {n: k for n in REQUIRED if (k := _key(values, n)) and values[k] is not None}
     if missing := [name for name in REQUIRED if name not in found]:
-        if wrong_enabled:
-            raise ImproperlyConfigured(
-                f"BOSH_PREBIND: {wrong_enabled}it has no {' or '.join(missing)}."
-            )
+        if problems:
+            raise improperly(f"it has no {' or '.join(missing)}.")
         raise MissingSetting(f"BOSH_PREBIND has no {' or '.join(missing)}.")
     key = found["CREDENTIALS"]
     credentials = values[key]
@@ -87,9 +89,7 @@ def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareCo
         if isinstance(credentials, str):
             credentials = import_string(credentials)
     except ImportError as exc:
-        raise ImproperlyConfigured(
-            f"BOSH_PREBIND: {wrong_enabled}{key} {credentials!r}: {exc}"
-        ) from exc
+        raise improperly(f"{key} {credentials!r}: {exc}") from exc
     if async_mode and callable(credentials) and not _is_async(credentials):
         credentials = sync_to_async(credentials)  # may use the ORM: not on the event loop
     # Back under the key as written, so that a wrong type's message names it that way.
@@ -97,9 +97,9 @@ def load_config(values: Any = None, *, async_mode: bool = False) -> MiddlewareCo
     try:
         config = MiddlewareConfig.from_mapping(values, adapter_settings=("enabled",))
     except (TypeError, ValueError) as exc:
-        raise ImproperlyConfigured(f"BOSH_PREBIND: {wrong_enabled}{exc}") from exc
-    if wrong_enabled:
-        raise ImproperlyConfigured(f"BOSH_PREBIND: {wrong_enabled.removesuffix('; ')}")
+        raise improperly(exc) from exc
+    if problems:
+        raise ImproperlyConfigured("BOSH_PREBIND: " + "; ".join(problems))
     return config
 
 
